@@ -1,0 +1,1 @@
+//! The flow DSL: nodes, the episode context, traces, exact replay, DOT/Mermaid export.

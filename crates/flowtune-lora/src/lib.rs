@@ -1,0 +1,1 @@
+//! A bank of named LoRA adapters over one frozen base, PEFT-compatible.

@@ -1,0 +1,1 @@
+//! Weighted DPO, supervised NLL and label NLL losses over tch tensors.

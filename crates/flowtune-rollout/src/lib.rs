@@ -1,0 +1,1 @@
+//! One-step-deviation credit assignment, the episode scheduler and the online learning loop.

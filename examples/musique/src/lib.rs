@@ -1,0 +1,8 @@
+//! MuSiQue multi-hop QA with flowtune: official data loading and metrics, a synthetic
+//! MuSiQue-like generator, prompts, the paper's Answerable and Full flows, and a CLI.
+
+pub mod data;
+pub mod error;
+pub mod io;
+
+pub use error::{Error, Result};

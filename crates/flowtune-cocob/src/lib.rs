@@ -97,7 +97,7 @@ impl ParamState {
             grad_norm_sum: p.f_zeros_like()?,
             scale: p.f_ones_like()?.f_mul_scalar(eps)?,
             reward: p.f_zeros_like()?,
-            x0: p.f_detach()?.f_clone(p)?,
+            x0: p.f_detach_copy()?,
         })
     }
 
@@ -356,9 +356,8 @@ impl Cocob {
             });
         }
         let st_path = dir.join(STATE_TENSORS_FILE);
-        let mut saved: HashMap<String, Tensor> = Tensor::read_safetensors(&st_path)?
-            .into_iter()
-            .collect();
+        let mut saved: HashMap<String, Tensor> =
+            Tensor::read_safetensors(&st_path)?.into_iter().collect();
         let mut states = Vec::with_capacity(self.params.len());
         for ((pm, name), p) in meta.params.iter().zip(&self.names).zip(&self.params) {
             if &pm.name != name || pm.shape != p.size() {
@@ -380,14 +379,20 @@ impl Cocob {
             let mut fields = Vec::with_capacity(5);
             for field in STATE_FIELDS {
                 let key = format!("{name}/{field}");
-                let t = saved.remove(&key).ok_or_else(|| Error::MissingStateTensor {
-                    path: st_path.clone(),
-                    key: key.clone(),
-                })?;
+                let t = saved
+                    .remove(&key)
+                    .ok_or_else(|| Error::MissingStateTensor {
+                        path: st_path.clone(),
+                        key: key.clone(),
+                    })?;
                 if t.size() != p.size() {
                     return Err(Error::StateMismatch {
                         path: st_path,
-                        what: format!("tensor `{key}` has shape {:?}, expected {:?}", t.size(), p.size()),
+                        what: format!(
+                            "tensor `{key}` has shape {:?}, expected {:?}",
+                            t.size(),
+                            p.size()
+                        ),
                     });
                 }
                 fields.push(t.f_to_device(p.device())?.f_to_kind(p.kind())?);

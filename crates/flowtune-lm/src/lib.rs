@@ -6,8 +6,20 @@
 //! `tokenizer`, `loader` (loading); `config`, `model`, `kv`, `engine`, the CLI
 //! (running). `locate` finds the test model.
 
+pub mod config;
+pub mod engine;
 pub mod error;
+pub mod gguf;
+pub mod hf;
+pub mod kv;
+pub mod model;
+pub mod loader;
 pub mod locate;
+pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};
+pub use loader::{load, LoadOptions, LoadedModel};
 pub use locate::{locate_test_model, TEST_MODEL_ENV};
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::Weights;

@@ -44,6 +44,16 @@ fn default_r() -> usize {
 fn default_alpha() -> f64 {
     8.0
 }
+fn serialize_alpha<S: serde::Serializer>(
+    alpha: &f64,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    if alpha.fract() == 0.0 && alpha.abs() < 1e15 {
+        s.serialize_i64(*alpha as i64)
+    } else {
+        s.serialize_f64(*alpha)
+    }
+}
 fn default_true() -> bool {
     true
 }
@@ -63,8 +73,8 @@ pub struct LoraConfig {
     /// Rank `r`.
     #[serde(default = "default_r")]
     pub r: usize,
-    /// `lora_alpha`.
-    #[serde(default = "default_alpha")]
+    /// `lora_alpha` (written as an integer when integral, as PEFT does).
+    #[serde(default = "default_alpha", serialize_with = "serialize_alpha")]
     pub lora_alpha: f64,
     /// rsLoRA: scale `alpha/√r` instead of `alpha/r`.
     #[serde(default)]
@@ -156,16 +166,24 @@ impl LoraConfig {
             return bad("lora_alpha", format!("{} is not finite", self.lora_alpha));
         }
         if self.bias != "none" {
-            return bad("bias", format!("`{}` unsupported, only \"none\"", self.bias));
+            return bad(
+                "bias",
+                format!("`{}` unsupported, only \"none\"", self.bias),
+            );
         }
         if self.fan_in_fan_out {
-            return bad("fan_in_fan_out", "true is unsupported (Conv1D layers)".into());
+            return bad(
+                "fan_in_fan_out",
+                "true is unsupported (Conv1D layers)".into(),
+            );
         }
         if let Some(TargetModules::Pattern(p)) = &self.target_modules {
             if p != "all-linear" && p.chars().any(|c| "\\^$*+?()[]{}|".contains(c)) {
                 return bad(
                     "target_modules",
-                    format!("regex `{p}` unsupported; use a list of module names or \"all-linear\""),
+                    format!(
+                        "regex `{p}` unsupported; use a list of module names or \"all-linear\""
+                    ),
                 );
             }
         }
@@ -190,7 +208,10 @@ impl LoraConfig {
         }
         if let Some(v) = self.extra.get("exclude_modules") {
             if !v.is_null() && v != &serde_json::Value::Array(vec![]) {
-                return bad("exclude_modules", format!("non-empty value {v} unsupported"));
+                return bad(
+                    "exclude_modules",
+                    format!("non-empty value {v} unsupported"),
+                );
             }
         }
         Ok(())

@@ -69,7 +69,9 @@ pub enum LoraError {
         key: String,
     },
     /// A tensor does not have the shape the base model and config imply.
-    #[error("tensor `{key}` has shape {found:?}, expected {expected:?} (from the base model and rank)")]
+    #[error(
+        "tensor `{key}` has shape {found:?}, expected {expected:?} (from the base model and rank)"
+    )]
     ShapeMismatch {
         /// Tensor key (PEFT format) or site name.
         key: String,

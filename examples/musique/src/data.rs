@@ -421,3 +421,20 @@ pub fn sample_matching_hops(pool: &[Record], target: &[Record], n: usize, seed: 
     chosen.shuffle(&mut rng);
     Ok(chosen)
 }
+
+/// Environment variable that overrides where the official MuSiQue files live.
+pub const DATA_DIR_ENV: &str = "MUSIQUE_DATA";
+
+/// The shared official MuSiQue folder: `$MUSIQUE_DATA`, else `$FLOWTUNE_ROOT/../shared/data/musique`
+/// (`FLOWTUNE_ROOT` from the environment at run time, or as set by the workspace's cargo config
+/// at build time).
+pub fn official_data_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os(DATA_DIR_ENV) {
+        return PathBuf::from(p);
+    }
+    let root = std::env::var_os("FLOWTUNE_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("FLOWTUNE_ROOT").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("."));
+    root.join("..").join("shared").join("data").join("musique")
+}

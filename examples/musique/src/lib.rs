@@ -4,5 +4,7 @@
 pub mod data;
 pub mod error;
 pub mod io;
+pub mod metrics;
+pub mod synth;
 
 pub use error::{Error, Result};

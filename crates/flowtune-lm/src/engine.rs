@@ -1,0 +1,761 @@
+//! The batched engine: many requests at once over one model.
+//!
+//! - `generate`: greedy and seeded sampling (temperature, top-k, top-p, HF
+//!   order) for ragged prompts batched together (left padding, one KV cache);
+//!   beam search and diverse (group) beam search with transformers' semantics,
+//!   one request at a time; `num_return_sequences`, `max_new_tokens`, EOS and
+//!   stop strings.
+//! - `score`: summed log-probability of a given completion after a prompt.
+//! - `classify`: log-softmax over a set of label tokens at the next position.
+//!
+//! Requests that share a prompt prefix (e.g. one question followed by 20
+//! paragraphs to judge) compute the prefix once: its KV cache is expanded to
+//! every row.
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::loader::LoadedModel;
+use crate::model::{LinearDelta, LogitsAt, Model};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Decoding {
+    /// Argmax at every step.
+    Greedy,
+    /// Sampling with HF's warpers in HF's order: temperature, top-k, top-p.
+    Sample {
+        /// Logits are divided by this (> 0).
+        temperature: f64,
+        /// Keep the k most likely tokens (0 = off).
+        #[serde(default)]
+        top_k: usize,
+        /// Keep the smallest set with cumulative probability ≥ top_p (1.0 = off).
+        #[serde(default = "one")]
+        top_p: f64,
+        /// Seed; sequence `j` of a request uses `seed + j`, so results do not
+        /// depend on batching.
+        seed: u64,
+    },
+    /// Beam search (`num_beam_groups = 1`) or diverse group beam search.
+    Beam {
+        /// Total beams.
+        num_beams: usize,
+        /// Groups (diverse beam search when > 1; must divide `num_beams`).
+        #[serde(default = "one_usize")]
+        num_beam_groups: usize,
+        /// Hamming diversity penalty between groups.
+        #[serde(default)]
+        diversity_penalty: f64,
+        /// Length penalty exponent (HF default 1.0).
+        #[serde(default = "one")]
+        length_penalty: f64,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+
+/// Generation parameters of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationParams {
+    /// Maximum new tokens.
+    pub max_new_tokens: usize,
+    /// Decoding strategy.
+    pub decoding: Decoding,
+    /// Sequences to return (≤ `num_beams` for beam search).
+    #[serde(default = "one_usize")]
+    pub num_return_sequences: usize,
+    /// Stop once the generated text contains one of these.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Extra end-of-sequence ids (the tokenizer's are always used).
+    #[serde(default)]
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            decoding: Decoding::Greedy,
+            num_return_sequences: 1,
+            stop: Vec::new(),
+            eos_token_ids: Vec::new(),
+        }
+    }
+}
+
+/// A generation request: prompt token ids (already chat-templated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Parameters.
+    pub params: GenerationParams,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token (included in `ids`).
+    Eos,
+    /// A stop string (included in `ids` and `text`).
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedSequence {
+    /// New token ids (the EOS token included when it ended the sequence).
+    pub ids: Vec<u32>,
+    /// Decoded text, special tokens skipped.
+    pub text: String,
+    /// Summed log-probability of `ids` under the model (raw distribution).
+    pub logprob: f64,
+    /// Beam score (length-normalised, diversity-penalised) for beam search;
+    /// equals `logprob` otherwise.
+    pub score: f64,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+/// The outputs of one request, best first for beam search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOutput {
+    /// Sequences.
+    pub sequences: Vec<GeneratedSequence>,
+}
+
+/// Score a completion: summed log p(completion | prompt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Completion ids.
+    pub completion: Vec<u32>,
+}
+
+/// A completion's score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreOutput {
+    /// Summed log-probability.
+    pub logprob: f64,
+    /// Per-token log-probabilities.
+    pub token_logprobs: Vec<f64>,
+}
+
+/// Choose among label tokens at the next position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifyRequest {
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Label token ids (e.g. the ids of "Yes" and "No").
+    pub labels: Vec<u32>,
+}
+
+/// Log-softmax over the label tokens (in request order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifyOutput {
+    /// log p(label) renormalised over the labels.
+    pub label_logprobs: Vec<f64>,
+    /// log p(label) under the full vocabulary distribution.
+    pub raw_logprobs: Vec<f64>,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Most rows run together in one forward.
+    pub max_batch_rows: usize,
+    /// Shortest common prompt prefix worth computing once for many rows.
+    pub min_shared_prefix: usize,
+    /// Torch intra-op threads (`None` = leave as is).
+    pub threads: Option<i32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch_rows: 16, min_shared_prefix: 16, threads: None }
+    }
+}
+
+/// The engine: a model, its tokenizer and an optional LoRA delta.
+pub struct Engine {
+    model: Model,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+    eos: Vec<u32>,
+    delta: Option<Box<dyn LinearDelta + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("config", &self.config).field("eos", &self.eos).finish()
+    }
+}
+
+/// One greedy/sampling row during generation.
+struct Row {
+    request: usize,
+    seq_index: usize,
+    ids: Vec<u32>,
+    logprob: f64,
+    done: Option<FinishReason>,
+    rng: Option<rand_chacha::ChaCha8Rng>,
+}
+
+impl Engine {
+    /// An engine over a loaded model (weights are moved into the model).
+    pub fn new(loaded: LoadedModel, config: EngineConfig) -> Result<Self> {
+        let model = Model::new(&loaded.config, &loaded.weights)?;
+        Ok(Self::from_parts(model, loaded.tokenizer, config))
+    }
+
+    /// An engine from a built model and tokenizer.
+    pub fn from_parts(model: Model, tokenizer: Tokenizer, config: EngineConfig) -> Self {
+        if let Some(n) = config.threads {
+            tch::set_num_threads(n);
+        }
+        let mut eos: Vec<u32> = tokenizer.eos_token_ids().to_vec();
+        for e in model.config().eos_token_ids() {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        Self { model, tokenizer, config, eos, delta: None }
+    }
+
+    /// Route every target linear through `delta` (LoRA); `None` removes it.
+    pub fn set_delta(&mut self, delta: Option<Box<dyn LinearDelta + Send + Sync>>) {
+        self.delta = delta;
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// End-of-sequence ids used by default.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    fn delta(&self) -> Option<&dyn LinearDelta> {
+        self.delta.as_deref().map(|d| d as &dyn LinearDelta)
+    }
+
+    fn ids_tensor(&self, ids: &[i64], b: usize, t: usize) -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(ids)?.f_view([b as i64, t as i64])?.f_to(self.model.device())?)
+    }
+
+    /// Generate for every request; outputs in request order.
+    pub fn generate(&self, requests: &[GenerateRequest]) -> Result<Vec<GenerateOutput>> {
+        let _span = tracing::info_span!("engine_generate", requests = requests.len()).entered();
+        for (i, r) in requests.iter().enumerate() {
+            validate_generate(i, r, self.model.config().vocab_size)?;
+        }
+        let mut outputs: Vec<Option<GenerateOutput>> = vec![None; requests.len()];
+        let mut simple = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match &r.params.decoding {
+                Decoding::Beam { .. } => outputs[i] = Some(tch::no_grad(|| self.beam_search(r))?),
+                _ => simple.push(i),
+            }
+        }
+        // Rows of greedy/sampling requests, batched in chunks.
+        let mut rows: Vec<Row> = Vec::new();
+        for &i in &simple {
+            let r = &requests[i];
+            for j in 0..r.params.num_return_sequences {
+                let rng = match &r.params.decoding {
+                    Decoding::Sample { seed, .. } => {
+                        Some(<rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed.wrapping_add(j as u64)))
+                    }
+                    _ => None,
+                };
+                rows.push(Row { request: i, seq_index: j, ids: Vec::new(), logprob: 0.0, done: None, rng });
+            }
+        }
+        let mut finished: Vec<Row> = Vec::new();
+        let chunk = self.config.max_batch_rows.max(1);
+        while !rows.is_empty() {
+            let rest = if rows.len() > chunk { rows.split_off(chunk) } else { Vec::new() };
+            let batch = std::mem::replace(&mut rows, rest);
+            finished.extend(tch::no_grad(|| self.run_rows(requests, batch))?);
+        }
+        finished.sort_by_key(|r| (r.request, r.seq_index));
+        for row in finished {
+            let text = self.tokenizer.decode(&row.ids, true)?;
+            let out = outputs[row.request].get_or_insert_with(|| GenerateOutput { sequences: Vec::new() });
+            out.sequences.push(GeneratedSequence {
+                ids: row.ids,
+                text,
+                logprob: row.logprob,
+                score: row.logprob,
+                finish: row.done.unwrap_or(FinishReason::Length),
+            });
+        }
+        Ok(outputs.into_iter().map(|o| o.unwrap_or(GenerateOutput { sequences: Vec::new() })).collect())
+    }
+
+    fn is_eos(&self, params: &GenerationParams, tok: u32) -> bool {
+        self.eos.contains(&tok) || params.eos_token_ids.contains(&tok)
+    }
+
+    fn hits_stop(&self, params: &GenerationParams, ids: &[u32]) -> Result<bool> {
+        if params.stop.is_empty() {
+            return Ok(false);
+        }
+        let text = self.tokenizer.decode(ids, true)?;
+        Ok(params.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())))
+    }
+
+    /// Greedy/sampling rows, left-padded into one cache.
+    fn run_rows(&self, requests: &[GenerateRequest], mut rows: Vec<Row>) -> Result<Vec<Row>> {
+        let _span = tracing::debug_span!("engine_rollout_batch", rows = rows.len()).entered();
+        let b = rows.len();
+        let prompts: Vec<&[u32]> = rows.iter().map(|r| requests[r.request].prompt.as_slice()).collect();
+        let max_new = rows.iter().map(|r| requests[r.request].params.max_new_tokens).max().unwrap_or(0);
+        let mut cache = self.prefill_shared(&prompts, max_new)?;
+        // Prefill the (rest of the) prompts, left-padded.
+        let shared = cache.len();
+        let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        let mut ids = vec![0i64; b * t];
+        let mut valid = vec![false; b * t];
+        for (r, p) in prompts.iter().enumerate() {
+            let rest = &p[shared..];
+            let pad = t - rest.len();
+            for (c, &tok) in rest.iter().enumerate() {
+                ids[r * t + pad + c] = tok as i64;
+                valid[r * t + pad + c] = true;
+            }
+        }
+        let mut logits =
+            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::Last, self.delta())?;
+        for step in 0..max_new {
+            let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+            let greedy: Vec<i64> = Vec::try_from(logp.f_argmax(-1, false)?)?;
+            let mut next = vec![0i64; b];
+            let mut step_valid = vec![true; b];
+            for (r, row) in rows.iter_mut().enumerate() {
+                let params = &requests[row.request].params;
+                if row.done.is_some() || step >= params.max_new_tokens {
+                    row.done.get_or_insert(FinishReason::Length);
+                    step_valid[r] = false;
+                    continue;
+                }
+                let tok = match (&params.decoding, row.rng.as_mut()) {
+                    (Decoding::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
+                        let l: Vec<f32> = Vec::try_from(logits.f_get(r as i64)?.f_to_kind(Kind::Float)?)?;
+                        sample_hf(&l, *temperature, *top_k, *top_p, rng)
+                    }
+                    _ => greedy[r] as u32,
+                };
+                row.logprob += logp.f_double_value(&[r as i64, tok as i64])?;
+                row.ids.push(tok);
+                next[r] = tok as i64;
+                if self.is_eos(params, tok) {
+                    row.done = Some(FinishReason::Eos);
+                } else if self.hits_stop(params, &row.ids)? {
+                    row.done = Some(FinishReason::Stop);
+                } else if row.ids.len() >= params.max_new_tokens {
+                    row.done = Some(FinishReason::Length);
+                }
+            }
+            if rows.iter().all(|r| r.done.is_some()) {
+                break;
+            }
+            logits = self.model.forward_cached(
+                &self.ids_tensor(&next, b, 1)?,
+                Some(&step_valid),
+                &mut cache,
+                &LogitsAt::Last,
+                self.delta(),
+            )?;
+        }
+        Ok(rows)
+    }
+
+    /// A cache for `prompts.len()` rows holding their longest common prefix
+    /// (computed once, then expanded) when it is long enough; else empty.
+    fn prefill_shared(&self, prompts: &[&[u32]], extra: usize) -> Result<crate::kv::KvCache> {
+        let b = prompts.len();
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut common = prompts.first().map(|p| p.len()).unwrap_or(0);
+        for p in prompts.iter().skip(1) {
+            common = common.min(p.iter().zip(prompts[0].iter()).take_while(|(a, c)| a == c).count());
+        }
+        // Leave at least one token of every prompt for the batched step (its logits are needed).
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        common = common.min(shortest.saturating_sub(1));
+        if b > 1 && common >= self.config.min_shared_prefix {
+            let _span = tracing::debug_span!("engine_shared_prefix", tokens = common, rows = b).entered();
+            let mut cache = self.model.new_cache(1, longest + extra + 1)?;
+            let ids: Vec<i64> = prompts[0][..common].iter().map(|&x| x as i64).collect();
+            let _ = self.model.forward_cached(&self.ids_tensor(&ids, 1, common)?, None, &mut cache, &LogitsAt::None, self.delta())?;
+            cache.select_rows(&vec![0; b])?;
+            Ok(cache)
+        } else {
+            self.model.new_cache(b, longest + extra + 1)
+        }
+    }
+
+    /// Summed completion log-probabilities; outputs in request order.
+    pub fn score(&self, requests: &[ScoreRequest]) -> Result<Vec<ScoreOutput>> {
+        let _span = tracing::info_span!("engine_score", requests = requests.len()).entered();
+        let vocab = self.model.config().vocab_size;
+        for (i, r) in requests.iter().enumerate() {
+            if r.prompt.is_empty() || r.completion.is_empty() {
+                return Err(Error::InvalidRequest { index: i, message: "prompt and completion must be non-empty".into() });
+            }
+            check_ids(i, &r.prompt, vocab)?;
+            check_ids(i, &r.completion, vocab)?;
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(self.config.max_batch_rows.max(1)) {
+            out.extend(tch::no_grad(|| self.score_chunk(chunk))?);
+        }
+        Ok(out)
+    }
+
+    fn score_chunk(&self, reqs: &[ScoreRequest]) -> Result<Vec<ScoreOutput>> {
+        let b = reqs.len();
+        let full: Vec<Vec<u32>> = reqs.iter().map(|r| [r.prompt.as_slice(), r.completion.as_slice()].concat()).collect();
+        let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
+        let mut cache = self.prefill_shared(&prompts, 0)?;
+        let shared = cache.len();
+        // Right-pad the rest: row r's token at column c predicts column c+1.
+        let t = full.iter().map(|f| f.len() - shared).max().unwrap_or(0);
+        let mut ids = vec![0i64; b * t];
+        let mut valid = vec![false; b * t];
+        for (r, f) in full.iter().enumerate() {
+            for (c, &tok) in f[shared..].iter().enumerate() {
+                ids[r * t + c] = tok as i64;
+                valid[r * t + c] = true;
+            }
+        }
+        let logits =
+            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::All, self.delta())?;
+        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let mut out = Vec::with_capacity(b);
+        for (r, req) in reqs.iter().enumerate() {
+            let start = req.prompt.len() - shared - 1;
+            let n = req.completion.len();
+            let cols = Tensor::f_arange_start(start as i64, (start + n) as i64, (Kind::Int64, self.model.device()))?;
+            let target: Vec<i64> = req.completion.iter().map(|&x| x as i64).collect();
+            let target = Tensor::f_from_slice(&target)?.f_to(self.model.device())?.f_unsqueeze(-1)?;
+            let picked = logp.f_get(r as i64)?.f_index_select(0, &cols)?.f_gather(1, &target, false)?;
+            let v: Vec<f64> = Vec::try_from(picked.f_flatten(0, -1)?.f_to_kind(Kind::Double)?)?;
+            out.push(ScoreOutput { logprob: v.iter().sum(), token_logprobs: v });
+        }
+        Ok(out)
+    }
+
+    /// Log-softmax over label tokens at the next position; outputs in request order.
+    pub fn classify(&self, requests: &[ClassifyRequest]) -> Result<Vec<ClassifyOutput>> {
+        let _span = tracing::info_span!("engine_classify", requests = requests.len()).entered();
+        let vocab = self.model.config().vocab_size;
+        for (i, r) in requests.iter().enumerate() {
+            if r.prompt.is_empty() || r.labels.is_empty() {
+                return Err(Error::InvalidRequest { index: i, message: "prompt and labels must be non-empty".into() });
+            }
+            check_ids(i, &r.prompt, vocab)?;
+            check_ids(i, &r.labels, vocab)?;
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(self.config.max_batch_rows.max(1)) {
+            out.extend(tch::no_grad(|| self.classify_chunk(chunk))?);
+        }
+        Ok(out)
+    }
+
+    fn classify_chunk(&self, reqs: &[ClassifyRequest]) -> Result<Vec<ClassifyOutput>> {
+        let b = reqs.len();
+        let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
+        let mut cache = self.prefill_shared(&prompts, 0)?;
+        let shared = cache.len();
+        let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        let mut ids = vec![0i64; b * t];
+        let mut valid = vec![false; b * t];
+        let mut last = Vec::with_capacity(b);
+        for (r, p) in prompts.iter().enumerate() {
+            for (c, &tok) in p[shared..].iter().enumerate() {
+                ids[r * t + c] = tok as i64;
+                valid[r * t + c] = true;
+            }
+            last.push(p.len() - shared - 1);
+        }
+        let logits = self.model.forward_cached(
+            &self.ids_tensor(&ids, b, t)?,
+            Some(&valid),
+            &mut cache,
+            &LogitsAt::PerRow(last),
+            self.delta(),
+        )?;
+        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let mut out = Vec::with_capacity(b);
+        for (r, req) in reqs.iter().enumerate() {
+            let raw: Vec<f64> = req
+                .labels
+                .iter()
+                .map(|&l| logp.f_double_value(&[r as i64, l as i64]))
+                .collect::<std::result::Result<_, _>>()?;
+            let m = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + raw.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            out.push(ClassifyOutput { label_logprobs: raw.iter().map(|x| x - lse).collect(), raw_logprobs: raw });
+        }
+        Ok(out)
+    }
+
+    /// Beam search / diverse group beam search for one request (transformers'
+    /// semantics: per-group hypotheses, Hamming diversity penalty folded into
+    /// the beam scores, finished score = sum / generated_len^length_penalty with
+    /// the EOS token counted, `early_stopping = false` heuristic).
+    fn beam_search(&self, req: &GenerateRequest) -> Result<GenerateOutput> {
+        let _span = tracing::debug_span!("engine_beam_search").entered();
+        let (num_beams, groups, diversity, lp) = match &req.params.decoding {
+            Decoding::Beam { num_beams, num_beam_groups, diversity_penalty, length_penalty } => {
+                (*num_beams, *num_beam_groups, *diversity_penalty, *length_penalty)
+            }
+            _ => return Err(Error::InvalidRequest { index: 0, message: "not a beam request".into() }),
+        };
+        let gs = num_beams / groups;
+        let params = &req.params;
+        let mut cache = self.model.new_cache(1, req.prompt.len() + params.max_new_tokens + 1)?;
+        let ids: Vec<i64> = req.prompt.iter().map(|&x| x as i64).collect();
+        let first = self.model.forward_cached(
+            &self.ids_tensor(&ids, 1, ids.len())?,
+            None,
+            &mut cache,
+            &LogitsAt::Last,
+            self.delta(),
+        )?;
+        cache.select_rows(&vec![0; num_beams])?;
+        let mut logits = first.f_expand([num_beams as i64, -1], false)?;
+        // Running beams: tokens, beam score (processed), raw logprob.
+        let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); num_beams];
+        let mut scores: Vec<f64> = (0..num_beams).map(|i| if i % gs == 0 { 0.0 } else { -1e9 }).collect();
+        let mut raw: Vec<f64> = vec![0.0; num_beams];
+        // Finished hypotheses per group: (score, ids, raw logprob, reason).
+        let mut hyps: Vec<Vec<(f64, Vec<u32>, f64, FinishReason)>> = vec![Vec::new(); groups];
+        let mut group_done = vec![false; groups];
+        let vocab = self.model.config().vocab_size as i64;
+        for step in 0..params.max_new_tokens {
+            let cur = step + 1; // generated length including this step's token
+            let logp_all = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+            let mut next_rows = vec![0usize; num_beams];
+            let mut next_tok = vec![0u32; num_beams];
+            let mut next_scores = scores.clone();
+            let mut next_raw = raw.clone();
+            let mut step_tokens: Vec<u32> = Vec::new();
+            for g in 0..groups {
+                let rows: Vec<usize> = (g * gs..(g + 1) * gs).collect();
+                if group_done[g] {
+                    for &r in &rows {
+                        next_rows[r] = r;
+                        next_tok[r] = self.eos.first().copied().unwrap_or(0);
+                    }
+                    continue;
+                }
+                let idx = Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?
+                    .f_to(self.model.device())?;
+                let lp_g = logp_all.f_index_select(0, &idx)?;
+                let mut processed = lp_g.shallow_clone();
+                if diversity != 0.0 && !step_tokens.is_empty() {
+                    let mut freq = vec![0f32; vocab as usize];
+                    for &t in &step_tokens {
+                        freq[t as usize] += 1.0;
+                    }
+                    let freq = Tensor::f_from_slice(&freq)?.f_to(self.model.device())?;
+                    processed = processed.f_sub(&freq.f_mul_scalar(diversity)?.f_unsqueeze(0)?)?;
+                }
+                let s = Tensor::f_from_slice(&rows.iter().map(|&r| scores[r] as f32).collect::<Vec<_>>())?
+                    .f_to(self.model.device())?;
+                let total = processed.f_add(&s.f_unsqueeze(-1)?)?.f_flatten(0, -1)?;
+                let k = (2 * gs) as i64;
+                let (top_v, top_i) = total.f_topk(k, -1, true, true)?;
+                let top_v: Vec<f64> = Vec::try_from(top_v.f_to_kind(Kind::Double)?)?;
+                let top_i: Vec<i64> = Vec::try_from(top_i)?;
+                let mut chosen = 0;
+                for (rank, (&v, &flat)) in top_v.iter().zip(&top_i).enumerate() {
+                    let beam = (flat / vocab) as usize;
+                    let tok = (flat % vocab) as u32;
+                    let src = rows[beam];
+                    let tok_raw = raw[src] + lp_g.f_double_value(&[beam as i64, tok as i64])?;
+                    let mut cand = seqs[src].clone();
+                    cand.push(tok);
+                    let eos = self.is_eos(params, tok);
+                    let stop = !eos && self.hits_stop(params, &cand)?;
+                    if eos || stop {
+                        if rank >= gs {
+                            continue;
+                        }
+                        let score = v / (cur as f64).powf(lp);
+                        let reason = if eos { FinishReason::Eos } else { FinishReason::Stop };
+                        add_hyp(&mut hyps[g], gs, (score, cand, tok_raw, reason));
+                    } else {
+                        let dst = rows[chosen];
+                        next_rows[dst] = src;
+                        next_tok[dst] = tok;
+                        next_scores[dst] = v;
+                        next_raw[dst] = tok_raw;
+                        chosen += 1;
+                    }
+                    if chosen == gs {
+                        break;
+                    }
+                }
+                // Done when full and no running beam can beat the worst finished one.
+                let best_running = rows.iter().map(|&r| next_scores[r]).fold(f64::NEG_INFINITY, f64::max);
+                if hyps[g].len() >= gs {
+                    let worst = hyps[g].iter().map(|h| h.0).fold(f64::INFINITY, f64::min);
+                    if worst >= best_running / (cur as f64).powf(lp) {
+                        group_done[g] = true;
+                    }
+                }
+                for &r in &rows {
+                    step_tokens.push(next_tok[r]);
+                }
+            }
+            let new_seqs: Vec<Vec<u32>> = (0..num_beams)
+                .map(|r| {
+                    let mut s = seqs[next_rows[r]].clone();
+                    s.push(next_tok[r]);
+                    s
+                })
+                .collect();
+            seqs = new_seqs;
+            scores = next_scores;
+            raw = next_raw;
+            if group_done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
+                break;
+            }
+            cache.select_rows(&next_rows)?;
+            let ids: Vec<i64> = next_tok.iter().map(|&t| t as i64).collect();
+            logits = self.model.forward_cached(
+                &self.ids_tensor(&ids, num_beams, 1)?,
+                None,
+                &mut cache,
+                &LogitsAt::Last,
+                self.delta(),
+            )?;
+        }
+        // Finalise: running beams of unfinished groups become hypotheses.
+        for g in 0..groups {
+            if group_done[g] {
+                continue;
+            }
+            for r in g * gs..(g + 1) * gs {
+                let len = seqs[r].len().max(1) as f64;
+                add_hyp(&mut hyps[g], gs, (scores[r] / len.powf(lp), seqs[r].clone(), raw[r], FinishReason::Length));
+            }
+        }
+        let mut all: Vec<_> = hyps.into_iter().flatten().collect();
+        all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+        let mut sequences = Vec::new();
+        for (score, ids, logprob, finish) in all.into_iter().take(params.num_return_sequences) {
+            let text = self.tokenizer.decode(&ids, true)?;
+            sequences.push(GeneratedSequence { ids, text, logprob, score, finish });
+        }
+        Ok(GenerateOutput { sequences })
+    }
+}
+
+/// Keep the `cap` best hypotheses.
+fn add_hyp(list: &mut Vec<(f64, Vec<u32>, f64, FinishReason)>, cap: usize, h: (f64, Vec<u32>, f64, FinishReason)) {
+    list.push(h);
+    if list.len() > cap {
+        let worst = list
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1 .0.partial_cmp(&b.1 .0).unwrap_or(std::cmp::Ordering::Equal))
+            .map(|(i, _)| i);
+        if let Some(i) = worst {
+            list.remove(i);
+        }
+    }
+}
+
+fn check_ids(index: usize, ids: &[u32], vocab: usize) -> Result<()> {
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::InvalidRequest { index, message: format!("token id {bad} >= vocab size {vocab}") });
+    }
+    Ok(())
+}
+
+fn validate_generate(index: usize, r: &GenerateRequest, vocab: usize) -> Result<()> {
+    let bad = |m: String| Error::InvalidRequest { index, message: m };
+    if r.prompt.is_empty() {
+        return Err(bad("empty prompt".into()));
+    }
+    check_ids(index, &r.prompt, vocab)?;
+    if r.params.num_return_sequences == 0 {
+        return Err(bad("num_return_sequences must be positive".into()));
+    }
+    match &r.params.decoding {
+        Decoding::Greedy => {}
+        Decoding::Sample { temperature, top_p, .. } => {
+            if !(*temperature > 0.0) || !(*top_p > 0.0 && *top_p <= 1.0) {
+                return Err(bad(format!("temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]")));
+            }
+        }
+        Decoding::Beam { num_beams, num_beam_groups, .. } => {
+            if *num_beams == 0 || *num_beam_groups == 0 || num_beams % num_beam_groups != 0 {
+                return Err(bad(format!("num_beam_groups {num_beam_groups} must divide num_beams {num_beams}")));
+            }
+            if r.params.num_return_sequences > *num_beams {
+                return Err(bad("num_return_sequences exceeds num_beams".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// HF's sampling warpers (temperature, top-k, top-p with at least one token
+/// kept) then a draw from the renormalised distribution.
+pub fn sample_hf(logits: &[f32], temperature: f64, top_k: usize, top_p: f64, rng: &mut impl rand::Rng) -> u32 {
+    let mut scaled: Vec<(f64, usize)> = logits.iter().enumerate().map(|(i, &l)| (l as f64 / temperature, i)).collect();
+    scaled.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+    if top_k > 0 && top_k < scaled.len() {
+        scaled.truncate(top_k);
+    }
+    let m = scaled.first().map(|x| x.0).unwrap_or(0.0);
+    let z: f64 = scaled.iter().map(|x| (x.0 - m).exp()).sum();
+    if top_p < 1.0 {
+        // Keep the smallest prefix (by descending probability) whose mass reaches top_p.
+        let mut cum = 0.0;
+        let mut keep = scaled.len();
+        for (i, x) in scaled.iter().enumerate() {
+            cum += (x.0 - m).exp() / z;
+            if cum >= top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        scaled.truncate(keep.max(1));
+    }
+    let z: f64 = scaled.iter().map(|x| (x.0 - m).exp()).sum();
+    let mut u: f64 = rng.random::<f64>() * z;
+    for x in &scaled {
+        u -= (x.0 - m).exp();
+        if u <= 0.0 {
+            return x.1 as u32;
+        }
+    }
+    scaled.last().map(|x| x.1 as u32).unwrap_or(0)
+}

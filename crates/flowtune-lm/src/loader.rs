@@ -1,0 +1,148 @@
+//! One entry point for loading a model: a `.gguf` file or an HF folder.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::gguf::{self, GgufFile};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+use crate::{hf, Error, Result};
+
+/// Where and in which dtype to put the weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    /// Target device.
+    pub device: Device,
+    /// Floating-point dtype for the weights (f32, bf16 or f16).
+    pub dtype: Kind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { device: Device::Cpu, dtype: Kind::Float }
+    }
+}
+
+/// A loaded model: config, weights by HF name, tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model config (from `config.json`, or built from GGUF metadata).
+    pub config: ModelConfig,
+    /// The weights on the requested device and dtype.
+    pub weights: Weights,
+    /// The tokenizer with its chat template.
+    pub tokenizer: Tokenizer,
+    /// The file or folder loaded.
+    pub source: PathBuf,
+}
+
+/// Whether a path is loaded as GGUF (a file whose name ends in `.gguf`, or any
+/// file starting with the GGUF magic).
+pub fn is_gguf(path: &Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .map(|_| &magic == gguf::GGUF_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Load a model from a `.gguf` file or an HF folder.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let _span = tracing::info_span!("load_model", path = %path.display()).entered();
+    if !matches!(opts.dtype, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return Err(Error::Unsupported { path: path.to_path_buf(), what: format!("weight dtype {:?}", opts.dtype) });
+    }
+    if path.is_dir() {
+        load_hf_dir(path, opts)
+    } else if is_gguf(path) {
+        load_gguf(path, opts)
+    } else if path.exists() {
+        Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: "neither a GGUF file nor an HF folder".into(),
+        })
+    } else {
+        Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        })
+    }
+}
+
+/// Load an HF folder (`config.json`, safetensors, tokenizer files).
+pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let config = hf::read_config(dir)?;
+    let weights = hf::load_weights(dir, opts.device, opts.dtype)?;
+    let mut tokenizer = Tokenizer::from_hf_dir(dir)?;
+    tokenizer.add_eos_token_ids(&config.eos_token_ids());
+    Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
+}
+
+/// The config a GGUF file describes: its metadata as an HF-style `config.json`
+/// object, deserialised into [`ModelConfig`] and validated.
+pub fn gguf_config(file: &GgufFile) -> Result<ModelConfig> {
+    let json = file.hf_config_json()?;
+    let config: ModelConfig = serde_json::from_value(json).map_err(|e| Error::Config {
+        file: file.path().to_path_buf(),
+        message: format!("config built from GGUF metadata: {e}"),
+    })?;
+    config.validate(file.path())?;
+    Ok(config)
+}
+
+/// Dequantise every GGUF tensor that has an HF counterpart to f32, renamed to HF
+/// names, with llama.cpp's Q/K row permutation undone; the result is in row-major
+/// order as `(data, shape)`.
+pub fn gguf_hf_tensors(file: &GgufFile, config: &ModelConfig) -> Result<Vec<(String, Vec<f32>, Vec<i64>)>> {
+    let arch = file.header.architecture(file.path())?.to_string();
+    let mut out = Vec::with_capacity(file.header.tensors.len());
+    for info in &file.header.tensors {
+        let Some(name) = gguf::hf_tensor_name(&arch, &info.name) else {
+            tracing::debug!(tensor = %info.name, "GGUF tensor with no HF counterpart skipped");
+            continue;
+        };
+        let (mut data, shape) = file.dequantize_tensor(info)?;
+        if gguf::is_rope_permuted(&arch, &info.name) {
+            let heads = if info.name.contains(".attn_q.") {
+                config.num_attention_heads
+            } else {
+                config.num_key_value_heads()
+            };
+            data = gguf::reverse_permute(&data, &shape, heads).map_err(|reason| Error::GgufTensor {
+                path: file.path().to_path_buf(),
+                tensor: info.name.clone(),
+                reason,
+            })?;
+        }
+        out.push((name, data, shape));
+    }
+    Ok(out)
+}
+
+/// Load a GGUF file: weights dequantised (then cast to the requested dtype),
+/// config from metadata, tokenizer rebuilt from metadata.
+pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let file = GgufFile::open(path)?;
+    let config = gguf_config(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file.header, path)?;
+    let mut map = HashMap::new();
+    for (name, data, shape) in gguf_hf_tensors(&file, &config)? {
+        let t = Tensor::from_slice(&data).reshape(&shape[..]);
+        let t = if opts.dtype == Kind::Float { t } else { t.to_kind(opts.dtype) };
+        map.insert(name, t.to_device(opts.device));
+    }
+    let required = "model.embed_tokens.weight";
+    if !map.contains_key(required) {
+        return Err(Error::MissingTensor { path: path.to_path_buf(), tensor: "token_embd.weight".into() });
+    }
+    let weights = Weights::from_map(map, path);
+    Ok(LoadedModel { config, weights, tokenizer, source: path.to_path_buf() })
+}

@@ -1,0 +1,539 @@
+//! The Llama-family decoder over tch: embeddings, RMSNorm, RoPE (default,
+//! linear, dynamic, llama3, longrope), GQA attention through libtorch SDPA,
+//! SwiGLU MLP, tied or separate `lm_head`. Qwen2 q/k/v biases, Phi-3 fused
+//! projections and Mistral/Qwen2 sliding windows are handled from the config.
+//!
+//! Every adapted linear goes through [`Model::project`] with its PEFT site
+//! (layer, module name), where a [`LinearDelta`] (LoRA) adds its delta.
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{ModelConfig, RopeKind};
+use crate::kv::KvCache;
+use crate::{Error, Result};
+
+/// Something that adds a low-rank delta to the output of a target linear, with
+/// the adapter selection for the rows of the current batch bound inside.
+pub trait LinearDelta {
+    /// The delta for module `module` (PEFT name: `q_proj`, `gate_up_proj`, ...)
+    /// of layer `layer` given its input `x` `[B, T, in]`, or `None` when no
+    /// adapter touches that site.
+    fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// Which positions to compute logits at.
+#[derive(Debug, Clone)]
+pub enum LogitsAt {
+    /// Every position: `[B, T, V]`.
+    All,
+    /// The last column of the input: `[B, V]`.
+    Last,
+    /// One column per row (e.g. each row's last real token): `[B, V]`.
+    PerRow(Vec<usize>),
+    /// No logits (prefill only); returns an empty tensor.
+    None,
+}
+
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// q, k, v fused along the output dimension.
+    qkv: Linear,
+    o: Linear,
+    /// gate and up fused along the output dimension.
+    gate_up: Linear,
+    down: Linear,
+    sliding_window: Option<usize>,
+}
+
+/// A Llama-family decoder ready to run.
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+    inv_freq_long: Option<Tensor>,
+    rope_scale: f64,
+    device: Device,
+    kind: Kind,
+    fused_qkv_names: bool,
+    fused_mlp_names: bool,
+}
+
+fn check_shape(name: &str, t: &Tensor, expected: &[i64]) -> Result<()> {
+    if t.size() != expected {
+        return Err(Error::TensorShape { tensor: name.to_string(), expected: expected.to_vec(), actual: t.size() });
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Build from a config and weights by HF parameter name.
+    pub fn new(config: &ModelConfig, weights: &crate::weights::Weights) -> Result<Self> {
+        Self::from_source(config, |n| weights.get(n), |n| weights.contains(n))
+    }
+
+    /// Build from a map of HF parameter names to tensors (tests, random weights).
+    pub fn from_tensors(config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        Self::from_source(
+            config,
+            |n| {
+                tensors
+                    .get(n)
+                    .map(|t| t.shallow_clone())
+                    .ok_or_else(|| Error::ModelInput(format!("missing tensor {n:?}")))
+            },
+            |n| tensors.contains_key(n),
+        )
+    }
+
+    /// Build from a tensor getter; `get` names the missing tensor in its error.
+    pub fn from_source(
+        config: &ModelConfig,
+        get: impl Fn(&str) -> Result<Tensor>,
+        contains: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        config.validate(std::path::Path::new("<config>"))?;
+        let h = config.hidden_size as i64;
+        let v = config.vocab_size as i64;
+        let inter = config.intermediate_size as i64;
+        let hd = config.head_dim() as i64;
+        let nq = config.num_attention_heads as i64;
+        let nkv = config.num_key_value_heads() as i64;
+        let embed = get("model.embed_tokens.weight")?;
+        check_shape("model.embed_tokens.weight", &embed, &[v, h])?;
+        let device = embed.device();
+        let kind = embed.kind();
+        let fetch = |name: &str, shape: &[i64]| -> Result<Tensor> {
+            let t = get(name)?;
+            check_shape(name, &t, shape)?;
+            Ok(t.f_to_device(device)?.f_to_kind(kind)?)
+        };
+        let fetch_bias = |name: &str, n: i64, present: bool| -> Result<Option<Tensor>> {
+            if present || contains(name) {
+                Ok(Some(fetch(name, &[n])?))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut fused_qkv_names = false;
+        let mut fused_mlp_names = false;
+        let qkv_out = (nq + 2 * nkv) * hd;
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv = if contains(&format!("{p}.self_attn.qkv_proj.weight")) {
+                fused_qkv_names = true;
+                Linear {
+                    weight: fetch(&format!("{p}.self_attn.qkv_proj.weight"), &[qkv_out, h])?,
+                    bias: fetch_bias(&format!("{p}.self_attn.qkv_proj.bias"), qkv_out, false)?,
+                }
+            } else {
+                let q = fetch(&format!("{p}.self_attn.q_proj.weight"), &[nq * hd, h])?;
+                let k = fetch(&format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, h])?;
+                let vv = fetch(&format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, h])?;
+                let bias_needed = config.qkv_bias();
+                let qb = fetch_bias(&format!("{p}.self_attn.q_proj.bias"), nq * hd, bias_needed)?;
+                let kb = fetch_bias(&format!("{p}.self_attn.k_proj.bias"), nkv * hd, bias_needed)?;
+                let vb = fetch_bias(&format!("{p}.self_attn.v_proj.bias"), nkv * hd, bias_needed)?;
+                let bias = match (qb, kb, vb) {
+                    (None, None, None) => None,
+                    (qb, kb, vb) => {
+                        let z = |b: Option<Tensor>, n: i64| -> Result<Tensor> {
+                            match b {
+                                Some(b) => Ok(b),
+                                None => Ok(Tensor::f_zeros([n], (kind, device))?),
+                            }
+                        };
+                        Some(Tensor::f_cat(&[z(qb, nq * hd)?, z(kb, nkv * hd)?, z(vb, nkv * hd)?], 0)?)
+                    }
+                };
+                Linear { weight: Tensor::f_cat(&[q, k, vv], 0)?, bias }
+            };
+            let o = Linear {
+                weight: fetch(&format!("{p}.self_attn.o_proj.weight"), &[h, nq * hd])?,
+                bias: fetch_bias(&format!("{p}.self_attn.o_proj.bias"), h, config.o_bias())?,
+            };
+            let gate_up = if contains(&format!("{p}.mlp.gate_up_proj.weight")) {
+                fused_mlp_names = true;
+                Linear { weight: fetch(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?, bias: None }
+            } else {
+                let g = fetch(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?;
+                let u = fetch(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?;
+                let gb = fetch_bias(&format!("{p}.mlp.gate_proj.bias"), inter, config.mlp_bias())?;
+                let ub = fetch_bias(&format!("{p}.mlp.up_proj.bias"), inter, config.mlp_bias())?;
+                let bias = match (gb, ub) {
+                    (Some(a), Some(b)) => Some(Tensor::f_cat(&[a, b], 0)?),
+                    _ => None,
+                };
+                Linear { weight: Tensor::f_cat(&[g, u], 0)?, bias }
+            };
+            let down = Linear {
+                weight: fetch(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                bias: fetch_bias(&format!("{p}.mlp.down_proj.bias"), h, config.mlp_bias())?,
+            };
+            layers.push(Layer {
+                input_norm: fetch(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: fetch(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                qkv,
+                o,
+                gate_up,
+                down,
+                sliding_window: config.sliding_window_for_layer(i),
+            });
+        }
+        let norm = fetch("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings() {
+            embed.shallow_clone()
+        } else {
+            fetch("lm_head.weight", &[v, h])?
+        };
+        let rot = config.rotary_dim();
+        let theta = config.rope_theta();
+        let kind_rope = config.rope_kind().map_err(|m| Error::ConfigField {
+            file: "<config>".into(),
+            field: "rope_scaling".into(),
+            message: m,
+        })?;
+        let base_inv: Vec<f64> = (0..rot / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / rot as f64)).collect();
+        let (inv, inv_long, scale) = match &kind_rope {
+            RopeKind::Default | RopeKind::Dynamic { .. } => (base_inv.clone(), None, 1.0),
+            RopeKind::Linear { factor } => (base_inv.iter().map(|f| f / factor).collect(), None, 1.0),
+            RopeKind::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = *original_max_position_embeddings as f64;
+                let low_wl = old / low_freq_factor;
+                let high_wl = old / high_freq_factor;
+                let inv = base_inv
+                    .iter()
+                    .map(|&f| {
+                        let wl = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wl > low_wl { f / factor } else { f };
+                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        if medium {
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect();
+                (inv, None, 1.0)
+            }
+            RopeKind::LongRope { long_factor, short_factor, attention_factor, .. } => {
+                let short = base_inv.iter().zip(short_factor).map(|(f, s)| f / s).collect();
+                let long: Vec<f64> = base_inv.iter().zip(long_factor).map(|(f, s)| f / s).collect();
+                (short, Some(long), *attention_factor)
+            }
+        };
+        // HF computes inv_freq in float32 from the float64 formula's float32 cast.
+        let to_t = |v: &[f64]| -> Result<Tensor> {
+            let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            Ok(Tensor::f_from_slice(&f)?.f_to(device)?)
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: to_t(&inv)?,
+            inv_freq_long: match inv_long {
+                Some(l) => Some(to_t(&l)?),
+                None => None,
+            },
+            rope_scale: scale,
+            device,
+            kind,
+            fused_qkv_names,
+            fused_mlp_names,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Element kind of the weights and activations.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// An empty KV cache for `batch` rows with room for `capacity` slots.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            self.layers.len(),
+            batch,
+            self.config.num_key_value_heads(),
+            self.config.head_dim(),
+            capacity,
+            self.device,
+            self.kind,
+        )
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let xf = x.f_to_kind(Kind::Float)?;
+        let var = xf.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = xf.f_mul(&var.f_add_scalar(self.config.rms_norm_eps())?.f_rsqrt()?)?;
+        Ok(weight.f_mul(&normed.f_to_kind(x.kind())?)?)
+    }
+
+    /// cos/sin `[B, 1, T, rot]` for positions `[B, T]`, as HF computes them (float32, then cast).
+    fn rope_tables(&self, positions: &Tensor, max_len: i64) -> Result<(Tensor, Tensor)> {
+        let mut inv = match (&self.inv_freq_long, self.config.rope_kind()) {
+            (Some(long), Ok(RopeKind::LongRope { original_max_position_embeddings, .. }))
+                if max_len > original_max_position_embeddings as i64 =>
+            {
+                long.shallow_clone()
+            }
+            _ => self.inv_freq.shallow_clone(),
+        };
+        if let Ok(RopeKind::Dynamic { factor }) = self.config.rope_kind() {
+            let max_pos = self.config.max_position_embeddings() as f64;
+            if max_len as f64 > max_pos {
+                let rot = self.config.rotary_dim() as f64;
+                let base = self.config.rope_theta()
+                    * ((factor * max_len as f64 / max_pos) - (factor - 1.0)).powf(rot / (rot - 2.0));
+                let v: Vec<f32> =
+                    (0..(rot as usize) / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / rot)) as f32).collect();
+                inv = Tensor::f_from_slice(&v)?.f_to(self.device)?;
+            }
+        }
+        let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&inv)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        let mut cos = emb.f_cos()?;
+        let mut sin = emb.f_sin()?;
+        if self.rope_scale != 1.0 {
+            cos = cos.f_mul_scalar(self.rope_scale)?;
+            sin = sin.f_mul_scalar(self.rope_scale)?;
+        }
+        Ok((cos.f_to_kind(self.kind)?.f_unsqueeze(1)?, sin.f_to_kind(self.kind)?.f_unsqueeze(1)?))
+    }
+
+    fn apply_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let rot = self.config.rotary_dim() as i64;
+        let hd = self.config.head_dim() as i64;
+        let (xr, pass) = if rot < hd {
+            (x.f_narrow(-1, 0, rot)?, Some(x.f_narrow(-1, rot, hd - rot)?))
+        } else {
+            (x.shallow_clone(), None)
+        };
+        let half = rot / 2;
+        let x1 = xr.f_narrow(-1, 0, half)?;
+        let x2 = xr.f_narrow(-1, half, half)?;
+        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
+        let out = xr.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?;
+        Ok(match pass {
+            Some(p) => Tensor::f_cat(&[&out, &p], -1)?,
+            None => out,
+        })
+    }
+
+    /// A target linear with its LoRA deltas: `fused` is the (possibly fused)
+    /// weight, `parts` the PEFT module names and output widths it splits into.
+    fn project(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        lin: &Linear,
+        parts: &[(&str, i64)],
+        fused_name: Option<&str>,
+        delta: Option<&dyn LinearDelta>,
+    ) -> Result<Vec<Tensor>> {
+        let y = lin.forward(x)?;
+        let mut outs = if parts.len() == 1 {
+            vec![y]
+        } else {
+            let sizes: Vec<i64> = parts.iter().map(|p| p.1).collect();
+            y.f_split_with_sizes(sizes.as_slice(), -1)?
+        };
+        if let Some(d) = delta {
+            if let Some(name) = fused_name {
+                if let Some(dy) = d.delta(layer, name, x)? {
+                    let sizes: Vec<i64> = parts.iter().map(|p| p.1).collect();
+                    let ds = if parts.len() == 1 { vec![dy] } else { dy.f_split_with_sizes(sizes.as_slice(), -1)? };
+                    for (o, dd) in outs.iter_mut().zip(ds) {
+                        *o = o.f_add(&dd)?;
+                    }
+                }
+            } else {
+                for (o, (name, _)) in outs.iter_mut().zip(parts) {
+                    if let Some(dy) = d.delta(layer, name, x)? {
+                        *o = o.f_add(&dy)?;
+                    }
+                }
+            }
+        }
+        Ok(outs)
+    }
+
+    fn pick_logits(&self, hidden: &Tensor, at: &LogitsAt) -> Result<Tensor> {
+        let (b, t) = (hidden.size()[0], hidden.size()[1]);
+        let sel = match at {
+            LogitsAt::None => return Ok(Tensor::f_empty([0], (self.kind, self.device))?),
+            LogitsAt::All => hidden.shallow_clone(),
+            LogitsAt::Last => hidden.f_select(1, t - 1)?,
+            LogitsAt::PerRow(cols) => {
+                if cols.len() as i64 != b || cols.iter().any(|&c| c as i64 >= t) {
+                    return Err(Error::ModelInput(format!("per-row logit columns {cols:?} for batch {b} x {t}")));
+                }
+                let idx: Vec<i64> = cols.iter().enumerate().map(|(r, &c)| r as i64 * t + c as i64).collect();
+                let idx = Tensor::f_from_slice(&idx)?.f_to(self.device)?;
+                hidden.f_reshape([b * t, -1])?.f_index_select(0, &idx)?
+            }
+        };
+        let sel = self.rms_norm(&sel, &self.norm)?;
+        Ok(sel.f_linear::<Tensor>(&self.lm_head, None)?)
+    }
+
+    /// Run `ids` (`[B, T]` int64) through the model on top of `cache`, appending
+    /// their keys/values. `valid` (row-major `[B, T]`, `None` = all real) marks
+    /// padding slots, which take no position and are never attended to. Returns
+    /// logits (model dtype) at the positions `at` asks for.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        valid: Option<&[bool]>,
+        cache: &mut KvCache,
+        at: &LogitsAt,
+        delta: Option<&dyn LinearDelta>,
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("lm_forward", t = ids.size().get(1).copied().unwrap_or(0)).entered();
+        let size = ids.size();
+        if size.len() != 2 || size[0] as usize != cache.batch() {
+            return Err(Error::ModelInput(format!("ids shape {size:?} for a cache of batch {}", cache.batch())));
+        }
+        let (b, t) = (size[0], size[1]);
+        let all_valid;
+        let valid = match valid {
+            Some(v) => v,
+            None => {
+                all_valid = vec![true; (b * t) as usize];
+                &all_valid
+            }
+        };
+        let start = cache.len() as i64;
+        let (positions, _) = cache.append_slots(valid, t as usize)?;
+        let total = start + t;
+        let key_valid = cache.slots_view(total, true)?;
+        let key_pos = cache.slots_view(total, false)?;
+        let everything_valid = valid.iter().all(|&x| x) && start == 0;
+        let max_len = cache.next_positions().iter().copied().max().unwrap_or(0);
+        let (cos, sin) = self.rope_tables(&positions, max_len)?;
+
+        // Masks [B, 1, T, total]: key j visible to query slot start+i iff it is a real token at or
+        // before it (and inside the sliding window); the query's own slot is always visible so
+        // padding rows never have an empty softmax.
+        let q_slot = Tensor::f_arange_start(start, total, (Kind::Int64, self.device))?.f_view([1, 1, t, 1])?;
+        let k_slot = Tensor::f_arange(total, (Kind::Int64, self.device))?.f_view([1, 1, 1, total])?;
+        let causal = k_slot.f_le_tensor(&q_slot)?;
+        let diag = k_slot.f_eq_tensor(&q_slot)?;
+        let base_mask = causal.f_logical_and(&key_valid.f_view([b, 1, 1, total])?)?.f_logical_or(&diag)?;
+        let mut window_masks: HashMap<usize, Tensor> = HashMap::new();
+        for layer in &self.layers {
+            if let Some(w) = layer.sliding_window {
+                if let std::collections::hash_map::Entry::Vacant(e) = window_masks.entry(w) {
+                    let qp = positions.f_view([b, 1, t, 1])?;
+                    let kp = key_pos.f_view([b, 1, 1, total])?;
+                    let inside = qp.f_sub(&kp)?.f_lt(w as i64)?;
+                    e.insert(base_mask.f_logical_and(&inside)?.f_logical_or(&diag)?);
+                }
+            }
+        }
+        // Pure causal prefill without padding: let SDPA use its causal kernel.
+        let use_causal_flag = everything_valid && t > 1;
+        let decode_no_pad = t == 1 && !cache.has_padding();
+
+        let nq = self.config.num_attention_heads as i64;
+        let nkv = self.config.num_key_value_heads() as i64;
+        let hd = self.config.head_dim() as i64;
+        let inter = self.config.intermediate_size as i64;
+        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.input_norm)?;
+            let parts = [("q_proj", nq * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)];
+            let qkv = self.project(
+                li,
+                &h,
+                &layer.qkv,
+                &parts,
+                if self.fused_qkv_names { Some("qkv_proj") } else { None },
+                delta,
+            )?;
+            let q = qkv[0].f_view([b, t, nq, hd])?.f_transpose(1, 2)?;
+            let k = qkv[1].f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
+            let v = qkv[2].f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
+            let q = self.apply_rope(&q, &cos, &sin)?;
+            let k = self.apply_rope(&k, &cos, &sin)?;
+            let (kk, vv) = cache.write_layer(li, start as usize, &k, &v)?;
+            let windowed = layer.sliding_window.and_then(|w| window_masks.get(&w));
+            let attn = if windowed.is_none() && use_causal_flag {
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &kk, &vv, None, 0.0, true, None, nkv != nq)?
+            } else if windowed.is_none() && decode_no_pad {
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &kk, &vv, None, 0.0, false, None, nkv != nq)?
+            } else {
+                let mask = windowed.unwrap_or(&base_mask);
+                Tensor::f_scaled_dot_product_attention(&q, &kk, &vv, Some(mask), 0.0, false, None, nkv != nq)?
+            };
+            let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?;
+            let o = self.project(li, &attn, &layer.o, &[("o_proj", self.config.hidden_size as i64)], None, delta)?;
+            x = x.f_add(&o[0])?;
+            let h = self.rms_norm(&x, &layer.post_norm)?;
+            let gu = self.project(
+                li,
+                &h,
+                &layer.gate_up,
+                &[("gate_proj", inter), ("up_proj", inter)],
+                if self.fused_mlp_names { Some("gate_up_proj") } else { None },
+                delta,
+            )?;
+            let act = gu[0].f_silu()?.f_mul(&gu[1])?;
+            let d = self.project(li, &act, &layer.down, &[("down_proj", self.config.hidden_size as i64)], None, delta)?;
+            x = x.f_add(&d[0])?;
+        }
+        cache.commit(t as usize);
+        self.pick_logits(&x, at)
+    }
+
+    /// Full forward without a cache (training and reference checks): `ids`
+    /// `[B, T]`, `attention_mask` `[B, T]` (1 = real token; left or right
+    /// padding), returns logits `[B, T, V]` in the model dtype. Gradients flow
+    /// when enabled (e.g. through a LoRA delta).
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor, delta: Option<&dyn LinearDelta>) -> Result<Tensor> {
+        let size = ids.size();
+        if size.len() != 2 || attention_mask.size() != size {
+            return Err(Error::ModelInput(format!(
+                "ids shape {size:?} and attention mask shape {:?} must be equal [B, T]",
+                attention_mask.size()
+            )));
+        }
+        let mask: Vec<i64> = Vec::<i64>::try_from(attention_mask.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)?;
+        let valid: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
+        let mut cache = self.new_cache(size[0] as usize, size[1] as usize)?;
+        self.forward_cached(&ids.f_to(self.device)?, Some(&valid), &mut cache, &LogitsAt::All, delta)
+    }
+}
+

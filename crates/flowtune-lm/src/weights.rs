@@ -1,0 +1,70 @@
+//! Model weights by HF parameter name, already on the requested device and dtype.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use crate::{Error, Result};
+
+/// Tensors by HF parameter name (`model.embed_tokens.weight`,
+/// `model.layers.{i}.self_attn.q_proj.weight`, ...; `lm_head.weight` absent when the
+/// embeddings are tied).
+#[derive(Debug)]
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    source: PathBuf,
+}
+
+impl Weights {
+    /// Weights from a map of named tensors; `source` names where they came from in
+    /// errors (tests with random weights may pass any descriptive path).
+    pub fn from_map(tensors: HashMap<String, Tensor>, source: impl Into<PathBuf>) -> Self {
+        Weights { tensors, source: source.into() }
+    }
+
+    /// The tensor by HF name (a shallow clone sharing storage), or
+    /// [`Error::MissingTensor`] naming it and the source file.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.tensors
+            .get(name)
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| Error::MissingTensor { path: self.source.clone(), tensor: name.into() })
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The file or folder the weights were loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Total number of parameters.
+    pub fn num_parameters(&self) -> i64 {
+        self.tensors.values().map(Tensor::numel).map(|n| n as i64).sum()
+    }
+
+    /// Consume into the underlying map.
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+}

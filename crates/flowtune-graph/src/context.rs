@@ -112,12 +112,19 @@ enum StepAction {
 impl EpisodeState {
     /// Reserves the next step and says how to fill it. `check` compares the recorded event with
     /// what the flow does now.
-    fn begin(&mut self, found: &str, check: impl Fn(&Event) -> bool) -> Result<(usize, StepAction)> {
+    fn begin(
+        &mut self,
+        found: &str,
+        check: impl Fn(&Event) -> bool,
+    ) -> Result<(usize, StepAction)> {
         let index = self.steps.len();
         self.steps.push(None);
         let plan = &self.replay;
         let recorded = match &plan.recorded {
-            Some(trace) if index < plan.forced_steps || (index == plan.forced_steps && plan.deviation.is_some()) => {
+            Some(trace)
+                if index < plan.forced_steps
+                    || (index == plan.forced_steps && plan.deviation.is_some()) =>
+            {
                 trace.steps.get(index).ok_or_else(|| Error::InvalidReplay {
                     index,
                     reason: format!("the recorded trace has only {} steps", trace.steps.len()),
@@ -138,10 +145,15 @@ impl EpisodeState {
             return Ok((index, StepAction::Forced(step)));
         }
         match (&recorded.event, &plan.deviation) {
-            (Event::Call(_), Some(output)) => Ok((index, StepAction::Deviate(recorded.clone(), output.clone()))),
+            (Event::Call(_), Some(output)) => {
+                Ok((index, StepAction::Deviate(recorded.clone(), output.clone())))
+            }
             _ => Err(Error::InvalidReplay {
                 index,
-                reason: format!("a deviation must be at a model call, not at {}", recorded.event.describe()),
+                reason: format!(
+                    "a deviation must be at a model call, not at {}",
+                    recorded.event.describe()
+                ),
             }),
         }
     }
@@ -153,12 +165,15 @@ impl EpisodeState {
         }
     }
 
-    fn into_trace(&mut self) -> Trace {
+    fn take_trace(&mut self) -> Trace {
         Trace {
             flow: self.nodes.flow().to_owned(),
             episode: self.episode,
             seed: self.seed,
-            steps: std::mem::take(&mut self.steps).into_iter().flatten().collect(),
+            steps: std::mem::take(&mut self.steps)
+                .into_iter()
+                .flatten()
+                .collect(),
             rewards: std::mem::take(&mut self.rewards),
             gold: std::mem::take(&mut self.gold),
             stopped_early: self.stopped,
@@ -255,7 +270,12 @@ impl EpisodeContext {
     }
 
     /// Calls choose node `node` over `candidates`; the output is the best-scored candidate.
-    pub async fn choose(&self, node: &str, messages: Vec<Message>, candidates: Vec<String>) -> Result<Called> {
+    pub async fn choose(
+        &self,
+        node: &str,
+        messages: Vec<Message>,
+        candidates: Vec<String>,
+    ) -> Result<Called> {
         let spec = self.spec(node)?;
         if !matches!(spec.kind, NodeKind::Choose) {
             return Err(kind_mismatch(&spec, "choose"));
@@ -266,10 +286,16 @@ impl EpisodeContext {
                 reason: "choose called with no candidates".into(),
             });
         }
-        self.call(&spec, messages, CallSpec::Choose { candidates }).await
+        self.call(&spec, messages, CallSpec::Choose { candidates })
+            .await
     }
 
-    async fn call(&self, spec: &NodeSpec, messages: Vec<Message>, call: CallSpec) -> Result<Called> {
+    async fn call(
+        &self,
+        spec: &NodeSpec,
+        messages: Vec<Message>,
+        call: CallSpec,
+    ) -> Result<Called> {
         let found = format!("{} call to node `{}`", call.name(), spec.id);
         let (index, action) = self.state.borrow_mut().begin(&found, |event| {
             matches!(event, Event::Call(c) if c.node == spec.id && c.call == call && c.messages == messages)
@@ -338,7 +364,12 @@ impl EpisodeContext {
     }
 
     /// Runs tool `tool` on `input` (live: calls `f`; replayed: returns the recorded output).
-    pub fn tool<I, T, E>(&self, tool: &str, input: &I, f: impl FnOnce(&I) -> std::result::Result<T, E>) -> Result<T>
+    pub fn tool<I, T, E>(
+        &self,
+        tool: &str,
+        input: &I,
+        f: impl FnOnce(&I) -> std::result::Result<T, E>,
+    ) -> Result<T>
     where
         I: Serialize,
         T: Serialize + DeserializeOwned,
@@ -401,7 +432,8 @@ impl EpisodeContext {
     /// 64 random bits (recorded; forced on replay).
     pub fn random_u64(&self) -> Result<u64> {
         let mut state = self.state.borrow_mut();
-        let (index, action) = state.begin("a random draw", |e| matches!(e, Event::Random { .. }))?;
+        let (index, action) =
+            state.begin("a random draw", |e| matches!(e, Event::Random { .. }))?;
         let step = match action {
             StepAction::Forced(step) => step,
             StepAction::Deviate(..) => {
@@ -435,14 +467,19 @@ impl EpisodeContext {
     /// A uniform index in `0..n` (`n > 0`; 0 when `n == 0`).
     pub fn random_below(&self, n: usize) -> Result<usize> {
         let bits = self.random_u64()?;
-        Ok(if n == 0 { 0 } else { ((bits as u128 * n as u128) >> 64) as usize })
+        Ok(if n == 0 {
+            0
+        } else {
+            ((bits as u128 * n as u128) >> 64) as usize
+        })
     }
 
     /// Reports reward `name`; a rollout routed to it stops here (before its next call).
     pub fn reward(&self, name: &str, value: f64) {
         let mut state = self.state.borrow_mut();
         let after_steps = state.steps.len();
-        let past_deviation = state.replay.deviation.is_some() && after_steps > state.replay.forced_steps;
+        let past_deviation =
+            state.replay.deviation.is_some() && after_steps > state.replay.forced_steps;
         if past_deviation && state.replay.stop_on_reward.as_deref() == Some(name) {
             state.stopped = true;
         }
@@ -495,7 +532,10 @@ fn interpret(request: &NodeRequest, response: &NodeResponse) -> Result<Output> {
             .first()
             .map(|c| Output::from_candidate(c, None))
             .ok_or_else(|| bad("a generate response has no outputs".into())),
-        CallSpec::Classify { labels: options } | CallSpec::Choose { candidates: options } => {
+        CallSpec::Classify { labels: options }
+        | CallSpec::Choose {
+            candidates: options,
+        } => {
             if outputs.len() != options.len() {
                 return Err(bad(format!(
                     "{} scored options for {} labels/candidates",
@@ -539,17 +579,27 @@ impl<'a, O> Future for Play<'a, O> {
         };
         let poll = inner.as_mut().poll(cx);
         let output = match poll {
-            Poll::Ready(result) => Some(result),
+            Poll::Ready(result) => {
+                // It finished on its own: not cut short, even if its routed reward was reported.
+                self.state.borrow_mut().stopped = false;
+                Some(result)
+            }
             Poll::Pending if self.state.borrow().stopped => None,
             Poll::Pending => return Poll::Pending,
         };
         // Dropping the flow withdraws any request it left queued.
         self.inner = None;
-        let trace = self.state.borrow_mut().into_trace();
+        let trace = self.state.borrow_mut().take_trace();
         Poll::Ready(match output {
-            Some(Ok(o)) => Ok(EpisodeOutcome { output: Some(o), trace }),
+            Some(Ok(o)) => Ok(EpisodeOutcome {
+                output: Some(o),
+                trace,
+            }),
             Some(Err(e)) => Err(e),
-            None => Ok(EpisodeOutcome { output: None, trace }),
+            None => Ok(EpisodeOutcome {
+                output: None,
+                trace,
+            }),
         })
     }
 }
@@ -561,7 +611,11 @@ pub fn play<'a, F: Flow>(
     setup: EpisodeSetup,
     dispatcher: Dispatcher,
 ) -> impl Future<Output = Result<EpisodeOutcome<F::Output>>> + 'a {
-    let span = tracing::debug_span!("episode", episode = setup.episode, forced = setup.replay.forced_steps);
+    let span = tracing::debug_span!(
+        "episode",
+        episode = setup.episode,
+        forced = setup.replay.forced_steps
+    );
     let state = Rc::new(RefCell::new(EpisodeState {
         nodes: setup.nodes,
         steps: Vec::new(),

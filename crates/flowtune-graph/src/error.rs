@@ -34,7 +34,9 @@ pub enum Error {
         reason: String,
     },
     /// A replayed flow did something other than what the recorded trace says.
-    #[error("replay diverged at step {index}: the trace recorded {expected}, the flow did {found}")]
+    #[error(
+        "replay diverged at step {index}: the trace recorded {expected}, the flow did {found}"
+    )]
     ReplayDivergence {
         /// The step index.
         index: usize,

@@ -6,7 +6,9 @@ use crate::node::{Edge, FlowSpec, NodeKind};
 use crate::trace::{Event, Trace};
 
 fn dot_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn mermaid_escape(s: &str) -> String {
@@ -50,9 +52,16 @@ fn node_label(kind: &NodeKind, id: &str) -> String {
 pub fn observed_edges(traces: &[Trace]) -> Vec<Edge> {
     let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
     for trace in traces {
-        let nodes: Vec<&str> = trace.steps.iter().filter_map(|s| s.event.node()).map(|n| n.as_str()).collect();
+        let nodes: Vec<&str> = trace
+            .steps
+            .iter()
+            .filter_map(|s| s.event.node())
+            .map(|n| n.as_str())
+            .collect();
         for pair in nodes.windows(2) {
-            *counts.entry((pair[0].to_owned(), pair[1].to_owned())).or_default() += 1;
+            *counts
+                .entry((pair[0].to_owned(), pair[1].to_owned()))
+                .or_default() += 1;
         }
     }
     counts
@@ -76,8 +85,18 @@ pub fn flow_to_dot(spec: &FlowSpec, edges: &[Edge]) -> String {
         );
     }
     for e in edges {
-        let label = e.label.as_deref().map(|l| format!(" [label=\"{}\"]", dot_escape(l))).unwrap_or_default();
-        let _ = writeln!(out, "  \"{}\" -> \"{}\"{};", dot_escape(e.from.as_str()), dot_escape(e.to.as_str()), label);
+        let label = e
+            .label
+            .as_deref()
+            .map(|l| format!(" [label=\"{}\"]", dot_escape(l)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  \"{}\" -> \"{}\"{};",
+            dot_escape(e.from.as_str()),
+            dot_escape(e.to.as_str()),
+            label
+        );
     }
     out.push_str("}\n");
     out
@@ -123,7 +142,11 @@ fn step_label(event: &Event, index: usize) -> String {
             if c.deviated { " (deviated)" } else { "" },
             shorten(&c.output.text, 40)
         ),
-        Event::Tool(t) => format!("#{index} tool {}\n→ {}", t.tool, shorten(&t.output.to_string(), 40)),
+        Event::Tool(t) => format!(
+            "#{index} tool {}\n→ {}",
+            t.tool,
+            shorten(&t.output.to_string(), 40)
+        ),
         Event::Random { value } => format!("#{index} random\n{value:#018x}"),
     }
 }
@@ -131,7 +154,12 @@ fn step_label(event: &Event, index: usize) -> String {
 /// One trace as DOT: a chain of steps, rewards as notes after the step they follow.
 pub fn trace_to_dot(trace: &Trace) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "digraph \"{} episode {}\" {{", dot_escape(&trace.flow), trace.episode);
+    let _ = writeln!(
+        out,
+        "digraph \"{} episode {}\" {{",
+        dot_escape(&trace.flow),
+        trace.episode
+    );
     for step in &trace.steps {
         let style = match (&step.event, step.forced) {
             (Event::Call(c), _) if c.deviated => ", style=bold, color=red",
@@ -160,7 +188,11 @@ pub fn trace_to_dot(trace: &Trace) -> String {
             dot_escape(&r.name),
             r.value
         );
-        if let Some(step) = r.after_steps.checked_sub(1).and_then(|s| trace.steps.get(s)) {
+        if let Some(step) = r
+            .after_steps
+            .checked_sub(1)
+            .and_then(|s| trace.steps.get(s))
+        {
             let _ = writeln!(out, "  s{} -> r{i} [style=dotted];", step.index);
         }
     }
@@ -180,7 +212,11 @@ pub fn trace_to_mermaid(trace: &Trace) -> String {
     }
     for (i, r) in trace.rewards.iter().enumerate() {
         let _ = writeln!(out, "  r{i}>\"{} = {}\"]", mermaid_escape(&r.name), r.value);
-        if let Some(step) = r.after_steps.checked_sub(1).and_then(|s| trace.steps.get(s)) {
+        if let Some(step) = r
+            .after_steps
+            .checked_sub(1)
+            .and_then(|s| trace.steps.get(s))
+        {
             let _ = writeln!(out, "  s{} -.-> r{i}", step.index);
         }
     }

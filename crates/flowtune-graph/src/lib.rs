@@ -18,7 +18,8 @@ pub mod trace;
 
 pub use backend::{Backend, CallSpec, Candidate, Decoding, Message, NodeRequest, NodeResponse};
 pub use context::{
-    derive_seed, play, run_episode, Called, EpisodeContext, EpisodeOutcome, EpisodeSetup, Flow, ReplayPlan,
+    derive_seed, play, run_episode, Called, EpisodeContext, EpisodeOutcome, EpisodeSetup, Flow,
+    ReplayPlan,
 };
 pub use error::{BoxError, Error, Result};
 pub use exec::{join_all, BatchStats, Dispatcher, Executor, TaskId};

@@ -210,10 +210,15 @@ impl NodeTable {
                 NodeKind::Classify { labels } if labels.len() < 2 => {
                     return Err(Error::InvalidNode {
                         node: node.id.0.clone(),
-                        reason: format!("a classify node needs at least 2 labels, got {}", labels.len()),
+                        reason: format!(
+                            "a classify node needs at least 2 labels, got {}",
+                            labels.len()
+                        ),
                     })
                 }
-                NodeKind::Generate { max_new_tokens: 0, .. } => {
+                NodeKind::Generate {
+                    max_new_tokens: 0, ..
+                } => {
                     return Err(Error::InvalidNode {
                         node: node.id.0.clone(),
                         reason: "max_new_tokens is 0".into(),

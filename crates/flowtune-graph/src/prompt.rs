@@ -72,7 +72,10 @@ impl PromptSet {
                 return Err(Error::Template {
                     file: path.clone(),
                     line: None,
-                    message: format!("template `{name}` is also defined by {}", previous.display()),
+                    message: format!(
+                        "template `{name}` is also defined by {}",
+                        previous.display()
+                    ),
                 });
             }
             env.add_template_owned(name.clone(), source)
@@ -98,8 +101,13 @@ impl PromptSet {
             name: name.to_owned(),
             dir: self.dir.clone(),
         })?;
-        let template = self.env.get_template(name).map_err(|e| template_error(file, &e))?;
-        let text = template.render(vars).map_err(|e| template_error(file, &e))?;
+        let template = self
+            .env
+            .get_template(name)
+            .map_err(|e| template_error(file, &e))?;
+        let text = template
+            .render(vars)
+            .map_err(|e| template_error(file, &e))?;
         split_messages(&text).map_err(|message| Error::Template {
             file: file.clone(),
             line: None,

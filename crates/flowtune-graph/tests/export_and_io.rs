@@ -1,4 +1,6 @@
 //! DOT / Mermaid export and JSONL round trips of traces and flow specs.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 mod common;
 
 use std::rc::Rc;
@@ -6,16 +8,23 @@ use std::rc::Rc;
 use common::{HashBackend, LoopFlow};
 use flowtune_graph::io::{read_jsonl, write_jsonl};
 use flowtune_graph::{
-    flow_to_dot, flow_to_mermaid, observed_edges, run_episode, trace_to_dot, trace_to_mermaid, EpisodeSetup, Flow,
-    FlowSpec, NodeTable, ReplayPlan, Trace,
+    flow_to_dot, flow_to_mermaid, observed_edges, run_episode, trace_to_dot, trace_to_mermaid,
+    EpisodeSetup, Flow, FlowSpec, NodeTable, ReplayPlan, Trace,
 };
 
 fn traces(n: u64) -> Vec<Trace> {
     let nodes = Rc::new(NodeTable::new(&LoopFlow.spec()).expect("spec"));
     (0..n)
         .map(|i| {
-            let setup = EpisodeSetup { nodes: nodes.clone(), episode: i, seed: i, replay: ReplayPlan::live() };
-            run_episode(&LoopFlow, &format!("q{i}"), setup, &mut HashBackend::new(i)).expect("run").trace
+            let setup = EpisodeSetup {
+                nodes: nodes.clone(),
+                episode: i,
+                seed: i,
+                replay: ReplayPlan::live(),
+            };
+            run_episode(&LoopFlow, &format!("q{i}"), setup, &mut HashBackend::new(i))
+                .expect("run")
+                .trace
         })
         .collect()
 }
@@ -68,24 +77,45 @@ fn flow_exports_list_every_node_and_edge() {
     let dot = flow_to_dot(&spec, &spec.edges);
     assert!(dot.starts_with("digraph \"toy\" {"));
     for n in &spec.nodes {
-        assert_eq!(dot.matches(&format!("  \"{}\" [shape=", n.id)).count(), 1, "{dot}");
+        assert_eq!(
+            dot.matches(&format!("  \"{}\" [shape=", n.id)).count(),
+            1,
+            "{dot}"
+        );
     }
     for e in &spec.edges {
-        assert!(dot.contains(&format!("\"{}\" -> \"{}\"", e.from, e.to)), "{dot}");
+        assert!(
+            dot.contains(&format!("\"{}\" -> \"{}\"", e.from, e.to)),
+            "{dot}"
+        );
     }
     let mermaid = flow_to_mermaid(&spec, &spec.edges);
     assert!(mermaid.starts_with("flowchart TD\n"));
-    assert_eq!(mermaid.lines().filter(|l| l.contains("-->")).count(), spec.edges.len());
+    assert_eq!(
+        mermaid.lines().filter(|l| l.contains("-->")).count(),
+        spec.edges.len()
+    );
     // Observed edges: every consecutive pair of node steps in the traces, with counts.
     let traces = traces(4);
     let observed = observed_edges(&traces);
     let total: usize = observed
         .iter()
-        .map(|e| e.label.as_deref().and_then(|l| l.strip_prefix('×')).and_then(|n| n.parse::<usize>().ok()).expect("count label"))
+        .map(|e| {
+            e.label
+                .as_deref()
+                .and_then(|l| l.strip_prefix('×'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .expect("count label")
+        })
         .sum();
-    let expected: usize = traces.iter().map(|t| t.steps.iter().filter(|s| s.event.node().is_some()).count() - 1).sum();
+    let expected: usize = traces
+        .iter()
+        .map(|t| t.steps.iter().filter(|s| s.event.node().is_some()).count() - 1)
+        .sum();
     assert_eq!(total, expected);
-    assert!(observed.iter().any(|e| e.from.as_str() == "plan" && e.to.as_str() == "search"));
+    assert!(observed
+        .iter()
+        .any(|e| e.from.as_str() == "plan" && e.to.as_str() == "search"));
 }
 
 #[test]

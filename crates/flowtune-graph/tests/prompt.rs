@@ -1,11 +1,16 @@
 //! Prompt loading: the shipped prompts/toy set renders, bad templates give file + line.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 use std::path::PathBuf;
 
 use flowtune_graph::{Error, Message, PromptSet};
 use serde_json::json;
 
 fn root() -> PathBuf {
-    PathBuf::from(std::env::var("FLOWTUNE_ROOT").expect("FLOWTUNE_ROOT is set by .cargo/config.toml; run through cargo"))
+    PathBuf::from(
+        std::env::var("FLOWTUNE_ROOT")
+            .expect("FLOWTUNE_ROOT is set by .cargo/config.toml; run through cargo"),
+    )
 }
 
 #[test]
@@ -28,7 +33,11 @@ fn toy_prompts_render_to_messages() {
 fn syntax_error_names_file_and_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("good.j2"), "[[user]]\n{{ x }}\n").expect("write");
-    std::fs::write(dir.path().join("bad.j2"), "[[user]]\nline two\n{% if x %}\nno endif\n").expect("write");
+    std::fs::write(
+        dir.path().join("bad.j2"),
+        "[[user]]\nline two\n{% if x %}\nno endif\n",
+    )
+    .expect("write");
     let err = PromptSet::load_dir(dir.path()).expect_err("bad template");
     match err {
         Error::Template { file, line, .. } => {
@@ -42,7 +51,11 @@ fn syntax_error_names_file_and_line() {
 #[test]
 fn undefined_variable_and_stray_text_are_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("a.md"), "[[system]]\nhi\n[[user]]\n\n{{ missing }}\n").expect("write");
+    std::fs::write(
+        dir.path().join("a.md"),
+        "[[system]]\nhi\n[[user]]\n\n{{ missing }}\n",
+    )
+    .expect("write");
     std::fs::write(dir.path().join("b.j2"), "stray\n[[user]]\nq\n").expect("write");
     std::fs::write(dir.path().join("plain.j2"), "just {{ x }}").expect("write");
     let prompts = PromptSet::load_dir(dir.path()).expect("loads");
@@ -53,7 +66,16 @@ fn undefined_variable_and_stray_text_are_errors() {
         }
         other => panic!("expected a template error, got {other:?}"),
     }
-    assert!(matches!(prompts.render("b", json!({})), Err(Error::Template { .. })));
-    assert_eq!(prompts.render("plain", json!({"x": 1})).expect("renders"), vec![Message::user("just 1")]);
-    assert!(matches!(prompts.render("nope", json!({})), Err(Error::MissingTemplate { .. })));
+    assert!(matches!(
+        prompts.render("b", json!({})),
+        Err(Error::Template { .. })
+    ));
+    assert_eq!(
+        prompts.render("plain", json!({"x": 1})).expect("renders"),
+        vec![Message::user("just 1")]
+    );
+    assert!(matches!(
+        prompts.render("nope", json!({})),
+        Err(Error::MissingTemplate { .. })
+    ));
 }

@@ -1,5 +1,7 @@
 //! Replay exactness: replaying a trace with every output forced reproduces it bit for bit (without
 //! touching the backend), and a one-step deviation keeps the prefix and changes only step k.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 mod common;
 
 use std::rc::Rc;
@@ -70,20 +72,68 @@ proptest! {
 #[test]
 fn divergent_flow_is_a_typed_error() {
     let q = "question".to_owned();
-    let live = run_episode(&LoopFlow, &q, setup(3, ReplayPlan::live()), &mut HashBackend::new(1)).expect("live run");
+    let live = run_episode(
+        &LoopFlow,
+        &q,
+        setup(3, ReplayPlan::live()),
+        &mut HashBackend::new(1),
+    )
+    .expect("live run");
     // Replaying on another input changes the first prompt: the replay must refuse, not guess.
-    let err = run_episode(&LoopFlow, &"other".to_owned(), setup(3, ReplayPlan::full(Rc::new(live.trace))), &mut NoBackend)
-        .expect_err("divergence");
-    assert!(matches!(err, flowtune_graph::Error::ReplayDivergence { index: 1, .. }), "{err}");
+    let err = run_episode(
+        &LoopFlow,
+        &"other".to_owned(),
+        setup(3, ReplayPlan::full(Rc::new(live.trace))),
+        &mut NoBackend,
+    )
+    .expect_err("divergence");
+    assert!(
+        matches!(
+            err,
+            flowtune_graph::Error::ReplayDivergence { index: 1, .. }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn deviation_at_a_tool_step_is_rejected() {
     let q = "question".to_owned();
-    let live = run_episode(&LoopFlow, &q, setup(3, ReplayPlan::live()), &mut HashBackend::new(1)).expect("live run");
-    let tool_step = live.trace.steps.iter().position(|s| matches!(s.event, Event::Tool(_))).expect("a tool step");
-    let alt = Output { ids: vec![], text: String::new(), choice: None, logprob: 0.0 };
-    let err = run_episode(&LoopFlow, &q, setup(3, ReplayPlan::deviate(Rc::new(live.trace), tool_step, alt, None)), &mut NoBackend)
-        .expect_err("tool deviation");
-    assert!(matches!(err, flowtune_graph::Error::ReplayDivergence { .. } | flowtune_graph::Error::InvalidReplay { .. }), "{err}");
+    let live = run_episode(
+        &LoopFlow,
+        &q,
+        setup(3, ReplayPlan::live()),
+        &mut HashBackend::new(1),
+    )
+    .expect("live run");
+    let tool_step = live
+        .trace
+        .steps
+        .iter()
+        .position(|s| matches!(s.event, Event::Tool(_)))
+        .expect("a tool step");
+    let alt = Output {
+        ids: vec![],
+        text: String::new(),
+        choice: None,
+        logprob: 0.0,
+    };
+    let err = run_episode(
+        &LoopFlow,
+        &q,
+        setup(
+            3,
+            ReplayPlan::deviate(Rc::new(live.trace), tool_step, alt, None),
+        ),
+        &mut NoBackend,
+    )
+    .expect_err("tool deviation");
+    assert!(
+        matches!(
+            err,
+            flowtune_graph::Error::ReplayDivergence { .. }
+                | flowtune_graph::Error::InvalidReplay { .. }
+        ),
+        "{err}"
+    );
 }

@@ -97,6 +97,9 @@ impl Default for GenerationParams {
 pub struct GenerateRequest {
     /// Prompt ids.
     pub prompt: Vec<u32>,
+    /// LoRA adapter (name in the engine's bank); `None` = base model.
+    #[serde(default)]
+    pub adapter: Option<String>,
     /// Parameters.
     pub params: GenerationParams,
 }
@@ -141,6 +144,9 @@ pub struct GenerateOutput {
 pub struct ScoreRequest {
     /// Prompt ids.
     pub prompt: Vec<u32>,
+    /// LoRA adapter (name in the engine's bank); `None` = base model.
+    #[serde(default)]
+    pub adapter: Option<String>,
     /// Completion ids.
     pub completion: Vec<u32>,
 }
@@ -159,6 +165,9 @@ pub struct ScoreOutput {
 pub struct ClassifyRequest {
     /// Prompt ids.
     pub prompt: Vec<u32>,
+    /// LoRA adapter (name in the engine's bank); `None` = base model.
+    #[serde(default)]
+    pub adapter: Option<String>,
     /// Label token ids (e.g. the ids of "Yes" and "No").
     pub labels: Vec<u32>,
 }
@@ -189,13 +198,14 @@ impl Default for EngineConfig {
     }
 }
 
-/// The engine: a model, its tokenizer and an optional LoRA delta.
+/// The engine: a model, its tokenizer and an optional bank of LoRA adapters
+/// (requests name their adapter; rows of one batch may use different ones).
 pub struct Engine {
     model: Model,
     tokenizer: Tokenizer,
     config: EngineConfig,
     eos: Vec<u32>,
-    delta: Option<Box<dyn LinearDelta + Send + Sync>>,
+    bank: Option<flowtune_lora::AdapterBank>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -232,12 +242,73 @@ impl Engine {
                 eos.push(e);
             }
         }
-        Self { model, tokenizer, config, eos, delta: None }
+        Self { model, tokenizer, config, eos, bank: None }
     }
 
-    /// Route every target linear through `delta` (LoRA); `None` removes it.
-    pub fn set_delta(&mut self, delta: Option<Box<dyn LinearDelta + Send + Sync>>) {
-        self.delta = delta;
+    /// Install the LoRA adapter bank requests refer to by name.
+    pub fn set_adapter_bank(&mut self, bank: Option<flowtune_lora::AdapterBank>) {
+        self.bank = bank;
+    }
+
+    /// The adapter bank, if any.
+    pub fn adapter_bank(&self) -> Option<&flowtune_lora::AdapterBank> {
+        self.bank.as_ref()
+    }
+
+    /// The adapter bank for updates (training steps, new adapters).
+    pub fn adapter_bank_mut(&mut self) -> Option<&mut flowtune_lora::AdapterBank> {
+        self.bank.as_mut()
+    }
+
+    /// An empty bank shaped for this model's linears.
+    pub fn new_adapter_bank(&self) -> flowtune_lora::AdapterBank {
+        let c = self.model.config();
+        let shapes = flowtune_lora::llama_base_shapes(
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads(),
+            c.head_dim(),
+            c.intermediate_size,
+        );
+        flowtune_lora::AdapterBank::new(shapes, self.model.device())
+    }
+
+    /// Load a PEFT adapter folder into the bank (created on first use) under `name`.
+    pub fn load_adapter(&mut self, name: &str, dir: &std::path::Path) -> Result<()> {
+        if self.bank.is_none() {
+            self.bank = Some(self.new_adapter_bank());
+        }
+        if let Some(bank) = self.bank.as_mut() {
+            bank.load_peft(name, dir)?;
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the LoRA delta for rows using `adapters` (one name per row).
+    fn with_adapters<T>(
+        &self,
+        adapters: &[Option<&str>],
+        f: impl FnOnce(Option<&dyn LinearDelta>) -> Result<T>,
+    ) -> Result<T> {
+        if adapters.iter().all(|a| a.is_none()) {
+            return f(None);
+        }
+        let bank = self.bank.as_ref().ok_or_else(|| Error::InvalidRequest {
+            index: 0,
+            message: format!("adapter {:?} requested but the engine has no adapter bank", adapters.iter().flatten().next()),
+        })?;
+        let first = adapters[0];
+        let selection = if adapters.iter().all(|a| *a == first) {
+            match first {
+                Some(n) => flowtune_lora::AdapterSelection::All(bank.id(n)?),
+                None => flowtune_lora::AdapterSelection::None,
+            }
+        } else {
+            bank.selection(adapters)?
+        };
+        let selected = bank.select(&selection);
+        f(Some(&selected))
     }
 
     /// The model.
@@ -253,10 +324,6 @@ impl Engine {
     /// End-of-sequence ids used by default.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos
-    }
-
-    fn delta(&self) -> Option<&dyn LinearDelta> {
-        self.delta.as_deref().map(|d| d as &dyn LinearDelta)
     }
 
     fn ids_tensor(&self, ids: &[i64], b: usize, t: usize) -> Result<Tensor> {
@@ -331,7 +398,8 @@ impl Engine {
         let b = rows.len();
         let prompts: Vec<&[u32]> = rows.iter().map(|r| requests[r.request].prompt.as_slice()).collect();
         let max_new = rows.iter().map(|r| requests[r.request].params.max_new_tokens).max().unwrap_or(0);
-        let mut cache = self.prefill_shared(&prompts, max_new)?;
+        let names: Vec<Option<&str>> = rows.iter().map(|r| requests[r.request].adapter.as_deref()).collect();
+        let mut cache = self.prefill_shared(&prompts, &names, max_new)?;
         // Prefill the (rest of the) prompts, left-padded.
         let shared = cache.len();
         let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
@@ -345,8 +413,9 @@ impl Engine {
                 valid[r * t + pad + c] = true;
             }
         }
-        let mut logits =
-            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::Last, self.delta())?;
+        let mut logits = self.with_adapters(&names, |d| {
+            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::Last, d)
+        })?;
         for step in 0..max_new {
             let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
             let greedy: Vec<i64> = Vec::try_from(logp.f_argmax(-1, false)?)?;
@@ -380,20 +449,16 @@ impl Engine {
             if rows.iter().all(|r| r.done.is_some()) {
                 break;
             }
-            logits = self.model.forward_cached(
-                &self.ids_tensor(&next, b, 1)?,
-                Some(&step_valid),
-                &mut cache,
-                &LogitsAt::Last,
-                self.delta(),
-            )?;
+            logits = self.with_adapters(&names, |d| {
+                self.model.forward_cached(&self.ids_tensor(&next, b, 1)?, Some(&step_valid), &mut cache, &LogitsAt::Last, d)
+            })?;
         }
         Ok(rows)
     }
 
     /// A cache for `prompts.len()` rows holding their longest common prefix
     /// (computed once, then expanded) when it is long enough; else empty.
-    fn prefill_shared(&self, prompts: &[&[u32]], extra: usize) -> Result<crate::kv::KvCache> {
+    fn prefill_shared(&self, prompts: &[&[u32]], adapters: &[Option<&str>], extra: usize) -> Result<crate::kv::KvCache> {
         let b = prompts.len();
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut common = prompts.first().map(|p| p.len()).unwrap_or(0);
@@ -403,16 +468,36 @@ impl Engine {
         // Leave at least one token of every prompt for the batched step (its logits are needed).
         let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
         common = common.min(shortest.saturating_sub(1));
-        if b > 1 && common >= self.config.min_shared_prefix {
+        // Keys and values depend on the adapter: share only when every row uses the same one.
+        let same_adapter = adapters.iter().all(|a| *a == adapters[0]);
+        if b > 1 && same_adapter && common >= self.config.min_shared_prefix {
             let _span = tracing::debug_span!("engine_shared_prefix", tokens = common, rows = b).entered();
             let mut cache = self.model.new_cache(1, longest + extra + 1)?;
             let ids: Vec<i64> = prompts[0][..common].iter().map(|&x| x as i64).collect();
-            let _ = self.model.forward_cached(&self.ids_tensor(&ids, 1, common)?, None, &mut cache, &LogitsAt::None, self.delta())?;
+            let _ = self.with_adapters(&adapters[..1], |d| {
+                self.model.forward_cached(&self.ids_tensor(&ids, 1, common)?, None, &mut cache, &LogitsAt::None, d)
+            })?;
             cache.select_rows(&vec![0; b])?;
             Ok(cache)
         } else {
             self.model.new_cache(b, longest + extra + 1)
         }
+    }
+
+    /// Logits `[V]` (model dtype) at the last position of `prompt` under `adapter`.
+    pub fn last_logits(&self, prompt: &[u32], adapter: Option<&str>) -> Result<Tensor> {
+        check_ids(0, prompt, self.model.config().vocab_size)?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest { index: 0, message: "empty prompt".into() });
+        }
+        let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
+        let mut cache = self.model.new_cache(1, ids.len())?;
+        let logits = tch::no_grad(|| {
+            self.with_adapters(&[adapter], |d| {
+                self.model.forward_cached(&self.ids_tensor(&ids, 1, ids.len())?, None, &mut cache, &LogitsAt::Last, d)
+            })
+        })?;
+        Ok(logits.f_squeeze_dim(0)?)
     }
 
     /// Summed completion log-probabilities; outputs in request order.
@@ -437,7 +522,8 @@ impl Engine {
         let b = reqs.len();
         let full: Vec<Vec<u32>> = reqs.iter().map(|r| [r.prompt.as_slice(), r.completion.as_slice()].concat()).collect();
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
-        let mut cache = self.prefill_shared(&prompts, 0)?;
+        let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
+        let mut cache = self.prefill_shared(&prompts, &names, 0)?;
         let shared = cache.len();
         // Right-pad the rest: row r's token at column c predicts column c+1.
         let t = full.iter().map(|f| f.len() - shared).max().unwrap_or(0);
@@ -449,8 +535,9 @@ impl Engine {
                 valid[r * t + c] = true;
             }
         }
-        let logits =
-            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::All, self.delta())?;
+        let logits = self.with_adapters(&names, |d| {
+            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::All, d)
+        })?;
         let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
         let mut out = Vec::with_capacity(b);
         for (r, req) in reqs.iter().enumerate() {
@@ -487,7 +574,8 @@ impl Engine {
     fn classify_chunk(&self, reqs: &[ClassifyRequest]) -> Result<Vec<ClassifyOutput>> {
         let b = reqs.len();
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
-        let mut cache = self.prefill_shared(&prompts, 0)?;
+        let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
+        let mut cache = self.prefill_shared(&prompts, &names, 0)?;
         let shared = cache.len();
         let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
         let mut ids = vec![0i64; b * t];
@@ -500,13 +588,9 @@ impl Engine {
             }
             last.push(p.len() - shared - 1);
         }
-        let logits = self.model.forward_cached(
-            &self.ids_tensor(&ids, b, t)?,
-            Some(&valid),
-            &mut cache,
-            &LogitsAt::PerRow(last),
-            self.delta(),
-        )?;
+        let logits = self.with_adapters(&names, |d| {
+            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::PerRow(last), d)
+        })?;
         let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
         let mut out = Vec::with_capacity(b);
         for (r, req) in reqs.iter().enumerate() {
@@ -538,13 +622,10 @@ impl Engine {
         let params = &req.params;
         let mut cache = self.model.new_cache(1, req.prompt.len() + params.max_new_tokens + 1)?;
         let ids: Vec<i64> = req.prompt.iter().map(|&x| x as i64).collect();
-        let first = self.model.forward_cached(
-            &self.ids_tensor(&ids, 1, ids.len())?,
-            None,
-            &mut cache,
-            &LogitsAt::Last,
-            self.delta(),
-        )?;
+        let names: Vec<Option<&str>> = vec![req.adapter.as_deref(); num_beams];
+        let first = self.with_adapters(&names[..1], |d| {
+            self.model.forward_cached(&self.ids_tensor(&ids, 1, ids.len())?, None, &mut cache, &LogitsAt::Last, d)
+        })?;
         cache.select_rows(&vec![0; num_beams])?;
         let mut logits = first.f_expand([num_beams as i64, -1], false)?;
         // Running beams: tokens, beam score (processed), raw logprob.
@@ -647,13 +728,9 @@ impl Engine {
             }
             cache.select_rows(&next_rows)?;
             let ids: Vec<i64> = next_tok.iter().map(|&t| t as i64).collect();
-            logits = self.model.forward_cached(
-                &self.ids_tensor(&ids, num_beams, 1)?,
-                None,
-                &mut cache,
-                &LogitsAt::Last,
-                self.delta(),
-            )?;
+            logits = self.with_adapters(&names, |d| {
+                self.model.forward_cached(&self.ids_tensor(&ids, num_beams, 1)?, None, &mut cache, &LogitsAt::Last, d)
+            })?;
         }
         // Finalise: running beams of unfinished groups become hypotheses.
         for g in 0..groups {

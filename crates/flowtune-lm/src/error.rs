@@ -63,6 +63,9 @@ pub enum Error {
     /// Invalid model input (ids, masks, cache state).
     #[error("model input: {0}")]
     ModelInput(String),
+    /// An error from the LoRA adapter bank.
+    #[error("lora: {0}")]
+    Lora(#[from] flowtune_lora::LoraError),
     /// A malformed or truncated GGUF file (header, metadata or tensor infos).
     #[error("{path}: GGUF byte {offset}: {reason}")]
     GgufFormat {

@@ -708,12 +708,17 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
             reason: format!("expected a number, found {v:?}"),
         })
     };
-    let model_type = arch.clone();
+    // As transformers does: llama.cpp writes Mistral as `llama`, and transformers
+    // treats it as Mistral when `general.name` is exactly "mistral".
+    let model_type = match (arch.as_str(), h.get("general.name").and_then(GgufValue::as_str)) {
+        ("llama", Some("mistral")) => "mistral".to_string(),
+        _ => arch.clone(),
+    };
     let hidden = uint("embedding_length")?;
     let n_head = uint("attention.head_count")?;
     let mut c = Map::new();
     c.insert("model_type".into(), json!(model_type));
-    let class = match arch.as_str() {
+    let class = match model_type.as_str() {
         "llama" => "LlamaForCausalLM",
         "mistral" => "MistralForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",

@@ -22,6 +22,13 @@ pub trait LinearDelta {
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
 }
 
+/// The LoRA bank with the batch's adapter selection bound in adds its deltas.
+impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
+    fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(flowtune_lora::SelectedAdapters::delta(self, layer, module, x)?)
+    }
+}
+
 /// Which positions to compute logits at.
 #[derive(Debug, Clone)]
 pub enum LogitsAt {

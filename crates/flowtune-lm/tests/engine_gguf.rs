@@ -8,8 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod model_support;
 
-use std::sync::OnceLock;
-
 use flowtune_lm::engine::*;
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::tokenizer::ChatMessage;
@@ -21,9 +19,9 @@ fn engine_with(min_shared_prefix: usize) -> Engine {
     Engine::new(loaded, EngineConfig { min_shared_prefix, ..Default::default() }).unwrap()
 }
 
-fn engine() -> &'static Engine {
-    static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| engine_with(8))
+/// Tensors are not `Sync`, so every test loads its own engine (about a second).
+fn engine() -> Engine {
+    engine_with(8)
 }
 
 fn chat(e: &Engine, text: &str) -> Vec<u32> {
@@ -31,12 +29,12 @@ fn chat(e: &Engine, text: &str) -> Vec<u32> {
 }
 
 fn greedy(prompt: Vec<u32>, n: usize) -> GenerateRequest {
-    GenerateRequest { prompt, params: GenerationParams { max_new_tokens: n, ..Default::default() } }
+    GenerateRequest { adapter: None, prompt, params: GenerationParams { max_new_tokens: n, ..Default::default() } }
 }
 
 #[test]
 fn batched_greedy_equals_unbatched_on_ragged_prompts() {
-    let e = engine();
+    let e = &engine();
     let texts = ["Hi", "Name three colours of the rainbow, please.", "What is the capital of Italy? Answer in one word.", "Tell me a very short story about a cat who learns to swim in the sea near a lighthouse."];
     let reqs: Vec<_> = texts.iter().map(|t| greedy(chat(e, t), 16)).collect();
     let batched = e.generate(&reqs).unwrap();
@@ -62,7 +60,7 @@ fn reference_logprob(e: &Engine, prompt: &[u32], completion: &[u32]) -> f64 {
 
 #[test]
 fn score_equals_full_forward_log_softmax_with_and_without_prefix_reuse() {
-    let e = engine();
+    let e = &engine();
     let q = "Question: which city hosts the Eiffel Tower? Is the following paragraph relevant?";
     let prompts: Vec<Vec<u32>> = ["Paris is in France.", "Bananas are yellow.", "The tower was built in 1889 for the World's Fair in Paris."]
         .iter()
@@ -73,7 +71,7 @@ fn score_equals_full_forward_log_softmax_with_and_without_prefix_reuse() {
         .map(|c| e.tokenizer().encode(c).unwrap())
         .collect();
     let reqs: Vec<ScoreRequest> =
-        prompts.iter().zip(&completions).map(|(p, c)| ScoreRequest { prompt: p.clone(), completion: c.clone() }).collect();
+        prompts.iter().zip(&completions).map(|(p, c)| ScoreRequest { adapter: None, prompt: p.clone(), completion: c.clone() }).collect();
     let shared = e.score(&reqs).unwrap();
     let unshared = engine_with(usize::MAX).score(&reqs).unwrap();
     for ((r, s), u) in reqs.iter().zip(&shared).zip(&unshared) {
@@ -86,14 +84,14 @@ fn score_equals_full_forward_log_softmax_with_and_without_prefix_reuse() {
 
 #[test]
 fn classify_twenty_paragraphs_after_shared_question_matches_full_forward() {
-    let e = engine();
+    let e = &engine();
     let yes = e.tokenizer().token_to_id("Yes").unwrap();
     let no = e.tokenizer().token_to_id("No").unwrap();
     let system = ChatMessage::new("system", "Decide whether the paragraph helps answer the question. Reply Yes or No.");
     let reqs: Vec<ClassifyRequest> = (0..20)
         .map(|i| {
             let user = format!("Question: Who designed the tower in the capital of France?\nParagraph {i}: {}", "lorem ipsum ".repeat(i % 5 + 1));
-            ClassifyRequest { prompt: e.tokenizer().encode_chat(&[system.clone(), ChatMessage::new("user", user)], true).unwrap(), labels: vec![yes, no] }
+            ClassifyRequest { adapter: None, prompt: e.tokenizer().encode_chat(&[system.clone(), ChatMessage::new("user", user)], true).unwrap(), labels: vec![yes, no] }
         })
         .collect();
     let out = e.classify(&reqs).unwrap();
@@ -111,18 +109,22 @@ fn classify_twenty_paragraphs_after_shared_question_matches_full_forward() {
 
 #[test]
 fn seeded_sampling_is_reproducible_and_independent_of_batching() {
-    let e = engine();
+    let e = &engine();
     let params = GenerationParams {
         max_new_tokens: 12,
         num_return_sequences: 3,
         decoding: Decoding::Sample { temperature: 0.9, top_k: 50, top_p: 0.95, seed: 7 },
         ..Default::default()
     };
-    let a = GenerateRequest { prompt: chat(e, "Write a haiku about rain."), params: params.clone() };
-    let b = GenerateRequest { prompt: chat(e, "Hi"), params };
+    let a = GenerateRequest { adapter: None, prompt: chat(e, "Write a haiku about rain."), params: params.clone() };
+    let b = GenerateRequest { adapter: None, prompt: chat(e, "Hi"), params };
     let together = e.generate(&[a.clone(), b]).unwrap();
     let alone = e.generate(&[a]).unwrap();
-    assert_eq!(together[0], alone[0]);
+    // Same tokens; log-probs equal up to float noise from the batch shape (1e-3).
+    for (x, y) in together[0].sequences.iter().zip(&alone[0].sequences) {
+        assert_eq!(x.ids, y.ids);
+        assert!((x.logprob - y.logprob).abs() < 1e-3);
+    }
     assert_eq!(together[0].sequences.len(), 3);
     let distinct: std::collections::HashSet<_> = together[0].sequences.iter().map(|s| s.ids.clone()).collect();
     assert!(distinct.len() >= 2, "three samples at temperature 0.9 were all identical");
@@ -130,7 +132,7 @@ fn seeded_sampling_is_reproducible_and_independent_of_batching() {
 
 #[test]
 fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
-    let e = engine();
+    let e = &engine();
     let prompts = vec![chat(e, "What is the capital of France?"), chat(e, "Give me a synonym for happy.")];
     let dir = tempfile::tempdir().unwrap();
     let pj = dir.path().join("beam_prompts.json");
@@ -141,6 +143,7 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
     for (i, p) in prompts.iter().enumerate() {
         let out = e
             .generate(&[GenerateRequest {
+                adapter: None,
                 prompt: p.clone(),
                 params: GenerationParams {
                     max_new_tokens: new_tokens,
@@ -174,6 +177,7 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
     // Diverse beam search: 4 beams in 2 groups, penalty 1.0: 4 distinct sequences.
     let out = e
         .generate(&[GenerateRequest {
+                adapter: None,
             prompt: prompts[1].clone(),
             params: GenerationParams {
                 max_new_tokens: 8,
@@ -189,9 +193,10 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
 
 #[test]
 fn stop_strings_and_bad_requests() {
-    let e = engine();
+    let e = &engine();
     let out = e
         .generate(&[GenerateRequest {
+                adapter: None,
             prompt: chat(e, "Count from 1 to 20 separated by commas."),
             params: GenerationParams { max_new_tokens: 40, stop: vec!["5".into()], ..Default::default() },
         }])
@@ -200,6 +205,6 @@ fn stop_strings_and_bad_requests() {
     assert!(s.finish == FinishReason::Stop && s.text.contains('5'), "{s:?}");
     let err = e.generate(&[greedy(vec![], 4)]).unwrap_err();
     assert!(matches!(err, flowtune_lm::Error::InvalidRequest { index: 0, .. }), "{err}");
-    let err = e.score(&[ScoreRequest { prompt: vec![1], completion: vec![u32::MAX] }]).unwrap_err();
+    let err = e.score(&[ScoreRequest { adapter: None, prompt: vec![1], completion: vec![u32::MAX] }]).unwrap_err();
     assert!(err.to_string().contains("vocab"), "{err}");
 }

@@ -33,6 +33,24 @@ pub enum AdapterSelection {
     PerRow(Vec<Option<AdapterId>>),
 }
 
+/// How [`AdapterBank::delta`] computes a per-row (mixed-adapter) batch. Both give the same
+/// result; see `docs/lora.md` for which is faster where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeltaStrategy {
+    /// `Gathered` when rows have at least [`AUTO_GATHER_MIN_POSITIONS`] positions (prefill),
+    /// `Grouped` otherwise (decode), following the CPU measurements in `docs/lora.md`.
+    #[default]
+    Auto,
+    /// Group rows by adapter: index_select the rows, two matmuls, index_add back.
+    Grouped,
+    /// Gather per-row factors (ranks zero-padded to the largest, scale folded into B) and run
+    /// two batched matmuls over the whole batch.
+    Gathered,
+}
+
+/// Positions per row from which [`DeltaStrategy::Auto`] gathers instead of grouping.
+pub const AUTO_GATHER_MIN_POSITIONS: i64 = 16;
+
 /// The two LoRA factors at one site: `A` is `[r, in]`, `B` is `[out, r]`.
 #[derive(Debug)]
 pub struct LoraWeights {
@@ -144,6 +162,7 @@ pub struct AdapterBank {
     next_id: u32,
     next_version: u64,
     trainable: Option<AdapterId>,
+    strategy: DeltaStrategy,
 }
 
 /// Fills `[rows, cols]` with PEFT's default A init: Kaiming-uniform with a=√5, i.e.
@@ -172,6 +191,7 @@ impl AdapterBank {
             next_id: 0,
             next_version: 1,
             trainable: None,
+            strategy: DeltaStrategy::default(),
         }
     }
 
@@ -186,6 +206,14 @@ impl AdapterBank {
     /// Kind of the adapter weights.
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+    /// How per-row batches are computed.
+    pub fn delta_strategy(&self) -> DeltaStrategy {
+        self.strategy
+    }
+    /// Chooses how per-row batches are computed.
+    pub fn set_delta_strategy(&mut self, strategy: DeltaStrategy) {
+        self.strategy = strategy;
     }
     /// Number of adapters.
     pub fn len(&self) -> usize {
@@ -560,6 +588,18 @@ impl AdapterBank {
                         groups.entry(*id).or_default().push(i as i64);
                     }
                 }
+                let positions = match (x.size().last(), batch) {
+                    (Some(&width), b) if width > 0 && b > 0 => x.numel() as i64 / (width * b),
+                    _ => 0,
+                };
+                let gather = match self.strategy {
+                    DeltaStrategy::Gathered => true,
+                    DeltaStrategy::Grouped => false,
+                    DeltaStrategy::Auto => positions >= AUTO_GATHER_MIN_POSITIONS,
+                };
+                if gather && groups.len() > 1 {
+                    return self.delta_gathered(site, x, rows, &groups);
+                }
                 let mut out: Option<Tensor> = None;
                 for (id, idx) in groups {
                     let adapter = self.get_by_id(id)?;
@@ -611,6 +651,66 @@ impl AdapterBank {
             bank: self,
             selection,
         }
+    }
+
+    /// Per-row delta by gathering each row's factors and two batched matmuls.
+    fn delta_gathered(
+        &self,
+        site: &Site,
+        x: &Tensor,
+        rows: &[Option<AdapterId>],
+        groups: &BTreeMap<AdapterId, Vec<i64>>,
+    ) -> Result<Option<Tensor>> {
+        let mut slots: BTreeMap<AdapterId, i64> = BTreeMap::new();
+        let mut a_list = vec![];
+        let mut b_list = vec![];
+        let mut r_max = 0;
+        for id in groups.keys() {
+            let adapter = self.get_by_id(*id)?;
+            if let Some(w) = adapter.weights.get(site) {
+                r_max = r_max.max(adapter.config.r as i64);
+                slots.insert(*id, a_list.len() as i64 + 1);
+                a_list.push(w.a.shallow_clone());
+                b_list.push(w.b.f_mul_scalar(adapter.scale())?);
+            }
+        }
+        if slots.is_empty() {
+            return Ok(None);
+        }
+        self.check_input(site, x)?;
+        let shape = self.shape_of(site)?;
+        let (inp, out) = (shape.in_features as i64, shape.out_features as i64);
+        let opts = (self.kind, self.device);
+        // Slot 0 is a zero adapter for rows without one at this site.
+        let mut a_stack = vec![Tensor::f_zeros([r_max, inp], opts)?];
+        let mut b_stack = vec![Tensor::f_zeros([out, r_max], opts)?];
+        for (a, b) in a_list.iter().zip(&b_list) {
+            let pad = r_max - a.size()[0];
+            a_stack.push(a.f_constant_pad_nd([0, 0, 0, pad])?);
+            b_stack.push(b.f_constant_pad_nd([0, pad])?);
+        }
+        let a_all = Tensor::f_stack(&a_stack, 0)?; // [K+1, r, in]
+        let b_all = Tensor::f_stack(&b_stack, 0)?; // [K+1, out, r]
+        let idx: Vec<i64> = rows
+            .iter()
+            .map(|r| r.and_then(|id| slots.get(&id).copied()).unwrap_or(0))
+            .collect();
+        let index = Tensor::f_from_slice(&idx)?.f_to_device(self.device)?;
+        let a_rows = a_all.f_index_select(0, &index)?; // [B, r, in]
+        let b_rows = b_all.f_index_select(0, &index)?; // [B, out, r]
+        let size = x.size();
+        let batch = size[0];
+        let xk = x
+            .f_to_kind(self.kind)?
+            .f_to_device(self.device)?
+            .f_reshape([batch, -1, inp])?;
+        let h = xk.f_bmm(&a_rows.f_transpose(1, 2)?)?;
+        let d = h.f_bmm(&b_rows.f_transpose(1, 2)?)?;
+        let mut out_shape = size.clone();
+        if let Some(last) = out_shape.last_mut() {
+            *last = out;
+        }
+        Ok(Some(d.f_reshape(out_shape)?.f_to_kind(x.kind())?))
     }
 
     fn check_input(&self, site: &Site, x: &Tensor) -> Result<()> {

@@ -17,7 +17,10 @@ pub mod merge;
 pub mod peft;
 pub mod site;
 
-pub use bank::{Adapter, AdapterBank, AdapterId, AdapterSelection, LoraWeights, SelectedAdapters};
+pub use bank::{
+    Adapter, AdapterBank, AdapterId, AdapterSelection, DeltaStrategy, LoraWeights,
+    SelectedAdapters, AUTO_GATHER_MIN_POSITIONS,
+};
 pub use config::{LayersToTransform, LoraConfig, TargetModules};
 pub use error::{LoraError, Result};
 pub use merge::BaseLinears;

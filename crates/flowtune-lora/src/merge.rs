@@ -9,13 +9,15 @@ use crate::site::Site;
 /// Access to the base model's linear weights (`[out_features, in_features]`), implemented by the
 /// model so an adapter can be merged into it.
 pub trait BaseLinears {
-    /// The weight of the linear layer at `site`, if the model has one there.
-    fn base_weight_mut(&mut self, site: &Site) -> Option<&mut Tensor>;
+    /// The weight of the linear layer at `site`, if the model has one there, as a tensor sharing
+    /// storage with the model's weight (a `shallow_clone`, or a `narrow` view of a fused q/k/v or
+    /// gate/up weight): merging adds to it in place.
+    fn base_weight(&mut self, site: &Site) -> Option<Tensor>;
 }
 
 impl BaseLinears for std::collections::BTreeMap<Site, Tensor> {
-    fn base_weight_mut(&mut self, site: &Site) -> Option<&mut Tensor> {
-        self.get_mut(site)
+    fn base_weight(&mut self, site: &Site) -> Option<Tensor> {
+        self.get(site).map(Tensor::shallow_clone)
     }
 }
 
@@ -30,7 +32,7 @@ impl AdapterBank {
                 .get(site)
                 .map(|s| vec![s.out_features as i64, s.in_features as i64]);
             let w = base
-                .base_weight_mut(site)
+                .base_weight(site)
                 .ok_or_else(|| LoraError::BaseWeight {
                     site: site.to_string(),
                     reason: "the model exposes no weight there".into(),
@@ -48,7 +50,7 @@ impl AdapterBank {
             let Some(delta) = self.merged_delta_weight(name, site)? else {
                 continue;
             };
-            let Some(w) = base.base_weight_mut(site) else {
+            let Some(mut w) = base.base_weight(site) else {
                 continue; // checked above
             };
             let delta = delta

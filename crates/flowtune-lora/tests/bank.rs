@@ -441,3 +441,71 @@ fn peft_keys_parse_and_print() {
         assert_eq!(Site::parse_peft_key(bad), None, "{bad}");
     }
 }
+
+/// A model that keeps q/k/v fused in one weight, exposing each projection as a narrow view.
+struct FusedQkv {
+    /// `[q + k + v, hidden]` per layer.
+    qkv: Vec<Tensor>,
+    q: i64,
+    kv: i64,
+}
+
+impl flowtune_lora::BaseLinears for FusedQkv {
+    fn base_weight(&mut self, site: &Site) -> Option<Tensor> {
+        let w = self.qkv.get(site.layer)?;
+        match site.module {
+            Module::QProj => Some(w.narrow(0, 0, self.q)),
+            Module::KProj => Some(w.narrow(0, self.q, self.kv)),
+            Module::VProj => Some(w.narrow(0, self.q + self.kv, self.kv)),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn merge_into_fused_qkv_views_changes_only_the_adapted_slices() {
+    let mut bank = AdapterBank::new(shapes(), Device::Cpu);
+    let cfg = LoraConfig::rslora(4, 8.0, &[Module::QProj, Module::VProj]);
+    let id = bank.add("m", &cfg, 3).unwrap();
+    randomize_b(&mut bank, "m", 8);
+    // hidden 16, q 16, k = v = 8.
+    let mut model = FusedQkv {
+        qkv: (0..2)
+            .map(|_| Tensor::randn([32, 16], (Kind::Float, Device::Cpu)))
+            .collect(),
+        q: 16,
+        kv: 8,
+    };
+    let before: Vec<Tensor> = model.qkv.iter().map(|t| t.copy()).collect();
+    bank.merge_into("m", &mut model).unwrap();
+    let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+    for layer in 0..2 {
+        let merged = x.matmul(&model.qkv[layer].tr());
+        let plain = x.matmul(&before[layer].tr());
+        let parts = |t: &Tensor| t.split_with_sizes([16, 8, 8], -1);
+        let (m, p) = (parts(&merged), parts(&plain));
+        let dq = bank
+            .delta(
+                &Site::new(layer, Module::QProj),
+                &x,
+                &AdapterSelection::All(id),
+            )
+            .unwrap()
+            .unwrap();
+        let dv = bank
+            .delta(
+                &Site::new(layer, Module::VProj),
+                &x,
+                &AdapterSelection::All(id),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(max_abs_diff(&m[0], &(&p[0] + dq)) < 1e-4);
+        assert!(m[1].equal(&p[1]), "k slice untouched");
+        assert!(max_abs_diff(&m[2], &(&p[2] + dv)) < 1e-4);
+    }
+    bank.unmerge_from("m", &mut model).unwrap();
+    for (t, b) in model.qkv.iter().zip(&before) {
+        assert!(max_abs_diff(t, b) < 1e-6);
+    }
+}

@@ -1,9 +1,12 @@
 //! Property: a batch whose rows use different adapters (or none) gives, row by row, the same
 //! result as separate single-adapter passes, through a small random stack of linear layers with
 //! LoRA at every site. Tolerance: 1e-5 absolute (f32; grouping only changes which rows share
-//! a matmul call, so differences are rounding-level).
+//! a matmul call, so differences are rounding-level). Both per-row strategies (grouped,
+//! gathered) are exercised.
 
-use flowtune_lora::{llama_base_shapes, AdapterBank, AdapterSelection, LoraConfig, Module, Site};
+use flowtune_lora::{
+    llama_base_shapes, AdapterBank, AdapterSelection, DeltaStrategy, LoraConfig, Module, Site,
+};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
@@ -73,8 +76,10 @@ proptest! {
     fn mixed_batch_equals_separate_passes(
         assignment in proptest::collection::vec(proptest::option::of(0usize..3), 1..12),
         seq in 1i64..5,
+        gathered in any::<bool>(),
     ) {
-        let st = stack();
+        let mut st = stack();
+        st.bank.set_delta_strategy(if gathered { DeltaStrategy::Gathered } else { DeltaStrategy::Grouped });
         let rows = assignment.len() as i64;
         let x = Tensor::randn([rows, seq, 16], (Kind::Float, Device::Cpu));
         let sel = AdapterSelection::PerRow(assignment.iter().map(|a| a.map(|i| st.ids[i])).collect());

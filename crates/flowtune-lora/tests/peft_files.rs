@@ -45,12 +45,16 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, V
         .map(|(k, s, d)| {
             (
                 k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
             )
         })
         .collect();
-    std::fs::write(&path, safetensors::serialize(views, None::<HashMap<String, String>>).unwrap())
-        .unwrap();
+    std::fs::write(
+        &path,
+        safetensors::serialize(views, None::<HashMap<String, String>>).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -63,7 +67,11 @@ fn save_load_round_trip_is_exact_and_atomic() {
         .collect();
     let mut sorted = files.clone();
     sorted.sort();
-    assert_eq!(sorted, vec![CONFIG_FILE, WEIGHTS_FILE], "no temp files left");
+    assert_eq!(
+        sorted,
+        vec![CONFIG_FILE, WEIGHTS_FILE],
+        "no temp files left"
+    );
     let mut b2 = bank();
     b2.load_peft("y", dir.path()).unwrap();
     let (x, y) = (b.get("x").unwrap(), b2.get("y").unwrap());
@@ -105,7 +113,8 @@ fn config_round_trips_and_keeps_unknown_fields() {
         assert_eq!(&v[k], val, "field {k} preserved");
     }
     // A single string target is accepted too.
-    let s: LoraConfig = serde_json::from_str(r#"{"r": 4, "target_modules": "all-linear"}"#).unwrap();
+    let s: LoraConfig =
+        serde_json::from_str(r#"{"r": 4, "target_modules": "all-linear"}"#).unwrap();
     s.validate().unwrap();
 }
 
@@ -120,7 +129,11 @@ fn shape_mismatch_names_the_key() {
     });
     let err = bank().load_peft("y", dir.path()).unwrap_err();
     match &err {
-        LoraError::ShapeMismatch { key: k, expected, found } => {
+        LoraError::ShapeMismatch {
+            key: k,
+            expected,
+            found,
+        } => {
             assert_eq!(k, key);
             assert_eq!(expected, &vec![8, 4]);
             assert_eq!(found, &vec![4, 8]);
@@ -159,7 +172,10 @@ fn missing_and_unexpected_keys_are_named() {
     let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
     rewrite_weights(dir.path(), |e| e.retain(|t| t.0 != key));
     let err = bank().load_peft("y", dir.path()).unwrap_err();
-    assert!(matches!(&err, LoraError::MissingKey { key: k, .. } if k == key), "{err}");
+    assert!(
+        matches!(&err, LoraError::MissingKey { key: k, .. } if k == key),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     saved_adapter(dir.path());
@@ -168,7 +184,10 @@ fn missing_and_unexpected_keys_are_named() {
         e.push((extra.to_string(), vec![4, 16], vec![0u8; 4 * 4 * 16]))
     });
     let err = bank().load_peft("y", dir.path()).unwrap_err();
-    assert!(matches!(&err, LoraError::UnexpectedKey { key: k, .. } if k == extra), "{err}");
+    assert!(
+        matches!(&err, LoraError::UnexpectedKey { key: k, .. } if k == extra),
+        "{err}"
+    );
 }
 
 #[test]
@@ -186,9 +205,16 @@ fn corrupted_files_give_typed_errors() {
     let err = bank().load_peft("y", dir.path()).unwrap_err();
     assert!(matches!(err, LoraError::ConfigJson { .. }), "{err}");
 
-    std::fs::write(&cpath, r#"{"r": 8, "use_dora": true, "target_modules": ["q_proj"]}"#).unwrap();
+    std::fs::write(
+        &cpath,
+        r#"{"r": 8, "use_dora": true, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
     let err = bank().load_peft("y", dir.path()).unwrap_err();
-    assert!(matches!(&err, LoraError::ConfigField { field, .. } if field == "use_dora"), "{err}");
+    assert!(
+        matches!(&err, LoraError::ConfigField { field, .. } if field == "use_dora"),
+        "{err}"
+    );
 
     let err = bank().load_peft("y", dir.path().join("nope")).unwrap_err();
     assert!(matches!(err, LoraError::Io { .. }), "{err}");

@@ -238,7 +238,10 @@ impl OnlineConfig {
             if r.every_episodes == 0 || r.every_episodes % mb != 0 {
                 return Err(Error::Config {
                     field: "reference_update.every_episodes",
-                    reason: format!("{} is not a positive multiple of minibatch_episodes {mb}", r.every_episodes),
+                    reason: format!(
+                        "{} is not a positive multiple of minibatch_episodes {mb}",
+                        r.every_episodes
+                    ),
                 });
             }
             if !(0.0..=1.0).contains(&r.weight) {
@@ -252,11 +255,14 @@ impl OnlineConfig {
             if c.every_episodes == 0 || c.every_episodes % mb != 0 {
                 return Err(Error::Config {
                     field: "checkpoint.every_episodes",
-                    reason: format!("{} is not a positive multiple of minibatch_episodes {mb}", c.every_episodes),
+                    reason: format!(
+                        "{} is not a positive multiple of minibatch_episodes {mb}",
+                        c.every_episodes
+                    ),
                 });
             }
         }
-        if !(self.credit.tie_tolerance >= 0.0) {
+        if self.credit.tie_tolerance.is_nan() || self.credit.tie_tolerance < 0.0 {
             return Err(Error::Config {
                 field: "credit.tie_tolerance",
                 reason: "must be >= 0".into(),

@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use flowtune_graph::{
-    derive_seed, join_all, play, Backend, CallSpec, Decoding, Dispatcher, EpisodeSetup, Event, Flow, Gold,
-    NodeCall, NodeId, NodeRequest, NodeTable, Output, ReplayPlan, Trace,
+    derive_seed, join_all, play, Backend, CallSpec, Decoding, Dispatcher, EpisodeSetup, Event,
+    Flow, Gold, NodeCall, NodeId, NodeRequest, NodeTable, Output, ReplayPlan, Trace,
 };
 
 use crate::config::{CallSelection, CreditConfig, GenerateAlternatives, PairMode};
@@ -25,7 +25,13 @@ use crate::feedback::{Feedback, Label, Preference, Target};
 /// step `step` on. Returns a signed strength: positive prefers `b`, negative prefers `a`, 0 ties.
 pub trait EpisodeJudge {
     /// Compares run `a` (the original output at `step`) with run `b` (an alternative).
-    fn compare(&mut self, node: &NodeId, step: usize, a: &Trace, b: &Trace) -> std::result::Result<f64, BoxError>;
+    fn compare(
+        &mut self,
+        node: &NodeId,
+        step: usize,
+        a: &Trace,
+        b: &Trace,
+    ) -> std::result::Result<f64, BoxError>;
 }
 
 /// A deviated call and its alternatives.
@@ -179,7 +185,9 @@ fn select_points(trace: &Trace, setup: &CreditSetup, seed: u64) -> Vec<(usize, N
 /// Scored options other than the chosen one, best score first (ties: lower index first).
 fn ranked_others(call: &NodeCall, max: usize) -> Vec<Output> {
     let chosen = call.output.choice;
-    let mut order: Vec<usize> = (0..call.alternatives.len()).filter(|i| Some(*i) != chosen).collect();
+    let mut order: Vec<usize> = (0..call.alternatives.len())
+        .filter(|i| Some(*i) != chosen)
+        .collect();
     order.sort_by(|a, b| {
         call.alternatives[*b]
             .logprob
@@ -235,7 +243,9 @@ pub async fn run_with_credit<'a, F: Flow>(
     let mut points = Vec::with_capacity(selected.len());
     let mut requests = Vec::new();
     for (step, node) in selected {
-        let Some(call) = trace.call(step) else { continue };
+        let Some(call) = trace.call(step) else {
+            continue;
+        };
         let dev = setup.config.deviation(node.as_str());
         let max = dev.max_alternatives;
         let alternatives = match (&call.call, &dev.generate) {
@@ -243,7 +253,14 @@ pub async fn run_with_credit<'a, F: Flow>(
             (CallSpec::Generate { .. }, GenerateAlternatives::Recorded) => {
                 distinct_sequences(&call.output, call.alternatives.iter(), max)
             }
-            (CallSpec::Generate { max_new_tokens, stop, .. }, alt) => {
+            (
+                CallSpec::Generate {
+                    max_new_tokens,
+                    stop,
+                    ..
+                },
+                alt,
+            ) => {
                 let (decoding, n) = match alt {
                     GenerateAlternatives::DiverseBeam {
                         num_beams,
@@ -300,7 +317,11 @@ pub async fn run_with_credit<'a, F: Flow>(
     let responses = join_all(requests.iter().map(|(_, r)| dispatcher.request(r.clone()))).await;
     for ((point_index, _), response) in requests.iter().zip(responses) {
         alternative_requests.1 += response.prompt_ids.len() as u64;
-        alternative_requests.2 += response.outputs.iter().map(|c| c.ids.len() as u64).sum::<u64>();
+        alternative_requests.2 += response
+            .outputs
+            .iter()
+            .map(|c| c.ids.len() as u64)
+            .sum::<u64>();
         let point = &mut points[*point_index];
         if let Some(call) = trace.call(point.step) {
             let max = setup.config.deviation(point.node.as_str()).max_alternatives;
@@ -318,9 +339,18 @@ pub async fn run_with_credit<'a, F: Flow>(
                 nodes: setup.nodes.clone(),
                 episode,
                 seed: derive_seed(seed, &[3, point.step as u64, a as u64]),
-                replay: ReplayPlan::deviate(trace.clone(), point.step, alt.clone(), stop_on.clone()),
+                replay: ReplayPlan::deviate(
+                    trace.clone(),
+                    point.step,
+                    alt.clone(),
+                    stop_on.clone(),
+                ),
             };
-            plans.push((point.step, a, play(flow, input, rollout_setup, dispatcher.clone())));
+            plans.push((
+                point.step,
+                a,
+                play(flow, input, rollout_setup, dispatcher.clone()),
+            ));
         }
     }
     let keys: Vec<(usize, usize)> = plans.iter().map(|(s, a, _)| (*s, *a)).collect();
@@ -396,7 +426,9 @@ pub fn build_feedback<O>(
     let trace = &run.trace;
     let mut feedback = Vec::new();
     for point in &run.points {
-        let Some(call) = trace.call(point.step) else { continue };
+        let Some(call) = trace.call(point.step) else {
+            continue;
+        };
         // Option 0 is the original output, i > 0 the (i-1)-th alternative.
         let mut options: Vec<(&Output, &Trace)> = vec![(&call.output, trace.as_ref())];
         for r in run.rollouts.iter().filter(|r| r.step == point.step) {
@@ -432,11 +464,15 @@ pub fn build_feedback<O>(
                     }
                 }
             };
-            if !(delta.abs() > config.tie_tolerance) {
+            if delta.is_nan() || delta.abs() <= config.tie_tolerance {
                 accounting.ties += 1;
                 continue;
             }
-            let (chosen, rejected) = if delta > 0.0 { (options[j].0, options[i].0) } else { (options[i].0, options[j].0) };
+            let (chosen, rejected) = if delta > 0.0 {
+                (options[j].0, options[i].0)
+            } else {
+                (options[i].0, options[j].0)
+            };
             accounting.preferences += 1;
             feedback.push(Feedback::Preference(Preference {
                 node: point.node.clone(),
@@ -460,14 +496,19 @@ pub fn build_feedback<O>(
             step: gold.step,
             reason,
         };
-        let call = trace.call(gold.step).ok_or_else(|| bad("the step is not a model call".into()))?;
+        let call = trace
+            .call(gold.step)
+            .ok_or_else(|| bad("the step is not a model call".into()))?;
         match &gold.gold {
             Gold::Label { index } => {
                 let CallSpec::Classify { labels } = &call.call else {
                     return Err(bad(format!("a gold label on a {} call", call.call.name())));
                 };
                 if *index >= labels.len() {
-                    return Err(bad(format!("label index {index} with {} labels", labels.len())));
+                    return Err(bad(format!(
+                        "label index {index} with {} labels",
+                        labels.len()
+                    )));
                 }
                 accounting.labels += 1;
                 feedback.push(Feedback::Label(Label {
@@ -481,15 +522,20 @@ pub fn build_feedback<O>(
                     weight: config.supervision_weight,
                 }));
             }
-            Gold::Target { text } => targets.entry(call.node.clone()).or_default().push((gold.step, call, text)),
+            Gold::Target { text } => targets
+                .entry(call.node.clone())
+                .or_default()
+                .push((gold.step, call, text)),
         }
     }
     for (node, items) in targets {
         let texts: Vec<String> = items.iter().map(|(_, _, t)| (*t).to_owned()).collect();
-        let ids = backend.tokenize(&node, &texts).map_err(|source| Error::Tokenize {
-            node: node.0.clone(),
-            source,
-        })?;
+        let ids = backend
+            .tokenize(&node, &texts)
+            .map_err(|source| Error::Tokenize {
+                node: node.0.clone(),
+                source,
+            })?;
         if ids.len() != texts.len() {
             return Err(Error::Tokenize {
                 node: node.0.clone(),

@@ -21,8 +21,8 @@ pub mod scheduler;
 pub mod toy;
 
 pub use config::{
-    CallSelection, CheckpointConfig, CreditConfig, GenerateAlternatives, NodeDeviation, OnlineConfig, PairMode,
-    ReferenceUpdateConfig,
+    CallSelection, CheckpointConfig, CreditConfig, GenerateAlternatives, NodeDeviation,
+    OnlineConfig, PairMode, ReferenceUpdateConfig,
 };
 pub use credit::{Accounting, DeviationPoint, EpisodeJudge, EpisodeRun, Rollout};
 pub use error::{BoxError, Error, Result};

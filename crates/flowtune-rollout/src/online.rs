@@ -100,7 +100,10 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-fn learner_error<'a>(node: &'a str, operation: &'static str) -> impl FnOnce(crate::error::BoxError) -> Error + 'a {
+fn learner_error<'a>(
+    node: &'a str,
+    operation: &'static str,
+) -> impl FnOnce(crate::error::BoxError) -> Error + 'a {
     move |source| Error::Learner {
         node: node.to_owned(),
         operation,
@@ -109,7 +112,9 @@ fn learner_error<'a>(node: &'a str, operation: &'static str) -> impl FnOnce(crat
 }
 
 /// Reborrows an optional judge for a shorter time.
-pub(crate) fn reborrow<'a>(judge: &'a mut Option<&mut dyn EpisodeJudge>) -> Option<&'a mut dyn EpisodeJudge> {
+pub(crate) fn reborrow<'a>(
+    judge: &'a mut Option<&mut dyn EpisodeJudge>,
+) -> Option<&'a mut dyn EpisodeJudge> {
     match judge {
         Some(j) => Some(&mut **j),
         None => None,
@@ -123,7 +128,11 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
     /// A fresh run.
     pub fn new(flow: &'f F, config: OnlineConfig) -> Result<Self> {
         config.validate()?;
-        let scheduler = Scheduler::new(flow, config.credit.clone(), config.episodes_in_flight.min(config.minibatch_episodes))?;
+        let scheduler = Scheduler::new(
+            flow,
+            config.credit.clone(),
+            config.episodes_in_flight.min(config.minibatch_episodes),
+        )?;
         let state = OnlineState {
             seed: config.seed,
             episodes_done: 0,
@@ -135,7 +144,11 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
             batch: BatchStats::default(),
             learn_log: Vec::new(),
         };
-        Ok(OnlineLoop { config, scheduler, state })
+        Ok(OnlineLoop {
+            config,
+            scheduler,
+            state,
+        })
     }
 
     /// Continues from the latest checkpoint in `config.checkpoint.dir`, restoring `learner`.
@@ -153,7 +166,12 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
     }
 
     /// Continues from checkpoint directory `dir`.
-    pub fn resume_from(flow: &'f F, config: OnlineConfig, learner: &mut dyn Learner, dir: &Path) -> Result<Self> {
+    pub fn resume_from(
+        flow: &'f F,
+        config: OnlineConfig,
+        learner: &mut dyn Learner,
+        dir: &Path,
+    ) -> Result<Self> {
         let mut this = Self::new(flow, config)?;
         let state_path = dir.join(STATE_FILE);
         let bytes = std::fs::read(&state_path).map_err(io_error(&state_path))?;
@@ -164,7 +182,10 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         if state.seed != this.config.seed {
             return Err(Error::Checkpoint {
                 path: dir.to_owned(),
-                reason: format!("saved with seed {}, resumed with seed {}", state.seed, this.config.seed),
+                reason: format!(
+                    "saved with seed {}, resumed with seed {}",
+                    state.seed, this.config.seed
+                ),
             });
         }
         if state.episodes_done % this.config.minibatch_episodes as u64 != 0 {
@@ -176,7 +197,9 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
                 ),
             });
         }
-        learner.load(&dir.join("learner")).map_err(learner_error("*", "load"))?;
+        learner
+            .load(&dir.join("learner"))
+            .map_err(learner_error("*", "load"))?;
         this.state = state;
         Ok(this)
     }
@@ -232,12 +255,20 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         let (results, batch) = self.scheduler.run(&jobs, backend, judge)?;
         self.state.batch.merge(&batch);
 
-        let gate_metric = self.config.reference_update.as_ref().map(|r| r.metric.clone());
+        let gate_metric = self
+            .config
+            .reference_update
+            .as_ref()
+            .map(|r| r.metric.clone());
         let mut by_node: BTreeMap<NodeId, Vec<Feedback>> = BTreeMap::new();
         for (i, result) in results.into_iter().enumerate() {
             let rewards = result.trace.final_rewards();
             for (name, value) in &rewards {
-                let entry = self.state.reward_sums.entry(name.clone()).or_insert((0.0, 0));
+                let entry = self
+                    .state
+                    .reward_sums
+                    .entry(name.clone())
+                    .or_insert((0.0, 0));
                 entry.0 += value;
                 entry.1 += 1;
             }
@@ -267,8 +298,15 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         self.state.stream_position += records.len() as u64;
 
         for (node, feedback) in by_node {
-            let _span = tracing::info_span!("learner_step", node = node.as_str(), records = feedback.len()).entered();
-            let stats = learner.learn(&node, &feedback).map_err(learner_error(node.as_str(), "learn"))?;
+            let _span = tracing::info_span!(
+                "learner_step",
+                node = node.as_str(),
+                records = feedback.len()
+            )
+            .entered();
+            let stats = learner
+                .learn(&node, &feedback)
+                .map_err(learner_error(node.as_str(), "learn"))?;
             let mut counts = [0usize; 3];
             for f in &feedback {
                 counts[match f {
@@ -332,7 +370,8 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
 
     /// Writes a checkpoint `dir/episode-NNNNNNNNNN/` atomically and points `dir/latest` at it.
     fn checkpoint(&self, dir: &Path, learner: &dyn Learner) -> Result<PathBuf> {
-        let _span = tracing::info_span!("checkpoint", episodes = self.state.episodes_done).entered();
+        let _span =
+            tracing::info_span!("checkpoint", episodes = self.state.episodes_done).entered();
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let name = format!("episode-{:010}", self.state.episodes_done);
         let tmp = dir.join(format!(".tmp-{name}"));
@@ -341,7 +380,9 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         }
         let learner_dir = tmp.join("learner");
         std::fs::create_dir_all(&learner_dir).map_err(io_error(&learner_dir))?;
-        learner.save(&learner_dir).map_err(learner_error("*", "save"))?;
+        learner
+            .save(&learner_dir)
+            .map_err(learner_error("*", "save"))?;
         let state_path = tmp.join(STATE_FILE);
         let state = serde_json::to_vec(&self.state).map_err(|source| Error::Json {
             path: state_path.clone(),

@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 use flowtune_graph::{Backend, BatchStats, Executor, Flow, NodeTable, Trace};
 
 use crate::config::CreditConfig;
-use crate::credit::{account, build_feedback, run_with_credit, Accounting, CreditSetup, EpisodeJudge, EpisodeRun, Rollout};
+use crate::credit::{
+    account, build_feedback, run_with_credit, Accounting, CreditSetup, EpisodeJudge, EpisodeRun,
+    Rollout,
+};
 use crate::error::{Error, Result};
 use crate::feedback::Feedback;
 
@@ -21,7 +24,12 @@ fn spawn_job<'x, F: Flow>(
 ) {
     let job = &jobs[i];
     let dispatcher = executor.dispatcher();
-    executor.spawn(async move { (i, run_with_credit(flow, job.input, setup, job.episode, job.seed, dispatcher).await) });
+    executor.spawn(async move {
+        (
+            i,
+            run_with_credit(flow, job.input, setup, job.episode, job.seed, dispatcher).await,
+        )
+    });
 }
 
 /// One episode to run.
@@ -130,7 +138,13 @@ impl<'f, F: Flow> Scheduler<'f, F> {
                 return Err(Error::Graph(flowtune_graph::Error::Stalled { tasks: 1 }));
             };
             let mut accounting = account(&run);
-            let feedback = build_feedback(&run, &setup.config, crate::online::reborrow(&mut judge), backend, &mut accounting)?;
+            let feedback = build_feedback(
+                &run,
+                &setup.config,
+                crate::online::reborrow(&mut judge),
+                backend,
+                &mut accounting,
+            )?;
             results.push(EpisodeResult {
                 episode: job.episode,
                 output: run.output,

@@ -14,7 +14,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use flowtune_graph::io::write_atomic;
-use flowtune_graph::{Backend, BoxError, CallSpec, Candidate, Decoding, Message, NodeId, NodeRequest, NodeResponse};
+use flowtune_graph::{
+    Backend, BoxError, CallSpec, Candidate, Decoding, Message, NodeId, NodeRequest, NodeResponse,
+};
 
 use crate::feedback::Feedback;
 use crate::learner::{LearnStats, Learner};
@@ -47,7 +49,10 @@ pub struct TabularPolicy {
 
 /// The text of a prompt as the toy tokenizes it (bytes of `role: content` lines).
 pub fn prompt_text(messages: &[Message]) -> String {
-    messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect()
+    messages
+        .iter()
+        .map(|m| format!("{}: {}\n", m.role, m.content))
+        .collect()
 }
 
 fn ids(text: &str) -> Vec<u32> {
@@ -92,10 +97,10 @@ impl TabularPolicy {
 
     /// Declares the output texts of generate node `node`.
     pub fn with_vocab(self, node: &str, outputs: &[&str]) -> Self {
-        self.state
-            .borrow_mut()
-            .vocab
-            .insert(node.into(), outputs.iter().map(|s| (*s).to_owned()).collect());
+        self.state.borrow_mut().vocab.insert(
+            node.into(),
+            outputs.iter().map(|s| (*s).to_owned()).collect(),
+        );
         self
     }
 
@@ -117,7 +122,13 @@ impl TabularPolicy {
         let key = row_key(node, prompt);
         let init: Vec<f64> = options
             .iter()
-            .map(|o| st.init.get(node).and_then(|m| m.get(o)).copied().unwrap_or(0.0))
+            .map(|o| {
+                st.init
+                    .get(node)
+                    .and_then(|m| m.get(o))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
             .collect();
         for table in [&mut st.logits, &mut st.reference] {
             let row = table.entry(key.clone()).or_default();
@@ -144,7 +155,10 @@ impl TabularPolicy {
             logprob: lp,
         };
         let outputs = match &request.call {
-            CallSpec::Classify { labels: options } | CallSpec::Choose { candidates: options } => {
+            CallSpec::Classify { labels: options }
+            | CallSpec::Choose {
+                candidates: options,
+            } => {
                 let s = self.scores(node, &prompt, options);
                 options.iter().zip(s).map(|(o, lp)| cand(o, lp)).collect()
             }
@@ -159,7 +173,9 @@ impl TabularPolicy {
                     .vocab
                     .get(node)
                     .cloned()
-                    .ok_or_else(|| format!("toy policy has no vocabulary for generate node `{node}`"))?;
+                    .ok_or_else(|| {
+                        format!("toy policy has no vocabulary for generate node `{node}`")
+                    })?;
                 let s = self.scores(node, &prompt, &vocab);
                 let mut order: Vec<usize> = (0..vocab.len()).collect();
                 order.sort_by(|a, b| s[*b].total_cmp(&s[*a]).then(a.cmp(b)));
@@ -170,7 +186,9 @@ impl TabularPolicy {
                         .take((*num_return_sequences).max(1))
                         .map(|i| cand(&vocab[*i], s[*i]))
                         .collect(),
-                    Decoding::Sample { temperature, seed, .. } => {
+                    Decoding::Sample {
+                        temperature, seed, ..
+                    } => {
                         let t = temperature.max(1e-6);
                         let p: Vec<f64> = log_softmax(&s.iter().map(|x| x / t).collect::<Vec<_>>())
                             .into_iter()
@@ -205,7 +223,10 @@ impl TabularPolicy {
     fn row_probs(row: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
         let keys: Vec<&String> = row.keys().collect();
         let lp = log_softmax(&keys.iter().map(|k| row[*k]).collect::<Vec<_>>());
-        keys.into_iter().cloned().zip(lp.into_iter().map(f64::exp)).collect()
+        keys.into_iter()
+            .cloned()
+            .zip(lp.into_iter().map(f64::exp))
+            .collect()
     }
 }
 
@@ -231,9 +252,14 @@ impl Learner for TabularPolicy {
                     let key = row_key(node.as_str(), &text(&p.prompt_ids)?);
                     let (c, r) = (text(&p.chosen)?, text(&p.rejected)?);
                     let get = |t: &BTreeMap<String, BTreeMap<String, f64>>, o: &str| {
-                        t.get(&key).and_then(|row| row.get(o)).copied().unwrap_or(0.0)
+                        t.get(&key)
+                            .and_then(|row| row.get(o))
+                            .copied()
+                            .unwrap_or(0.0)
                     };
-                    let margin = beta * ((get(&st.logits, &c) - get(&st.logits, &r)) - (get(&st.reference, &c) - get(&st.reference, &r)));
+                    let margin = beta
+                        * ((get(&st.logits, &c) - get(&st.logits, &r))
+                            - (get(&st.reference, &c) - get(&st.reference, &r)));
                     loss += -p.weight * sigmoid(margin).ln();
                     let g = lr * p.weight * beta * sigmoid(-margin);
                     let row = st.logits.entry(key).or_default();
@@ -269,7 +295,11 @@ impl Learner for TabularPolicy {
         }
         Ok(LearnStats {
             records: records.len(),
-            loss: if records.is_empty() { 0.0 } else { loss / records.len() as f64 },
+            loss: if records.is_empty() {
+                0.0
+            } else {
+                loss / records.len() as f64
+            },
             extra: BTreeMap::new(),
         })
     }

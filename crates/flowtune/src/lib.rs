@@ -18,3 +18,4 @@ pub use flowtune_lm as lm;
 pub use flowtune_lora as lora;
 pub use flowtune_loss as loss;
 pub use flowtune_rollout as rollout;
+pub mod learner;

@@ -71,12 +71,18 @@ impl Record {
 
     /// Indices of the paragraphs flagged `is_supporting`, ascending.
     pub fn gold_support(&self) -> Vec<usize> {
-        self.paragraphs.iter().filter(|p| p.is_supporting).map(|p| p.idx).collect()
+        self.paragraphs
+            .iter()
+            .filter(|p| p.is_supporting)
+            .map(|p| p.idx)
+            .collect()
     }
 
     /// The gold answer followed by its aliases.
     pub fn gold_answers(&self) -> Vec<String> {
-        std::iter::once(self.answer.clone()).chain(self.answer_aliases.iter().cloned()).collect()
+        std::iter::once(self.answer.clone())
+            .chain(self.answer_aliases.iter().cloned())
+            .collect()
     }
 }
 
@@ -153,17 +159,21 @@ fn parse_jsonl(text: &str, path: &Path, policy: ParagraphPolicy) -> Result<Vec<R
     Ok(records)
 }
 
-fn require<'a>(obj: &'a serde_json::Map<String, Value>, key: &str, prefix: &str, path: &Path, line: usize) -> Result<&'a Value> {
-    obj.get(key).ok_or_else(|| Error::MissingField { path: path.to_path_buf(), line, field: format!("{prefix}{key}") })
-}
-
-fn array_of_objects<'a>(
-    value: &'a Value,
-    field: &str,
-    keys: &[&str],
+fn require<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    key: &str,
+    prefix: &str,
     path: &Path,
     line: usize,
-) -> Result<()> {
+) -> Result<&'a Value> {
+    obj.get(key).ok_or_else(|| Error::MissingField {
+        path: path.to_path_buf(),
+        line,
+        field: format!("{prefix}{key}"),
+    })
+}
+
+fn array_of_objects(value: &Value, field: &str, keys: &[&str], path: &Path, line: usize) -> Result<()> {
     let items = value.as_array().ok_or_else(|| Error::InvalidField {
         path: path.to_path_buf(),
         line,
@@ -196,16 +206,33 @@ fn parse_line(raw: &str, path: &Path, line: usize, policy: ParagraphPolicy) -> R
         line,
         message: "a record must be a JSON object".into(),
     })?;
-    for key in ["id", "question", "question_decomposition", "answer", "answer_aliases", "answerable"] {
+    for key in [
+        "id",
+        "question",
+        "question_decomposition",
+        "answer",
+        "answer_aliases",
+        "answerable",
+    ] {
         require(obj, key, "", path, line)?;
     }
     let id_text = obj.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
     match obj.get("paragraphs") {
         None if policy == ParagraphPolicy::Required => {
-            return Err(Error::QuestionOnlyRecord { path: path.to_path_buf(), line, id: id_text });
+            return Err(Error::QuestionOnlyRecord {
+                path: path.to_path_buf(),
+                line,
+                id: id_text,
+            });
         }
         None => {}
-        Some(p) => array_of_objects(p, "paragraphs", &["idx", "title", "paragraph_text", "is_supporting"], path, line)?,
+        Some(p) => array_of_objects(
+            p,
+            "paragraphs",
+            &["idx", "title", "paragraph_text", "is_supporting"],
+            path,
+            line,
+        )?,
     }
     array_of_objects(
         require(obj, "question_decomposition", "", path, line)?,
@@ -226,12 +253,15 @@ fn parse_line(raw: &str, path: &Path, line: usize, policy: ParagraphPolicy) -> R
 
 /// Best-effort name of the field that failed to deserialize (the first whose type is wrong).
 fn locate_bad_field(value: &Value) -> String {
-    let fields: [(&str, fn(&Value) -> bool); 6] = [
+    type Check = fn(&Value) -> bool;
+    let fields: [(&str, Check); 6] = [
         ("id", Value::is_string),
         ("question", Value::is_string),
         ("answer", Value::is_string),
         ("answerable", Value::is_boolean),
-        ("answer_aliases", |v| v.as_array().is_some_and(|a| a.iter().all(Value::is_string))),
+        ("answer_aliases", |v| {
+            v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
+        }),
         ("paragraphs", |v| v.is_array()),
     ];
     for (name, ok) in fields {
@@ -261,7 +291,10 @@ fn locate_bad_field(value: &Value) -> String {
                 ("id", s.get("id").is_some_and(nonneg)),
                 ("question", s.get("question").is_some_and(Value::is_string)),
                 ("answer", s.get("answer").is_some_and(Value::is_string)),
-                ("paragraph_support_idx", s.get("paragraph_support_idx").is_some_and(|v| v.is_null() || nonneg(v))),
+                (
+                    "paragraph_support_idx",
+                    s.get("paragraph_support_idx").is_some_and(|v| v.is_null() || nonneg(v)),
+                ),
             ];
             if let Some((name, _)) = checks.iter().find(|(_, ok)| !ok) {
                 return format!("question_decomposition[{k}].{name}");
@@ -285,12 +318,20 @@ fn validate(record: &Record, path: &Path, line: usize) -> Result<()> {
             path: p(),
             line,
             id: record.id.clone(),
-            reason: format!("{hops} hops but {} decomposition steps", record.question_decomposition.len()),
+            reason: format!(
+                "{hops} hops but {} decomposition steps",
+                record.question_decomposition.len()
+            ),
         });
     }
     for (position, para) in record.paragraphs.iter().enumerate() {
         if para.idx != position {
-            return Err(Error::ParagraphIndexMismatch { path: p(), line, position, idx: para.idx });
+            return Err(Error::ParagraphIndexMismatch {
+                path: p(),
+                line,
+                position,
+                idx: para.idx,
+            });
         }
     }
     let has_paragraphs = !record.paragraphs.is_empty();
@@ -299,7 +340,13 @@ fn validate(record: &Record, path: &Path, line: usize) -> Result<()> {
         match s.paragraph_support_idx {
             Some(idx) => {
                 if has_paragraphs && idx >= record.paragraphs.len() {
-                    return Err(Error::SupportOutOfRange { path: p(), line, step, idx, paragraphs: record.paragraphs.len() });
+                    return Err(Error::SupportOutOfRange {
+                        path: p(),
+                        line,
+                        step,
+                        idx,
+                        paragraphs: record.paragraphs.len(),
+                    });
                 }
                 decomposition.insert(idx);
             }
@@ -319,7 +366,12 @@ fn validate(record: &Record, path: &Path, line: usize) -> Result<()> {
         }
     }
     if record.answerable && record.answer.trim().is_empty() {
-        return Err(Error::InvalidField { path: p(), line, field: "answer".into(), reason: "empty answer on an answerable record".into() });
+        return Err(Error::InvalidField {
+            path: p(),
+            line,
+            field: "answer".into(),
+            reason: "empty answer on an answerable record".into(),
+        });
     }
     Ok(())
 }
@@ -328,7 +380,10 @@ fn validate(record: &Record, path: &Path, line: usize) -> Result<()> {
 pub fn to_jsonl(records: &[Record]) -> Result<String> {
     let mut out = String::new();
     for r in records {
-        let line = serde_json::to_string(r).map_err(|source| Error::Json { path: PathBuf::from("<memory>"), source })?;
+        let line = serde_json::to_string(r).map_err(|source| Error::Json {
+            path: PathBuf::from("<memory>"),
+            source,
+        })?;
         out.push_str(&line);
         out.push('\n');
     }
@@ -353,19 +408,33 @@ pub fn hop_distribution(records: &[Record]) -> BTreeMap<usize, usize> {
 
 /// Per-hop quotas summing to `n`, proportional to `target` (largest remainder), capped by
 /// what `available` holds per hop, the shortfall redistributed over the other hops.
-pub fn hop_quotas(target: &BTreeMap<usize, usize>, available: &BTreeMap<usize, usize>, n: usize) -> Result<BTreeMap<usize, usize>> {
+pub fn hop_quotas(
+    target: &BTreeMap<usize, usize>,
+    available: &BTreeMap<usize, usize>,
+    n: usize,
+) -> Result<BTreeMap<usize, usize>> {
     let total_available: usize = available.values().sum();
     if n > total_available {
-        return Err(Error::SampleTooLarge { requested: n, available: total_available });
+        return Err(Error::SampleTooLarge {
+            requested: n,
+            available: total_available,
+        });
     }
     let mut quotas: BTreeMap<usize, usize> = available.keys().map(|h| (*h, 0)).collect();
     let mut remaining = n;
     // Weights: the target's counts over hops the pool still has room for; hops the target
     // lacks get weight only once the target's hops are exhausted.
     while remaining > 0 {
-        let open: Vec<usize> = available.iter().filter(|(h, a)| quotas[h] < **a).map(|(h, _)| *h).collect();
-        let mut weights: Vec<(usize, f64)> =
-            open.iter().map(|h| (*h, *target.get(h).unwrap_or(&0) as f64)).filter(|(_, w)| *w > 0.0).collect();
+        let open: Vec<usize> = available
+            .iter()
+            .filter(|(h, a)| quotas[h] < **a)
+            .map(|(h, _)| *h)
+            .collect();
+        let mut weights: Vec<(usize, f64)> = open
+            .iter()
+            .map(|h| (*h, *target.get(h).unwrap_or(&0) as f64))
+            .filter(|(_, w)| *w > 0.0)
+            .collect();
         if weights.is_empty() {
             weights = open.iter().map(|h| (*h, available[h] as f64)).collect();
         }
@@ -380,7 +449,12 @@ pub fn hop_quotas(target: &BTreeMap<usize, usize>, available: &BTreeMap<usize, u
         let floor_sum: usize = shares.iter().map(|s| s.1).sum();
         let mut extra = remaining - floor_sum;
         let mut order: Vec<usize> = (0..shares.len()).collect();
-        order.sort_by(|a, b| shares[*b].2.total_cmp(&shares[*a].2).then(shares[*a].0.cmp(&shares[*b].0)));
+        order.sort_by(|a, b| {
+            shares[*b]
+                .2
+                .total_cmp(&shares[*a].2)
+                .then(shares[*a].0.cmp(&shares[*b].0))
+        });
         for k in order {
             if extra == 0 {
                 break;
@@ -401,7 +475,10 @@ pub fn hop_quotas(target: &BTreeMap<usize, usize>, available: &BTreeMap<usize, u
         if placed == 0 {
             // Cannot happen while n <= total_available (some open hop has room and positive
             // weight gets at least one slot); guard against an infinite loop anyway.
-            return Err(Error::SampleTooLarge { requested: n, available: total_available });
+            return Err(Error::SampleTooLarge {
+                requested: n,
+                available: total_available,
+            });
         }
     }
     Ok(quotas)

@@ -47,7 +47,9 @@ pub enum Error {
     },
     /// A record without `paragraphs` (the official `no_paragraphs` question-only variant)
     /// was given to the loader that needs paragraphs.
-    #[error("{path}:{line}: record {id} has no `paragraphs` (question-only file): load it with `load_questions_jsonl`")]
+    #[error(
+        "{path}:{line}: record {id} has no `paragraphs` (question-only file): load it with `load_questions_jsonl`"
+    )]
     QuestionOnlyRecord {
         /// The file.
         path: PathBuf,
@@ -180,6 +182,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wrap an I/O error with the file it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

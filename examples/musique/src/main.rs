@@ -1,5 +1,338 @@
-//! The `musique` command-line tool.
-fn main() {
-    println!("usage: musique <train|eval|predict> [--model PATH] [--data IN.jsonl] [--out DIR]");
-    println!("(the MuSiQue flows are being built; see issue 7)");
+//! The `musique` command-line tool: train, evaluate and predict with the paper's MuSiQue flows.
+//!
+//! ```text
+//! musique train   [--model PATH] [--data IN.jsonl] [--variant ans|full] [--out DIR] [--seed N] [--limit N] [--resume]
+//! musique eval    [--model PATH] [--data IN.jsonl] [--variant ans|full] [--out DIR] [--limit N]
+//! musique predict [--model PATH] [--data IN.jsonl] [--variant ans|full] [--out DIR] [--limit N]
+//! ```
+//! Without `--data` the synthetic MuSiQue-like set is generated (seeded). `eval` writes
+//! `DIR/predictions.jsonl` and `DIR/metrics.json`; `train` writes `DIR/metrics.jsonl`,
+//! `DIR/learning_curve.svg`, `DIR/checkpoints/` and `DIR/summary.json`.
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use musique::app::{self, TrainOptions};
+use musique::data::{load_jsonl, load_questions_jsonl, sample_matching_hops, Record};
+use musique::flow::{default_prompt_dir, rewards, FlowOptions, MusiqueFlow, Variant};
+use musique::synth::{generate, SynthConfig};
+use musique::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "musique",
+    about = "MuSiQue multi-hop QA with flowtune: online joint fine-tuning of the paper's flows"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Online training (one pass) with progressive validation, checkpoints and a learning curve.
+    Train(TrainArgs),
+    /// Predict and score: DIR/predictions.jsonl and DIR/metrics.json.
+    Eval(Common),
+    /// Predict only: DIR/predictions.jsonl.
+    Predict(Common),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VariantArg {
+    /// MuSiQue-Answerable.
+    Ans,
+    /// MuSiQue-Full (sufficiency node, unanswerable twins).
+    Full,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Model: a GGUF file or an HF folder (default: the test model, SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// MuSiQue JSONL (default: the synthetic generator).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Task variant.
+    #[arg(long, value_enum, default_value = "ans")]
+    variant: VariantArg,
+    /// Output folder.
+    #[arg(long, default_value = "runs/musique")]
+    out: PathBuf,
+    /// Seed (synthetic data, subsampling, episode seeds).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use at most this many records (synthetic: generate this many questions).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Subsample --limit records matching the hop distribution of this JSONL (e.g. the dev set).
+    #[arg(long)]
+    match_hops: Option<PathBuf>,
+    /// Prompt templates folder (default: $FLOWTUNE_ROOT/prompts/musique).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Episodes in flight (their node calls are batched together).
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// Keep the concise answer as generated (no mapping to a retrieved span).
+    #[arg(long)]
+    no_grounding: bool,
+    /// Full: decide answerability per record instead of pairwise.
+    #[arg(long)]
+    no_pairwise: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Continue from DIR/checkpoints/latest.
+    #[arg(long)]
+    resume: bool,
+    /// Episodes per learning step.
+    #[arg(long, default_value_t = 8)]
+    minibatch: usize,
+    /// Checkpoint every N episodes (rounded up to a multiple of the minibatch; 0: never).
+    #[arg(long, default_value_t = 40)]
+    checkpoint_every: u64,
+    /// Gated soft reference update every N episodes (0: never).
+    #[arg(long, default_value_t = 96)]
+    reference_every: u64,
+    /// Also evaluate on this many held-out synthetic questions before and after training.
+    #[arg(long, default_value_t = 0)]
+    heldout: usize,
+}
+
+fn variant(v: VariantArg) -> Variant {
+    match v {
+        VariantArg::Ans => Variant::Answerable,
+        VariantArg::Full => Variant::Full,
+    }
+}
+
+/// Records from --data (validated, limited or hop-matched) or the synthetic generator.
+fn load_records(c: &Common, default_questions: usize, seed_offset: u64) -> Result<Vec<Record>> {
+    let Some(path) = &c.data else {
+        let config = SynthConfig {
+            seed: c.seed + seed_offset,
+            questions: c.limit.unwrap_or(default_questions),
+            unanswerable_twins: matches!(c.variant, VariantArg::Full),
+            ..SynthConfig::default()
+        };
+        return generate(&config);
+    };
+    let records = load_jsonl(path)?;
+    match (&c.match_hops, c.limit) {
+        (Some(target), Some(n)) => {
+            let target = load_questions_jsonl(target)?;
+            sample_matching_hops(&records, &target, n.min(records.len()), c.seed)
+        }
+        (Some(_), None) => Err(Error::Flow("--match-hops needs --limit".into())),
+        (None, Some(n)) => Ok(records.into_iter().take(n).collect()),
+        (None, None) => Ok(records),
+    }
+}
+
+fn build_flow(c: &Common) -> Result<MusiqueFlow> {
+    let options = FlowOptions {
+        variant: variant(c.variant),
+        grounded_answers: !c.no_grounding,
+        ..FlowOptions::default()
+    };
+    let dir = c.prompts.clone().unwrap_or_else(default_prompt_dir);
+    MusiqueFlow::from_prompt_dir(options, &dir)
+}
+
+/// The model to load: --model, else the test model.
+fn model_path(c: &Common) -> Result<PathBuf> {
+    match &c.model {
+        Some(p) => Ok(p.clone()),
+        None => locate_model(),
+    }
+}
+
+#[cfg(feature = "lm")]
+fn locate_model() -> Result<PathBuf> {
+    flowtune::lm::locate_test_model().map_err(|e| Error::Flow(e.to_string()))
+}
+
+#[cfg(not(feature = "lm"))]
+fn locate_model() -> Result<PathBuf> {
+    Err(Error::Flow(
+        "built without the `lm` feature: pass --model (and rebuild with --features lm to run it)".into(),
+    ))
+}
+
+/// The LM backend (one LoRA adapter per node) and the tch learner for `flow`.
+///
+/// WIRING POINT: the facade (`flowtune`) is to provide a `flowtune_graph::Backend` over the
+/// batched LM engine and a `flowtune_rollout::Learner` over the adapter bank. Until it exports
+/// them this returns an error naming what is missing; everything else (data, flows, credit,
+/// metrics, files) is exercised by the tests with tensor-free backends.
+fn lm_backend(
+    model: &Path,
+    _flow: &MusiqueFlow,
+) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
+    Err(Error::Flow(format!(
+        "cannot run {}: the facade crate `flowtune` does not export an LM backend (graph::Backend) and tch learner (rollout::Learner) yet",
+        model.display()
+    )))
+}
+
+fn bar(len: usize) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn running(sums: &mut [f64; 3], scores: [Option<f64>; 2]) -> String {
+    for (k, s) in scores.iter().enumerate() {
+        if let Some(v) = s {
+            sums[k] += v;
+        }
+    }
+    if scores.iter().any(Option::is_some) {
+        sums[2] += 1.0;
+    }
+    let n = sums[2].max(1.0);
+    format!("AnsF1 {:.3} SuppF1 {:.3}", sums[0] / n, sums[1] / n)
+}
+
+fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
+    let records = load_records(c, 100, 1_000)?;
+    let flow = build_flow(c)?;
+    let (mut backend, _learner) = lm_backend(&model_path(c)?, &flow)?;
+    let pb = bar(records.len());
+    let mut sums = [0.0; 3];
+    let gold: std::collections::HashMap<&str, &Record> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+    let outputs = app::predict(
+        &flow,
+        &records,
+        backend.as_mut(),
+        c.in_flight,
+        c.seed,
+        &mut |done, out| {
+            let s = gold
+                .get(out.prediction.id.as_str())
+                .filter(|r| r.answerable)
+                .map(|r| musique::metrics::score_record(r, &out.prediction));
+            let msg = running(&mut sums, [s.map(|s| s.answer_f1), s.map(|s| s.support_f1)]);
+            pb.set_position(done as u64);
+            pb.set_message(msg);
+        },
+    )?;
+    pb.finish();
+    let preds = app::predictions(&outputs, matches!(c.variant, VariantArg::Full) && !c.no_pairwise);
+    if score {
+        let report = app::write_eval(&c.out, &records, &preds)?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
+                path: c.out.join("metrics.json"),
+                source
+            })?
+        );
+    } else {
+        musique::metrics::write_predictions_jsonl(&c.out.join("predictions.jsonl"), &preds)?;
+    }
+    println!("wrote {}", c.out.display());
+    Ok(())
+}
+
+fn train(t: &TrainArgs) -> Result<()> {
+    let c = &t.common;
+    let records = load_records(c, 400, 0)?;
+    let flow = build_flow(c)?;
+    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow)?;
+    let options = TrainOptions {
+        out_dir: c.out.clone(),
+        seed: c.seed,
+        minibatch_episodes: t.minibatch,
+        episodes_in_flight: c.in_flight,
+        checkpoint_every: t.checkpoint_every,
+        reference_every: t.reference_every,
+        resume: t.resume,
+    };
+    let heldout = if t.heldout > 0 && c.data.is_none() {
+        let held = Common {
+            limit: Some(t.heldout),
+            ..c.clone()
+        };
+        Some(load_records(&held, t.heldout, 1_000)?)
+    } else {
+        None
+    };
+    let pairwise = matches!(c.variant, VariantArg::Full) && !c.no_pairwise;
+    let mut before = None;
+    if let Some(h) = &heldout {
+        let out = app::predict(&flow, h, backend.as_mut(), c.in_flight, c.seed, &mut |_, _| {})?;
+        before = Some(musique::metrics::evaluate(h, &app::predictions(&out, pairwise))?);
+    }
+    let pb = bar(records.len());
+    let summary = app::train(
+        &flow,
+        &records,
+        backend.as_mut(),
+        learner.as_mut(),
+        &options,
+        &mut |done, last| {
+            pb.set_position(done);
+            if let Some(m) = last {
+                let get = |k: &str| m.progressive.get(k).copied().unwrap_or(f64::NAN);
+                pb.set_message(format!(
+                    "AnsF1 {:.3} SuppF1 {:.3}",
+                    get(rewards::ANSWER_F1),
+                    get(rewards::SUPPORT_F1)
+                ));
+            }
+        },
+    )?;
+    pb.finish();
+    println!("episodes: {}  wall: {:.1}s", summary.episodes, summary.wall_seconds);
+    println!("{:<14} {:>12} {:>12}", "progressive", "first 20%", "last 20%");
+    for key in summary.first_window.keys() {
+        let last = summary.last_window.get(key).copied().unwrap_or(f64::NAN);
+        println!("{:<14} {:>12.4} {:>12.4}", key, summary.first_window[key], last);
+    }
+    if let (Some(h), Some(before)) = (&heldout, before) {
+        let out = app::predict(&flow, h, backend.as_mut(), c.in_flight, c.seed, &mut |_, _| {})?;
+        let after = musique::metrics::evaluate(h, &app::predictions(&out, pairwise))?;
+        println!("held-out ({} records)   untrained   trained", h.len());
+        println!(
+            "answer_f1              {:>9.4} {:>9.4}",
+            before.answer_f1, after.answer_f1
+        );
+        println!(
+            "support_f1             {:>9.4} {:>9.4}",
+            before.support_f1, after.support_f1
+        );
+    }
+    println!("learning curve: {}", summary.plot_path.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Train(t) => train(t),
+        Command::Eval(c) => eval_or_predict(c, true),
+        Command::Predict(c) => eval_or_predict(c, false),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -62,7 +62,11 @@ pub fn normalize_answer(text: &str) -> String {
         }
     }
     flush(&mut run, &mut no_articles);
-    no_articles.split(is_python_whitespace).filter(|t| !t.is_empty()).collect::<Vec<_>>().join(" ")
+    no_articles
+        .split(is_python_whitespace)
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The normalised tokens of an answer (none for the empty string).
@@ -70,7 +74,11 @@ pub fn answer_tokens(text: &str) -> Vec<String> {
     if text.is_empty() {
         return Vec::new();
     }
-    normalize_answer(text).split(' ').filter(|t| !t.is_empty()).map(str::to_string).collect()
+    normalize_answer(text)
+        .split(' ')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Exact match after normalisation.
@@ -109,7 +117,10 @@ pub fn token_f1(prediction: &str, gold: &str) -> f64 {
 /// Answer EM and F1 of one prediction, each the max over the gold answers (answer + aliases).
 /// With no gold answers both are 0.
 pub fn answer_scores(prediction: &str, golds: &[String]) -> (f64, f64) {
-    let em = golds.iter().map(|g| if exact_match(prediction, g) { 1.0 } else { 0.0 }).fold(0.0, f64::max);
+    let em = golds
+        .iter()
+        .map(|g| if exact_match(prediction, g) { 1.0 } else { 0.0 })
+        .fold(0.0, f64::max);
     let f1 = golds.iter().map(|g| token_f1(prediction, g)).fold(0.0, f64::max);
     (em, f1)
 }
@@ -126,7 +137,11 @@ pub fn support_scores(predicted: &[usize], gold: &[usize]) -> (f64, f64) {
     let fn_ = gold.len() as f64 - tp;
     let precision = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
     let recall = if tp + fn_ > 0.0 { tp / (tp + fn_) } else { 0.0 };
-    let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+    let f1 = if precision + recall > 0.0 {
+        2.0 * precision * recall / (precision + recall)
+    } else {
+        0.0
+    };
     let em = if fp + fn_ == 0.0 { 1.0 } else { 0.0 };
     (em, f1)
 }
@@ -161,7 +176,12 @@ pub struct RecordScores {
 pub fn score_record(gold: &Record, prediction: &Prediction) -> RecordScores {
     let (answer_em, answer_f1) = answer_scores(&prediction.predicted_answer, &gold.gold_answers());
     let (_, support_f1) = support_scores(&prediction.predicted_support_idxs, &gold.gold_support());
-    RecordScores { answer_f1, answer_em, support_f1, sufficiency_correct: prediction.predicted_answerable == gold.answerable }
+    RecordScores {
+        answer_f1,
+        answer_em,
+        support_f1,
+        sufficiency_correct: prediction.predicted_answerable == gold.answerable,
+    }
 }
 
 /// The Full (sufficiency) metrics.
@@ -212,7 +232,10 @@ pub fn evaluate(gold: &[Record], predictions: &[Prediction]) -> Result<MetricsRe
     let mut group_of: HashMap<&str, usize> = HashMap::new();
     for (position, (g, p)) in gold.iter().zip(predictions).enumerate() {
         if g.id != p.id {
-            return Err(Error::PredictionMismatch { position, reason: format!("id `{}` where gold has `{}`", p.id, g.id) });
+            return Err(Error::PredictionMismatch {
+                position,
+                reason: format!("id `{}` where gold has `{}`", p.id, g.id),
+            });
         }
         let s = score_record(g, p);
         if g.answerable {
@@ -270,7 +293,10 @@ pub fn evaluate(gold: &[Record], predictions: &[Prediction]) -> Result<MetricsRe
 pub fn write_predictions_jsonl(path: &Path, predictions: &[Prediction]) -> Result<()> {
     let mut text = String::new();
     for p in predictions {
-        text.push_str(&serde_json::to_string(p).map_err(|source| Error::Json { path: path.to_path_buf(), source })?);
+        text.push_str(&serde_json::to_string(p).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?);
         text.push('\n');
     }
     crate::io::write_atomic(path, text.as_bytes())

@@ -32,7 +32,13 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { seed: 0, questions: 400, hop_weights: [0.5, 0.3, 0.2], paragraphs: 6, unanswerable_twins: false }
+        SynthConfig {
+            seed: 0,
+            questions: 400,
+            hop_weights: [0.5, 0.3, 0.2],
+            paragraphs: 6,
+            unanswerable_twins: false,
+        }
     }
 }
 
@@ -130,11 +136,18 @@ struct World {
     facts_of: Vec<Vec<usize>>,
 }
 
-const ONSETS: &[&str] = &["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr"];
+const ONSETS: &[&str] = &[
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr",
+];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ou"];
 const CODAS: &[&str] = &["", "", "n", "r", "l", "s", "th", "m"];
-const NOUNS: &[&str] = &["Orchard", "Harbor", "Lantern", "River", "Meadow", "Comet", "Garden", "Tower", "Mirror", "Winter", "Falcon", "Ember"];
-const ADJECTIVES: &[&str] = &["Silver", "Quiet", "Golden", "Hidden", "Last", "Crimson", "Distant", "Broken", "Gentle", "Northern"];
+const NOUNS: &[&str] = &[
+    "Orchard", "Harbor", "Lantern", "River", "Meadow", "Comet", "Garden", "Tower", "Mirror", "Winter", "Falcon",
+    "Ember",
+];
+const ADJECTIVES: &[&str] = &[
+    "Silver", "Quiet", "Golden", "Hidden", "Last", "Crimson", "Distant", "Broken", "Gentle", "Northern",
+];
 const COMPANY_SUFFIX: &[&str] = &["Pictures", "Studios", "Films", "Media"];
 
 fn word(rng: &mut ChaCha8Rng, syllables: usize) -> String {
@@ -166,10 +179,16 @@ fn fresh_name(rng: &mut ChaCha8Rng, kind: Kind, used: &mut HashSet<String>) -> (
             }
             Kind::Company => {
                 let stem = word(rng, 2);
-                (format!("{stem} {}", COMPANY_SUFFIX.choose(rng).unwrap_or(&"Pictures")), vec![stem])
+                (
+                    format!("{stem} {}", COMPANY_SUFFIX.choose(rng).unwrap_or(&"Pictures")),
+                    vec![stem],
+                )
             }
             Kind::Film => {
-                let (a, n) = (ADJECTIVES.choose(rng).unwrap_or(&"Silver"), NOUNS.choose(rng).unwrap_or(&"Orchard"));
+                let (a, n) = (
+                    ADJECTIVES.choose(rng).unwrap_or(&"Silver"),
+                    NOUNS.choose(rng).unwrap_or(&"Orchard"),
+                );
                 (format!("The {a} {n} of {}", word(rng, 2)), vec![])
             }
             Kind::Album => {
@@ -185,12 +204,21 @@ fn fresh_name(rng: &mut ChaCha8Rng, kind: Kind, used: &mut HashSet<String>) -> (
 
 fn filler_sentence(kind: Kind, name: &str, choice: usize, year: u32) -> String {
     let options: [String; 2] = match kind {
-        Kind::Film => [format!("It was released in {year}."), "It won a small festival prize.".into()],
+        Kind::Film => [
+            format!("It was released in {year}."),
+            "It won a small festival prize.".into(),
+        ],
         Kind::Album => [format!("It came out in {year}."), "It has eleven songs.".into()],
         Kind::Company => [format!("It opened in {year}."), "It employs about 300 people.".into()],
-        Kind::Person => [format!("{name} was born in {year}."), format!("{name} wrote two novels.")],
+        Kind::Person => [
+            format!("{name} wrote two novels."),
+            format!("{name} worked as a teacher until {year}."),
+        ],
         Kind::City => ["It lies on a wide river.".into(), format!("It was settled in {year}.")],
-        Kind::Country => ["It has a mild climate.".into(), format!("It became independent in {year}.")],
+        Kind::Country => [
+            "It has a mild climate.".into(),
+            format!("It became independent in {year}."),
+        ],
     };
     options[choice % 2].clone()
 }
@@ -235,19 +263,41 @@ impl World {
         }
         for (city, country) in &city_country {
             let f = (rng.random_range(0..2), rng.random_range(1890..2020));
-            facts.push(Fact { subject: *city, relation: Relation::LocatedIn, object: *country, filler: f, id: fact_id(rng) });
+            facts.push(Fact {
+                subject: *city,
+                relation: Relation::LocatedIn,
+                object: *country,
+                filler: f,
+                id: fact_id(rng),
+            });
         }
         for country in &countries {
-            let own: Vec<usize> = city_country.iter().filter(|(_, k)| k == country).map(|(c, _)| *c).collect();
+            let own: Vec<usize> = city_country
+                .iter()
+                .filter(|(_, k)| k == country)
+                .map(|(c, _)| *c)
+                .collect();
             if let Some(capital) = own.choose(rng) {
                 let f = (rng.random_range(0..2), rng.random_range(1890..2020));
-                facts.push(Fact { subject: *country, relation: Relation::Capital, object: *capital, filler: f, id: fact_id(rng) });
+                facts.push(Fact {
+                    subject: *country,
+                    relation: Relation::Capital,
+                    object: *capital,
+                    filler: f,
+                    id: fact_id(rng),
+                });
             }
         }
         for p in &persons {
             let f = (rng.random_range(0..2), rng.random_range(1890..2000));
             let city = *cities.choose(rng).unwrap_or(&cities[0]);
-            facts.push(Fact { subject: *p, relation: Relation::BornIn, object: city, filler: f, id: fact_id(rng) });
+            facts.push(Fact {
+                subject: *p,
+                relation: Relation::BornIn,
+                object: city,
+                filler: f,
+                id: fact_id(rng),
+            });
         }
         // Spouses: pair persons up (symmetric facts).
         let mut shuffled = persons.clone();
@@ -256,7 +306,13 @@ impl World {
             if let [a, b] = pair {
                 for (s, o) in [(*a, *b), (*b, *a)] {
                     let f = (rng.random_range(0..2), rng.random_range(1890..2000));
-                    facts.push(Fact { subject: s, relation: Relation::Spouse, object: o, filler: f, id: fact_id(rng) });
+                    facts.push(Fact {
+                        subject: s,
+                        relation: Relation::Spouse,
+                        object: o,
+                        filler: f,
+                        id: fact_id(rng),
+                    });
                 }
             }
         }
@@ -268,20 +324,36 @@ impl World {
             for s in of_kind(kind) {
                 let f = (rng.random_range(0..2), rng.random_range(1950..2020));
                 let o = *targets.choose(rng).unwrap_or(&targets[0]);
-                facts.push(Fact { subject: s, relation, object: o, filler: f, id: fact_id(rng) });
+                facts.push(Fact {
+                    subject: s,
+                    relation,
+                    object: o,
+                    filler: f,
+                    id: fact_id(rng),
+                });
             }
         }
         let mut facts_of = vec![Vec::new(); names.len()];
         for (i, f) in facts.iter().enumerate() {
             facts_of[f.subject].push(i);
         }
-        World { names, aliases, kinds, facts, facts_of }
+        World {
+            names,
+            aliases,
+            kinds,
+            facts,
+            facts_of,
+        }
     }
 
     fn paragraph_text(&self, fact: &Fact) -> String {
         let s = &self.names[fact.subject];
         let o = &self.names[fact.object];
-        format!("{} {}", fact.relation.sentence(s, o), filler_sentence(self.kinds[fact.subject], s, fact.filler.0, fact.filler.1))
+        format!(
+            "{} {}",
+            fact.relation.sentence(s, o),
+            filler_sentence(self.kinds[fact.subject], s, fact.filler.0, fact.filler.1)
+        )
     }
 
     /// A chain of `hops` facts without repeated entities, by random walk; `None` if stuck.
@@ -291,7 +363,11 @@ impl World {
         let mut seen = BTreeSet::from([start]);
         let mut at = start;
         for _ in 0..hops {
-            let options: Vec<usize> = self.facts_of[at].iter().copied().filter(|f| !seen.contains(&self.facts[*f].object)).collect();
+            let options: Vec<usize> = self.facts_of[at]
+                .iter()
+                .copied()
+                .filter(|f| !seen.contains(&self.facts[*f].object))
+                .collect();
             let f = *options.choose(rng)?;
             at = self.facts[f].object;
             seen.insert(at);
@@ -305,10 +381,16 @@ impl World {
 /// twin when `unanswerable_twins`).
 pub fn generate(config: &SynthConfig) -> Result<Vec<Record>> {
     if config.paragraphs < 4 {
-        return Err(Error::SynthConfig { field: "paragraphs", reason: format!("{} < 4 (the longest chain)", config.paragraphs) });
+        return Err(Error::SynthConfig {
+            field: "paragraphs",
+            reason: format!("{} < 4 (the longest chain)", config.paragraphs),
+        });
     }
     if config.hop_weights.iter().any(|w| !w.is_finite() || *w < 0.0) || config.hop_weights.iter().sum::<f64>() <= 0.0 {
-        return Err(Error::SynthConfig { field: "hop_weights", reason: format!("{:?}: need non-negative weights, not all 0", config.hop_weights) });
+        return Err(Error::SynthConfig {
+            field: "hop_weights",
+            reason: format!("{:?}: need non-negative weights, not all 0", config.hop_weights),
+        });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let world = World::generate(&mut rng, 5);
@@ -319,18 +401,42 @@ pub fn generate(config: &SynthConfig) -> Result<Vec<Record>> {
     while records.len() < config.questions * if config.unanswerable_twins { 2 } else { 1 } {
         attempts += 1;
         if attempts > 1000 * (config.questions + 1) {
-            return Err(Error::SynthConfig { field: "questions", reason: format!("could only compose {} distinct questions", used_ids.len()) });
+            return Err(Error::SynthConfig {
+                field: "questions",
+                reason: format!("could only compose {} distinct questions", used_ids.len()),
+            });
         }
         let u = rng.random::<f64>() * total;
-        let hops = if u < config.hop_weights[0] { 2 } else if u < config.hop_weights[0] + config.hop_weights[1] { 3 } else { 4 };
-        let Some(chain) = world.chain(&mut rng, hops) else { continue };
-        let prefix = if hops == 2 { "2hop".to_string() } else { format!("{hops}hop1") };
-        let id = format!("{prefix}__{}", chain.iter().map(|f| world.facts[*f].id.to_string()).collect::<Vec<_>>().join("_"));
+        let hops = if u < config.hop_weights[0] {
+            2
+        } else if u < config.hop_weights[0] + config.hop_weights[1] {
+            3
+        } else {
+            4
+        };
+        let Some(chain) = world.chain(&mut rng, hops) else {
+            continue;
+        };
+        let prefix = if hops == 2 {
+            "2hop".to_string()
+        } else {
+            format!("{hops}hop1")
+        };
+        let id = format!(
+            "{prefix}__{}",
+            chain
+                .iter()
+                .map(|f| world.facts[*f].id.to_string())
+                .collect::<Vec<_>>()
+                .join("_")
+        );
         if !used_ids.insert(id.clone()) {
             continue;
         }
         let record = compose(&world, &chain, id, config.paragraphs, &mut rng);
-        let twin = config.unanswerable_twins.then(|| unanswerable_twin(&world, &chain, &record, &mut rng));
+        let twin = config
+            .unanswerable_twins
+            .then(|| unanswerable_twin(&world, &chain, &record, &mut rng));
         // Twins are adjacent, in random order (as a pair, like MuSiQue Full).
         match twin {
             Some(t) if rng.random_bool(0.5) => records.extend([t, record]),
@@ -349,19 +455,25 @@ fn distractors(world: &World, chain: &[usize], n: usize, rng: &mut ChaCha8Rng, e
     // would state that hop again: never a distractor.
     let pair = |f: &Fact| (f.subject.min(f.object), f.subject.max(f.object));
     let chain_pairs: HashSet<(usize, usize)> = chain.iter().map(|f| pair(&world.facts[*f])).collect();
-    let exclude: HashSet<usize> =
-        exclude.iter().copied().chain((0..world.facts.len()).filter(|f| chain_pairs.contains(&pair(&world.facts[*f])))).collect();
+    let exclude: HashSet<usize> = exclude
+        .iter()
+        .copied()
+        .chain((0..world.facts.len()).filter(|f| chain_pairs.contains(&pair(&world.facts[*f]))))
+        .collect();
     let exclude = &exclude;
     let relations: HashSet<Relation> = chain.iter().map(|f| world.facts[*f].relation).collect();
     let subjects: HashSet<usize> = chain.iter().map(|f| world.facts[*f].subject).collect();
     let mut hard: Vec<usize> = (0..world.facts.len())
         .filter(|f| !chain_facts.contains(f) && !exclude.contains(f))
-        .filter(|f| subjects.contains(&world.facts[*f].subject) || (relations.contains(&world.facts[*f].relation) && rng.random_bool(0.05)))
+        .filter(|f| {
+            subjects.contains(&world.facts[*f].subject)
+                || (relations.contains(&world.facts[*f].relation) && rng.random_bool(0.05))
+        })
         .collect();
     hard.shuffle(rng);
     let mut picked: Vec<usize> = Vec::new();
     for f in hard {
-        if picked.len() * 2 >= n + 1 {
+        if picked.len() * 2 > n {
             break;
         }
         picked.push(f);
@@ -385,7 +497,11 @@ fn compose(world: &World, chain: &[usize], id: String, paragraphs: usize, rng: &
     let last = facts[facts.len() - 1];
     let question = last.relation.question(&phrase);
     let mut chosen: Vec<(usize, bool)> = chain.iter().map(|f| (*f, true)).collect();
-    chosen.extend(distractors(world, chain, paragraphs - chain.len(), rng, &HashSet::new()).into_iter().map(|f| (f, false)));
+    chosen.extend(
+        distractors(world, chain, paragraphs - chain.len(), rng, &HashSet::new())
+            .into_iter()
+            .map(|f| (f, false)),
+    );
     chosen.shuffle(rng);
     let paragraphs: Vec<Paragraph> = chosen
         .iter()
@@ -401,7 +517,11 @@ fn compose(world: &World, chain: &[usize], id: String, paragraphs: usize, rng: &
         .iter()
         .enumerate()
         .map(|(k, f)| {
-            let subject = if k == 0 { world.names[f.subject].clone() } else { format!("#{k}") };
+            let subject = if k == 0 {
+                world.names[f.subject].clone()
+            } else {
+                format!("#{k}")
+            };
             let position = chosen.iter().position(|(c, _)| *c == chain[k]);
             DecompositionStep {
                 id: f.id,
@@ -430,7 +550,12 @@ fn unanswerable_twin(world: &World, chain: &[usize], record: &Record, rng: &mut 
     let used: HashSet<usize> = record
         .paragraphs
         .iter()
-        .filter_map(|p| world.facts.iter().position(|f| world.paragraph_text(f) == p.paragraph_text))
+        .filter_map(|p| {
+            world
+                .facts
+                .iter()
+                .position(|f| world.paragraph_text(f) == p.paragraph_text)
+        })
         .collect();
     let replacement = distractors(world, chain, 1, rng, &used);
     if let (Some(step), Some(f)) = (twin.question_decomposition.get_mut(removed_step), replacement.first()) {

@@ -1,4 +1,5 @@
 //! The loader on every official file, its typed errors on broken input, and subsampling.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::path::PathBuf;
 
 use musique::data::{
@@ -33,8 +34,15 @@ fn every_official_file_loads_without_errors_and_round_trips() {
         let path = official(name);
         let text = std::fs::read_to_string(&path).unwrap();
         let records = load_jsonl(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(records.len(), text.lines().filter(|l| !l.trim().is_empty()).count(), "{name}");
-        assert!(records.iter().all(|r| r.paragraphs.len() >= 2), "{name}: paragraphs present");
+        assert_eq!(
+            records.len(),
+            text.lines().filter(|l| !l.trim().is_empty()).count(),
+            "{name}"
+        );
+        assert!(
+            records.iter().all(|r| r.paragraphs.len() >= 2),
+            "{name}: paragraphs present"
+        );
         // Field-for-field: every line re-serialises to the same JSON value it was read from.
         for (line, record) in text.lines().zip(&records) {
             let original: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -68,9 +76,10 @@ fn full_files_have_unanswerable_records_with_null_support() {
     let records = load_jsonl(official("musique_full_v1.0_train.first100.jsonl")).unwrap();
     let unanswerable: Vec<&Record> = records.iter().filter(|r| !r.answerable).collect();
     assert!(!unanswerable.is_empty());
-    assert!(unanswerable
+    assert!(unanswerable.iter().all(|r| r
+        .question_decomposition
         .iter()
-        .all(|r| r.question_decomposition.iter().any(|s| s.paragraph_support_idx.is_none())));
+        .any(|s| s.paragraph_support_idx.is_none())));
 }
 
 #[test]
@@ -142,7 +151,10 @@ fn missing_fields_are_named() {
         other => panic!("{other:?}"),
     }
     match parse_with(|v| {
-        v["question_decomposition"][0].as_object_mut().unwrap().remove("paragraph_support_idx");
+        v["question_decomposition"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("paragraph_support_idx");
     }) {
         Err(Error::MissingField { field, .. }) => assert_eq!(field, "question_decomposition[0].paragraph_support_idx"),
         other => panic!("{other:?}"),
@@ -168,15 +180,28 @@ fn wrong_types_are_named() {
 #[test]
 fn semantic_errors_are_typed() {
     match parse_with(|v| v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::json!(7)) {
-        Err(Error::SupportOutOfRange { line: 2, step: 1, idx: 7, paragraphs: 3, .. }) => {}
+        Err(Error::SupportOutOfRange {
+            line: 2,
+            step: 1,
+            idx: 7,
+            paragraphs: 3,
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     match parse_with(|v| v["paragraphs"][2]["idx"] = serde_json::json!(5)) {
-        Err(Error::ParagraphIndexMismatch { line: 2, position: 2, idx: 5, .. }) => {}
+        Err(Error::ParagraphIndexMismatch {
+            line: 2,
+            position: 2,
+            idx: 5,
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     match parse_with(|v| v["paragraphs"][2]["is_supporting"] = serde_json::json!(true)) {
-        Err(Error::SupportMismatch { flagged, decomposition, .. }) => {
+        Err(Error::SupportMismatch {
+            flagged, decomposition, ..
+        }) => {
             assert_eq!(flagged, vec![0, 1, 2]);
             assert_eq!(decomposition, vec![0, 1]);
         }
@@ -199,7 +224,12 @@ fn semantic_errors_are_typed() {
 #[test]
 fn duplicate_ids_are_rejected_except_full_twins() {
     match parse_with(|v| v["id"] = serde_json::json!("2hop__1_2")) {
-        Err(Error::DuplicateId { line: 2, first_line: 1, id, .. }) => assert_eq!(id, "2hop__1_2"),
+        Err(Error::DuplicateId {
+            line: 2,
+            first_line: 1,
+            id,
+            ..
+        }) => assert_eq!(id, "2hop__1_2"),
         other => panic!("{other:?}"),
     }
     // The unanswerable twin of a Full pair shares the id: allowed once.
@@ -214,7 +244,10 @@ fn duplicate_ids_are_rejected_except_full_twins() {
     let mut third = good_line();
     twin(&mut third);
     let text = format!("{}\n{}\n{}\n", good_line(), third, third);
-    assert!(matches!(parse_records(&text, "t"), Err(Error::DuplicateId { line: 3, .. })));
+    assert!(matches!(
+        parse_records(&text, "t"),
+        Err(Error::DuplicateId { line: 3, .. })
+    ));
 }
 
 #[test]
@@ -247,7 +280,10 @@ fn subsampling_matches_the_target_hop_distribution() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 40);
-    assert!(matches!(sample_matching_hops(&pool, &target, 101, 0), Err(Error::SampleTooLarge { .. })));
+    assert!(matches!(
+        sample_matching_hops(&pool, &target, 101, 0),
+        Err(Error::SampleTooLarge { .. })
+    ));
 }
 
 proptest! {

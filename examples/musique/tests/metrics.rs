@@ -2,6 +2,7 @@
 //! (`tests/reference/musique_metrics.py`, one invocation) on real answers, random strings
 //! and whole evaluations. Tolerance for floats: 1e-12 absolute (both sides compute in f64
 //! with the same operation order; golden values come from the Python reference).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -120,7 +121,10 @@ fn full_pairs_score_only_when_both_sufficiencies_are_right() {
 
 #[test]
 fn unpaired_full_records_are_counted_not_scored() {
-    let gold = vec![record("2hop__1_2", false, "x", &[0]), record("2hop__5_6", true, "y", &[1, 2])];
+    let gold = vec![
+        record("2hop__1_2", false, "x", &[0]),
+        record("2hop__5_6", true, "y", &[1, 2]),
+    ];
     let preds = vec![pred("2hop__1_2", "", &[], false), pred("2hop__5_6", "y", &[1, 2], true)];
     let full = evaluate(&gold, &preds).unwrap().full.unwrap();
     assert_eq!(full.group_answer_sufficiency_f1, None);
@@ -142,23 +146,44 @@ fn answerable_only_data_has_no_full_metrics_and_mismatches_are_errors() {
 #[test]
 fn prediction_and_metrics_files_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let preds = vec![pred("2hop__1_2", "Paris", &[0, 1], true), pred("2hop__1_2", "", &[], false)];
+    let preds = vec![
+        pred("2hop__1_2", "Paris", &[0, 1], true),
+        pred("2hop__1_2", "", &[], false),
+    ];
     let path = dir.path().join("predictions.jsonl");
     write_predictions_jsonl(&path, &preds).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     let mut keys: Vec<&String> = first.as_object().unwrap().keys().collect();
     keys.sort();
-    assert_eq!(keys, ["id", "predicted_answer", "predicted_answerable", "predicted_support_idxs"]);
+    assert_eq!(
+        keys,
+        [
+            "id",
+            "predicted_answer",
+            "predicted_answerable",
+            "predicted_support_idxs"
+        ]
+    );
     assert_eq!(read_predictions_jsonl(&path).unwrap(), preds);
-    let gold = vec![record("2hop__1_2", true, "Paris", &[0, 1]), record("2hop__1_2", false, "Paris", &[0])];
+    let gold = vec![
+        record("2hop__1_2", true, "Paris", &[0, 1]),
+        record("2hop__1_2", false, "Paris", &[0]),
+    ];
     let m = evaluate(&gold, &preds).unwrap();
     let mpath = dir.path().join("metrics.json");
     write_metrics_json(&mpath, &m).unwrap();
     let back: MetricsReport = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     assert_eq!(back, m);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
-    for key in ["answer_f1", "answer_em", "support_f1", "sufficiency_accuracy", "group_answer_sufficiency_f1", "group_support_sufficiency_f1"] {
+    for key in [
+        "answer_f1",
+        "answer_em",
+        "support_f1",
+        "sufficiency_accuracy",
+        "group_answer_sufficiency_f1",
+        "group_support_sufficiency_f1",
+    ] {
         assert!(v.get(key).is_some(), "metrics.json lacks {key}");
     }
     // Only the two output files: the temp files were renamed away.
@@ -169,25 +194,80 @@ fn prediction_and_metrics_files_round_trip() {
 // Python reference
 
 fn python() -> PathBuf {
-    let root = std::env::var("FLOWTUNE_ROOT").expect("FLOWTUNE_ROOT must be set (the workspace's .cargo/config.toml sets it)");
+    let root =
+        std::env::var("FLOWTUNE_ROOT").expect("FLOWTUNE_ROOT must be set (the workspace's .cargo/config.toml sets it)");
     let py = PathBuf::from(root).join(".venv/bin/python");
-    assert!(py.is_file(), "Python reference interpreter {} is missing: run scripts/setup.sh", py.display());
+    assert!(
+        py.is_file(),
+        "Python reference interpreter {} is missing: run scripts/setup.sh",
+        py.display()
+    );
     py
 }
 
 fn random_text(rng: &mut ChaCha8Rng) -> String {
     const PIECES: &[&str] = &[
-        "a", "an", "the", "The", "A", "AN", "theatre", "ana", "x", "New", "York", "1991", "5.1", "U.S.", "-", "'", "\"", ",",
-        ".", "(", ")", "_", "_a", "a_", "é", "ß", "İstanbul", "ΣΟΦΟΣ", "ǅ", "“", "”", "–", " ", "  ", "\t", "\n", "\u{a0}",
-        "\u{2003}", "\u{1c}", "\u{85}", "Ⅻ", "٣", "ﬁ", "café", "an's", "a.n",
+        "a",
+        "an",
+        "the",
+        "The",
+        "A",
+        "AN",
+        "theatre",
+        "ana",
+        "x",
+        "New",
+        "York",
+        "1991",
+        "5.1",
+        "U.S.",
+        "-",
+        "'",
+        "\"",
+        ",",
+        ".",
+        "(",
+        ")",
+        "_",
+        "_a",
+        "a_",
+        "é",
+        "ß",
+        "İstanbul",
+        "ΣΟΦΟΣ",
+        "ǅ",
+        "“",
+        "”",
+        "–",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\u{a0}",
+        "\u{2003}",
+        "\u{1c}",
+        "\u{85}",
+        "Ⅻ",
+        "٣",
+        "ﬁ",
+        "café",
+        "an's",
+        "a.n",
     ];
     let n = rng.random_range(0..8);
-    (0..n).map(|_| PIECES[rng.random_range(0..PIECES.len())]).collect::<Vec<_>>().join(if rng.random_bool(0.5) { " " } else { "" })
+    (0..n)
+        .map(|_| PIECES[rng.random_range(0..PIECES.len())])
+        .collect::<Vec<_>>()
+        .join(if rng.random_bool(0.5) { " " } else { "" })
 }
 
 fn official(name: &str) -> Vec<Record> {
     let path = official_data_dir().join(name);
-    assert!(path.is_file(), "official MuSiQue file {} is missing (shared data folder)", path.display());
+    assert!(
+        path.is_file(),
+        "official MuSiQue file {} is missing (shared data folder)",
+        path.display()
+    );
     load_jsonl(path).unwrap()
 }
 
@@ -202,9 +282,20 @@ fn random_predictions(gold: &[Record], rng: &mut ChaCha8Rng) -> Vec<Prediction> 
                 3 => gold[rng.random_range(0..gold.len())].answer.clone(),
                 _ => random_text(rng),
             };
-            let support = (0..g.paragraphs.len()).filter(|_| rng.random_bool(0.15)).collect::<Vec<_>>();
-            let support = if rng.random_bool(0.3) { g.gold_support() } else { support };
-            Prediction { id: g.id.clone(), predicted_answer: answer, predicted_support_idxs: support, predicted_answerable: rng.random_bool(0.6) }
+            let support = (0..g.paragraphs.len())
+                .filter(|_| rng.random_bool(0.15))
+                .collect::<Vec<_>>();
+            let support = if rng.random_bool(0.3) {
+                g.gold_support()
+            } else {
+                support
+            };
+            Prediction {
+                id: g.id.clone(),
+                predicted_answer: answer,
+                predicted_support_idxs: support,
+                predicted_answerable: rng.random_bool(0.6),
+            }
         })
         .collect()
 }
@@ -233,8 +324,14 @@ fn agrees_with_the_python_reference() {
         strings.extend(r.question_decomposition.iter().map(|s| s.answer.clone()));
     }
     strings.extend((0..3000).map(|_| random_text(&mut rng)));
-    let pairs: Vec<(String, String)> =
-        (0..4000).map(|_| (strings[rng.random_range(0..strings.len())].clone(), strings[rng.random_range(0..strings.len())].clone())).collect();
+    let pairs: Vec<(String, String)> = (0..4000)
+        .map(|_| {
+            (
+                strings[rng.random_range(0..strings.len())].clone(),
+                strings[rng.random_range(0..strings.len())].clone(),
+            )
+        })
+        .collect();
     let pairs: Vec<(String, String)> = pairs
         .into_iter()
         .chain((0..2000).map(|_| (random_text(&mut rng), random_text(&mut rng))))
@@ -258,7 +355,12 @@ fn agrees_with_the_python_reference() {
     let output = dir.path().join("out.json");
     std::fs::write(&input, serde_json::to_vec(&job).unwrap()).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/musique_metrics.py");
-    let status = Command::new(python()).arg(&script).arg(&input).arg(&output).status().expect("running the Python reference");
+    let status = Command::new(python())
+        .arg(&script)
+        .arg(&input)
+        .arg(&output)
+        .status()
+        .expect("running the Python reference");
     assert!(status.success(), "Python reference failed: {status}");
     let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
 
@@ -268,11 +370,20 @@ fn agrees_with_the_python_reference() {
     for (k, (p, g)) in pairs.iter().enumerate() {
         let (em, _) = answer_scores(p, std::slice::from_ref(g));
         let f1 = token_f1(p, g);
-        assert!((f1 - reference["f1"][k].as_f64().unwrap()).abs() < TOL, "F1 {p:?} vs {g:?}");
+        assert!(
+            (f1 - reference["f1"][k].as_f64().unwrap()).abs() < TOL,
+            "F1 {p:?} vs {g:?}"
+        );
         assert_eq!(em, reference["em"][k].as_f64().unwrap(), "EM {p:?} vs {g:?}");
     }
     for (m, want) in ours.iter().zip(reference["evaluations"].as_array().unwrap()) {
-        let close = |a: f64, key: &str| assert!((a - want[key].as_f64().unwrap()).abs() < TOL, "{key}: {a} vs {}", want[key]);
+        let close = |a: f64, key: &str| {
+            assert!(
+                (a - want[key].as_f64().unwrap()).abs() < TOL,
+                "{key}: {a} vs {}",
+                want[key]
+            )
+        };
         close(m.answer_f1, "answer_f1");
         close(m.answer_em, "answer_em");
         close(m.support_f1, "support_f1");

@@ -1,11 +1,17 @@
 //! The synthetic generator: deterministic, loader-valid, MuSiQue-shaped, answer spans verbatim.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use musique::data::{hop_distribution, parse_records, to_jsonl};
 use musique::metrics::normalize_answer;
 use musique::synth::{generate, SynthConfig};
 use proptest::prelude::*;
 
 fn config(seed: u64, questions: usize, twins: bool) -> SynthConfig {
-    SynthConfig { seed, questions, unanswerable_twins: twins, ..SynthConfig::default() }
+    SynthConfig {
+        seed,
+        questions,
+        unanswerable_twins: twins,
+        ..SynthConfig::default()
+    }
 }
 
 #[test]
@@ -45,7 +51,12 @@ fn questions_look_like_musique() {
             let idx = step.paragraph_support_idx.unwrap();
             let p = &r.paragraphs[idx];
             assert!(p.is_supporting);
-            assert!(p.paragraph_text.contains(&step.answer), "{}: {}", r.id, p.paragraph_text);
+            assert!(
+                p.paragraph_text.contains(&step.answer),
+                "{}: {}",
+                r.id,
+                p.paragraph_text
+            );
             if k > 0 {
                 assert_eq!(step.question.split(" >> ").next().unwrap(), format!("#{k}"));
                 assert_eq!(p.title, r.question_decomposition[k - 1].answer);
@@ -60,13 +71,18 @@ fn questions_look_like_musique() {
         // The answer span is verbatim in the last hop's paragraph, and its aliases normalise apart.
         let last = r.question_decomposition.last().unwrap();
         assert_eq!(last.answer, r.answer);
-        assert!(r.paragraphs[last.paragraph_support_idx.unwrap()].paragraph_text.contains(&r.answer));
+        assert!(r.paragraphs[last.paragraph_support_idx.unwrap()]
+            .paragraph_text
+            .contains(&r.answer));
         for alias in &r.answer_aliases {
             assert!(r.answer.contains(alias.as_str()));
             assert_ne!(normalize_answer(alias), normalize_answer(&r.answer));
         }
         // Short paragraphs (CPU context cost): at most 40 words.
-        assert!(r.paragraphs.iter().all(|p| p.paragraph_text.split_whitespace().count() <= 40));
+        assert!(r
+            .paragraphs
+            .iter()
+            .all(|p| p.paragraph_text.split_whitespace().count() <= 40));
     }
     // Some answers have aliases (person surnames, company stems).
     assert!(records.iter().any(|r| !r.answer_aliases.is_empty()));
@@ -80,7 +96,8 @@ fn distractors_never_restate_a_hop() {
             let subject = &r.paragraphs[idx].title;
             for p in r.paragraphs.iter().filter(|p| !p.is_supporting) {
                 // A distractor about the hop's object must not name the hop's subject (spouse reversal).
-                let states = p.paragraph_text.contains(subject.as_str()) && p.paragraph_text.contains(step.answer.as_str());
+                let states =
+                    p.paragraph_text.contains(subject.as_str()) && p.paragraph_text.contains(step.answer.as_str());
                 assert!(!states, "{}: distractor restates hop: {}", r.id, p.paragraph_text);
             }
         }
@@ -97,10 +114,18 @@ fn unanswerable_twins_lack_exactly_one_support() {
         let (yes, no) = if a.answerable { (a, b) } else { (b, a) };
         assert_eq!(yes.question, no.question);
         assert_eq!(no.gold_support().len() + 1, yes.gold_support().len());
-        let removed: Vec<_> = no.question_decomposition.iter().filter(|s| s.paragraph_support_idx.is_none()).collect();
+        let removed: Vec<_> = no
+            .question_decomposition
+            .iter()
+            .filter(|s| s.paragraph_support_idx.is_none())
+            .collect();
         assert_eq!(removed.len(), 1);
         // The removed fact's paragraph is gone: no paragraph of the twin states it.
-        let k = no.question_decomposition.iter().position(|s| s.paragraph_support_idx.is_none()).unwrap();
+        let k = no
+            .question_decomposition
+            .iter()
+            .position(|s| s.paragraph_support_idx.is_none())
+            .unwrap();
         let original = &yes.paragraphs[yes.question_decomposition[k].paragraph_support_idx.unwrap()].paragraph_text;
         assert!(no.paragraphs.iter().all(|p| &p.paragraph_text != original));
         assert_eq!(no.paragraphs.len(), yes.paragraphs.len());
@@ -111,11 +136,26 @@ fn unanswerable_twins_lack_exactly_one_support() {
 
 #[test]
 fn bad_configs_are_typed_errors() {
-    let mut c = SynthConfig { paragraphs: 3, ..SynthConfig::default() };
-    assert!(matches!(generate(&c), Err(musique::Error::SynthConfig { field: "paragraphs", .. })));
+    let mut c = SynthConfig {
+        paragraphs: 3,
+        ..SynthConfig::default()
+    };
+    assert!(matches!(
+        generate(&c),
+        Err(musique::Error::SynthConfig {
+            field: "paragraphs",
+            ..
+        })
+    ));
     c.paragraphs = 6;
     c.hop_weights = [0.0, 0.0, 0.0];
-    assert!(matches!(generate(&c), Err(musique::Error::SynthConfig { field: "hop_weights", .. })));
+    assert!(matches!(
+        generate(&c),
+        Err(musique::Error::SynthConfig {
+            field: "hop_weights",
+            ..
+        })
+    ));
     let back: SynthConfig = serde_json::from_str(&serde_json::to_string(&SynthConfig::default()).unwrap()).unwrap();
     assert_eq!(back, SynthConfig::default());
 }

@@ -4,8 +4,8 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use flowtune_graph::{
-    join_all, Backend, BoxError, CallSpec, Candidate, EpisodeContext, Edge, Flow, FlowSpec, Message, NodeId,
-    NodeRequest, NodeResponse, NodeSpec, Result,
+    join_all, Backend, BoxError, CallSpec, Candidate, Edge, EpisodeContext, Flow, FlowSpec,
+    Message, NodeId, NodeRequest, NodeResponse, NodeSpec, Result,
 };
 
 /// Answers every request with scores hashed from (seed, request); counts batches.
@@ -16,7 +16,10 @@ pub struct HashBackend {
 
 impl HashBackend {
     pub fn new(seed: u64) -> Self {
-        HashBackend { seed, batches: Vec::new() }
+        HashBackend {
+            seed,
+            batches: Vec::new(),
+        }
     }
 }
 
@@ -37,14 +40,20 @@ pub fn ids(text: &str) -> Vec<u32> {
 }
 
 impl Backend for HashBackend {
-    fn run_batch(&mut self, requests: &[NodeRequest]) -> std::result::Result<Vec<NodeResponse>, BoxError> {
+    fn run_batch(
+        &mut self,
+        requests: &[NodeRequest],
+    ) -> std::result::Result<Vec<NodeResponse>, BoxError> {
         self.batches.push(requests.len());
         Ok(requests
             .iter()
             .map(|r| {
                 let prompt: String = r.messages.iter().map(|m| m.content.clone()).collect();
                 let outputs = match &r.call {
-                    CallSpec::Classify { labels: options } | CallSpec::Choose { candidates: options } => options
+                    CallSpec::Classify { labels: options }
+                    | CallSpec::Choose {
+                        candidates: options,
+                    } => options
                         .iter()
                         .map(|o| Candidate {
                             ids: ids(o),
@@ -52,7 +61,10 @@ impl Backend for HashBackend {
                             logprob: score(self.seed, r, o),
                         })
                         .collect(),
-                    CallSpec::Generate { num_return_sequences, .. } => (0..*num_return_sequences)
+                    CallSpec::Generate {
+                        num_return_sequences,
+                        ..
+                    } => (0..*num_return_sequences)
                         .map(|i| {
                             let word = ["alpha", "beta", "gamma", "delta", "eps"]
                                 [(hash_of(self.seed, &(&r.messages, i)) % 5) as usize];
@@ -72,7 +84,11 @@ impl Backend for HashBackend {
             .collect())
     }
 
-    fn tokenize(&mut self, _node: &NodeId, texts: &[String]) -> std::result::Result<Vec<Vec<u32>>, BoxError> {
+    fn tokenize(
+        &mut self,
+        _node: &NodeId,
+        texts: &[String],
+    ) -> std::result::Result<Vec<Vec<u32>>, BoxError> {
         Ok(texts.iter().map(|t| ids(t)).collect())
     }
 }
@@ -81,11 +97,18 @@ impl Backend for HashBackend {
 pub struct NoBackend;
 
 impl Backend for NoBackend {
-    fn run_batch(&mut self, requests: &[NodeRequest]) -> std::result::Result<Vec<NodeResponse>, BoxError> {
+    fn run_batch(
+        &mut self,
+        requests: &[NodeRequest],
+    ) -> std::result::Result<Vec<NodeResponse>, BoxError> {
         Err(format!("NoBackend got {} requests", requests.len()).into())
     }
 
-    fn tokenize(&mut self, _node: &NodeId, _texts: &[String]) -> std::result::Result<Vec<Vec<u32>>, BoxError> {
+    fn tokenize(
+        &mut self,
+        _node: &NodeId,
+        _texts: &[String],
+    ) -> std::result::Result<Vec<Vec<u32>>, BoxError> {
         Err("NoBackend cannot tokenize".into())
     }
 }
@@ -121,13 +144,23 @@ impl Flow for LoopFlow {
         let mut notes: Vec<String> = Vec::new();
         for round in 0..rounds {
             let query = cx
-                .generate("plan", vec![Message::system("plan"), Message::user(format!("{question} {round} {notes:?}"))])
+                .generate(
+                    "plan",
+                    vec![
+                        Message::system("plan"),
+                        Message::user(format!("{question} {round} {notes:?}")),
+                    ],
+                )
                 .await?;
             let n_docs = 1 + (query.text().len() % 3);
             let docs: Vec<String> = cx.tool("search", &query.text().to_owned(), |q: &String| {
                 Ok::<_, BoxError>((0..n_docs).map(|i| format!("doc {i} on {q}")).collect())
             })?;
-            let checks = join_all(docs.iter().map(|d| cx.classify("check", vec![Message::user(d.clone())]))).await;
+            let checks = join_all(
+                docs.iter()
+                    .map(|d| cx.classify("check", vec![Message::user(d.clone())])),
+            )
+            .await;
             for (doc, check) in docs.iter().zip(checks) {
                 let check = check?;
                 if check.choice() == 0 {
@@ -135,14 +168,22 @@ impl Flow for LoopFlow {
                     cx.gold_label(&check, 0);
                 }
             }
-            let stop = cx.classify("check", vec![Message::user(format!("stop? {notes:?}"))]).await?;
+            let stop = cx
+                .classify("check", vec![Message::user(format!("stop? {notes:?}"))])
+                .await?;
             if stop.choice() == 0 && round > 0 {
                 break;
             }
         }
         let coin = cx.random_f64()?;
         let candidates = vec!["left".to_owned(), "middle".to_owned(), "right".to_owned()];
-        let pick = cx.choose("pick", vec![Message::user(format!("{notes:?} {coin}"))], candidates).await?;
+        let pick = cx
+            .choose(
+                "pick",
+                vec![Message::user(format!("{notes:?} {coin}"))],
+                candidates,
+            )
+            .await?;
         cx.reward("reward", pick.choice() as f64);
         Ok(pick.text().to_owned())
     }

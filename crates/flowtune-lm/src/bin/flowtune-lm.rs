@@ -18,6 +18,9 @@ use flowtune_lm::model::LogitsAt;
 use flowtune_lm::tokenizer::ChatMessage;
 use tch::{Device, Kind, Tensor};
 
+/// The bank name the `--adapter` folder is loaded under.
+const ADAPTER_NAME: &str = "adapter";
+
 type CliResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
@@ -162,11 +165,12 @@ fn engine(c: &Common) -> CliResult<Engine> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda(0),
     };
-    if let Some(a) = &c.adapter {
-        return Err(format!("--adapter {}: LoRA adapters are not wired into flowtune-lm yet", a.display()).into());
-    }
     let loaded = load(&c.model, &LoadOptions { device, dtype })?;
-    Ok(Engine::new(loaded, EngineConfig::default())?)
+    let mut engine = Engine::new(loaded, EngineConfig::default())?;
+    if let Some(dir) = &c.adapter {
+        engine.load_adapter(ADAPTER_NAME, dir)?;
+    }
+    Ok(engine)
 }
 
 fn write_jsonl(path: &Path, lines: &[serde_json::Value]) -> CliResult<()> {
@@ -185,19 +189,17 @@ fn run() -> CliResult<()> {
     match cli.command {
         Command::Logits { common } => {
             let e = engine(&common)?;
+            let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let mut tensors: Vec<(String, Tensor)> = Vec::new();
             for (i, line) in input.iter().enumerate() {
-                let ids = e.tokenizer().encode_chat(&line.messages, true)?;
-                let ids: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-                let mut cache = e.model().new_cache(1, ids.len())?;
-                let t = Tensor::f_from_slice(&ids)?.f_view([1, -1])?.f_to(e.model().device())?;
-                let logits =
-                    tch::no_grad(|| e.model().forward_cached(&t, None, &mut cache, &LogitsAt::Last, None))?;
+                let prompt = e.tokenizer().encode_chat(&line.messages, true)?;
+                let logits = e.last_logits(&prompt, adapter.as_deref())?;
+                let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
                 tensors.push((format!("ids.{i}"), Tensor::f_from_slice(&ids)?));
                 tensors.push((
                     format!("logits.{i}"),
-                    logits.f_squeeze_dim(0)?.f_to_kind(Kind::Float)?.f_to(Device::Cpu)?.f_contiguous()?,
+                    logits.f_to_kind(Kind::Float)?.f_to(Device::Cpu)?.f_contiguous()?,
                 ));
             }
             write_atomic(&common.output, |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
@@ -218,6 +220,7 @@ fn run() -> CliResult<()> {
             stop,
         } => {
             let e = engine(&common)?;
+            let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let decoding = if num_beams > 1 {
                 Decoding::Beam { num_beams, num_beam_groups, diversity_penalty, length_penalty }
@@ -229,7 +232,7 @@ fn run() -> CliResult<()> {
             let params = GenerationParams { max_new_tokens, decoding, num_return_sequences, stop, eos_token_ids: vec![] };
             let reqs = input
                 .iter()
-                .map(|l| Ok(GenerateRequest { prompt: e.tokenizer().encode_chat(&l.messages, true)?, params: params.clone() }))
+                .map(|l| Ok(GenerateRequest { adapter: adapter.clone(), prompt: e.tokenizer().encode_chat(&l.messages, true)?, params: params.clone() }))
                 .collect::<CliResult<Vec<_>>>()?;
             let outs = e.generate(&reqs)?;
             let lines: Vec<serde_json::Value> = input
@@ -248,13 +251,14 @@ fn run() -> CliResult<()> {
         }
         Command::Score { common } => {
             let e = engine(&common)?;
+            let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let mut lines = Vec::new();
             for (n, l) in input.iter().enumerate() {
                 let prompt = e.tokenizer().encode_chat(&l.messages, true)?;
                 if let Some(c) = &l.completion {
                     let completion = e.tokenizer().encode(c)?;
-                    let s = e.score(&[ScoreRequest { prompt, completion: completion.clone() }])?;
+                    let s = e.score(&[ScoreRequest { adapter: adapter.clone(), prompt, completion: completion.clone() }])?;
                     lines.push(serde_json::json!({
                         "id": l.id, "completion_ids": completion, "logprob": s[0].logprob, "token_logprobs": s[0].token_logprobs,
                     }));
@@ -267,7 +271,7 @@ fn run() -> CliResult<()> {
                             _ => return Err(format!("{} line {}: label {lab:?} is not a single token ({t:?})", common.input.display(), n + 1).into()),
                         }
                     }
-                    let c = e.classify(&[ClassifyRequest { prompt, labels: ids.clone() }])?;
+                    let c = e.classify(&[ClassifyRequest { adapter: adapter.clone(), prompt, labels: ids.clone() }])?;
                     lines.push(serde_json::json!({
                         "id": l.id, "labels": labels, "label_ids": ids, "label_logprobs": c[0].label_logprobs, "raw_logprobs": c[0].raw_logprobs,
                     }));

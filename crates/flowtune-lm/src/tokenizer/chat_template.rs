@@ -235,6 +235,12 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        // Print Python's spelling of booleans and None, as Jinja2 does.
+        env.set_formatter(|out, state, value| match value.kind() {
+            ValueKind::Bool => out.write_str(if value.is_true() { "True" } else { "False" }).map_err(Into::into),
+            ValueKind::None => out.write_str("None").map_err(Into::into),
+            _ => minijinja::escape_formatter(out, state, value),
+        });
         env.add_template_owned("chat_template", source.to_string())
             .map_err(|e| template_error(path, &e))?;
         Ok(ChatTemplate { env, source: source.to_string(), path: path.to_path_buf(), specials })

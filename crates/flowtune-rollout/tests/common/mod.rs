@@ -25,11 +25,19 @@ impl Flow for AbcFlow {
     }
 
     async fn run(&self, cx: &EpisodeContext, input: &String) -> Result<String> {
-        let a = cx.classify("A", vec![Message::user(format!("start {input}"))]).await?;
-        let b = cx.classify("B", vec![Message::user(format!("after {}", a.text()))]).await?;
+        let a = cx
+            .classify("A", vec![Message::user(format!("start {input}"))])
+            .await?;
+        let b = cx
+            .classify("B", vec![Message::user(format!("after {}", a.text()))])
+            .await?;
         cx.gold_label(&b, 2);
         let c = cx
-            .choose("C", vec![Message::user(format!("after {}", b.text()))], vec!["c0".into(), "c1".into()])
+            .choose(
+                "C",
+                vec![Message::user(format!("after {}", b.text()))],
+                vec!["c0".into(), "c1".into()],
+            )
             .await?;
         cx.gold_target(&c, "c1");
         cx.reward("reward", B_REWARD[b.choice()]);
@@ -47,7 +55,10 @@ impl Flow for RetrieveThenAnswer {
     fn spec(&self) -> FlowSpec {
         FlowSpec {
             name: "ret".into(),
-            nodes: vec![NodeSpec::classify("R", &["r0", "r1"]), NodeSpec::generate("G", 8)],
+            nodes: vec![
+                NodeSpec::classify("R", &["r0", "r1"]),
+                NodeSpec::generate("G", 8),
+            ],
             edges: vec![],
         }
     }
@@ -57,7 +68,9 @@ impl Flow for RetrieveThenAnswer {
         cx.reward("support", if r.choice() == 1 { 1.0 } else { 0.0 });
         let mut text = r.text().to_owned();
         for i in 0..3 {
-            let g = cx.generate("G", vec![Message::user(format!("{text} {i}"))]).await?;
+            let g = cx
+                .generate("G", vec![Message::user(format!("{text} {i}"))])
+                .await?;
             text.push_str(g.text());
         }
         cx.reward("answer", text.len() as f64);
@@ -65,16 +78,17 @@ impl Flow for RetrieveThenAnswer {
     }
 }
 
-/// Two chained choices whose best pair depends on the context:
-/// c0: (y, p) = 1.0, (x, q) = 0.6, (y, q) = 0.2, (x, p) = 0.0; c1: the roles of x/y swapped.
+/// Two chained choices whose best pair depends on the context (see [`two_step_reward`]).
 pub struct TwoStepFlow;
 
+/// c0: (x,p)=0, (x,q)=0.3, (y,p)=1, (y,q)=0.2; c1: (x,p)=0.5, (x,q)=1, (y,·)=0.
 pub fn two_step_reward(context: &str, first: &str, second: &str) -> f64 {
-    let first = if context == "c1" { if first == "x" { "y" } else { "x" } } else { first };
-    match (first, second) {
-        ("y", "p") => 1.0,
-        ("x", "q") => 0.6,
-        ("y", "q") => 0.2,
+    match (context, first, second) {
+        ("c0", "x", "q") => 0.3,
+        ("c0", "y", "p") => 1.0,
+        ("c0", "y", "q") => 0.2,
+        ("c1", "x", "p") => 0.5,
+        ("c1", "x", "q") => 1.0,
         _ => 0.0,
     }
 }
@@ -86,14 +100,24 @@ impl Flow for TwoStepFlow {
     fn spec(&self) -> FlowSpec {
         FlowSpec {
             name: "two".into(),
-            nodes: vec![NodeSpec::classify("first", &["x", "y"]), NodeSpec::classify("second", &["p", "q"])],
+            nodes: vec![
+                NodeSpec::classify("first", &["x", "y"]),
+                NodeSpec::classify("second", &["p", "q"]),
+            ],
             edges: vec![],
         }
     }
 
     async fn run(&self, cx: &EpisodeContext, context: &String) -> Result<f64> {
-        let first = cx.classify("first", vec![Message::user(context.clone())]).await?;
-        let second = cx.classify("second", vec![Message::user(format!("{context} {}", first.text()))]).await?;
+        let first = cx
+            .classify("first", vec![Message::user(context.clone())])
+            .await?;
+        let second = cx
+            .classify(
+                "second",
+                vec![Message::user(format!("{context} {}", first.text()))],
+            )
+            .await?;
         let r = two_step_reward(context, first.text(), second.text());
         cx.reward("reward", r);
         Ok(r)
@@ -118,7 +142,11 @@ impl Flow for UniformFlow {
     async fn run(&self, cx: &EpisodeContext, input: &String) -> Result<()> {
         let mut text = input.clone();
         for _ in 0..5 {
-            text = cx.generate("step", vec![Message::user(text)]).await?.text().to_owned();
+            text = cx
+                .generate("step", vec![Message::user(text)])
+                .await?
+                .text()
+                .to_owned();
         }
         cx.reward("reward", if text == "w1" { 1.0 } else { 0.0 });
         Ok(())

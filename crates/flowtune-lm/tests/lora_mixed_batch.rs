@@ -1,0 +1,207 @@
+//! Property on the real test model (SmolLM2-135M GGUF, f32): a left-padded batch whose rows use
+//! random adapters (two rsLoRA adapters of different ranks/targets, or none) gives, row by row,
+//! the logits of separate single-row passes — after the prefill (rows of ≥ 16 positions: the
+//! gathered per-row path) and after one decode step through the KV cache (1 position: the
+//! grouped path). Tolerance: max |Δlogit| <= 2e-3 (f32; padding changes reduction shapes).
+//! Cases: 6 random assignments from proptest (the model run is the expensive part).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use flowtune_lm::loader::{load, LoadOptions};
+use flowtune_lm::model::{LinearDelta, LogitsAt, Model};
+use flowtune_lm::tokenizer::ChatMessage;
+use flowtune_lora::{
+    llama_base_shapes, AdapterBank, AdapterId, AdapterSelection, LoraConfig, Module, Site,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use tch::{Device, Kind, Tensor};
+
+const TOL: f64 = 2e-3;
+
+struct BankDelta<'a>(flowtune_lora::SelectedAdapters<'a>);
+
+impl LinearDelta for BankDelta<'_> {
+    fn delta(&self, layer: usize, module: &str, x: &Tensor) -> flowtune_lm::Result<Option<Tensor>> {
+        self.0
+            .delta(layer, module, x)
+            .map_err(|e| flowtune_lm::Error::ModelInput(e.to_string()))
+    }
+}
+
+/// Prefill `rows` (left padded) then decode `next[i]` per row; returns (prefill, decode) last logits.
+fn run(
+    model: &Model,
+    bank: &AdapterBank,
+    rows: &[&Vec<i64>],
+    next: &[i64],
+    sel: &AdapterSelection,
+) -> (Tensor, Tensor) {
+    let t = rows.iter().map(|r| r.len()).max().unwrap();
+    let mut flat = vec![];
+    let mut valid = vec![];
+    for r in rows {
+        let pad = t - r.len();
+        flat.extend(std::iter::repeat(0i64).take(pad).chain(r.iter().copied()));
+        valid.extend(
+            std::iter::repeat(false)
+                .take(pad)
+                .chain(std::iter::repeat(true).take(r.len())),
+        );
+    }
+    let b = rows.len() as i64;
+    let delta = BankDelta(bank.select(sel));
+    let mut cache = model.new_cache(rows.len(), t + 1).unwrap();
+    tch::no_grad(|| {
+        let pre = model
+            .forward_cached(
+                &Tensor::from_slice(&flat).view([b, t as i64]),
+                Some(&valid),
+                &mut cache,
+                &LogitsAt::Last,
+                Some(&delta),
+            )
+            .unwrap();
+        let dec = model
+            .forward_cached(
+                &Tensor::from_slice(next).view([b, 1]),
+                None,
+                &mut cache,
+                &LogitsAt::Last,
+                Some(&delta),
+            )
+            .unwrap();
+        (pre, dec)
+    })
+}
+
+#[test]
+fn mixed_adapter_batch_equals_single_passes_on_the_real_model() {
+    let model_path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
+    let loaded = load(
+        &model_path,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        },
+    )
+    .unwrap();
+    let c = loaded.config.clone();
+    let model = Model::new(&loaded.config, &loaded.weights).unwrap();
+    let shapes = llama_base_shapes(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads(),
+        c.head_dim(),
+        c.intermediate_size,
+    );
+    let mut bank = AdapterBank::new(shapes, Device::Cpu);
+    let configs = [
+        LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),
+        LoraConfig::rslora(
+            4,
+            8.0,
+            &[
+                Module::KProj,
+                Module::OProj,
+                Module::UpProj,
+                Module::DownProj,
+            ],
+        ),
+    ];
+    tch::manual_seed(3);
+    let mut ids: Vec<Option<AdapterId>> = vec![None];
+    for (i, cfg) in configs.iter().enumerate() {
+        let name = format!("a{i}");
+        ids.push(Some(bank.add(&name, cfg, i as u64).unwrap()));
+        bank.modify(&name, |a| {
+            let sites: Vec<Site> = a.sites().copied().collect();
+            for s in sites {
+                let w = a.weights_mut(&s).unwrap();
+                w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
+            }
+        })
+        .unwrap();
+    }
+    let texts = [
+        "Hi!",
+        "Is Ghent on the river Lys? Answer Yes or No.",
+        "What is 17 times 3? Think step by step and then give the answer.",
+        "Write a haiku about adapters.",
+        "Paragraph: The Eiffel Tower is in Paris.\nQuestion: Where is the Eiffel Tower?",
+    ];
+    let prompts: Vec<Vec<i64>> = texts
+        .iter()
+        .map(|t| {
+            let m = [ChatMessage::new("user", *t)];
+            loaded
+                .tokenizer
+                .encode_chat(&m, true)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        })
+        .collect();
+    assert!(
+        prompts.iter().all(|p| p.len() >= 16),
+        "prefill rows take the gathered path"
+    );
+    let next: Vec<i64> = (0..prompts.len() as i64).map(|i| 100 + 7 * i).collect();
+    // Single-row passes for every (prompt, adapter choice).
+    let singles: Vec<Vec<(Tensor, Tensor)>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(p, ids_p)| {
+            ids.iter()
+                .map(|id| {
+                    let sel = match id {
+                        Some(id) => AdapterSelection::All(*id),
+                        None => AdapterSelection::None,
+                    };
+                    run(&model, &bank, &[ids_p], &[next[p]], &sel)
+                })
+                .collect()
+        })
+        .collect();
+    // The adapters matter: single passes with and without differ.
+    for s in &singles {
+        for choice in 1..3 {
+            let effect = (&s[choice].1 - &s[0].1).abs().max().double_value(&[]);
+            assert!(
+                effect > 0.05,
+                "adapter {choice} changes the decode logits ({effect})"
+            );
+        }
+    }
+    let strategy = proptest::collection::vec((0usize..prompts.len(), 0usize..3), 2..6);
+    let mut runner = TestRunner::new(Config {
+        cases: 6,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |assignment| {
+            let rows: Vec<&Vec<i64>> = assignment.iter().map(|(p, _)| &prompts[*p]).collect();
+            let nx: Vec<i64> = assignment.iter().map(|(p, _)| next[*p]).collect();
+            let sel = AdapterSelection::PerRow(assignment.iter().map(|(_, a)| ids[*a]).collect());
+            let (pre, dec) = run(&model, &bank, &rows, &nx, &sel);
+            for (j, (p, a)) in assignment.iter().enumerate() {
+                let (sp, sd) = &singles[*p][*a];
+                let dp = (pre.get(j as i64) - sp.squeeze_dim(0))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                let dd = (dec.get(j as i64) - sd.squeeze_dim(0))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                prop_assert!(
+                    dp <= TOL && dd <= TOL,
+                    "row {j} prompt {p} adapter {a}: prefill {dp}, decode {dd}"
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+}

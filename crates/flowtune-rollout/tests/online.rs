@@ -1,0 +1,242 @@
+//! The online loop: it drives a tabular policy flow to its optimum, resumes exactly, and keeps
+//! the backend's batches full.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use common::{two_step_reward, TwoStepFlow, UniformFlow};
+use flowtune_graph::Message;
+use flowtune_rollout::toy::TabularPolicy;
+use flowtune_rollout::{
+    CheckpointConfig, CreditConfig, GenerateAlternatives, NodeDeviation, OnlineConfig, OnlineLoop,
+    OnlineState, ReferenceUpdateConfig,
+};
+
+fn contexts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("c{}", i % 2)).collect()
+}
+
+/// Initially the policy plays (x, p): reward 0 on c0 and 0.5 on c1, both suboptimal. The optimum
+/// (y, p) on c0 / (x, q) on c1 is reachable by one-step deviations.
+fn two_step_policy() -> TabularPolicy {
+    TabularPolicy::new(0.5, 1.0)
+        .with_init("first", "x", 0.5)
+        .with_init("second", "p", 0.5)
+}
+
+fn config(dir: Option<&std::path::Path>) -> OnlineConfig {
+    OnlineConfig {
+        seed: 11,
+        minibatch_episodes: 4,
+        episodes_in_flight: 4,
+        credit: CreditConfig::default(),
+        reference_update: Some(ReferenceUpdateConfig {
+            every_episodes: 8,
+            weight: 0.5,
+            metric: "reward".into(),
+        }),
+        checkpoint: dir.map(|d| CheckpointConfig {
+            every_episodes: 8,
+            dir: d.to_owned(),
+        }),
+        metrics_path: dir.map(|d| d.join("metrics.jsonl")),
+        max_episodes: None,
+    }
+}
+
+#[test]
+fn online_loop_reaches_the_optimum() {
+    let mut policy = two_step_policy();
+    let mut run = OnlineLoop::new(&TwoStepFlow, config(None)).expect("loop");
+    let state = run
+        .run(contexts(160), &mut policy.clone(), &mut policy, None)
+        .expect("run")
+        .clone();
+    // Before learning, both contexts are played suboptimally.
+    assert!(
+        state.metrics[..2].iter().all(|m| m.rewards["reward"] < 1.0),
+        "{:?}",
+        &state.metrics[..2]
+    );
+    // The greedy policy is now optimal in both contexts: (y, p) on c0, (x, q) on c1.
+    for (ctx, first, second) in [("c0", "y", "p"), ("c1", "x", "q")] {
+        let labels = |a: &str, b: &str| vec![a.to_owned(), b.to_owned()];
+        let f = policy.greedy("first", &[Message::user(ctx)], &labels("x", "y"));
+        assert_eq!(["x", "y"][f], first, "context {ctx}");
+        let s = policy.greedy(
+            "second",
+            &[Message::user(format!("{ctx} {first}"))],
+            &labels("p", "q"),
+        );
+        assert_eq!(["p", "q"][s], second, "context {ctx}");
+        assert_eq!(two_step_reward(ctx, first, second), 1.0);
+    }
+    // The progressive reward (predictions before learning) of the last 40 episodes is optimal.
+    let last: Vec<f64> = state.metrics[120..]
+        .iter()
+        .map(|m| m.rewards["reward"])
+        .collect();
+    assert!(last.iter().all(|r| *r == 1.0), "{last:?}");
+    assert!(state.gate.updates >= 1 && state.gate.checks == 20);
+    assert_eq!(state.episodes_done, 160);
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let stream = contexts(40);
+    // Uninterrupted.
+    let full_dir = tempfile::tempdir().expect("tempdir");
+    let mut policy = two_step_policy();
+    let mut run = OnlineLoop::new(&TwoStepFlow, config(Some(full_dir.path()))).expect("loop");
+    let full: OnlineState = run
+        .run(stream.clone(), &mut policy.clone(), &mut policy, None)
+        .expect("run")
+        .clone();
+    let full_table = policy.state.borrow().clone();
+
+    // 16 episodes, then a "crash" (everything dropped), then resume from the checkpoint.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut policy = two_step_policy();
+        let cfg = OnlineConfig {
+            max_episodes: Some(16),
+            ..config(Some(dir.path()))
+        };
+        let mut run = OnlineLoop::new(&TwoStepFlow, cfg).expect("loop");
+        run.run(stream.clone(), &mut policy.clone(), &mut policy, None)
+            .expect("first part");
+    }
+    let mut policy = TabularPolicy::new(99.0, 99.0); // overwritten by the checkpoint
+    let mut run =
+        OnlineLoop::resume(&TwoStepFlow, config(Some(dir.path())), &mut policy).expect("resume");
+    assert_eq!(run.state().episodes_done, 16);
+    let resumed = run
+        .run(stream, &mut policy.clone(), &mut policy, None)
+        .expect("rest")
+        .clone();
+
+    assert_eq!(resumed.metrics, full.metrics);
+    assert_eq!(resumed.learn_log, full.learn_log);
+    assert_eq!(resumed.gate, full.gate);
+    assert_eq!(resumed, full);
+    assert_eq!(*policy.state.borrow(), full_table);
+    // Metrics file and checkpoints on disk.
+    let metrics: Vec<flowtune_rollout::EpisodeMetrics> =
+        flowtune_graph::io::read_jsonl(&dir.path().join("metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics, full.metrics);
+    let latest = std::fs::read_to_string(dir.path().join("latest")).expect("latest");
+    assert_eq!(latest, "episode-0000000040");
+    assert!(dir
+        .path()
+        .join("episode-0000000016/learner/tabular.json")
+        .is_file());
+    assert!(!std::fs::read_dir(dir.path()).expect("ls").any(|e| e
+        .expect("entry")
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".tmp")));
+}
+
+#[test]
+fn resume_with_another_seed_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut policy = two_step_policy();
+    let mut run = OnlineLoop::new(&TwoStepFlow, config(Some(dir.path()))).expect("loop");
+    run.run(contexts(8), &mut policy.clone(), &mut policy, None)
+        .expect("run");
+    let cfg = OnlineConfig {
+        seed: 12,
+        ..config(Some(dir.path()))
+    };
+    let err = OnlineLoop::resume(&TwoStepFlow, cfg, &mut policy)
+        .err()
+        .expect("seed mismatch");
+    assert!(
+        matches!(err, flowtune_rollout::Error::Checkpoint { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_and_state_round_trip_and_validate() {
+    let cfg = config(Some(std::path::Path::new("/tmp/x")));
+    let json = serde_json::to_string_pretty(&cfg).expect("ser");
+    assert_eq!(
+        serde_json::from_str::<OnlineConfig>(&json).expect("de"),
+        cfg
+    );
+    let bad = OnlineConfig {
+        reference_update: Some(ReferenceUpdateConfig {
+            every_episodes: 6,
+            weight: 0.5,
+            metric: "reward".into(),
+        }),
+        ..cfg.clone()
+    };
+    assert!(matches!(
+        bad.validate(),
+        Err(flowtune_rollout::Error::Config {
+            field: "reference_update.every_episodes",
+            ..
+        })
+    ));
+    let bad = OnlineConfig {
+        minibatch_episodes: 0,
+        ..cfg
+    };
+    assert!(bad.validate().is_err());
+}
+
+fn uniform_run(in_flight: usize, minibatch: usize, deviate: bool) -> (f64, usize, f64) {
+    let deviation = NodeDeviation {
+        enabled: deviate,
+        max_alternatives: 2,
+        calls: flowtune_rollout::CallSelection::First { n: 1 },
+        generate: GenerateAlternatives::DiverseBeam {
+            num_beams: 3,
+            num_beam_groups: 3,
+            diversity_penalty: 1.0,
+        },
+    };
+    let cfg = OnlineConfig {
+        seed: 1,
+        minibatch_episodes: minibatch,
+        episodes_in_flight: in_flight,
+        credit: CreditConfig {
+            default_deviation: deviation,
+            early_termination: false,
+            ..CreditConfig::default()
+        },
+        ..OnlineConfig::default()
+    };
+    let mut policy = TabularPolicy::new(0.1, 1.0).with_vocab("step", &["w0", "w1", "w2"]);
+    let mut run = OnlineLoop::new(&UniformFlow, cfg).expect("loop");
+    let stream: Vec<String> = (0..64).map(|i| format!("s{i}")).collect();
+    let state = run
+        .run(stream, &mut policy.clone(), &mut policy, None)
+        .expect("run")
+        .clone();
+    let sizes = policy.batch_sizes.borrow();
+    assert_eq!(sizes.iter().sum::<usize>() as u64, state.batch.requests);
+    assert_eq!(state.totals.node_calls(), state.batch.requests);
+    (
+        state.batch.mean_batch_size(),
+        in_flight,
+        state.totals.rollouts as f64,
+    )
+}
+
+#[test]
+fn scheduler_keeps_batches_full_on_uniform_flows() {
+    for (in_flight, minibatch, deviate) in
+        [(8, 8, false), (8, 8, true), (4, 16, true), (16, 16, true)]
+    {
+        let (mean, in_flight, rollouts) = uniform_run(in_flight, minibatch, deviate);
+        eprintln!("in flight {in_flight}, minibatch {minibatch}, deviations {deviate}: mean batch {mean:.2}");
+        assert!(
+            mean >= 0.8 * in_flight as f64,
+            "mean batch {mean} with {in_flight} in flight (deviate {deviate})"
+        );
+        assert_eq!(rollouts > 0.0, deviate);
+    }
+}

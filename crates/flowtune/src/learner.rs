@@ -1,0 +1,731 @@
+//! The node learner step: a batch of feedback records for one node becomes a loss on
+//! its LoRA adapter and one COCOB step.
+//!
+//! Per node, adapter `node` is trained and `node.ref` (see [`reference_name`]) is the
+//! frozen DPO reference. Records carry token ids (never re-tokenised):
+//! [`PreferencePair`] → weighted DPO (sigmoid, β) against the reference;
+//! [`TargetRecord`] → weighted supervised NLL on the gold completion;
+//! [`LabelRecord`] → weighted label NLL over the record's label set at the next-token
+//! position. Records are processed in micro-batches (gradients accumulate), then the
+//! gradient is clipped (1.0 by default) and COCOB steps.
+//!
+//! Completion log-probs share the prompt: the prompts of a micro-batch run once
+//! (left-padded, through the model's KV cache, with gradients), the cache rows are
+//! repeated for each completion (chosen and rejected), and only the completion tokens
+//! are run on top. The logits at the last prompt token predict the first completion
+//! token; `lm_head` is never applied to prompt positions. [`PromptSharing::Concatenate`]
+//! is the plain alternative (prompt + completion as one sequence, full logits).
+//!
+//! Counted tokens: every completion token as given (for chat data: the content tokens
+//! plus the end-of-turn token `<|im_end|>`, as TRL counts them); nothing of the prompt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use flowtune_cocob::{Cocob, CocobConfig};
+use flowtune_lm::model::{LinearDelta, LogitsAt, Model};
+use flowtune_lora::{AdapterBank, AdapterSelection};
+use flowtune_loss::{DpoStats, LabelStats, NllStats};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Errors of the learner.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    /// A record cannot be trained on.
+    #[error("record {index} of node `{node}`: {reason}")]
+    BadRecord {
+        /// The node.
+        node: String,
+        /// Index of the record in the submitted batch.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid learner config field `{field}`: {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A saved learner state does not fit.
+    #[error("learner state {path}: {reason}")]
+    State {
+        /// The file or folder.
+        path: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// JSON (de)serialisation failed.
+    #[error("bad JSON in {path}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: serde_json::Error,
+    },
+    /// From the model.
+    #[error(transparent)]
+    Lm(#[from] flowtune_lm::Error),
+    /// From the adapter bank.
+    #[error(transparent)]
+    Lora(#[from] flowtune_lora::LoraError),
+    /// From the losses.
+    #[error(transparent)]
+    Loss(#[from] flowtune_loss::Error),
+    /// From the optimizer.
+    #[error(transparent)]
+    Cocob(#[from] flowtune_cocob::Error),
+    /// From libtorch.
+    #[error("torch error: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Result alias of the learner.
+pub type Result<T, E = LearnerError> = std::result::Result<T, E>;
+
+/// A preference between two completions of one prompt (token ids), weighted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreferencePair {
+    /// Prompt token ids (chat template applied, generation prompt included).
+    pub prompt: Vec<u32>,
+    /// The preferred completion's token ids (incl. the end-of-turn token).
+    pub chosen: Vec<u32>,
+    /// The other completion's token ids.
+    pub rejected: Vec<u32>,
+    /// Pair weight (e.g. |Δreward|), ≥ 0; zero-weight pairs are dropped.
+    pub weight: f64,
+}
+
+/// A gold completion for a prompt (supervised NLL), weighted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Gold completion token ids.
+    pub completion: Vec<u32>,
+    /// Weight ≥ 0; zero-weight records are dropped.
+    pub weight: f64,
+}
+
+/// A gold label among a label set at the next-token position (label NLL), weighted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRecord {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// The label set: one token id per label (e.g. `Yes`, `No`).
+    pub labels: Vec<u32>,
+    /// Index of the gold label in `labels`.
+    pub label: usize,
+    /// Weight ≥ 0; zero-weight records are dropped.
+    pub weight: f64,
+}
+
+/// The records of one learner step for one node (one kind per step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum NodeRecords {
+    /// DPO pairs.
+    Preferences(Vec<PreferencePair>),
+    /// Supervised completions.
+    Targets(Vec<TargetRecord>),
+    /// Supervised labels.
+    Labels(Vec<LabelRecord>),
+}
+
+/// How completion log-probs are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum PromptSharing {
+    /// Prompt once through the KV cache, completions on top (default).
+    #[default]
+    SharedKv,
+    /// Prompt + completion as one sequence per completion, full logits.
+    Concatenate,
+}
+
+/// Learner hyper-parameters (serde).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LearnerConfig {
+    /// DPO β (the paper: 1).
+    pub beta: f64,
+    /// Gradient clipping on the joint L2 norm (the paper: 1.0).
+    pub max_grad_norm: f64,
+    /// Records per micro-batch (a pair counts once; it runs 2 completions).
+    pub micro_batch: usize,
+    /// How prompts are shared between completions.
+    pub prompt_sharing: PromptSharing,
+    /// The optimizer (the paper: COCOB α = 1000).
+    pub cocob: CocobConfig,
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        Self {
+            beta: 1.0,
+            max_grad_norm: 1.0,
+            micro_batch: 4,
+            prompt_sharing: PromptSharing::SharedKv,
+            cocob: CocobConfig::paper(),
+        }
+    }
+}
+
+/// What one learner step did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Node trained.
+    pub node: String,
+    /// Total loss (`Σ wᵢℓᵢ / N` over all micro-batches).
+    pub loss: f64,
+    /// Records trained on (after dropping zero weights).
+    pub records: usize,
+    /// Records dropped for zero weight.
+    pub dropped: usize,
+    /// Joint gradient norm before clipping.
+    pub grad_norm: f64,
+    /// DPO statistics (pairs), pair-weighted means over micro-batches.
+    pub dpo: Option<DpoStats>,
+    /// NLL statistics (targets).
+    pub nll: Option<NllStats>,
+    /// Label statistics (labels).
+    pub label: Option<LabelStats>,
+}
+
+/// The name of a node's reference adapter.
+pub fn reference_name(node: &str) -> String {
+    format!("{node}.ref")
+}
+
+/// Binds an adapter bank and a selection so the model's linears add the LoRA delta.
+pub struct BankDelta<'a> {
+    bank: &'a AdapterBank,
+    selection: AdapterSelection,
+}
+
+impl<'a> BankDelta<'a> {
+    /// Every row of the batch uses adapter `name`.
+    pub fn all(bank: &'a AdapterBank, name: &str) -> Result<Self> {
+        Ok(Self {
+            bank,
+            selection: AdapterSelection::All(bank.id(name)?),
+        })
+    }
+}
+
+impl LinearDelta for BankDelta<'_> {
+    fn delta(&self, layer: usize, module: &str, x: &Tensor) -> flowtune_lm::Result<Option<Tensor>> {
+        self.bank
+            .delta_at(layer, module, x, &self.selection)
+            .map_err(|e| flowtune_lm::Error::ModelInput(format!("LoRA delta at layer {layer} {module}: {e}")))
+    }
+}
+
+fn ids_tensor(rows: &[Vec<i64>], device: tch::Device) -> Result<Tensor> {
+    let t = rows.first().map(|r| r.len()).unwrap_or(0) as i64;
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::f_from_slice(&flat)?
+        .f_view([rows.len() as i64, t])?
+        .f_to_device(device)?)
+}
+
+/// Summed completion log-probs `[Σ completions]` for `groups` of (prompt, completions),
+/// in group order, completions in their order. Gradients flow through `delta` when
+/// enabled. See the module docs for the two strategies.
+pub fn completion_logprobs(
+    model: &Model,
+    delta: Option<&dyn LinearDelta>,
+    groups: &[(&[u32], Vec<&[u32]>)],
+    sharing: PromptSharing,
+) -> Result<Tensor> {
+    let _span = tracing::trace_span!("completion_logprobs", groups = groups.len()).entered();
+    let device = model.device();
+    for (g, (prompt, comps)) in groups.iter().enumerate() {
+        if prompt.is_empty() || comps.iter().any(|c| c.is_empty()) {
+            return Err(flowtune_lm::Error::InvalidRequest {
+                index: g,
+                message: "empty prompt or completion".into(),
+            }
+            .into());
+        }
+    }
+    match sharing {
+        PromptSharing::SharedKv => {
+            let tp = groups.iter().map(|g| g.0.len()).max().unwrap_or(0);
+            let tc = groups
+                .iter()
+                .flat_map(|g| g.1.iter().map(|c| c.len()))
+                .max()
+                .unwrap_or(0);
+            // Prompts, left-padded.
+            let mut p_rows = Vec::with_capacity(groups.len());
+            let mut p_valid = Vec::with_capacity(groups.len() * tp);
+            for (prompt, _) in groups {
+                let pad = tp - prompt.len();
+                let mut row = vec![0i64; pad];
+                row.extend(prompt.iter().map(|&x| x as i64));
+                p_rows.push(row);
+                p_valid.extend(std::iter::repeat_n(false, pad));
+                p_valid.extend(std::iter::repeat_n(true, prompt.len()));
+            }
+            let mut cache = model.new_cache(groups.len(), tp + tc)?;
+            let first = model.forward_cached(
+                &ids_tensor(&p_rows, device)?,
+                Some(&p_valid),
+                &mut cache,
+                &LogitsAt::Last,
+                delta,
+            )?; // [P, V]
+            // Repeat each prompt's cache row once per completion.
+            let mut rows = Vec::new();
+            let mut c_rows = Vec::new();
+            let mut c_valid = Vec::new();
+            for (g, (_, comps)) in groups.iter().enumerate() {
+                for c in comps {
+                    rows.push(g);
+                    let mut row: Vec<i64> = c.iter().map(|&x| x as i64).collect();
+                    row.resize(tc, 0);
+                    c_rows.push(row);
+                    c_valid.extend(std::iter::repeat_n(true, c.len()));
+                    c_valid.extend(std::iter::repeat_n(false, tc - c.len()));
+                }
+            }
+            cache.select_rows(&rows)?;
+            let targets = ids_tensor(&c_rows, device)?;
+            let row_index =
+                Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?.f_to_device(device)?;
+            let first = first.f_index_select(0, &row_index)?.f_unsqueeze(1)?; // [R, 1, V]
+            let logits = if tc > 1 {
+                // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
+                let feed = targets.f_narrow(1, 0, tc as i64 - 1)?;
+                let feed_valid: Vec<bool> = c_valid
+                    .chunks(tc)
+                    .flat_map(|r| r[..tc - 1].iter().copied())
+                    .collect();
+                let rest = model.forward_cached(&feed, Some(&feed_valid), &mut cache, &LogitsAt::All, delta)?;
+                Tensor::f_cat(&[first, rest], 1)?
+            } else {
+                first
+            };
+            let mask = Tensor::f_from_slice(&c_valid)?
+                .f_view([rows.len() as i64, tc as i64])?
+                .f_to_device(device)?;
+            Ok(flowtune_loss::completion_logprobs(&logits, &targets, &mask)?)
+        }
+        PromptSharing::Concatenate => {
+            let seqs: Vec<(&[u32], &[u32])> = groups
+                .iter()
+                .flat_map(|(p, cs)| cs.iter().map(move |c| (*p, *c)))
+                .collect();
+            let t = seqs.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+            let mut ids = Vec::new();
+            let mut attn = Vec::new();
+            let mut targets = Vec::new();
+            let mut mask = Vec::new();
+            for (p, c) in &seqs {
+                let n = p.len() + c.len();
+                let mut row: Vec<i64> = p.iter().chain(c.iter()).map(|&x| x as i64).collect();
+                row.resize(t, 0);
+                // position j predicts row[j + 1]
+                let mut tgt: Vec<i64> = row[1..].to_vec();
+                tgt.push(0);
+                let m: Vec<bool> = (0..t).map(|j| j + 1 >= p.len() && j + 1 < n).collect();
+                attn.extend((0..t).map(|j| i64::from(j < n)));
+                ids.push(row);
+                targets.push(tgt);
+                mask.extend(m);
+            }
+            let ids_t = ids_tensor(&ids, device)?;
+            let attn_t = Tensor::f_from_slice(&attn)?.f_view([seqs.len() as i64, t as i64])?;
+            let logits = model.forward(&ids_t, &attn_t, delta)?;
+            let mask_t = Tensor::f_from_slice(&mask)?
+                .f_view([seqs.len() as i64, t as i64])?
+                .f_to_device(device)?;
+            Ok(flowtune_loss::completion_logprobs(
+                &logits,
+                &ids_tensor(&targets, device)?,
+                &mask_t,
+            )?)
+        }
+    }
+}
+
+/// Next-token logits `[B, V]` after each prompt (left-padded batch).
+pub fn next_token_logits(model: &Model, delta: Option<&dyn LinearDelta>, prompts: &[&[u32]]) -> Result<Tensor> {
+    let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut rows = Vec::new();
+    let mut valid = Vec::new();
+    for p in prompts {
+        let pad = tp - p.len();
+        let mut row = vec![0i64; pad];
+        row.extend(p.iter().map(|&x| x as i64));
+        rows.push(row);
+        valid.extend(std::iter::repeat_n(false, pad));
+        valid.extend(std::iter::repeat_n(true, p.len()));
+    }
+    let mut cache = model.new_cache(prompts.len(), tp)?;
+    Ok(model.forward_cached(
+        &ids_tensor(&rows, model.device())?,
+        Some(&valid),
+        &mut cache,
+        &LogitsAt::Last,
+        delta,
+    )?)
+}
+
+/// Saved learner metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearnerStateMeta {
+    /// Format version (1).
+    pub format: u32,
+    /// The node.
+    pub node: String,
+    /// Its reference adapter.
+    pub reference: String,
+    /// The config.
+    pub config: LearnerConfig,
+    /// Steps taken.
+    pub steps: u64,
+}
+
+/// Trains one node's adapter: DPO against `node.ref`, NLL, label NLL; COCOB.
+#[derive(Debug)]
+pub struct NodeLearner {
+    node: String,
+    reference: String,
+    config: LearnerConfig,
+    optimizer: Cocob,
+    steps: u64,
+}
+
+impl NodeLearner {
+    /// Sets up learning for adapter `node` in `bank`: creates the reference `node.ref` as
+    /// a copy when missing, makes `node` the trainable adapter, and builds COCOB over its
+    /// tensors (PEFT key names).
+    pub fn new(bank: &mut AdapterBank, node: &str, config: LearnerConfig) -> Result<Self> {
+        if !(config.beta.is_finite() && config.beta > 0.0) {
+            return Err(LearnerError::InvalidConfig {
+                field: "beta",
+                reason: format!("must be > 0, got {}", config.beta),
+            });
+        }
+        if !(config.max_grad_norm > 0.0) {
+            return Err(LearnerError::InvalidConfig {
+                field: "max_grad_norm",
+                reason: format!("must be > 0, got {}", config.max_grad_norm),
+            });
+        }
+        if config.micro_batch == 0 {
+            return Err(LearnerError::InvalidConfig {
+                field: "micro_batch",
+                reason: "must be >= 1".into(),
+            });
+        }
+        let reference = reference_name(node);
+        if bank.id(&reference).is_err() {
+            bank.copy(node, &reference)?;
+        }
+        bank.set_trainable(node)?;
+        let optimizer = Cocob::new(bank.get(node)?.named_tensors(), config.cocob)?;
+        Ok(Self {
+            node: node.to_string(),
+            reference,
+            config,
+            optimizer,
+            steps: 0,
+        })
+    }
+
+    /// The node trained.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The reference adapter's name.
+    pub fn reference(&self) -> &str {
+        &self.reference
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LearnerConfig {
+        &self.config
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One learner step on `records`: micro-batched loss and backward, clip, COCOB step,
+    /// adapter version bump. An empty batch (after dropping zero weights) does nothing.
+    pub fn step(&mut self, model: &Model, bank: &mut AdapterBank, records: &NodeRecords) -> Result<StepStats> {
+        let _span = tracing::info_span!("learner_step", node = %self.node, step = self.steps).entered();
+        // Re-assert trainability: another node's learner may have switched it.
+        if bank.trainable() != Some(self.node.as_str()) {
+            bank.set_trainable(&self.node)?;
+        }
+        self.optimizer.zero_grad();
+        let mut stats = StepStats {
+            node: self.node.clone(),
+            ..StepStats::default()
+        };
+        self.run(model, bank, records, true, &mut stats)?;
+        if stats.records == 0 {
+            return Ok(stats);
+        }
+        stats.grad_norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
+        self.optimizer.step()?;
+        self.optimizer.zero_grad();
+        bank.mark_updated(&self.node)?;
+        self.steps += 1;
+        tracing::debug!(loss = stats.loss, grad_norm = stats.grad_norm, records = stats.records, "learner step");
+        Ok(stats)
+    }
+
+    /// The loss and statistics `step` would see on `records`, without gradients and
+    /// without changing anything (progressive validation, monitoring).
+    pub fn evaluate(&self, model: &Model, bank: &AdapterBank, records: &NodeRecords) -> Result<StepStats> {
+        let _span = tracing::debug_span!("learner_evaluate", node = %self.node).entered();
+        let mut stats = StepStats {
+            node: self.node.clone(),
+            ..StepStats::default()
+        };
+        tch::no_grad(|| self.run(model, bank, records, false, &mut stats))?;
+        Ok(stats)
+    }
+
+    fn run(&self, model: &Model, bank: &AdapterBank, records: &NodeRecords, train: bool, stats: &mut StepStats) -> Result<()> {
+        match records {
+            NodeRecords::Preferences(pairs) => self.dpo(model, bank, pairs, train, stats),
+            NodeRecords::Targets(targets) => self.nll(model, bank, targets, train, stats),
+            NodeRecords::Labels(labels) => self.labels(model, bank, labels, train, stats),
+        }
+    }
+
+    fn check_weight(&self, index: usize, w: f64) -> Result<bool> {
+        if !w.is_finite() || w < 0.0 {
+            return Err(LearnerError::BadRecord {
+                node: self.node.clone(),
+                index,
+                reason: format!("weight {w} must be finite and >= 0"),
+            });
+        }
+        Ok(w > 0.0)
+    }
+
+    fn dpo(&self, model: &Model, bank: &AdapterBank, pairs: &[PreferencePair], train: bool, stats: &mut StepStats) -> Result<()> {
+        let mut kept = Vec::new();
+        for (i, p) in pairs.iter().enumerate() {
+            if self.check_weight(i, p.weight)? {
+                kept.push(p);
+            }
+        }
+        stats.dropped = pairs.len() - kept.len();
+        stats.records = kept.len();
+        let n = kept.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let policy = BankDelta::all(bank, &self.node)?;
+        let reference = BankDelta::all(bank, &self.reference)?;
+        let mut agg = DpoStats::default();
+        for chunk in kept.chunks(self.config.micro_batch) {
+            let _mb = tracing::trace_span!("micro_batch", pairs = chunk.len()).entered();
+            let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
+                .iter()
+                .map(|p| (p.prompt.as_slice(), vec![p.chosen.as_slice(), p.rejected.as_slice()]))
+                .collect();
+            let ref_lp = tch::no_grad(|| {
+                completion_logprobs(model, Some(&reference), &groups, self.config.prompt_sharing)
+            })?
+            .f_view([-1, 2])?;
+            let pol_lp = completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?.f_view([-1, 2])?;
+            let weights = Tensor::f_from_slice(&chunk.iter().map(|p| p.weight).collect::<Vec<_>>())?
+                .f_to_device(pol_lp.device())?
+                .f_to_kind(pol_lp.kind())?;
+            let (loss, s) = flowtune_loss::dpo_loss(
+                &pol_lp.f_select(1, 0)?,
+                &pol_lp.f_select(1, 1)?,
+                &ref_lp.f_select(1, 0)?,
+                &ref_lp.f_select(1, 1)?,
+                &weights,
+                self.config.beta,
+            )?;
+            let frac = chunk.len() as f64 / n as f64;
+            if train {
+                loss.f_mul_scalar(frac)?.f_backward()?;
+            }
+            agg.loss += s.loss * frac;
+            agg.pairs += s.pairs;
+            agg.weight_sum += s.weight_sum;
+            agg.reward_chosen += s.reward_chosen * frac;
+            agg.reward_rejected += s.reward_rejected * frac;
+            agg.reward_margin += s.reward_margin * frac;
+            agg.accuracy += s.accuracy * frac;
+        }
+        stats.loss = agg.loss;
+        stats.dpo = Some(agg);
+        Ok(())
+    }
+
+    fn nll(&self, model: &Model, bank: &AdapterBank, records: &[TargetRecord], train: bool, stats: &mut StepStats) -> Result<()> {
+        let mut kept = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if self.check_weight(i, r.weight)? {
+                kept.push(r);
+            }
+        }
+        stats.dropped = records.len() - kept.len();
+        stats.records = kept.len();
+        let n = kept.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let policy = BankDelta::all(bank, &self.node)?;
+        let mut agg = NllStats::default();
+        let mut total_nll = 0.0;
+        for chunk in kept.chunks(self.config.micro_batch) {
+            let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
+                .iter()
+                .map(|r| (r.prompt.as_slice(), vec![r.completion.as_slice()]))
+                .collect();
+            let lp = completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?;
+            let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight).collect::<Vec<_>>())?
+                .f_to_device(lp.device())?
+                .f_to_kind(lp.kind())?;
+            let loss = lp.f_neg()?.f_mul(&w)?.f_sum(None::<Kind>)?.f_div_scalar(n as f64)?;
+            if train {
+                loss.f_backward()?;
+            }
+            agg.loss += loss.f_double_value(&[])?;
+            agg.sequences += chunk.len();
+            agg.tokens += chunk.iter().map(|r| r.completion.len()).sum::<usize>();
+            total_nll -= lp.f_sum(Kind::Double)?.f_double_value(&[])?;
+        }
+        agg.mean_token_nll = total_nll / agg.tokens.max(1) as f64;
+        stats.loss = agg.loss;
+        stats.nll = Some(agg);
+        Ok(())
+    }
+
+    fn labels(&self, model: &Model, bank: &AdapterBank, records: &[LabelRecord], train: bool, stats: &mut StepStats) -> Result<()> {
+        let mut kept = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if r.label >= r.labels.len() {
+                return Err(LearnerError::BadRecord {
+                    node: self.node.clone(),
+                    index: i,
+                    reason: format!("label index {} outside a set of {}", r.label, r.labels.len()),
+                });
+            }
+            if self.check_weight(i, r.weight)? {
+                kept.push(r);
+            }
+        }
+        stats.dropped = records.len() - kept.len();
+        stats.records = kept.len();
+        let n = kept.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // Records with the same label set batch together.
+        let mut by_set: BTreeMap<&[u32], Vec<&LabelRecord>> = BTreeMap::new();
+        for r in kept {
+            by_set.entry(r.labels.as_slice()).or_default().push(r);
+        }
+        let policy = BankDelta::all(bank, &self.node)?;
+        let mut agg = LabelStats::default();
+        for (set, recs) in by_set {
+            let ids: Vec<i64> = set.iter().map(|&x| x as i64).collect();
+            for chunk in recs.chunks(self.config.micro_batch) {
+                let prompts: Vec<&[u32]> = chunk.iter().map(|r| r.prompt.as_slice()).collect();
+                let logits = next_token_logits(model, Some(&policy), &prompts)?;
+                let targets = Tensor::f_from_slice(&chunk.iter().map(|r| r.label as i64).collect::<Vec<_>>())?
+                    .f_to_device(logits.device())?;
+                let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight as f32).collect::<Vec<_>>())?
+                    .f_to_device(logits.device())?;
+                let (loss, s) = flowtune_loss::label_nll(&logits, &ids, &targets, &w)?;
+                let frac = chunk.len() as f64 / n as f64;
+                if train {
+                loss.f_mul_scalar(frac)?.f_backward()?;
+            }
+                agg.loss += s.loss * frac;
+                agg.records += s.records;
+                agg.mean_target_prob += s.mean_target_prob * frac;
+                agg.accuracy += s.accuracy * frac;
+            }
+        }
+        stats.loss = agg.loss;
+        stats.label = Some(agg);
+        Ok(())
+    }
+
+    /// Saves the learner into `dir`: `adapter/` and `reference/` (PEFT folders, from the
+    /// LoRA crate, atomic), `optimizer/` (COCOB state, atomic) and `learner.json`.
+    pub fn save(&self, bank: &AdapterBank, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| LearnerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        bank.save_peft(&self.node, dir.join("adapter"))?;
+        bank.save_peft(&self.reference, dir.join("reference"))?;
+        self.optimizer.save(&dir.join("optimizer"))?;
+        let meta = LearnerStateMeta {
+            format: 1,
+            node: self.node.clone(),
+            reference: self.reference.clone(),
+            config: self.config,
+            steps: self.steps,
+        };
+        let path = dir.join("learner.json");
+        let json = serde_json::to_vec_pretty(&meta).map_err(|source| LearnerError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        flowtune_lora::write_atomic(&path, &json)?;
+        Ok(())
+    }
+
+    /// Restores a learner saved by [`NodeLearner::save`] into `bank`: the node and its
+    /// reference get the saved weights (in place when they exist, so the optimizer's
+    /// tensors stay valid), the optimizer its state. Exact resume.
+    pub fn load(bank: &mut AdapterBank, dir: &Path) -> Result<Self> {
+        let path = dir.join("learner.json");
+        let bytes = std::fs::read(&path).map_err(|source| LearnerError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let meta: LearnerStateMeta = serde_json::from_slice(&bytes).map_err(|source| LearnerError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        for (name, sub) in [(&meta.node, "adapter"), (&meta.reference, "reference")] {
+            let tmp = format!("{name}.__loading");
+            if bank.id(&tmp).is_ok() {
+                bank.remove(&tmp)?;
+            }
+            bank.load_peft(&tmp, dir.join(sub))?;
+            // Overwrites in place when `name` exists, else creates it.
+            bank.copy(&tmp, name)?;
+            bank.remove(&tmp)?;
+        }
+        let mut learner = Self::new(bank, &meta.node, meta.config)?;
+        if learner.reference != meta.reference {
+            return Err(LearnerError::State {
+                path,
+                reason: format!("reference `{}` is not `{}`", meta.reference, learner.reference),
+            });
+        }
+        learner.optimizer.load(&dir.join("optimizer"))?;
+        learner.steps = meta.steps;
+        Ok(learner)
+    }
+}

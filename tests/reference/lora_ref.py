@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Reference for flowtune-lora: Python PEFT on the same base model.
 
+Mode `regex --cases CASES.json --out OUT.json`: CASES is {"patterns": [...], "paths": [...]};
+writes {pattern: [paths that re.fullmatch]} (PEFT matches string target_modules this way).
+
 Mode `interop` (one invocation computes everything the Rust interop test needs):
   --model GGUF       transformers loads the GGUF (dequantised, float32)
   --ids IDS.json     list of token-id lists (the prompts, already chat-templated by flowtune)
@@ -17,19 +20,23 @@ import argparse
 import json
 import os
 
-import torch
-import transformers as T
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import save_file
+import re
 
 
 def last_logits(model, ids):
+    import torch
+
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids], dtype=torch.long))
     return out.logits[0, -1].float().contiguous()
 
 
 def mode_interop(args):
+    import torch
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
     d, f = os.path.dirname(args.model), os.path.basename(args.model)
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
@@ -70,15 +77,22 @@ def mode_interop(args):
     save_file(golden, os.path.join(args.out, "golden.safetensors"))
 
 
+def mode_regex(args):
+    cases = json.load(open(args.cases))
+    result = {p: [x for x in cases["paths"] if re.fullmatch(p, x)] for p in cases["patterns"]}
+    json.dump(result, open(args.out, "w"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["interop"])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--ids", required=True)
-    ap.add_argument("--ours", required=True)
+    ap.add_argument("mode", choices=["interop", "regex"])
+    ap.add_argument("--model")
+    ap.add_argument("--ids")
+    ap.add_argument("--ours")
+    ap.add_argument("--cases")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    {"interop": mode_interop}[args.mode](args)
+    {"interop": mode_interop, "regex": mode_regex}[args.mode](args)
 
 
 if __name__ == "__main__":

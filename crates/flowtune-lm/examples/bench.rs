@@ -18,7 +18,8 @@ fn random_ids(rng: &mut rand_chacha::ChaCha8Rng, n: usize, vocab: usize) -> Vec<
 }
 
 fn prefill(model: &Model, rng: &mut rand_chacha::ChaCha8Rng, n: usize, repeats: usize) -> R<f64> {
-    let ids = Tensor::f_from_slice(&random_ids(rng, n, model.config().vocab_size))?.f_view([1, n as i64])?;
+    let ids = Tensor::f_from_slice(&random_ids(rng, n, model.config().vocab_size))?
+        .f_view([1, n as i64])?;
     let mut best = f64::INFINITY;
     for _ in 0..repeats {
         let mut cache = model.new_cache(1, n)?;
@@ -30,7 +31,14 @@ fn prefill(model: &Model, rng: &mut rand_chacha::ChaCha8Rng, n: usize, repeats: 
     Ok(n as f64 / best)
 }
 
-fn decode(model: &Model, rng: &mut rand_chacha::ChaCha8Rng, batch: usize, prompt: usize, new: usize, repeats: usize) -> R<f64> {
+fn decode(
+    model: &Model,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+    repeats: usize,
+) -> R<f64> {
     let ids = Tensor::f_from_slice(&random_ids(rng, batch * prompt, model.config().vocab_size))?
         .f_view([batch as i64, prompt as i64])?;
     let mut best = f64::INFINITY;
@@ -51,23 +59,42 @@ fn decode(model: &Model, rng: &mut rand_chacha::ChaCha8Rng, batch: usize, prompt
 
 fn main() -> R<()> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let dtype = arg("--dtype").unwrap_or_else(|| "f32".into());
     let kind = match dtype.as_str() {
         "bf16" => Kind::BFloat16,
         "f32" => Kind::Float,
         other => return Err(format!("--dtype {other}: use f32 or bf16").into()),
     };
-    let threads: i32 = arg("--threads").map(|t| t.parse()).transpose()?.unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1)
-    });
-    let repeats: usize = arg("--repeats").map(|t| t.parse()).transpose()?.unwrap_or(2);
+    let threads: i32 = arg("--threads")
+        .map(|t| t.parse())
+        .transpose()?
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as i32)
+                .unwrap_or(1)
+        });
+    let repeats: usize = arg("--repeats")
+        .map(|t| t.parse())
+        .transpose()?
+        .unwrap_or(2);
     tch::set_num_threads(threads);
     let path = match arg("--model") {
         Some(p) => p.into(),
         None => flowtune_lm::locate_test_model()?,
     };
-    let loaded = load(&path, &LoadOptions { device: Device::Cpu, dtype: kind })?;
+    let loaded = load(
+        &path,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: kind,
+        },
+    )?;
     let model = Model::new(&loaded.config, &loaded.weights)?;
     drop(loaded);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

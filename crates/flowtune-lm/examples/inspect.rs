@@ -27,6 +27,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             *types.entry(ggml_type_name(t.type_id)).or_default() += 1;
         }
         println!("tensor types: {types:?}");
+        let t0 = std::time::Instant::now();
+        let tok = flowtune_lm::Tokenizer::from_gguf(&f.header, &path)?;
+        let t1 = std::time::Instant::now();
+        let config = flowtune_lm::loader::gguf_config(&f)?;
+        let tensors = flowtune_lm::loader::gguf_hf_tensors(&f, &config)?;
+        println!(
+            "timings: tokenizer {:.2}s ({} tokens), dequantise {} tensors {:.2}s",
+            (t1 - t0).as_secs_f64(),
+            tok.vocab_size(),
+            tensors.len(),
+            t1.elapsed().as_secs_f64()
+        );
     }
     let start = std::time::Instant::now();
     let m = load(&path, &LoadOptions::default())?;

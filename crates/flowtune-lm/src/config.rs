@@ -221,23 +221,35 @@ impl ModelConfig {
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return Err(bad(
                 "hidden_size",
-                format!("{} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads),
+                format!(
+                    "{} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
             ));
         }
         let kv = self.num_key_value_heads();
         if kv == 0 || self.num_attention_heads % kv != 0 {
             return Err(bad(
                 "num_key_value_heads",
-                format!("{kv} does not divide num_attention_heads {}", self.num_attention_heads),
+                format!(
+                    "{kv} does not divide num_attention_heads {}",
+                    self.num_attention_heads
+                ),
             ));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
-                return Err(bad("hidden_act", format!("unsupported activation {act:?} (only silu)")));
+                return Err(bad(
+                    "hidden_act",
+                    format!("unsupported activation {act:?} (only silu)"),
+                ));
             }
         }
         if self.head_dim() % 2 != 0 || self.rotary_dim() % 2 != 0 {
-            return Err(bad("head_dim", format!("rotary dimension {} must be even", self.rotary_dim())));
+            return Err(bad(
+                "head_dim",
+                format!("rotary dimension {} must be even", self.rotary_dim()),
+            ));
         }
         self.rope_kind().map_err(|m| bad("rope_scaling", m))?;
         Ok(())
@@ -250,7 +262,8 @@ impl ModelConfig {
 
     /// Head dimension.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// RMSNorm epsilon (phi3 1e-5, others 1e-6).
@@ -263,12 +276,13 @@ impl ModelConfig {
 
     /// Maximum positions.
     pub fn max_position_embeddings(&self) -> usize {
-        self.max_position_embeddings.unwrap_or(match self.model_type {
-            Architecture::Llama => 2048,
-            Architecture::Mistral => 4096 * 32,
-            Architecture::Qwen2 => 32768,
-            Architecture::Phi3 => 4096,
-        })
+        self.max_position_embeddings
+            .unwrap_or(match self.model_type {
+                Architecture::Llama => 2048,
+                Architecture::Mistral => 4096 * 32,
+                Architecture::Qwen2 => 32768,
+                Architecture::Phi3 => 4096,
+            })
     }
 
     /// Whether `lm_head` is tied to the embedding (HF default false).
@@ -303,7 +317,10 @@ impl ModelConfig {
 
     /// End-of-sequence ids from the config (may be empty).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(|e| e.to_vec())
+            .unwrap_or_default()
     }
 
     /// The sliding window of layer `layer`, if that layer uses one.
@@ -312,7 +329,9 @@ impl ModelConfig {
             Architecture::Mistral => self.sliding_window.or(Some(4096)),
             Architecture::Phi3 => self.sliding_window,
             Architecture::Qwen2 => {
-                if self.use_sliding_window.unwrap_or(false) && layer >= self.max_window_layers.unwrap_or(28) {
+                if self.use_sliding_window.unwrap_or(false)
+                    && layer >= self.max_window_layers.unwrap_or(28)
+                {
                     self.sliding_window.or(Some(4096))
                 } else {
                     None
@@ -323,7 +342,10 @@ impl ModelConfig {
     }
 
     fn rope_params(&self) -> RopeParameters {
-        self.rope_parameters.clone().or_else(|| self.rope_scaling.clone()).unwrap_or_default()
+        self.rope_parameters
+            .clone()
+            .or_else(|| self.rope_scaling.clone())
+            .unwrap_or_default()
     }
 
     /// RoPE base wavelength.
@@ -339,19 +361,32 @@ impl ModelConfig {
 
     /// Number of rotated dimensions of each head.
     pub fn rotary_dim(&self) -> usize {
-        let f = self.rope_params().partial_rotary_factor.or(self.partial_rotary_factor).unwrap_or(1.0);
+        let f = self
+            .rope_params()
+            .partial_rotary_factor
+            .or(self.partial_rotary_factor)
+            .unwrap_or(1.0);
         (self.head_dim() as f64 * f) as usize
     }
 
     /// The resolved RoPE variant; the error message names what is wrong.
     pub fn rope_kind(&self) -> std::result::Result<RopeKind, String> {
         let p = self.rope_params();
-        let ty = p.rope_type.clone().or(p.type_.clone()).unwrap_or_else(|| "default".into());
-        let need = |v: Option<f64>, k: &str| v.ok_or_else(|| format!("rope type {ty:?} needs {k:?}"));
+        let ty = p
+            .rope_type
+            .clone()
+            .or(p.type_.clone())
+            .unwrap_or_else(|| "default".into());
+        let need =
+            |v: Option<f64>, k: &str| v.ok_or_else(|| format!("rope type {ty:?} needs {k:?}"));
         Ok(match ty.as_str() {
             "default" => RopeKind::Default,
-            "linear" => RopeKind::Linear { factor: need(p.factor, "factor")? },
-            "dynamic" => RopeKind::Dynamic { factor: need(p.factor, "factor")? },
+            "linear" => RopeKind::Linear {
+                factor: need(p.factor, "factor")?,
+            },
+            "dynamic" => RopeKind::Dynamic {
+                factor: need(p.factor, "factor")?,
+            },
             "llama3" => RopeKind::Llama3 {
                 factor: need(p.factor, "factor")?,
                 low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
@@ -361,13 +396,21 @@ impl ModelConfig {
                     .or(self.original_max_position_embeddings)
                     .unwrap_or(self.max_position_embeddings()),
             },
-            "longrope" | "su" | "yarn" if self.model_type == Architecture::Phi3 || ty == "longrope" => {
+            "longrope" | "su" | "yarn"
+                if self.model_type == Architecture::Phi3 || ty == "longrope" =>
+            {
                 let original = self
                     .original_max_position_embeddings
                     .or(p.original_max_position_embeddings)
                     .unwrap_or(self.max_position_embeddings());
-                let long = p.long_factor.clone().ok_or("longrope needs \"long_factor\"")?;
-                let short = p.short_factor.clone().ok_or("longrope needs \"short_factor\"")?;
+                let long = p
+                    .long_factor
+                    .clone()
+                    .ok_or("longrope needs \"long_factor\"")?;
+                let short = p
+                    .short_factor
+                    .clone()
+                    .ok_or("longrope needs \"short_factor\"")?;
                 let half = self.rotary_dim() / 2;
                 if long.len() != half || short.len() != half {
                     return Err(format!(
@@ -376,7 +419,9 @@ impl ModelConfig {
                         short.len()
                     ));
                 }
-                let factor = p.factor.unwrap_or(self.max_position_embeddings() as f64 / original as f64);
+                let factor = p
+                    .factor
+                    .unwrap_or(self.max_position_embeddings() as f64 / original as f64);
                 let attention_factor = p.attention_factor.unwrap_or(if factor <= 1.0 {
                     1.0
                 } else {

@@ -194,7 +194,11 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_rows: 16, min_shared_prefix: 16, threads: None }
+        Self {
+            max_batch_rows: 16,
+            min_shared_prefix: 16,
+            threads: None,
+        }
     }
 }
 
@@ -210,7 +214,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("config", &self.config).field("eos", &self.eos).finish()
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("eos", &self.eos)
+            .finish()
     }
 }
 
@@ -242,7 +249,13 @@ impl Engine {
                 eos.push(e);
             }
         }
-        Self { model, tokenizer, config, eos, bank: None }
+        Self {
+            model,
+            tokenizer,
+            config,
+            eos,
+            bank: None,
+        }
     }
 
     /// Install the LoRA adapter bank requests refer to by name.
@@ -258,6 +271,12 @@ impl Engine {
     /// The adapter bank for updates (training steps, new adapters).
     pub fn adapter_bank_mut(&mut self) -> Option<&mut flowtune_lora::AdapterBank> {
         self.bank.as_mut()
+    }
+
+    /// The model and the adapter bank at once (a learner step reads the model and
+    /// updates the bank).
+    pub fn model_and_bank_mut(&mut self) -> (&Model, Option<&mut flowtune_lora::AdapterBank>) {
+        (&self.model, self.bank.as_mut())
     }
 
     /// An empty bank shaped for this model's linears.
@@ -296,7 +315,10 @@ impl Engine {
         }
         let bank = self.bank.as_ref().ok_or_else(|| Error::InvalidRequest {
             index: 0,
-            message: format!("adapter {:?} requested but the engine has no adapter bank", adapters.iter().flatten().next()),
+            message: format!(
+                "adapter {:?} requested but the engine has no adapter bank",
+                adapters.iter().flatten().next()
+            ),
         })?;
         let first = adapters[0];
         let selection = if adapters.iter().all(|a| *a == first) {
@@ -327,7 +349,9 @@ impl Engine {
     }
 
     fn ids_tensor(&self, ids: &[i64], b: usize, t: usize) -> Result<Tensor> {
-        Ok(Tensor::f_from_slice(ids)?.f_view([b as i64, t as i64])?.f_to(self.model.device())?)
+        Ok(Tensor::f_from_slice(ids)?
+            .f_view([b as i64, t as i64])?
+            .f_to(self.model.device())?)
     }
 
     /// Generate for every request; outputs in request order.
@@ -350,25 +374,40 @@ impl Engine {
             let r = &requests[i];
             for j in 0..r.params.num_return_sequences {
                 let rng = match &r.params.decoding {
-                    Decoding::Sample { seed, .. } => {
-                        Some(<rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed.wrapping_add(j as u64)))
-                    }
+                    Decoding::Sample { seed, .. } => Some(
+                        <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
+                            seed.wrapping_add(j as u64),
+                        ),
+                    ),
                     _ => None,
                 };
-                rows.push(Row { request: i, seq_index: j, ids: Vec::new(), logprob: 0.0, done: None, rng });
+                rows.push(Row {
+                    request: i,
+                    seq_index: j,
+                    ids: Vec::new(),
+                    logprob: 0.0,
+                    done: None,
+                    rng,
+                });
             }
         }
         let mut finished: Vec<Row> = Vec::new();
         let chunk = self.config.max_batch_rows.max(1);
         while !rows.is_empty() {
-            let rest = if rows.len() > chunk { rows.split_off(chunk) } else { Vec::new() };
+            let rest = if rows.len() > chunk {
+                rows.split_off(chunk)
+            } else {
+                Vec::new()
+            };
             let batch = std::mem::replace(&mut rows, rest);
             finished.extend(tch::no_grad(|| self.run_rows(requests, batch))?);
         }
         finished.sort_by_key(|r| (r.request, r.seq_index));
         for row in finished {
             let text = self.tokenizer.decode(&row.ids, true)?;
-            let out = outputs[row.request].get_or_insert_with(|| GenerateOutput { sequences: Vec::new() });
+            let out = outputs[row.request].get_or_insert_with(|| GenerateOutput {
+                sequences: Vec::new(),
+            });
             out.sequences.push(GeneratedSequence {
                 ids: row.ids,
                 text,
@@ -377,7 +416,14 @@ impl Engine {
                 finish: row.done.unwrap_or(FinishReason::Length),
             });
         }
-        Ok(outputs.into_iter().map(|o| o.unwrap_or(GenerateOutput { sequences: Vec::new() })).collect())
+        Ok(outputs
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(GenerateOutput {
+                    sequences: Vec::new(),
+                })
+            })
+            .collect())
     }
 
     fn is_eos(&self, params: &GenerationParams, tok: u32) -> bool {
@@ -389,16 +435,29 @@ impl Engine {
             return Ok(false);
         }
         let text = self.tokenizer.decode(ids, true)?;
-        Ok(params.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())))
+        Ok(params
+            .stop
+            .iter()
+            .any(|s| !s.is_empty() && text.contains(s.as_str())))
     }
 
     /// Greedy/sampling rows, left-padded into one cache.
     fn run_rows(&self, requests: &[GenerateRequest], mut rows: Vec<Row>) -> Result<Vec<Row>> {
         let _span = tracing::debug_span!("engine_rollout_batch", rows = rows.len()).entered();
         let b = rows.len();
-        let prompts: Vec<&[u32]> = rows.iter().map(|r| requests[r.request].prompt.as_slice()).collect();
-        let max_new = rows.iter().map(|r| requests[r.request].params.max_new_tokens).max().unwrap_or(0);
-        let names: Vec<Option<&str>> = rows.iter().map(|r| requests[r.request].adapter.as_deref()).collect();
+        let prompts: Vec<&[u32]> = rows
+            .iter()
+            .map(|r| requests[r.request].prompt.as_slice())
+            .collect();
+        let max_new = rows
+            .iter()
+            .map(|r| requests[r.request].params.max_new_tokens)
+            .max()
+            .unwrap_or(0);
+        let names: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| requests[r.request].adapter.as_deref())
+            .collect();
         let mut cache = self.prefill_shared(&prompts, &names, max_new)?;
         // Prefill the (rest of the) prompts, left-padded.
         let shared = cache.len();
@@ -414,10 +473,18 @@ impl Engine {
             }
         }
         let mut logits = self.with_adapters(&names, |d| {
-            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::Last, d)
+            self.model.forward_cached(
+                &self.ids_tensor(&ids, b, t)?,
+                Some(&valid),
+                &mut cache,
+                &LogitsAt::Last,
+                d,
+            )
         })?;
         for step in 0..max_new {
-            let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+            let logp = logits
+                .f_to_kind(Kind::Float)?
+                .f_log_softmax(-1, Kind::Float)?;
             let greedy: Vec<i64> = Vec::try_from(logp.f_argmax(-1, false)?)?;
             let mut next = vec![0i64; b];
             let mut step_valid = vec![true; b];
@@ -429,8 +496,17 @@ impl Engine {
                     continue;
                 }
                 let tok = match (&params.decoding, row.rng.as_mut()) {
-                    (Decoding::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
-                        let l: Vec<f32> = Vec::try_from(logits.f_get(r as i64)?.f_to_kind(Kind::Float)?)?;
+                    (
+                        Decoding::Sample {
+                            temperature,
+                            top_k,
+                            top_p,
+                            ..
+                        },
+                        Some(rng),
+                    ) => {
+                        let l: Vec<f32> =
+                            Vec::try_from(logits.f_get(r as i64)?.f_to_kind(Kind::Float)?)?;
                         sample_hf(&l, *temperature, *top_k, *top_p, rng)
                     }
                     _ => greedy[r] as u32,
@@ -450,7 +526,13 @@ impl Engine {
                 break;
             }
             logits = self.with_adapters(&names, |d| {
-                self.model.forward_cached(&self.ids_tensor(&next, b, 1)?, Some(&step_valid), &mut cache, &LogitsAt::Last, d)
+                self.model.forward_cached(
+                    &self.ids_tensor(&next, b, 1)?,
+                    Some(&step_valid),
+                    &mut cache,
+                    &LogitsAt::Last,
+                    d,
+                )
             })?;
         }
         Ok(rows)
@@ -458,12 +540,22 @@ impl Engine {
 
     /// A cache for `prompts.len()` rows holding their longest common prefix
     /// (computed once, then expanded) when it is long enough; else empty.
-    fn prefill_shared(&self, prompts: &[&[u32]], adapters: &[Option<&str>], extra: usize) -> Result<crate::kv::KvCache> {
+    fn prefill_shared(
+        &self,
+        prompts: &[&[u32]],
+        adapters: &[Option<&str>],
+        extra: usize,
+    ) -> Result<crate::kv::KvCache> {
         let b = prompts.len();
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut common = prompts.first().map(|p| p.len()).unwrap_or(0);
         for p in prompts.iter().skip(1) {
-            common = common.min(p.iter().zip(prompts[0].iter()).take_while(|(a, c)| a == c).count());
+            common = common.min(
+                p.iter()
+                    .zip(prompts[0].iter())
+                    .take_while(|(a, c)| a == c)
+                    .count(),
+            );
         }
         // Leave at least one token of every prompt for the batched step (its logits are needed).
         let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
@@ -471,11 +563,18 @@ impl Engine {
         // Keys and values depend on the adapter: share only when every row uses the same one.
         let same_adapter = adapters.iter().all(|a| *a == adapters[0]);
         if b > 1 && same_adapter && common >= self.config.min_shared_prefix {
-            let _span = tracing::debug_span!("engine_shared_prefix", tokens = common, rows = b).entered();
+            let _span =
+                tracing::debug_span!("engine_shared_prefix", tokens = common, rows = b).entered();
             let mut cache = self.model.new_cache(1, longest + extra + 1)?;
             let ids: Vec<i64> = prompts[0][..common].iter().map(|&x| x as i64).collect();
             let _ = self.with_adapters(&adapters[..1], |d| {
-                self.model.forward_cached(&self.ids_tensor(&ids, 1, common)?, None, &mut cache, &LogitsAt::None, d)
+                self.model.forward_cached(
+                    &self.ids_tensor(&ids, 1, common)?,
+                    None,
+                    &mut cache,
+                    &LogitsAt::None,
+                    d,
+                )
             })?;
             cache.select_rows(&vec![0; b])?;
             Ok(cache)
@@ -488,13 +587,22 @@ impl Engine {
     pub fn last_logits(&self, prompt: &[u32], adapter: Option<&str>) -> Result<Tensor> {
         check_ids(0, prompt, self.model.config().vocab_size)?;
         if prompt.is_empty() {
-            return Err(Error::InvalidRequest { index: 0, message: "empty prompt".into() });
+            return Err(Error::InvalidRequest {
+                index: 0,
+                message: "empty prompt".into(),
+            });
         }
         let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
         let mut cache = self.model.new_cache(1, ids.len())?;
         let logits = tch::no_grad(|| {
             self.with_adapters(&[adapter], |d| {
-                self.model.forward_cached(&self.ids_tensor(&ids, 1, ids.len())?, None, &mut cache, &LogitsAt::Last, d)
+                self.model.forward_cached(
+                    &self.ids_tensor(&ids, 1, ids.len())?,
+                    None,
+                    &mut cache,
+                    &LogitsAt::Last,
+                    d,
+                )
             })
         })?;
         Ok(logits.f_squeeze_dim(0)?)
@@ -506,7 +614,10 @@ impl Engine {
         let vocab = self.model.config().vocab_size;
         for (i, r) in requests.iter().enumerate() {
             if r.prompt.is_empty() || r.completion.is_empty() {
-                return Err(Error::InvalidRequest { index: i, message: "prompt and completion must be non-empty".into() });
+                return Err(Error::InvalidRequest {
+                    index: i,
+                    message: "prompt and completion must be non-empty".into(),
+                });
             }
             check_ids(i, &r.prompt, vocab)?;
             check_ids(i, &r.completion, vocab)?;
@@ -520,7 +631,10 @@ impl Engine {
 
     fn score_chunk(&self, reqs: &[ScoreRequest]) -> Result<Vec<ScoreOutput>> {
         let b = reqs.len();
-        let full: Vec<Vec<u32>> = reqs.iter().map(|r| [r.prompt.as_slice(), r.completion.as_slice()].concat()).collect();
+        let full: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| [r.prompt.as_slice(), r.completion.as_slice()].concat())
+            .collect();
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
         let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
         let mut cache = self.prefill_shared(&prompts, &names, 0)?;
@@ -536,19 +650,39 @@ impl Engine {
             }
         }
         let logits = self.with_adapters(&names, |d| {
-            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::All, d)
+            self.model.forward_cached(
+                &self.ids_tensor(&ids, b, t)?,
+                Some(&valid),
+                &mut cache,
+                &LogitsAt::All,
+                d,
+            )
         })?;
-        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let logp = logits
+            .f_to_kind(Kind::Float)?
+            .f_log_softmax(-1, Kind::Float)?;
         let mut out = Vec::with_capacity(b);
         for (r, req) in reqs.iter().enumerate() {
             let start = req.prompt.len() - shared - 1;
             let n = req.completion.len();
-            let cols = Tensor::f_arange_start(start as i64, (start + n) as i64, (Kind::Int64, self.model.device()))?;
+            let cols = Tensor::f_arange_start(
+                start as i64,
+                (start + n) as i64,
+                (Kind::Int64, self.model.device()),
+            )?;
             let target: Vec<i64> = req.completion.iter().map(|&x| x as i64).collect();
-            let target = Tensor::f_from_slice(&target)?.f_to(self.model.device())?.f_unsqueeze(-1)?;
-            let picked = logp.f_get(r as i64)?.f_index_select(0, &cols)?.f_gather(1, &target, false)?;
+            let target = Tensor::f_from_slice(&target)?
+                .f_to(self.model.device())?
+                .f_unsqueeze(-1)?;
+            let picked = logp
+                .f_get(r as i64)?
+                .f_index_select(0, &cols)?
+                .f_gather(1, &target, false)?;
             let v: Vec<f64> = Vec::try_from(picked.f_flatten(0, -1)?.f_to_kind(Kind::Double)?)?;
-            out.push(ScoreOutput { logprob: v.iter().sum(), token_logprobs: v });
+            out.push(ScoreOutput {
+                logprob: v.iter().sum(),
+                token_logprobs: v,
+            });
         }
         Ok(out)
     }
@@ -559,7 +693,10 @@ impl Engine {
         let vocab = self.model.config().vocab_size;
         for (i, r) in requests.iter().enumerate() {
             if r.prompt.is_empty() || r.labels.is_empty() {
-                return Err(Error::InvalidRequest { index: i, message: "prompt and labels must be non-empty".into() });
+                return Err(Error::InvalidRequest {
+                    index: i,
+                    message: "prompt and labels must be non-empty".into(),
+                });
             }
             check_ids(i, &r.prompt, vocab)?;
             check_ids(i, &r.labels, vocab)?;
@@ -589,9 +726,17 @@ impl Engine {
             last.push(p.len() - shared - 1);
         }
         let logits = self.with_adapters(&names, |d| {
-            self.model.forward_cached(&self.ids_tensor(&ids, b, t)?, Some(&valid), &mut cache, &LogitsAt::PerRow(last), d)
+            self.model.forward_cached(
+                &self.ids_tensor(&ids, b, t)?,
+                Some(&valid),
+                &mut cache,
+                &LogitsAt::PerRow(last),
+                d,
+            )
         })?;
-        let logp = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+        let logp = logits
+            .f_to_kind(Kind::Float)?
+            .f_log_softmax(-1, Kind::Float)?;
         let mut out = Vec::with_capacity(b);
         for (r, req) in reqs.iter().enumerate() {
             let raw: Vec<f64> = req
@@ -601,7 +746,10 @@ impl Engine {
                 .collect::<std::result::Result<_, _>>()?;
             let m = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = m + raw.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-            out.push(ClassifyOutput { label_logprobs: raw.iter().map(|x| x - lse).collect(), raw_logprobs: raw });
+            out.push(ClassifyOutput {
+                label_logprobs: raw.iter().map(|x| x - lse).collect(),
+                raw_logprobs: raw,
+            });
         }
         Ok(out)
     }
@@ -613,24 +761,47 @@ impl Engine {
     fn beam_search(&self, req: &GenerateRequest) -> Result<GenerateOutput> {
         let _span = tracing::debug_span!("engine_beam_search").entered();
         let (num_beams, groups, diversity, lp) = match &req.params.decoding {
-            Decoding::Beam { num_beams, num_beam_groups, diversity_penalty, length_penalty } => {
-                (*num_beams, *num_beam_groups, *diversity_penalty, *length_penalty)
+            Decoding::Beam {
+                num_beams,
+                num_beam_groups,
+                diversity_penalty,
+                length_penalty,
+            } => (
+                *num_beams,
+                *num_beam_groups,
+                *diversity_penalty,
+                *length_penalty,
+            ),
+            _ => {
+                return Err(Error::InvalidRequest {
+                    index: 0,
+                    message: "not a beam request".into(),
+                })
             }
-            _ => return Err(Error::InvalidRequest { index: 0, message: "not a beam request".into() }),
         };
         let gs = num_beams / groups;
         let params = &req.params;
-        let mut cache = self.model.new_cache(1, req.prompt.len() + params.max_new_tokens + 1)?;
+        let mut cache = self
+            .model
+            .new_cache(1, req.prompt.len() + params.max_new_tokens + 1)?;
         let ids: Vec<i64> = req.prompt.iter().map(|&x| x as i64).collect();
         let names: Vec<Option<&str>> = vec![req.adapter.as_deref(); num_beams];
         let first = self.with_adapters(&names[..1], |d| {
-            self.model.forward_cached(&self.ids_tensor(&ids, 1, ids.len())?, None, &mut cache, &LogitsAt::Last, d)
+            self.model.forward_cached(
+                &self.ids_tensor(&ids, 1, ids.len())?,
+                None,
+                &mut cache,
+                &LogitsAt::Last,
+                d,
+            )
         })?;
         cache.select_rows(&vec![0; num_beams])?;
         let mut logits = first.f_expand([num_beams as i64, -1], false)?;
         // Running beams: tokens, beam score (processed), raw logprob.
         let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); num_beams];
-        let mut scores: Vec<f64> = (0..num_beams).map(|i| if i % gs == 0 { 0.0 } else { -1e9 }).collect();
+        let mut scores: Vec<f64> = (0..num_beams)
+            .map(|i| if i % gs == 0 { 0.0 } else { -1e9 })
+            .collect();
         let mut raw: Vec<f64> = vec![0.0; num_beams];
         // Finished hypotheses per group: (score, ids, raw logprob, reason).
         let mut hyps: Vec<Vec<(f64, Vec<u32>, f64, FinishReason)>> = vec![Vec::new(); groups];
@@ -638,7 +809,9 @@ impl Engine {
         let vocab = self.model.config().vocab_size as i64;
         for step in 0..params.max_new_tokens {
             let cur = step + 1; // generated length including this step's token
-            let logp_all = logits.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+            let logp_all = logits
+                .f_to_kind(Kind::Float)?
+                .f_log_softmax(-1, Kind::Float)?;
             let mut next_rows = vec![0usize; num_beams];
             let mut next_tok = vec![0u32; num_beams];
             let mut next_scores = scores.clone();
@@ -653,8 +826,9 @@ impl Engine {
                     }
                     continue;
                 }
-                let idx = Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?
-                    .f_to(self.model.device())?;
+                let idx =
+                    Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?
+                        .f_to(self.model.device())?;
                 let lp_g = logp_all.f_index_select(0, &idx)?;
                 let mut processed = lp_g.shallow_clone();
                 if diversity != 0.0 && !step_tokens.is_empty() {
@@ -665,8 +839,10 @@ impl Engine {
                     let freq = Tensor::f_from_slice(&freq)?.f_to(self.model.device())?;
                     processed = processed.f_sub(&freq.f_mul_scalar(diversity)?.f_unsqueeze(0)?)?;
                 }
-                let s = Tensor::f_from_slice(&rows.iter().map(|&r| scores[r] as f32).collect::<Vec<_>>())?
-                    .f_to(self.model.device())?;
+                let s = Tensor::f_from_slice(
+                    &rows.iter().map(|&r| scores[r] as f32).collect::<Vec<_>>(),
+                )?
+                .f_to(self.model.device())?;
                 let total = processed.f_add(&s.f_unsqueeze(-1)?)?.f_flatten(0, -1)?;
                 let k = (2 * gs) as i64;
                 let (top_v, top_i) = total.f_topk(k, -1, true, true)?;
@@ -687,7 +863,11 @@ impl Engine {
                             continue;
                         }
                         let score = v / (cur as f64).powf(lp);
-                        let reason = if eos { FinishReason::Eos } else { FinishReason::Stop };
+                        let reason = if eos {
+                            FinishReason::Eos
+                        } else {
+                            FinishReason::Stop
+                        };
                         add_hyp(&mut hyps[g], gs, (score, cand, tok_raw, reason));
                     } else {
                         let dst = rows[chosen];
@@ -702,7 +882,10 @@ impl Engine {
                     }
                 }
                 // Done when full and no running beam can beat the worst finished one.
-                let best_running = rows.iter().map(|&r| next_scores[r]).fold(f64::NEG_INFINITY, f64::max);
+                let best_running = rows
+                    .iter()
+                    .map(|&r| next_scores[r])
+                    .fold(f64::NEG_INFINITY, f64::max);
                 if hyps[g].len() >= gs {
                     let worst = hyps[g].iter().map(|h| h.0).fold(f64::INFINITY, f64::min);
                     if worst >= best_running / (cur as f64).powf(lp) {
@@ -729,7 +912,13 @@ impl Engine {
             cache.select_rows(&next_rows)?;
             let ids: Vec<i64> = next_tok.iter().map(|&t| t as i64).collect();
             logits = self.with_adapters(&names, |d| {
-                self.model.forward_cached(&self.ids_tensor(&ids, num_beams, 1)?, None, &mut cache, &LogitsAt::Last, d)
+                self.model.forward_cached(
+                    &self.ids_tensor(&ids, num_beams, 1)?,
+                    None,
+                    &mut cache,
+                    &LogitsAt::Last,
+                    d,
+                )
             })?;
         }
         // Finalise: running beams of unfinished groups become hypotheses.
@@ -739,7 +928,16 @@ impl Engine {
             }
             for r in g * gs..(g + 1) * gs {
                 let len = seqs[r].len().max(1) as f64;
-                add_hyp(&mut hyps[g], gs, (scores[r] / len.powf(lp), seqs[r].clone(), raw[r], FinishReason::Length));
+                add_hyp(
+                    &mut hyps[g],
+                    gs,
+                    (
+                        scores[r] / len.powf(lp),
+                        seqs[r].clone(),
+                        raw[r],
+                        FinishReason::Length,
+                    ),
+                );
             }
         }
         let mut all: Vec<_> = hyps.into_iter().flatten().collect();
@@ -747,20 +945,34 @@ impl Engine {
         let mut sequences = Vec::new();
         for (score, ids, logprob, finish) in all.into_iter().take(params.num_return_sequences) {
             let text = self.tokenizer.decode(&ids, true)?;
-            sequences.push(GeneratedSequence { ids, text, logprob, score, finish });
+            sequences.push(GeneratedSequence {
+                ids,
+                text,
+                logprob,
+                score,
+                finish,
+            });
         }
         Ok(GenerateOutput { sequences })
     }
 }
 
 /// Keep the `cap` best hypotheses.
-fn add_hyp(list: &mut Vec<(f64, Vec<u32>, f64, FinishReason)>, cap: usize, h: (f64, Vec<u32>, f64, FinishReason)) {
+fn add_hyp(
+    list: &mut Vec<(f64, Vec<u32>, f64, FinishReason)>,
+    cap: usize,
+    h: (f64, Vec<u32>, f64, FinishReason),
+) {
     list.push(h);
     if list.len() > cap {
         let worst = list
             .iter()
             .enumerate()
-            .min_by(|a, b| a.1 .0.partial_cmp(&b.1 .0).unwrap_or(std::cmp::Ordering::Equal))
+            .min_by(|a, b| {
+                a.1 .0
+                    .partial_cmp(&b.1 .0)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
             .map(|(i, _)| i);
         if let Some(i) = worst {
             list.remove(i);
@@ -770,7 +982,10 @@ fn add_hyp(list: &mut Vec<(f64, Vec<u32>, f64, FinishReason)>, cap: usize, h: (f
 
 fn check_ids(index: usize, ids: &[u32], vocab: usize) -> Result<()> {
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::InvalidRequest { index, message: format!("token id {bad} >= vocab size {vocab}") });
+        return Err(Error::InvalidRequest {
+            index,
+            message: format!("token id {bad} >= vocab size {vocab}"),
+        });
     }
     Ok(())
 }
@@ -786,14 +1001,24 @@ fn validate_generate(index: usize, r: &GenerateRequest, vocab: usize) -> Result<
     }
     match &r.params.decoding {
         Decoding::Greedy => {}
-        Decoding::Sample { temperature, top_p, .. } => {
+        Decoding::Sample {
+            temperature, top_p, ..
+        } => {
             if !(*temperature > 0.0) || !(*top_p > 0.0 && *top_p <= 1.0) {
-                return Err(bad(format!("temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]")));
+                return Err(bad(format!(
+                    "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
+                )));
             }
         }
-        Decoding::Beam { num_beams, num_beam_groups, .. } => {
+        Decoding::Beam {
+            num_beams,
+            num_beam_groups,
+            ..
+        } => {
             if *num_beams == 0 || *num_beam_groups == 0 || num_beams % num_beam_groups != 0 {
-                return Err(bad(format!("num_beam_groups {num_beam_groups} must divide num_beams {num_beams}")));
+                return Err(bad(format!(
+                    "num_beam_groups {num_beam_groups} must divide num_beams {num_beams}"
+                )));
             }
             if r.params.num_return_sequences > *num_beams {
                 return Err(bad("num_return_sequences exceeds num_beams".into()));
@@ -805,8 +1030,18 @@ fn validate_generate(index: usize, r: &GenerateRequest, vocab: usize) -> Result<
 
 /// HF's sampling warpers (temperature, top-k, top-p with at least one token
 /// kept) then a draw from the renormalised distribution.
-pub fn sample_hf(logits: &[f32], temperature: f64, top_k: usize, top_p: f64, rng: &mut impl rand::Rng) -> u32 {
-    let mut scaled: Vec<(f64, usize)> = logits.iter().enumerate().map(|(i, &l)| (l as f64 / temperature, i)).collect();
+pub fn sample_hf(
+    logits: &[f32],
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    rng: &mut impl rand::Rng,
+) -> u32 {
+    let mut scaled: Vec<(f64, usize)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (l as f64 / temperature, i))
+        .collect();
     scaled.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
     if top_k > 0 && top_k < scaled.len() {
         scaled.truncate(top_k);

@@ -38,7 +38,12 @@ impl KvCache {
         kind: Kind,
     ) -> Result<Self> {
         let capacity = capacity.max(1);
-        let shape = [batch as i64, kv_heads as i64, capacity as i64, head_dim as i64];
+        let shape = [
+            batch as i64,
+            kv_heads as i64,
+            capacity as i64,
+            head_dim as i64,
+        ];
         let mut keys = Vec::with_capacity(layers);
         let mut values = Vec::with_capacity(layers);
         for _ in 0..layers {
@@ -120,7 +125,9 @@ impl KvCache {
             let mut shape = t.size();
             shape[dim as usize] = new_cap as i64;
             let fresh = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
-            fresh.f_narrow(dim, 0, self.len as i64)?.f_copy_(&t.f_narrow(dim, 0, self.len as i64)?)?;
+            fresh
+                .f_narrow(dim, 0, self.len as i64)?
+                .f_copy_(&t.f_narrow(dim, 0, self.len as i64)?)?;
             Ok(fresh)
         };
         for i in 0..self.keys.len() {
@@ -157,10 +164,18 @@ impl KvCache {
                 }
             }
         }
-        let pos_t = Tensor::f_from_slice(&pos)?.f_view([self.batch as i64, t as i64])?.f_to(self.device)?;
-        let valid_t = Tensor::f_from_slice(valid)?.f_view([self.batch as i64, t as i64])?.f_to(self.device)?;
-        self.positions.f_narrow(1, self.len as i64, t as i64)?.f_copy_(&pos_t)?;
-        self.valid.f_narrow(1, self.len as i64, t as i64)?.f_copy_(&valid_t)?;
+        let pos_t = Tensor::f_from_slice(&pos)?
+            .f_view([self.batch as i64, t as i64])?
+            .f_to(self.device)?;
+        let valid_t = Tensor::f_from_slice(valid)?
+            .f_view([self.batch as i64, t as i64])?
+            .f_to(self.device)?;
+        self.positions
+            .f_narrow(1, self.len as i64, t as i64)?
+            .f_copy_(&pos_t)?;
+        self.valid
+            .f_narrow(1, self.len as i64, t as i64)?
+            .f_copy_(&valid_t)?;
         Ok((pos_t, valid_t))
     }
 
@@ -195,7 +210,10 @@ impl KvCache {
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch) {
-            return Err(Error::ModelInput(format!("row {bad} out of range for batch {}", self.batch)));
+            return Err(Error::ModelInput(format!(
+                "row {bad} out of range for batch {}",
+                self.batch
+            )));
         }
         let idx_t = Tensor::f_from_slice(&idx)?.f_to(self.device)?;
         let used = self.len as i64;

@@ -25,7 +25,9 @@ pub trait LinearDelta {
 /// The LoRA bank with the batch's adapter selection bound in adds its deltas.
 impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
-        Ok(flowtune_lora::SelectedAdapters::delta(self, layer, module, x)?)
+        Ok(flowtune_lora::SelectedAdapters::delta(
+            self, layer, module, x,
+        )?)
     }
 }
 
@@ -86,7 +88,11 @@ pub struct Model {
 
 fn check_shape(name: &str, t: &Tensor, expected: &[i64]) -> Result<()> {
     if t.size() != expected {
-        return Err(Error::TensorShape { tensor: name.to_string(), expected: expected.to_vec(), actual: t.size() });
+        return Err(Error::TensorShape {
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            actual: t.size(),
+        });
     }
     Ok(())
 }
@@ -169,10 +175,16 @@ impl Model {
                                 None => Ok(Tensor::f_zeros([n], (kind, device))?),
                             }
                         };
-                        Some(Tensor::f_cat(&[z(qb, nq * hd)?, z(kb, nkv * hd)?, z(vb, nkv * hd)?], 0)?)
+                        Some(Tensor::f_cat(
+                            &[z(qb, nq * hd)?, z(kb, nkv * hd)?, z(vb, nkv * hd)?],
+                            0,
+                        )?)
                     }
                 };
-                Linear { weight: Tensor::f_cat(&[q, k, vv], 0)?, bias }
+                Linear {
+                    weight: Tensor::f_cat(&[q, k, vv], 0)?,
+                    bias,
+                }
             };
             let o = Linear {
                 weight: fetch(&format!("{p}.self_attn.o_proj.weight"), &[h, nq * hd])?,
@@ -180,7 +192,10 @@ impl Model {
             };
             let gate_up = if contains(&format!("{p}.mlp.gate_up_proj.weight")) {
                 fused_mlp_names = true;
-                Linear { weight: fetch(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?, bias: None }
+                Linear {
+                    weight: fetch(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?,
+                    bias: None,
+                }
             } else {
                 let g = fetch(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?;
                 let u = fetch(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?;
@@ -190,7 +205,10 @@ impl Model {
                     (Some(a), Some(b)) => Some(Tensor::f_cat(&[a, b], 0)?),
                     _ => None,
                 };
-                Linear { weight: Tensor::f_cat(&[g, u], 0)?, bias }
+                Linear {
+                    weight: Tensor::f_cat(&[g, u], 0)?,
+                    bias,
+                }
             };
             let down = Linear {
                 weight: fetch(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
@@ -219,11 +237,20 @@ impl Model {
             field: "rope_scaling".into(),
             message: m,
         })?;
-        let base_inv: Vec<f64> = (0..rot / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / rot as f64)).collect();
+        let base_inv: Vec<f64> = (0..rot / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / rot as f64))
+            .collect();
         let (inv, inv_long, scale) = match &kind_rope {
             RopeKind::Default | RopeKind::Dynamic { .. } => (base_inv.clone(), None, 1.0),
-            RopeKind::Linear { factor } => (base_inv.iter().map(|f| f / factor).collect(), None, 1.0),
-            RopeKind::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeKind::Linear { factor } => {
+                (base_inv.iter().map(|f| f / factor).collect(), None, 1.0)
+            }
+            RopeKind::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = *original_max_position_embeddings as f64;
                 let low_wl = old / low_freq_factor;
                 let high_wl = old / high_freq_factor;
@@ -232,7 +259,8 @@ impl Model {
                     .map(|&f| {
                         let wl = 2.0 * std::f64::consts::PI / f;
                         let scaled = if wl > low_wl { f / factor } else { f };
-                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth =
+                            (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         let medium = !(wl < high_wl) && !(wl > low_wl);
                         if medium {
                             (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -243,9 +271,22 @@ impl Model {
                     .collect();
                 (inv, None, 1.0)
             }
-            RopeKind::LongRope { long_factor, short_factor, attention_factor, .. } => {
-                let short = base_inv.iter().zip(short_factor).map(|(f, s)| f / s).collect();
-                let long: Vec<f64> = base_inv.iter().zip(long_factor).map(|(f, s)| f / s).collect();
+            RopeKind::LongRope {
+                long_factor,
+                short_factor,
+                attention_factor,
+                ..
+            } => {
+                let short = base_inv
+                    .iter()
+                    .zip(short_factor)
+                    .map(|(f, s)| f / s)
+                    .collect();
+                let long: Vec<f64> = base_inv
+                    .iter()
+                    .zip(long_factor)
+                    .map(|(f, s)| f / s)
+                    .collect();
                 (short, Some(long), *attention_factor)
             }
         };
@@ -301,21 +342,23 @@ impl Model {
         )
     }
 
+    /// RMSNorm through libtorch's fused kernel (computes in float32 internally,
+    /// like HF's `LlamaRMSNorm`; agrees with it to float rounding).
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let xf = x.f_to_kind(Kind::Float)?;
-        let var = xf.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = xf.f_mul(&var.f_add_scalar(self.config.rms_norm_eps())?.f_rsqrt()?)?;
-        Ok(weight.f_mul(&normed.f_to_kind(x.kind())?)?)
+        let h = x.size().last().copied().unwrap_or(0);
+        Ok(x.f_rms_norm([h], Some(weight), self.config.rms_norm_eps())?)
     }
 
     /// cos/sin `[B, 1, T, rot]` for positions `[B, T]`, as HF computes them (float32, then cast).
     fn rope_tables(&self, positions: &Tensor, max_len: i64) -> Result<(Tensor, Tensor)> {
         let mut inv = match (&self.inv_freq_long, self.config.rope_kind()) {
-            (Some(long), Ok(RopeKind::LongRope { original_max_position_embeddings, .. }))
-                if max_len > original_max_position_embeddings as i64 =>
-            {
-                long.shallow_clone()
-            }
+            (
+                Some(long),
+                Ok(RopeKind::LongRope {
+                    original_max_position_embeddings,
+                    ..
+                }),
+            ) if max_len > original_max_position_embeddings as i64 => long.shallow_clone(),
             _ => self.inv_freq.shallow_clone(),
         };
         if let Ok(RopeKind::Dynamic { factor }) = self.config.rope_kind() {
@@ -323,13 +366,18 @@ impl Model {
             if max_len as f64 > max_pos {
                 let rot = self.config.rotary_dim() as f64;
                 let base = self.config.rope_theta()
-                    * ((factor * max_len as f64 / max_pos) - (factor - 1.0)).powf(rot / (rot - 2.0));
-                let v: Vec<f32> =
-                    (0..(rot as usize) / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / rot)) as f32).collect();
+                    * ((factor * max_len as f64 / max_pos) - (factor - 1.0))
+                        .powf(rot / (rot - 2.0));
+                let v: Vec<f32> = (0..(rot as usize) / 2)
+                    .map(|i| (1.0 / base.powf((2 * i) as f64 / rot)) as f32)
+                    .collect();
                 inv = Tensor::f_from_slice(&v)?.f_to(self.device)?;
             }
         }
-        let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&inv)?;
+        let freqs = positions
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(-1)?
+            .f_mul(&inv)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let mut cos = emb.f_cos()?;
         let mut sin = emb.f_sin()?;
@@ -337,14 +385,20 @@ impl Model {
             cos = cos.f_mul_scalar(self.rope_scale)?;
             sin = sin.f_mul_scalar(self.rope_scale)?;
         }
-        Ok((cos.f_to_kind(self.kind)?.f_unsqueeze(1)?, sin.f_to_kind(self.kind)?.f_unsqueeze(1)?))
+        Ok((
+            cos.f_to_kind(self.kind)?.f_unsqueeze(1)?,
+            sin.f_to_kind(self.kind)?.f_unsqueeze(1)?,
+        ))
     }
 
     fn apply_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let rot = self.config.rotary_dim() as i64;
         let hd = self.config.head_dim() as i64;
         let (xr, pass) = if rot < hd {
-            (x.f_narrow(-1, 0, rot)?, Some(x.f_narrow(-1, rot, hd - rot)?))
+            (
+                x.f_narrow(-1, 0, rot)?,
+                Some(x.f_narrow(-1, rot, hd - rot)?),
+            )
         } else {
             (x.shallow_clone(), None)
         };
@@ -381,7 +435,11 @@ impl Model {
             if let Some(name) = fused_name {
                 if let Some(dy) = d.delta(layer, name, x)? {
                     let sizes: Vec<i64> = parts.iter().map(|p| p.1).collect();
-                    let ds = if parts.len() == 1 { vec![dy] } else { dy.f_split_with_sizes(sizes.as_slice(), -1)? };
+                    let ds = if parts.len() == 1 {
+                        vec![dy]
+                    } else {
+                        dy.f_split_with_sizes(sizes.as_slice(), -1)?
+                    };
                     for (o, dd) in outs.iter_mut().zip(ds) {
                         *o = o.f_add(&dd)?;
                     }
@@ -405,9 +463,15 @@ impl Model {
             LogitsAt::Last => hidden.f_select(1, t - 1)?,
             LogitsAt::PerRow(cols) => {
                 if cols.len() as i64 != b || cols.iter().any(|&c| c as i64 >= t) {
-                    return Err(Error::ModelInput(format!("per-row logit columns {cols:?} for batch {b} x {t}")));
+                    return Err(Error::ModelInput(format!(
+                        "per-row logit columns {cols:?} for batch {b} x {t}"
+                    )));
                 }
-                let idx: Vec<i64> = cols.iter().enumerate().map(|(r, &c)| r as i64 * t + c as i64).collect();
+                let idx: Vec<i64> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &c)| r as i64 * t + c as i64)
+                    .collect();
                 let idx = Tensor::f_from_slice(&idx)?.f_to(self.device)?;
                 hidden.f_reshape([b * t, -1])?.f_index_select(0, &idx)?
             }
@@ -428,10 +492,14 @@ impl Model {
         at: &LogitsAt,
         delta: Option<&dyn LinearDelta>,
     ) -> Result<Tensor> {
-        let _span = tracing::trace_span!("lm_forward", t = ids.size().get(1).copied().unwrap_or(0)).entered();
+        let _span = tracing::trace_span!("lm_forward", t = ids.size().get(1).copied().unwrap_or(0))
+            .entered();
         let size = ids.size();
         if size.len() != 2 || size[0] as usize != cache.batch() {
-            return Err(Error::ModelInput(format!("ids shape {size:?} for a cache of batch {}", cache.batch())));
+            return Err(Error::ModelInput(format!(
+                "ids shape {size:?} for a cache of batch {}",
+                cache.batch()
+            )));
         }
         let (b, t) = (size[0], size[1]);
         let all_valid;
@@ -454,11 +522,15 @@ impl Model {
         // Masks [B, 1, T, total]: key j visible to query slot start+i iff it is a real token at or
         // before it (and inside the sliding window); the query's own slot is always visible so
         // padding rows never have an empty softmax.
-        let q_slot = Tensor::f_arange_start(start, total, (Kind::Int64, self.device))?.f_view([1, 1, t, 1])?;
-        let k_slot = Tensor::f_arange(total, (Kind::Int64, self.device))?.f_view([1, 1, 1, total])?;
+        let q_slot = Tensor::f_arange_start(start, total, (Kind::Int64, self.device))?
+            .f_view([1, 1, t, 1])?;
+        let k_slot =
+            Tensor::f_arange(total, (Kind::Int64, self.device))?.f_view([1, 1, 1, total])?;
         let causal = k_slot.f_le_tensor(&q_slot)?;
         let diag = k_slot.f_eq_tensor(&q_slot)?;
-        let base_mask = causal.f_logical_and(&key_valid.f_view([b, 1, 1, total])?)?.f_logical_or(&diag)?;
+        let base_mask = causal
+            .f_logical_and(&key_valid.f_view([b, 1, 1, total])?)?
+            .f_logical_or(&diag)?;
         let mut window_masks: HashMap<usize, Tensor> = HashMap::new();
         for layer in &self.layers {
             if let Some(w) = layer.sliding_window {
@@ -481,32 +553,77 @@ impl Model {
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_norm)?;
-            let parts = [("q_proj", nq * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)];
+            let parts = [
+                ("q_proj", nq * hd),
+                ("k_proj", nkv * hd),
+                ("v_proj", nkv * hd),
+            ];
             let qkv = self.project(
                 li,
                 &h,
                 &layer.qkv,
                 &parts,
-                if self.fused_qkv_names { Some("qkv_proj") } else { None },
+                if self.fused_qkv_names {
+                    Some("qkv_proj")
+                } else {
+                    None
+                },
                 delta,
             )?;
-            let q = qkv[0].f_view([b, t, nq, hd])?.f_transpose(1, 2)?;
-            let k = qkv[1].f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
+            // RoPE once over q and k heads together (fewer kernel launches per layer).
+            let qk = Tensor::f_cat(&[&qkv[0], &qkv[1]], -1)?
+                .f_view([b, t, nq + nkv, hd])?
+                .f_transpose(1, 2)?;
+            let qk = self.apply_rope(&qk, &cos, &sin)?;
+            let q = qk.f_narrow(1, 0, nq)?;
+            let k = qk.f_narrow(1, nq, nkv)?;
             let v = qkv[2].f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
-            let q = self.apply_rope(&q, &cos, &sin)?;
-            let k = self.apply_rope(&k, &cos, &sin)?;
             let (kk, vv) = cache.write_layer(li, start as usize, &k, &v)?;
             let windowed = layer.sliding_window.and_then(|w| window_masks.get(&w));
             let attn = if windowed.is_none() && use_causal_flag {
-                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &kk, &vv, None, 0.0, true, None, nkv != nq)?
+                Tensor::f_scaled_dot_product_attention::<Tensor>(
+                    &q,
+                    &kk,
+                    &vv,
+                    None,
+                    0.0,
+                    true,
+                    None,
+                    nkv != nq,
+                )?
             } else if windowed.is_none() && decode_no_pad {
-                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &kk, &vv, None, 0.0, false, None, nkv != nq)?
+                Tensor::f_scaled_dot_product_attention::<Tensor>(
+                    &q,
+                    &kk,
+                    &vv,
+                    None,
+                    0.0,
+                    false,
+                    None,
+                    nkv != nq,
+                )?
             } else {
                 let mask = windowed.unwrap_or(&base_mask);
-                Tensor::f_scaled_dot_product_attention(&q, &kk, &vv, Some(mask), 0.0, false, None, nkv != nq)?
+                Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &kk,
+                    &vv,
+                    Some(mask),
+                    0.0,
+                    false,
+                    None,
+                    nkv != nq,
+                )?
             };
             let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?;
-            let o = self.project(li, &attn, &layer.o, &[("o_proj", self.config.hidden_size as i64)], None, delta)?;
+            let o = self.project(
+                li,
+                &attn,
+                &layer.o,
+                &[("o_proj", self.config.hidden_size as i64)],
+                None,
+                delta,
+            )?;
             x = x.f_add(&o[0])?;
             let h = self.rms_norm(&x, &layer.post_norm)?;
             let gu = self.project(
@@ -514,11 +631,22 @@ impl Model {
                 &h,
                 &layer.gate_up,
                 &[("gate_proj", inter), ("up_proj", inter)],
-                if self.fused_mlp_names { Some("gate_up_proj") } else { None },
+                if self.fused_mlp_names {
+                    Some("gate_up_proj")
+                } else {
+                    None
+                },
                 delta,
             )?;
             let act = gu[0].f_silu()?.f_mul(&gu[1])?;
-            let d = self.project(li, &act, &layer.down, &[("down_proj", self.config.hidden_size as i64)], None, delta)?;
+            let d = self.project(
+                li,
+                &act,
+                &layer.down,
+                &[("down_proj", self.config.hidden_size as i64)],
+                None,
+                delta,
+            )?;
             x = x.f_add(&d[0])?;
         }
         cache.commit(t as usize);
@@ -529,7 +657,12 @@ impl Model {
     /// `[B, T]`, `attention_mask` `[B, T]` (1 = real token; left or right
     /// padding), returns logits `[B, T, V]` in the model dtype. Gradients flow
     /// when enabled (e.g. through a LoRA delta).
-    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor, delta: Option<&dyn LinearDelta>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        delta: Option<&dyn LinearDelta>,
+    ) -> Result<Tensor> {
         let size = ids.size();
         if size.len() != 2 || attention_mask.size() != size {
             return Err(Error::ModelInput(format!(
@@ -537,10 +670,16 @@ impl Model {
                 attention_mask.size()
             )));
         }
-        let mask: Vec<i64> = Vec::<i64>::try_from(attention_mask.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)?;
+        let mask: Vec<i64> =
+            Vec::<i64>::try_from(attention_mask.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?)?;
         let valid: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
         let mut cache = self.new_cache(size[0] as usize, size[1] as usize)?;
-        self.forward_cached(&ids.f_to(self.device)?, Some(&valid), &mut cache, &LogitsAt::All, delta)
+        self.forward_cached(
+            &ids.f_to(self.device)?,
+            Some(&valid),
+            &mut cache,
+            &LogitsAt::All,
+            delta,
+        )
     }
 }
-

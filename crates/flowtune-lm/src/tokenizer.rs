@@ -150,10 +150,13 @@ pub fn gguf_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
             reason: "missing or not a string".into(),
         }
     })?;
+    if model == "llama" {
+        return sentencepiece_tokenizer_json(h, path);
+    }
     if model != "gpt2" {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
-            what: format!("GGUF tokenizer model `{model}` (only the byte-level BPE `gpt2` is supported)"),
+            what: format!("GGUF tokenizer model `{model}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece BPE)"),
         });
     }
     let tokens = string_array(h, "tokenizer.ggml.tokens", path)?;
@@ -212,6 +215,134 @@ pub fn gguf_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    }))
+}
+
+/// Merges implied by a vocabulary and its scores, as transformers'
+/// `generate_merges(vocab, vocab_scores)`: for each token (in file order), every
+/// split into two known pieces, ordered by the pieces' ids; then all merges sorted
+/// by (score, left length, right length), highest first, ties in that order.
+pub fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+    let mut vocab: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t, i);
+    }
+    // A dict built from zip(tokens, scores): the first position, the last score.
+    let mut order: Vec<&str> = Vec::new();
+    let mut score: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+    for (t, &sc) in tokens.iter().zip(scores) {
+        if score.insert(t, sc).is_none() {
+            order.push(t);
+        }
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for t in order {
+        let sc = score.get(t).copied().unwrap_or(0.0);
+        let mut local: Vec<(&str, &str, f64)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| (&t[..i], &t[i..]))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, sc))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    // Stable sort, descending: equal keys keep their order, as Python's reverse=True.
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+}
+
+/// The `tokenizer.json` transformers builds for a SentencePiece-style (`llama`)
+/// GGUF vocabulary: BPE with byte fallback over the pieces as spelled in the file,
+/// merges from the file or derived from the scores, `Metaspace` pre-tokenizer
+/// (prepend "first"), or for `phi3` a normalizer that prepends and replaces spaces.
+fn sentencepiece_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
+    let arch = h.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("");
+    let tokens = string_array(h, "tokenizer.ggml.tokens", path)?;
+    let types: Vec<i64> = match h.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+        Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+        None => Vec::new(),
+    };
+    let merges: Vec<(String, String)> = if h.get("tokenizer.ggml.merges").is_some() {
+        string_array(h, "tokenizer.ggml.merges", path)?
+            .iter()
+            .map(|m| {
+                let mut p = m.split(' ');
+                (p.next().unwrap_or("").to_string(), p.next().unwrap_or("").to_string())
+            })
+            .collect()
+    } else {
+        let scores: Vec<f64> = match h.get("tokenizer.ggml.scores").and_then(GgufValue::as_array) {
+            Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+            None => {
+                return Err(Error::GgufMetadata {
+                    path: path.to_path_buf(),
+                    key: "tokenizer.ggml.scores".into(),
+                    reason: "missing: needed to derive merges when tokenizer.ggml.merges is absent".into(),
+                })
+            }
+        };
+        if scores.len() != tokens.len() {
+            return Err(Error::GgufMetadata {
+                path: path.to_path_buf(),
+                key: "tokenizer.ggml.scores".into(),
+                reason: format!("{} scores for {} tokens", scores.len(), tokens.len()),
+            });
+        }
+        merges_from_scores(&tokens, &scores)
+    };
+    let mut vocab = Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert((*t).to_string(), json!(i));
+    }
+    let mut added = Vec::new();
+    for (i, (t, ty)) in tokens.iter().zip(types.iter()).enumerate() {
+        let special = match *ty {
+            CONTROL => true,
+            USER_DEFINED => false,
+            _ => continue,
+        };
+        added.push(json!({
+            "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": special
+        }));
+    }
+    let (normalizer, pre_tokenizer) = if arch == "phi3" {
+        (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}
+            ]}),
+            Json::Null,
+        )
+    } else {
+        (Json::Null, json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}))
+    };
+    let merges: Vec<Json> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": merges
         }
     }))

@@ -26,15 +26,28 @@ fn golden_dir() -> &'static tempfile::TempDir {
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let model = test_model();
-        run_reference(&["tiny", "--out", dir.path().to_str().unwrap(), "--tokenizer-from", model.to_str().unwrap()]);
+        run_reference(&[
+            "tiny",
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--tokenizer-from",
+            model.to_str().unwrap(),
+        ]);
         dir
     })
 }
 
 fn load_arch(arch: &str, dtype: Kind) -> Model {
-    let loaded = load(&golden_dir().path().join(arch), &LoadOptions { device: Device::Cpu, dtype })
-        .unwrap_or_else(|e| panic!("loading tiny {arch}: {e}"));
-    Model::new(&loaded.config, &loaded.weights).unwrap_or_else(|e| panic!("building tiny {arch}: {e}"))
+    let loaded = load(
+        &golden_dir().path().join(arch),
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype,
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading tiny {arch}: {e}"));
+    Model::new(&loaded.config, &loaded.weights)
+        .unwrap_or_else(|e| panic!("building tiny {arch}: {e}"))
 }
 
 /// Max |Δ| over positions where mask == 1.
@@ -75,7 +88,9 @@ fn tiny_architectures_incremental_decode_matches_transformers() {
             // filled while short keeps short-factor keys. Stay within the original 16 positions and
             // compare with our own full forward there (itself checked against transformers above).
             t = 16;
-            want = tch::no_grad(|| model.forward(&ids.narrow(1, 0, t), &mask.narrow(1, 0, t), None)).unwrap();
+            want =
+                tch::no_grad(|| model.forward(&ids.narrow(1, 0, t), &mask.narrow(1, 0, t), None))
+                    .unwrap();
         }
         let want = &want;
         let mask_host: Vec<i64> = Vec::try_from(mask.flatten(0, -1)).unwrap();
@@ -90,20 +105,43 @@ fn tiny_architectures_incremental_decode_matches_transformers() {
         let mut cache = model.new_cache(b as usize, 4).unwrap();
         let prefill = 10;
         let first = tch::no_grad(|| {
-            model.forward_cached(&ids.narrow(1, 0, prefill), Some(&valid_at(0, prefill)), &mut cache, &LogitsAt::All, None)
+            model.forward_cached(
+                &ids.narrow(1, 0, prefill),
+                Some(&valid_at(0, prefill)),
+                &mut cache,
+                &LogitsAt::All,
+                None,
+            )
         })
         .unwrap();
-        let mut worst = masked_diff(&first, &want.narrow(1, 0, prefill), &mask.narrow(1, 0, prefill));
+        let mut worst = masked_diff(
+            &first,
+            &want.narrow(1, 0, prefill),
+            &mask.narrow(1, 0, prefill),
+        );
         for c in prefill..t {
             let step = tch::no_grad(|| {
-                model.forward_cached(&ids.narrow(1, c, 1), Some(&valid_at(c, 1)), &mut cache, &LogitsAt::Last, None)
+                model.forward_cached(
+                    &ids.narrow(1, c, 1),
+                    Some(&valid_at(c, 1)),
+                    &mut cache,
+                    &LogitsAt::Last,
+                    None,
+                )
             })
             .unwrap();
-            let d = masked_diff(&step.unsqueeze(1), &want.narrow(1, c, 1), &mask.narrow(1, c, 1));
+            let d = masked_diff(
+                &step.unsqueeze(1),
+                &want.narrow(1, c, 1),
+                &mask.narrow(1, c, 1),
+            );
             worst = worst.max(d);
         }
         println!("{arch}: incremental max |Δlogit| = {worst:.3e}");
-        assert!(worst <= TOL, "{arch}: incremental decode max |Δlogit| {worst} > {TOL}");
+        assert!(
+            worst <= TOL,
+            "{arch}: incremental decode max |Δlogit| {worst} > {TOL}"
+        );
     }
 }
 

@@ -15,8 +15,22 @@ use model_support::*;
 use tch::{Device, Kind, Tensor};
 
 fn engine_with(min_shared_prefix: usize) -> Engine {
-    let loaded = load(&test_model(), &LoadOptions { device: Device::Cpu, dtype: Kind::Float }).unwrap();
-    Engine::new(loaded, EngineConfig { min_shared_prefix, ..Default::default() }).unwrap()
+    let loaded = load(
+        &test_model(),
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        },
+    )
+    .unwrap();
+    Engine::new(
+        loaded,
+        EngineConfig {
+            min_shared_prefix,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Tensors are not `Sync`, so every test loads its own engine (about a second).
@@ -25,22 +39,41 @@ fn engine() -> Engine {
 }
 
 fn chat(e: &Engine, text: &str) -> Vec<u32> {
-    e.tokenizer().encode_chat(&[ChatMessage::new("user", text)], true).unwrap()
+    e.tokenizer()
+        .encode_chat(&[ChatMessage::new("user", text)], true)
+        .unwrap()
 }
 
 fn greedy(prompt: Vec<u32>, n: usize) -> GenerateRequest {
-    GenerateRequest { adapter: None, prompt, params: GenerationParams { max_new_tokens: n, ..Default::default() } }
+    GenerateRequest {
+        adapter: None,
+        prompt,
+        params: GenerationParams {
+            max_new_tokens: n,
+            ..Default::default()
+        },
+    }
 }
 
 #[test]
 fn batched_greedy_equals_unbatched_on_ragged_prompts() {
     let e = &engine();
-    let texts = ["Hi", "Name three colours of the rainbow, please.", "What is the capital of Italy? Answer in one word.", "Tell me a very short story about a cat who learns to swim in the sea near a lighthouse."];
+    let texts = [
+        "Hi",
+        "Name three colours of the rainbow, please.",
+        "What is the capital of Italy? Answer in one word.",
+        "Tell me a very short story about a cat who learns to swim in the sea near a lighthouse.",
+    ];
     let reqs: Vec<_> = texts.iter().map(|t| greedy(chat(e, t), 16)).collect();
     let batched = e.generate(&reqs).unwrap();
     for (r, b) in reqs.iter().zip(&batched) {
         let single = e.generate(std::slice::from_ref(r)).unwrap();
-        assert_eq!(single[0].sequences[0].ids, b.sequences[0].ids, "batched != unbatched for prompt of {} tokens", r.prompt.len());
+        assert_eq!(
+            single[0].sequences[0].ids,
+            b.sequences[0].ids,
+            "batched != unbatched for prompt of {} tokens",
+            r.prompt.len()
+        );
         assert!(!b.sequences[0].ids.is_empty());
     }
 }
@@ -62,22 +95,41 @@ fn reference_logprob(e: &Engine, prompt: &[u32], completion: &[u32]) -> f64 {
 fn score_equals_full_forward_log_softmax_with_and_without_prefix_reuse() {
     let e = &engine();
     let q = "Question: which city hosts the Eiffel Tower? Is the following paragraph relevant?";
-    let prompts: Vec<Vec<u32>> = ["Paris is in France.", "Bananas are yellow.", "The tower was built in 1889 for the World's Fair in Paris."]
-        .iter()
-        .map(|p| chat(e, &format!("{q}\n{p}")))
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "Paris is in France.",
+        "Bananas are yellow.",
+        "The tower was built in 1889 for the World's Fair in Paris.",
+    ]
+    .iter()
+    .map(|p| chat(e, &format!("{q}\n{p}")))
+    .collect();
     let completions: Vec<Vec<u32>> = ["Yes, it is.", "No.", "Yes, it mentions the tower in Paris."]
         .iter()
         .map(|c| e.tokenizer().encode(c).unwrap())
         .collect();
-    let reqs: Vec<ScoreRequest> =
-        prompts.iter().zip(&completions).map(|(p, c)| ScoreRequest { adapter: None, prompt: p.clone(), completion: c.clone() }).collect();
+    let reqs: Vec<ScoreRequest> = prompts
+        .iter()
+        .zip(&completions)
+        .map(|(p, c)| ScoreRequest {
+            adapter: None,
+            prompt: p.clone(),
+            completion: c.clone(),
+        })
+        .collect();
     let shared = e.score(&reqs).unwrap();
     let unshared = engine_with(usize::MAX).score(&reqs).unwrap();
     for ((r, s), u) in reqs.iter().zip(&shared).zip(&unshared) {
         let want = reference_logprob(e, &r.prompt, &r.completion);
-        assert!((s.logprob - want).abs() < 1e-4, "shared-prefix score {} vs full forward {want}", s.logprob);
-        assert!((u.logprob - want).abs() < 1e-4, "score {} vs full forward {want}", u.logprob);
+        assert!(
+            (s.logprob - want).abs() < 1e-4,
+            "shared-prefix score {} vs full forward {want}",
+            s.logprob
+        );
+        assert!(
+            (u.logprob - want).abs() < 1e-4,
+            "score {} vs full forward {want}",
+            u.logprob
+        );
         assert_eq!(s.token_logprobs.len(), r.completion.len());
     }
 }
@@ -87,11 +139,24 @@ fn classify_twenty_paragraphs_after_shared_question_matches_full_forward() {
     let e = &engine();
     let yes = e.tokenizer().token_to_id("Yes").unwrap();
     let no = e.tokenizer().token_to_id("No").unwrap();
-    let system = ChatMessage::new("system", "Decide whether the paragraph helps answer the question. Reply Yes or No.");
+    let system = ChatMessage::new(
+        "system",
+        "Decide whether the paragraph helps answer the question. Reply Yes or No.",
+    );
     let reqs: Vec<ClassifyRequest> = (0..20)
         .map(|i| {
-            let user = format!("Question: Who designed the tower in the capital of France?\nParagraph {i}: {}", "lorem ipsum ".repeat(i % 5 + 1));
-            ClassifyRequest { adapter: None, prompt: e.tokenizer().encode_chat(&[system.clone(), ChatMessage::new("user", user)], true).unwrap(), labels: vec![yes, no] }
+            let user = format!(
+                "Question: Who designed the tower in the capital of France?\nParagraph {i}: {}",
+                "lorem ipsum ".repeat(i % 5 + 1)
+            );
+            ClassifyRequest {
+                adapter: None,
+                prompt: e
+                    .tokenizer()
+                    .encode_chat(&[system.clone(), ChatMessage::new("user", user)], true)
+                    .unwrap(),
+                labels: vec![yes, no],
+            }
         })
         .collect();
     let out = e.classify(&reqs).unwrap();
@@ -99,10 +164,20 @@ fn classify_twenty_paragraphs_after_shared_question_matches_full_forward() {
         let ids: Vec<i64> = r.prompt.iter().map(|&x| x as i64).collect();
         let ids = Tensor::from_slice(&ids).view([1, -1]);
         let logits = tch::no_grad(|| e.model().forward(&ids, &ids.ones_like(), None)).unwrap();
-        let last = logits.get(0).get(r.prompt.len() as i64 - 1).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-        let (ly, ln) = (last.double_value(&[yes as i64]), last.double_value(&[no as i64]));
+        let last = logits
+            .get(0)
+            .get(r.prompt.len() as i64 - 1)
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float);
+        let (ly, ln) = (
+            last.double_value(&[yes as i64]),
+            last.double_value(&[no as i64]),
+        );
         let lse = ly.max(ln) + ((ly - ly.max(ln)).exp() + (ln - ly.max(ln)).exp()).ln();
-        assert!((o.label_logprobs[0] - (ly - lse)).abs() < 1e-4 && (o.label_logprobs[1] - (ln - lse)).abs() < 1e-4);
+        assert!(
+            (o.label_logprobs[0] - (ly - lse)).abs() < 1e-4
+                && (o.label_logprobs[1] - (ln - lse)).abs() < 1e-4
+        );
         assert!((o.raw_logprobs[0] - ly).abs() < 1e-4);
     }
 }
@@ -113,11 +188,24 @@ fn seeded_sampling_is_reproducible_and_independent_of_batching() {
     let params = GenerationParams {
         max_new_tokens: 12,
         num_return_sequences: 3,
-        decoding: Decoding::Sample { temperature: 0.9, top_k: 50, top_p: 0.95, seed: 7 },
+        decoding: Decoding::Sample {
+            temperature: 0.9,
+            top_k: 50,
+            top_p: 0.95,
+            seed: 7,
+        },
         ..Default::default()
     };
-    let a = GenerateRequest { adapter: None, prompt: chat(e, "Write a haiku about rain."), params: params.clone() };
-    let b = GenerateRequest { adapter: None, prompt: chat(e, "Hi"), params };
+    let a = GenerateRequest {
+        adapter: None,
+        prompt: chat(e, "Write a haiku about rain."),
+        params: params.clone(),
+    };
+    let b = GenerateRequest {
+        adapter: None,
+        prompt: chat(e, "Hi"),
+        params,
+    };
     let together = e.generate(&[a.clone(), b]).unwrap();
     let alone = e.generate(&[a]).unwrap();
     // Same tokens; log-probs equal up to float noise from the batch shape (1e-3).
@@ -126,20 +214,43 @@ fn seeded_sampling_is_reproducible_and_independent_of_batching() {
         assert!((x.logprob - y.logprob).abs() < 1e-3);
     }
     assert_eq!(together[0].sequences.len(), 3);
-    let distinct: std::collections::HashSet<_> = together[0].sequences.iter().map(|s| s.ids.clone()).collect();
-    assert!(distinct.len() >= 2, "three samples at temperature 0.9 were all identical");
+    let distinct: std::collections::HashSet<_> = together[0]
+        .sequences
+        .iter()
+        .map(|s| s.ids.clone())
+        .collect();
+    assert!(
+        distinct.len() >= 2,
+        "three samples at temperature 0.9 were all identical"
+    );
 }
 
 #[test]
 fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
     let e = &engine();
-    let prompts = vec![chat(e, "What is the capital of France?"), chat(e, "Give me a synonym for happy.")];
+    let prompts = vec![
+        chat(e, "What is the capital of France?"),
+        chat(e, "Give me a synonym for happy."),
+    ];
     let dir = tempfile::tempdir().unwrap();
     let pj = dir.path().join("beam_prompts.json");
     std::fs::write(&pj, serde_json::to_string(&prompts).unwrap()).unwrap();
     let new_tokens = 10;
-    run_reference(&["beam", "--out", dir.path().to_str().unwrap(), "--model", test_model().to_str().unwrap(), "--prompts", pj.to_str().unwrap(), "--new-tokens", &new_tokens.to_string()]);
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("beam_golden.json")).unwrap()).unwrap();
+    run_reference(&[
+        "beam",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--model",
+        test_model().to_str().unwrap(),
+        "--prompts",
+        pj.to_str().unwrap(),
+        "--new-tokens",
+        &new_tokens.to_string(),
+    ]);
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("beam_golden.json")).unwrap(),
+    )
+    .unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let out = e
             .generate(&[GenerateRequest {
@@ -148,7 +259,12 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
                 params: GenerationParams {
                     max_new_tokens: new_tokens,
                     num_return_sequences: 4,
-                    decoding: Decoding::Beam { num_beams: 4, num_beam_groups: 1, diversity_penalty: 0.0, length_penalty: 1.0 },
+                    decoding: Decoding::Beam {
+                        num_beams: 4,
+                        num_beam_groups: 1,
+                        diversity_penalty: 0.0,
+                        length_penalty: 1.0,
+                    },
                     ..Default::default()
                 },
             }])
@@ -158,7 +274,12 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
             .unwrap()
             .iter()
             .map(|s| {
-                let ids: Vec<u32> = s.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                let ids: Vec<u32> = s
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect();
                 // transformers pads finished beams (pad = EOS here): keep up to the first EOS.
                 match ids.iter().position(|t| e.eos_token_ids().contains(t)) {
                     Some(k) => ids[..=k].to_vec(),
@@ -167,28 +288,51 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
             })
             .collect();
         let got: Vec<Vec<u32>> = out[0].sequences.iter().map(|s| s.ids.clone()).collect();
-        assert_eq!(got[0], want[0], "prompt {i}: best beam differs from transformers");
+        assert_eq!(
+            got[0], want[0],
+            "prompt {i}: best beam differs from transformers"
+        );
         assert_eq!(got, want, "prompt {i}: beams differ from transformers");
-        let want_scores: Vec<f64> = golden[i]["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let want_scores: Vec<f64> = golden[i]["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         for (s, w) in out[0].sequences.iter().zip(&want_scores) {
-            assert!((s.score - w).abs() < 1e-3, "prompt {i}: beam score {} vs transformers {w}", s.score);
+            assert!(
+                (s.score - w).abs() < 1e-3,
+                "prompt {i}: beam score {} vs transformers {w}",
+                s.score
+            );
         }
     }
     // Diverse beam search: 4 beams in 2 groups, penalty 1.0: 4 distinct sequences.
     let out = e
         .generate(&[GenerateRequest {
-                adapter: None,
+            adapter: None,
             prompt: prompts[1].clone(),
             params: GenerationParams {
                 max_new_tokens: 8,
                 num_return_sequences: 4,
-                decoding: Decoding::Beam { num_beams: 4, num_beam_groups: 2, diversity_penalty: 1.0, length_penalty: 1.0 },
+                decoding: Decoding::Beam {
+                    num_beams: 4,
+                    num_beam_groups: 2,
+                    diversity_penalty: 1.0,
+                    length_penalty: 1.0,
+                },
                 ..Default::default()
             },
         }])
         .unwrap();
-    let seqs: std::collections::HashSet<_> = out[0].sequences.iter().map(|s| s.ids.clone()).collect();
-    assert_eq!(seqs.len(), 4, "diverse beam search returned duplicates: {:?}", out[0].sequences);
+    let seqs: std::collections::HashSet<_> =
+        out[0].sequences.iter().map(|s| s.ids.clone()).collect();
+    assert_eq!(
+        seqs.len(),
+        4,
+        "diverse beam search returned duplicates: {:?}",
+        out[0].sequences
+    );
 }
 
 #[test]
@@ -196,15 +340,31 @@ fn stop_strings_and_bad_requests() {
     let e = &engine();
     let out = e
         .generate(&[GenerateRequest {
-                adapter: None,
+            adapter: None,
             prompt: chat(e, "Count from 1 to 20 separated by commas."),
-            params: GenerationParams { max_new_tokens: 40, stop: vec!["5".into()], ..Default::default() },
+            params: GenerationParams {
+                max_new_tokens: 40,
+                stop: vec!["5".into()],
+                ..Default::default()
+            },
         }])
         .unwrap();
     let s = &out[0].sequences[0];
-    assert!(s.finish == FinishReason::Stop && s.text.contains('5'), "{s:?}");
+    assert!(
+        s.finish == FinishReason::Stop && s.text.contains('5'),
+        "{s:?}"
+    );
     let err = e.generate(&[greedy(vec![], 4)]).unwrap_err();
-    assert!(matches!(err, flowtune_lm::Error::InvalidRequest { index: 0, .. }), "{err}");
-    let err = e.score(&[ScoreRequest { adapter: None, prompt: vec![1], completion: vec![u32::MAX] }]).unwrap_err();
+    assert!(
+        matches!(err, flowtune_lm::Error::InvalidRequest { index: 0, .. }),
+        "{err}"
+    );
+    let err = e
+        .score(&[ScoreRequest {
+            adapter: None,
+            prompt: vec![1],
+            completion: vec![u32::MAX],
+        }])
+        .unwrap_err();
     assert!(err.to_string().contains("vocab"), "{err}");
 }

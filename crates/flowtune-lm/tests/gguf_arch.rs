@@ -66,8 +66,10 @@ fn random_data(rng: &mut Rng, ty: u32, n: u64, scale: f32) -> Vec<u8> {
     out
 }
 
-/// A tiny model of `arch` (`mistral` is written as llama.cpp does: arch `llama`,
-/// `general.name` "mistral").
+/// A tiny model of `arch`. `mistral` is written as llama.cpp writes Mistral models:
+/// architecture `llama` with a Mistral name (transformers, like flowtune, then loads
+/// it as Llama; the GGUF carries no sliding window). transformers' own special case,
+/// `general.name` exactly "mistral", fails inside gguf-py 0.19, so it is not tested.
 fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
     let file_arch = if arch == "mistral" { "llama" } else { arch };
@@ -75,7 +77,7 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
     let k = |key: &str| format!("{file_arch}.{key}");
     let mut md: Vec<(String, GgufValue)> = vec![
         ("general.architecture".into(), s(file_arch)),
-        ("general.name".into(), s(if arch == "mistral" { "mistral" } else { "tiny" })),
+        ("general.name".into(), s(if arch == "mistral" { "Mistral 7B Instruct (tiny)" } else { "tiny" })),
         (k("block_count"), GgufValue::U32(LAYERS as u32)),
         (k("context_length"), GgufValue::U32(256)),
         (k("embedding_length"), GgufValue::U32(HIDDEN as u32)),
@@ -87,7 +89,8 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
         (k("rope.dimension_count"), GgufValue::U32((HIDDEN / HEADS) as u32)),
     ];
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
-    tokens.extend((3..VOCAB).map(|i| s(&format!("t{i}"))));
+    tokens.extend([s("t"), s("1"), s("t1")]);
+    tokens.extend((6..VOCAB).map(|i| s(&format!("t{i}"))));
     let types: Vec<GgufValue> =
         (0..VOCAB).map(|i| GgufValue::I32(if i < 3 { 3 } else { 1 })).collect();
     md.extend([
@@ -97,6 +100,7 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
         ("tokenizer.ggml.merges".into(), GgufValue::Array(vec![s("t 1")])),
         ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(2)),
+        ("tokenizer.ggml.padding_token_id".into(), GgufValue::U32(0)),
     ]);
     let mut ts = Vec::new();
     fn push_to(ts: &mut Vec<GgufTensorData>, rng: &mut Rng, name: String, dims: Vec<u64>, ty: u32, scale: f32) {

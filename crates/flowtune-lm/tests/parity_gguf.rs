@@ -56,14 +56,24 @@ fn gguf_parity_with_transformers() {
         pj.to_str().unwrap(),
     ]);
     let golden = read_golden(&dir.path().join("gguf_golden.safetensors"));
-    let loaded = load(&model_path, &LoadOptions { device: Device::Cpu, dtype: Kind::Float }).unwrap();
+    let loaded = load(
+        &model_path,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        },
+    )
+    .unwrap();
     let engine = Engine::new(loaded, EngineConfig::default()).unwrap();
     let mut worst = 0f64;
     for (i, p) in prompts.iter().enumerate() {
         let ids = engine.tokenizer().encode_chat(p, true).unwrap();
         let want_ids: Vec<i64> = Vec::try_from(&golden[&format!("ids.{i}")]).unwrap();
         let ids_i64: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        assert_eq!(ids_i64, want_ids, "prompt {i}: token ids differ from transformers");
+        assert_eq!(
+            ids_i64, want_ids,
+            "prompt {i}: token ids differ from transformers"
+        );
         let mut cache = engine.model().new_cache(1, ids.len()).unwrap();
         let logits = tch::no_grad(|| {
             engine.model().forward_cached(
@@ -87,18 +97,33 @@ fn gguf_parity_with_transformers() {
             .generate(&[GenerateRequest {
                 adapter: None,
                 prompt: ids.clone(),
-                params: GenerationParams { max_new_tokens: want.len(), ..Default::default() },
+                params: GenerationParams {
+                    max_new_tokens: want.len(),
+                    ..Default::default()
+                },
             }])
             .unwrap();
         let got: Vec<i64> = out[0].sequences[0].ids.iter().map(|&x| x as i64).collect();
-        let tie = gaps.iter().position(|&g| g < NEAR_TIE).unwrap_or(gaps.len());
+        let tie = gaps
+            .iter()
+            .position(|&g| g < NEAR_TIE)
+            .unwrap_or(gaps.len());
         let n = got.len().min(tie);
-        assert_eq!(&got[..n], &want[..n], "prompt {i}: greedy continuation differs before the first near-tie ({tie})");
+        assert_eq!(
+            &got[..n],
+            &want[..n],
+            "prompt {i}: greedy continuation differs before the first near-tie ({tie})"
+        );
         // If we stopped early it must be at an EOS that the reference also produced.
         if got.len() < want.len() && got.len() <= tie {
-            assert!(engine.eos_token_ids().contains(&(want[got.len() - 1] as u32)));
+            assert!(engine
+                .eos_token_ids()
+                .contains(&(want[got.len() - 1] as u32)));
         }
-        println!("prompt {i}: greedy identical on {n} tokens (first near-tie at {tie}): {:?}", out[0].sequences[0].text);
+        println!(
+            "prompt {i}: greedy identical on {n} tokens (first near-tie at {tie}): {:?}",
+            out[0].sequences[0].text
+        );
     }
     println!("worst max |Δlogit| = {worst:.3e}");
 }

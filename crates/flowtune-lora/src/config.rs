@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 /// name or ends with `.name`; order irrelevant) or a single string (PEFT: a regex fully matched
 /// against the module path).
 ///
-/// Supported strings: `all-linear`, and plain module paths/names without regex syntax (matched like
-/// a one-element list). Other regexes are rejected with [`LoraError::ConfigField`].
+/// Supported strings: `all-linear` (every base site), and regexes fully matched against the module
+/// path (`model.layers.3.self_attn.q_proj`) like Python's `re.fullmatch`, within the subset
+/// documented in `pattern.rs` (no lookarounds or backreferences; those are rejected with
+/// [`LoraError::ConfigField`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TargetModules {
@@ -178,13 +180,10 @@ impl LoraConfig {
             );
         }
         if let Some(TargetModules::Pattern(p)) = &self.target_modules {
-            if p != "all-linear" && p.chars().any(|c| "\\^$*+?()[]{}|".contains(c)) {
-                return bad(
-                    "target_modules",
-                    format!(
-                        "regex `{p}` unsupported; use a list of module names or \"all-linear\""
-                    ),
-                );
+            if p != "all-linear" {
+                if let Err(reason) = crate::pattern::Pattern::new(p) {
+                    return bad("target_modules", format!("unsupported regex: {reason}"));
+                }
             }
         }
         for (field, empty_ok) in [
@@ -233,7 +232,9 @@ impl LoraConfig {
         match &self.target_modules {
             None => matches!(site.module, Module::QProj | Module::VProj),
             Some(TargetModules::Pattern(p)) if p == "all-linear" => true,
-            Some(TargetModules::Pattern(p)) => path == *p,
+            Some(TargetModules::Pattern(p)) => {
+                crate::pattern::Pattern::new(p).is_ok_and(|re| re.full_match(&path))
+            }
             Some(TargetModules::List(ts)) => ts.iter().any(|t| matches(t)),
         }
     }

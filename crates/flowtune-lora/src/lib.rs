@@ -14,6 +14,7 @@ pub mod bank;
 pub mod config;
 pub mod error;
 pub mod merge;
+mod pattern;
 pub mod peft;
 pub mod site;
 

@@ -219,3 +219,110 @@ fn corrupted_files_give_typed_errors() {
     let err = bank().load_peft("y", dir.path().join("nope")).unwrap_err();
     assert!(matches!(err, LoraError::Io { .. }), "{err}");
 }
+
+#[test]
+fn bf16_bank_saves_bf16_and_loads_f32_files() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_adapter(dir.path()); // f32 file
+    let shapes = llama_base_shapes(3, 16, 4, 2, 4, 24);
+    let mut b16 = AdapterBank::with_kind(shapes.clone(), Device::Cpu, Kind::BFloat16);
+    b16.load_peft("x", dir.path()).unwrap();
+    let f32_bank = {
+        let mut b = bank();
+        b.load_peft("x", dir.path()).unwrap();
+        b
+    };
+    for ((k, t16), (_, t32)) in b16
+        .get("x")
+        .unwrap()
+        .named_tensors()
+        .iter()
+        .zip(f32_bank.get("x").unwrap().named_tensors())
+    {
+        assert_eq!(t16.kind(), Kind::BFloat16);
+        // bf16 keeps 8 mantissa bits: relative error <= 2^-8.
+        let err = (t16.to_kind(Kind::Float) - &t32)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            err <= t32.abs().max().double_value(&[]) / 256.0,
+            "{k}: {err}"
+        );
+    }
+    let out = tempfile::tempdir().unwrap();
+    b16.save_peft("x", out.path()).unwrap();
+    let bytes = std::fs::read(out.path().join(WEIGHTS_FILE)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st
+        .tensors()
+        .iter()
+        .all(|(_, v)| v.dtype() == safetensors::Dtype::BF16));
+    let mut again = AdapterBank::with_kind(shapes, Device::Cpu, Kind::BFloat16);
+    again.load_peft("x", out.path()).unwrap();
+    for ((_, a), (_, b)) in again
+        .get("x")
+        .unwrap()
+        .named_tensors()
+        .iter()
+        .zip(b16.get("x").unwrap().named_tensors())
+    {
+        assert!(a.equal(&b), "bf16 round trip is exact");
+    }
+}
+
+mod config_props {
+    use flowtune_lora::{LayersToTransform, LoraConfig, TargetModules};
+    use proptest::prelude::*;
+
+    fn config() -> impl Strategy<Value = LoraConfig> {
+        (
+            1usize..64,
+            (1u32..128).prop_map(f64::from),
+            any::<bool>(),
+            prop_oneof![
+                Just(None),
+                proptest::collection::vec("[a-z_]{1,10}", 0..5)
+                    .prop_map(|v| Some(TargetModules::List(v))),
+                Just(Some(TargetModules::Pattern("all-linear".into()))),
+            ],
+            prop_oneof![
+                Just(None),
+                (0usize..40).prop_map(|l| Some(LayersToTransform::One(l))),
+                proptest::collection::vec(0usize..40, 0..4)
+                    .prop_map(|v| Some(LayersToTransform::Many(v))),
+            ],
+            (0u32..50).prop_map(|d| f64::from(d) / 100.0),
+            proptest::option::of("[A-Za-z0-9/_-]{0,20}"),
+        )
+            .prop_map(
+                |(
+                    r,
+                    lora_alpha,
+                    use_rslora,
+                    target_modules,
+                    layers_to_transform,
+                    lora_dropout,
+                    base,
+                )| LoraConfig {
+                    r,
+                    lora_alpha,
+                    use_rslora,
+                    target_modules,
+                    layers_to_transform,
+                    lora_dropout,
+                    base_model_name_or_path: base,
+                    ..LoraConfig::default()
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn config_json_round_trip(cfg in config()) {
+            let text = serde_json::to_string_pretty(&cfg).unwrap();
+            let back: LoraConfig = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(back, cfg);
+        }
+    }
+}

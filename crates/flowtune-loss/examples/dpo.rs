@@ -20,8 +20,14 @@ fn main() -> flowtune_loss::Result<()> {
     let weights = Tensor::from_slice(&[1.0f32, 0.5]);
     let (loss, stats) = dpo_loss(&pc, &pr, &rc, &rr, &weights, 1.0)?;
     loss.backward();
-    println!("loss {:.4} (ln 2 · mean weight at policy = reference)", stats.loss);
+    println!(
+        "loss {:.4} (ln 2 · mean weight at policy = reference)",
+        stats.loss
+    );
     println!("stats {stats:?}");
-    println!("grad norm on logits {:.4}", logits.grad().norm().double_value(&[]));
+    println!(
+        "grad norm on logits {:.4}",
+        logits.grad().norm().double_value(&[])
+    );
     Ok(())
 }

@@ -109,7 +109,9 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Resul
         let mut rows = Vec::with_capacity(size[0] as usize);
         for b in 0..size[0] {
             let row = logits.f_get(b)?.f_to_kind(kind)?;
-            let picked = row.f_gather(-1, &index.f_get(b)?, false)?.f_squeeze_dim(-1)?;
+            let picked = row
+                .f_gather(-1, &index.f_get(b)?, false)?
+                .f_squeeze_dim(-1)?;
             rows.push(picked.f_sub(&row.f_logsumexp([-1i64], false)?)?);
         }
         Tensor::f_stack(&rows, 0)?
@@ -120,7 +122,11 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Resul
 
 /// Summed completion log-probs `[B]`: `Σ_t mask·log p(targets[t] | logits[t])`.
 pub fn completion_logprobs(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    Ok(token_logprobs(logits, targets, mask)?.f_sum_dim_intlist(&[-1i64][..], false, None::<Kind>)?)
+    Ok(token_logprobs(logits, targets, mask)?.f_sum_dim_intlist(
+        &[-1i64][..],
+        false,
+        None::<Kind>,
+    )?)
 }
 
 /// Statistics of one DPO loss evaluation (means over pairs, unweighted, like TRL's logs).
@@ -194,10 +200,19 @@ pub fn dpo_loss(
         ("weights", weights),
     ])?;
     check_weights(weights)?;
-    let losses = dpo_pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)?;
+    let losses = dpo_pair_losses(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta,
+    )?;
     let weights = weights.f_to_kind(losses.kind())?;
     let denom = (n.max(1)) as f64;
-    let loss = losses.f_mul(&weights)?.f_sum(None::<Kind>)?.f_div_scalar(denom)?;
+    let loss = losses
+        .f_mul(&weights)?
+        .f_sum(None::<Kind>)?
+        .f_div_scalar(denom)?;
     let stats = {
         let _guard = tch::no_grad_guard();
         let rc = policy_chosen
@@ -287,7 +302,11 @@ pub fn nll_loss(
         loss: loss.f_double_value(&[])?,
         sequences: b as usize,
         tokens: tokens as usize,
-        mean_token_nll: if tokens > 0 { total_nll / tokens as f64 } else { 0.0 },
+        mean_token_nll: if tokens > 0 {
+            total_nll / tokens as f64
+        } else {
+            0.0
+        },
     };
     Ok((loss, stats))
 }
@@ -380,9 +399,17 @@ pub fn label_nll(
     let (mean_p, acc) = if b == 0 {
         (0.0, 0.0)
     } else {
-        let p = target_logp.f_exp()?.f_mean(Kind::Double)?.f_double_value(&[])?;
+        let p = target_logp
+            .f_exp()?
+            .f_mean(Kind::Double)?
+            .f_double_value(&[])?;
         let hits = logps.f_argmax(-1, false)?.f_eq_tensor(targets)?;
-        (p, hits.f_to_kind(Kind::Double)?.f_mean(None::<Kind>)?.f_double_value(&[])?)
+        (
+            p,
+            hits.f_to_kind(Kind::Double)?
+                .f_mean(None::<Kind>)?
+                .f_double_value(&[])?,
+        )
     };
     let stats = LabelStats {
         loss: loss.f_double_value(&[])?,

@@ -14,10 +14,24 @@ fn logps(n: usize, scale: f64) -> impl Strategy<Value = Vec<f64>> {
     prop::collection::vec(-scale..0.0f64, n)
 }
 
-fn grads(pc: &[f64], pr: &[f64], rc: &[f64], rr: &[f64], w: &[f64], beta: f64) -> (f64, Tensor, Tensor) {
+fn grads(
+    pc: &[f64],
+    pr: &[f64],
+    rc: &[f64],
+    rr: &[f64],
+    w: &[f64],
+    beta: f64,
+) -> (f64, Tensor, Tensor) {
     let (tpc, tpr) = (leaf(pc), leaf(pr));
-    let (loss, _) = dpo_loss(&tpc, &tpr, &Tensor::from_slice(rc), &Tensor::from_slice(rr), &Tensor::from_slice(w), beta)
-        .expect("dpo");
+    let (loss, _) = dpo_loss(
+        &tpc,
+        &tpr,
+        &Tensor::from_slice(rc),
+        &Tensor::from_slice(rr),
+        &Tensor::from_slice(w),
+        beta,
+    )
+    .expect("dpo");
     let value = loss.double_value(&[]);
     loss.backward();
     (value, tpc.grad(), tpr.grad())
@@ -151,23 +165,62 @@ fn bad_inputs_are_typed_errors() {
     let logits = Tensor::zeros([1, 2, 5], (Kind::Float, tch::Device::Cpu));
     let mask = Tensor::ones([1, 2], (Kind::Int64, tch::Device::Cpu));
     let bad = Tensor::from_slice(&[1i64, 9]).reshape([1, 2]);
-    assert!(matches!(completion_logprobs(&logits, &bad, &mask), Err(Error::Index { arg: "targets", index: 9, bound: 5 })));
+    assert!(matches!(
+        completion_logprobs(&logits, &bad, &mask),
+        Err(Error::Index {
+            arg: "targets",
+            index: 9,
+            bound: 5
+        })
+    ));
     let wrong_shape = Tensor::zeros([1, 3], (Kind::Int64, tch::Device::Cpu));
-    assert!(matches!(completion_logprobs(&logits, &wrong_shape, &mask), Err(Error::Shape { arg: "targets", .. })));
+    assert!(matches!(
+        completion_logprobs(&logits, &wrong_shape, &mask),
+        Err(Error::Shape { arg: "targets", .. })
+    ));
     let v = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
     let neg = Tensor::from_slice(&[1.0f32, -1.0]);
-    assert!(matches!(dpo_loss(&v, &v, &v, &v, &neg, 1.0), Err(Error::Value { arg: "weights", .. })));
-    assert!(matches!(dpo_loss(&v, &v, &v, &v, &v, 0.0), Err(Error::Value { arg: "beta", .. })));
+    assert!(matches!(
+        dpo_loss(&v, &v, &v, &v, &neg, 1.0),
+        Err(Error::Value { arg: "weights", .. })
+    ));
+    assert!(matches!(
+        dpo_loss(&v, &v, &v, &v, &v, 0.0),
+        Err(Error::Value { arg: "beta", .. })
+    ));
     let next = Tensor::zeros([2, 5], (Kind::Float, tch::Device::Cpu));
     let t = Tensor::from_slice(&[0i64, 2]);
-    assert!(matches!(label_nll(&next, &[1, 2], &t, &v), Err(Error::Index { arg: "targets", index: 2, bound: 2 })));
-    assert!(matches!(label_nll(&next, &[1, 7], &t, &v), Err(Error::Index { arg: "label_ids", index: 7, bound: 5 })));
+    assert!(matches!(
+        label_nll(&next, &[1, 2], &t, &v),
+        Err(Error::Index {
+            arg: "targets",
+            index: 2,
+            bound: 2
+        })
+    ));
+    assert!(matches!(
+        label_nll(&next, &[1, 7], &t, &v),
+        Err(Error::Index {
+            arg: "label_ids",
+            index: 7,
+            bound: 5
+        })
+    ));
 }
 
 /// Stats round-trip through serde.
 #[test]
 fn stats_roundtrip() {
-    let s = flowtune_loss::DpoStats { loss: 0.5, pairs: 3, weight_sum: 2.0, reward_chosen: 0.1, reward_rejected: -0.2, reward_margin: 0.3, accuracy: 1.0 };
-    let back: flowtune_loss::DpoStats = serde_json::from_str(&serde_json::to_string(&s).expect("ser")).expect("de");
+    let s = flowtune_loss::DpoStats {
+        loss: 0.5,
+        pairs: 3,
+        weight_sum: 2.0,
+        reward_chosen: 0.1,
+        reward_rejected: -0.2,
+        reward_margin: 0.3,
+        accuracy: 1.0,
+    };
+    let back: flowtune_loss::DpoStats =
+        serde_json::from_str(&serde_json::to_string(&s).expect("ser")).expect("de");
     assert_eq!(s, back);
 }

@@ -62,7 +62,10 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     let want = want.to_kind(Kind::Double);
     let scale = want.abs().clamp_min(1.0);
     let err = ((&got - &want).abs() / scale).max().double_value(&[]);
-    assert!(err <= TOL, "{what}: max relative error {err:e} > {TOL:e}\n got {got}\n want {want}");
+    assert!(
+        err <= TOL,
+        "{what}: max relative error {err:e} > {TOL:e}\n got {got}\n want {want}"
+    );
 }
 
 fn leaf(t: &Tensor) -> Tensor {
@@ -75,21 +78,46 @@ fn dpo_loss_and_grads_match_trl_formula() {
     assert!(count >= 6);
     for k in 0..count {
         let p = |n: &str| g(&format!("dpo/{k}/{n}"));
-        let (pc, pr, rc, rr) = (leaf(&p("pc")), leaf(&p("pr")), leaf(&p("rc")), leaf(&p("rr")));
+        let (pc, pr, rc, rr) = (
+            leaf(&p("pc")),
+            leaf(&p("pr")),
+            leaf(&p("rc")),
+            leaf(&p("rr")),
+        );
         let beta = p("beta").double_value(&[0]);
         let (loss, stats) = dpo_loss(&pc, &pr, &rc, &rr, &p("w"), beta).expect("dpo_loss");
-        assert!(loss.double_value(&[]).is_finite(), "case {k}: loss not finite");
+        assert!(
+            loss.double_value(&[]).is_finite(),
+            "case {k}: loss not finite"
+        );
         assert_close(&format!("case {k} loss"), &loss.reshape([1]), &p("loss"));
         loss.backward();
         assert_close(&format!("case {k} grad chosen"), &pc.grad(), &p("grad_pc"));
-        assert_close(&format!("case {k} grad rejected"), &pr.grad(), &p("grad_pr"));
+        assert_close(
+            &format!("case {k} grad rejected"),
+            &pr.grad(),
+            &p("grad_pr"),
+        );
         // The reference is under no_grad.
         assert!(!rc.grad().defined() || rc.grad().abs().max().double_value(&[]) == 0.0);
         let s = p("stats");
-        let want = [s.double_value(&[0]), s.double_value(&[1]), s.double_value(&[2]), s.double_value(&[3])];
-        let got = [stats.reward_chosen, stats.reward_rejected, stats.reward_margin, stats.accuracy];
+        let want = [
+            s.double_value(&[0]),
+            s.double_value(&[1]),
+            s.double_value(&[2]),
+            s.double_value(&[3]),
+        ];
+        let got = [
+            stats.reward_chosen,
+            stats.reward_rejected,
+            stats.reward_margin,
+            stats.accuracy,
+        ];
         for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-            assert!((a - b).abs() <= TOL * b.abs().max(1.0), "case {k} stat {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= TOL * b.abs().max(1.0),
+                "case {k} stat {i}: {a} vs {b}"
+            );
         }
         assert_eq!(stats.pairs, 8);
     }
@@ -105,15 +133,20 @@ fn completion_logprobs_match_trl_selective_log_softmax() {
     (&lp * g("seq/coef")).sum(None).backward();
     assert_close("grad wrt logits", &logits.grad(), &g("seq/grad_logits"));
     // Same in f32 (looser: f32 rounding, 1e-4).
-    let lp32 = completion_logprobs(&g("seq/logits").to_kind(Kind::Float), &targets, &mask).expect("f32");
-    let err = (lp32.to_kind(Kind::Double) - g("seq/logps")).abs().max().double_value(&[]);
+    let lp32 =
+        completion_logprobs(&g("seq/logits").to_kind(Kind::Float), &targets, &mask).expect("f32");
+    let err = (lp32.to_kind(Kind::Double) - g("seq/logps"))
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(err <= 1e-4, "f32 log-probs off by {err:e}");
 }
 
 #[test]
 fn nll_matches_reference() {
     let logits = leaf(&g("seq/logits"));
-    let (loss, stats) = nll_loss(&logits, &g("seq/targets"), &g("seq/mask"), &g("nll/w")).expect("nll");
+    let (loss, stats) =
+        nll_loss(&logits, &g("seq/targets"), &g("seq/mask"), &g("nll/w")).expect("nll");
     assert_close("nll loss", &loss.reshape([1]), &g("nll/loss"));
     assert_eq!(stats.tokens, 5 + 3 + 3);
     loss.backward();
@@ -126,7 +159,8 @@ fn label_nll_matches_reference() {
     let ids: Vec<i64> = Vec::try_from(&g("label/ids")).expect("ids");
     let lp = label_logprobs(&logits, &ids).expect("label logprobs");
     assert_close("label log-probs", &lp, &g("label/logp"));
-    let (loss, _stats) = label_nll(&logits, &ids, &g("label/targets"), &g("label/w")).expect("label nll");
+    let (loss, _stats) =
+        label_nll(&logits, &ids, &g("label/targets"), &g("label/w")).expect("label nll");
     assert_close("label loss", &loss.reshape([1]), &g("label/loss"));
     loss.backward();
     assert_close("label grad", &logits.grad(), &g("label/grad_logits"));

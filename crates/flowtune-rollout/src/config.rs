@@ -165,7 +165,8 @@ pub struct ReferenceUpdateConfig {
     pub every_episodes: u64,
     /// Interpolation weight toward the trained adapter (0.5 in the paper).
     pub weight: f64,
-    /// The progressive metric (a reward name) whose window mean must improve.
+    /// The progressive metric (a reward name) whose running mean must have improved since the
+    /// previous check.
     pub metric: String,
 }
 
@@ -201,6 +202,10 @@ pub struct OnlineConfig {
     /// Stop after this many episodes in total (None: the whole stream).
     #[serde(default)]
     pub max_episodes: Option<u64>,
+    /// If set, each minibatch's traces (episodes and their rollouts) are written atomically to
+    /// `episodes-FIRST-LAST.jsonl` in this directory, one [`EpisodeTraces`](crate::online::EpisodeTraces) per line.
+    #[serde(default)]
+    pub traces_dir: Option<PathBuf>,
 }
 
 impl Default for OnlineConfig {
@@ -214,6 +219,7 @@ impl Default for OnlineConfig {
             checkpoint: None,
             metrics_path: None,
             max_episodes: None,
+            traces_dir: None,
         }
     }
 }

@@ -28,5 +28,5 @@ pub use credit::{Accounting, DeviationPoint, EpisodeJudge, EpisodeRun, Rollout};
 pub use error::{BoxError, Error, Result};
 pub use feedback::{Feedback, Label, Preference, Target};
 pub use learner::{LearnStats, Learner};
-pub use online::{EpisodeMetrics, GateState, LearnLog, OnlineLoop, OnlineState};
+pub use online::{EpisodeMetrics, EpisodeTraces, GateState, LearnLog, OnlineLoop, OnlineState};
 pub use scheduler::{EpisodeJob, EpisodeResult, Scheduler};

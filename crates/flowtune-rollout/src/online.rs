@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use flowtune_graph::io::{write_atomic, write_jsonl};
-use flowtune_graph::{derive_seed, Backend, BatchStats, Flow, NodeId, NodeKind};
+use flowtune_graph::{derive_seed, Backend, BatchStats, Flow, NodeId, NodeKind, Trace};
 
 use crate::config::OnlineConfig;
-use crate::credit::{Accounting, EpisodeJudge};
+use crate::credit::{Accounting, EpisodeJudge, Rollout};
 use crate::error::{Error, Result};
 use crate::feedback::Feedback;
 use crate::learner::{LearnStats, Learner};
@@ -35,15 +35,22 @@ pub struct EpisodeMetrics {
     pub accounting: Accounting,
 }
 
+/// One episode's trace and its rollouts' traces, as written to `traces_dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeTraces {
+    /// Episode index.
+    pub episode: u64,
+    /// The live episode.
+    pub trace: Trace,
+    /// Its rollouts (deviated step, alternative index, trace).
+    pub rollouts: Vec<Rollout>,
+}
+
 /// State of the gated reference update.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GateState {
-    /// Mean of the metric over the previous window (None before the first check).
+    /// The progressive (running-mean) metric at the previous check (None before the first).
     pub previous: Option<f64>,
-    /// Sum of the metric over the current window.
-    pub window_sum: f64,
-    /// Episodes in the current window that reported the metric.
-    pub window_count: u64,
     /// Checks made.
     pub checks: u64,
     /// Reference updates made.
@@ -255,11 +262,22 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         let (results, batch) = self.scheduler.run(&jobs, backend, judge)?;
         self.state.batch.merge(&batch);
 
-        let gate_metric = self
-            .config
-            .reference_update
-            .as_ref()
-            .map(|r| r.metric.clone());
+        if let Some(dir) = &self.config.traces_dir {
+            std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+            let traces: Vec<EpisodeTraces> = results
+                .iter()
+                .map(|r| EpisodeTraces {
+                    episode: r.episode,
+                    trace: (*r.trace).clone(),
+                    rollouts: r.rollouts.clone(),
+                })
+                .collect();
+            let last = first + records.len() as u64 - 1;
+            write_jsonl(
+                &dir.join(format!("episodes-{first:010}-{last:010}.jsonl")),
+                &traces,
+            )?;
+        }
         let mut by_node: BTreeMap<NodeId, Vec<Feedback>> = BTreeMap::new();
         for (i, result) in results.into_iter().enumerate() {
             let rewards = result.trace.final_rewards();
@@ -271,10 +289,6 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
                     .or_insert((0.0, 0));
                 entry.0 += value;
                 entry.1 += 1;
-            }
-            if let Some(v) = gate_metric.as_ref().and_then(|m| rewards.get(m)) {
-                self.state.gate.window_sum += v;
-                self.state.gate.window_count += 1;
             }
             let progressive = self
                 .state
@@ -326,7 +340,7 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         let done = self.state.episodes_done;
         if let Some(r) = self.config.reference_update.clone() {
             if done % r.every_episodes == 0 {
-                self.reference_gate(r.weight, learner)?;
+                self.reference_gate(&r.metric, r.weight, learner)?;
             }
         }
         if let Some(c) = self.config.checkpoint.clone() {
@@ -337,14 +351,22 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         Ok(())
     }
 
-    /// Updates every model node's reference when the window mean of the gate metric beat the
-    /// previous window's (always on the first check).
-    fn reference_gate(&mut self, weight: f64, learner: &mut dyn Learner) -> Result<()> {
+    /// Updates every model node's reference when the progressive (running-mean) `metric` improved
+    /// since the previous check (always on the first check that has the metric).
+    fn reference_gate(
+        &mut self,
+        metric: &str,
+        weight: f64,
+        learner: &mut dyn Learner,
+    ) -> Result<()> {
+        let mean = self
+            .state
+            .reward_sums
+            .get(metric)
+            .filter(|(_, n)| *n > 0)
+            .map(|(sum, n)| sum / *n as f64);
         let gate = &mut self.state.gate;
         gate.checks += 1;
-        let mean = (gate.window_count > 0).then(|| gate.window_sum / gate.window_count as f64);
-        gate.window_sum = 0.0;
-        gate.window_count = 0;
         let Some(mean) = mean else { return Ok(()) };
         let improved = gate.previous.is_none_or(|p| mean > p);
         gate.previous = Some(mean);

@@ -41,6 +41,7 @@ fn config(dir: Option<&std::path::Path>) -> OnlineConfig {
         }),
         metrics_path: dir.map(|d| d.join("metrics.jsonl")),
         max_episodes: None,
+        traces_dir: dir.map(|d| d.join("traces")),
     }
 }
 
@@ -124,6 +125,18 @@ fn resume_continues_exactly() {
     let metrics: Vec<flowtune_rollout::EpisodeMetrics> =
         flowtune_graph::io::read_jsonl(&dir.path().join("metrics.jsonl")).expect("metrics");
     assert_eq!(metrics, full.metrics);
+    let traces: Vec<flowtune_rollout::EpisodeTraces> = flowtune_graph::io::read_jsonl(
+        &dir.path()
+            .join("traces/episodes-0000000036-0000000039.jsonl"),
+    )
+    .expect("traces");
+    assert_eq!(
+        traces.iter().map(|t| t.episode).collect::<Vec<_>>(),
+        vec![36, 37, 38, 39]
+    );
+    assert!(traces
+        .iter()
+        .all(|t| t.rollouts.len() == 2 && t.trace.steps.len() == 2));
     let latest = std::fs::read_to_string(dir.path().join("latest")).expect("latest");
     assert_eq!(latest, "episode-0000000040");
     assert!(dir
@@ -239,4 +252,104 @@ fn scheduler_keeps_batches_full_on_uniform_flows() {
         );
         assert_eq!(rollouts > 0.0, deviate);
     }
+}
+
+/// Reward = the record itself; one classify node and one tool node.
+struct Scripted;
+
+impl flowtune_graph::Flow for Scripted {
+    type Input = f64;
+    type Output = ();
+
+    fn spec(&self) -> flowtune_graph::FlowSpec {
+        flowtune_graph::FlowSpec {
+            name: "scripted".into(),
+            nodes: vec![
+                flowtune_graph::NodeSpec::classify("c", &["a", "b"]),
+                flowtune_graph::NodeSpec::tool("t"),
+            ],
+            edges: vec![],
+        }
+    }
+
+    async fn run(
+        &self,
+        cx: &flowtune_graph::EpisodeContext,
+        r: &f64,
+    ) -> flowtune_graph::Result<()> {
+        cx.classify("c", vec![Message::user("x")]).await?;
+        let r: f64 = cx.tool("t", r, |r: &f64| Ok::<_, flowtune_graph::BoxError>(*r))?;
+        cx.reward("score", r);
+        Ok(())
+    }
+}
+
+/// Records reference updates (episodes done, node, weight).
+struct Recorder {
+    updates: Vec<(String, f64)>,
+}
+
+impl flowtune_rollout::Learner for Recorder {
+    fn learn(
+        &mut self,
+        _node: &flowtune_graph::NodeId,
+        records: &[flowtune_rollout::Feedback],
+    ) -> Result<flowtune_rollout::LearnStats, flowtune_graph::BoxError> {
+        Ok(flowtune_rollout::LearnStats {
+            records: records.len(),
+            ..Default::default()
+        })
+    }
+    fn update_reference(
+        &mut self,
+        node: &flowtune_graph::NodeId,
+        weight: f64,
+    ) -> Result<(), flowtune_graph::BoxError> {
+        self.updates.push((node.to_string(), weight));
+        Ok(())
+    }
+    fn save(&self, _dir: &std::path::Path) -> Result<(), flowtune_graph::BoxError> {
+        Ok(())
+    }
+    fn load(&mut self, _dir: &std::path::Path) -> Result<(), flowtune_graph::BoxError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn reference_update_is_gated_on_progressive_improvement() {
+    let cfg = OnlineConfig {
+        minibatch_episodes: 2,
+        episodes_in_flight: 2,
+        reference_update: Some(ReferenceUpdateConfig {
+            every_episodes: 4,
+            weight: 0.5,
+            metric: "score".into(),
+        }),
+        ..OnlineConfig::default()
+    };
+    // Progressive score at the checks: 1.0 (first: update), 0.5 (worse: none), 2/3 (better: update),
+    // 0.5 (worse: none).
+    let stream = [[1.0; 4], [0.0; 4], [1.0; 4], [0.0; 4]].concat();
+    let mut run = OnlineLoop::new(&Scripted, cfg).expect("loop");
+    let mut recorder = Recorder {
+        updates: Vec::new(),
+    };
+    let state = run
+        .run(
+            stream,
+            &mut TabularPolicy::new(0.1, 1.0),
+            &mut recorder,
+            None,
+        )
+        .expect("run")
+        .clone();
+    assert_eq!(state.gate.checks, 4);
+    assert_eq!(state.gate.updates, 2);
+    // Only the model node, never the tool; weight as configured.
+    assert_eq!(
+        recorder.updates,
+        vec![("c".to_owned(), 0.5), ("c".to_owned(), 0.5)]
+    );
+    assert_eq!(state.gate.previous, Some(0.5));
 }

@@ -225,7 +225,9 @@ impl LinearDelta for BankDelta<'_> {
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> flowtune_lm::Result<Option<Tensor>> {
         self.bank
             .delta_at(layer, module, x, &self.selection)
-            .map_err(|e| flowtune_lm::Error::ModelInput(format!("LoRA delta at layer {layer} {module}: {e}")))
+            .map_err(|e| {
+                flowtune_lm::Error::ModelInput(format!("LoRA delta at layer {layer} {module}: {e}"))
+            })
     }
 }
 
@@ -284,7 +286,7 @@ pub fn completion_logprobs(
                 &LogitsAt::Last,
                 delta,
             )?; // [P, V]
-            // Repeat each prompt's cache row once per completion.
+                // Repeat each prompt's cache row once per completion.
             let mut rows = Vec::new();
             let mut c_rows = Vec::new();
             let mut c_valid = Vec::new();
@@ -301,7 +303,8 @@ pub fn completion_logprobs(
             cache.select_rows(&rows)?;
             let targets = ids_tensor(&c_rows, device)?;
             let row_index =
-                Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?.f_to_device(device)?;
+                Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?
+                    .f_to_device(device)?;
             let first = first.f_index_select(0, &row_index)?.f_unsqueeze(1)?; // [R, 1, V]
             let logits = if tc > 1 {
                 // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
@@ -310,7 +313,13 @@ pub fn completion_logprobs(
                     .chunks(tc)
                     .flat_map(|r| r[..tc - 1].iter().copied())
                     .collect();
-                let rest = model.forward_cached(&feed, Some(&feed_valid), &mut cache, &LogitsAt::All, delta)?;
+                let rest = model.forward_cached(
+                    &feed,
+                    Some(&feed_valid),
+                    &mut cache,
+                    &LogitsAt::All,
+                    delta,
+                )?;
                 Tensor::f_cat(&[first, rest], 1)?
             } else {
                 first
@@ -318,14 +327,20 @@ pub fn completion_logprobs(
             let mask = Tensor::f_from_slice(&c_valid)?
                 .f_view([rows.len() as i64, tc as i64])?
                 .f_to_device(device)?;
-            Ok(flowtune_loss::completion_logprobs(&logits, &targets, &mask)?)
+            Ok(flowtune_loss::completion_logprobs(
+                &logits, &targets, &mask,
+            )?)
         }
         PromptSharing::Concatenate => {
             let seqs: Vec<(&[u32], &[u32])> = groups
                 .iter()
                 .flat_map(|(p, cs)| cs.iter().map(move |c| (*p, *c)))
                 .collect();
-            let t = seqs.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
+            let t = seqs
+                .iter()
+                .map(|(p, c)| p.len() + c.len())
+                .max()
+                .unwrap_or(0);
             let mut ids = Vec::new();
             let mut attn = Vec::new();
             let mut targets = Vec::new();
@@ -359,7 +374,11 @@ pub fn completion_logprobs(
 }
 
 /// Next-token logits `[B, V]` after each prompt (left-padded batch).
-pub fn next_token_logits(model: &Model, delta: Option<&dyn LinearDelta>, prompts: &[&[u32]]) -> Result<Tensor> {
+pub fn next_token_logits(
+    model: &Model,
+    delta: Option<&dyn LinearDelta>,
+    prompts: &[&[u32]],
+) -> Result<Tensor> {
     let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut rows = Vec::new();
     let mut valid = Vec::new();
@@ -417,7 +436,7 @@ impl NodeLearner {
                 reason: format!("must be > 0, got {}", config.beta),
             });
         }
-        if !(config.max_grad_norm > 0.0) {
+        if config.max_grad_norm.is_nan() || config.max_grad_norm <= 0.0 {
             return Err(LearnerError::InvalidConfig {
                 field: "max_grad_norm",
                 reason: format!("must be > 0, got {}", config.max_grad_norm),
@@ -466,8 +485,14 @@ impl NodeLearner {
 
     /// One learner step on `records`: micro-batched loss and backward, clip, COCOB step,
     /// adapter version bump. An empty batch (after dropping zero weights) does nothing.
-    pub fn step(&mut self, model: &Model, bank: &mut AdapterBank, records: &NodeRecords) -> Result<StepStats> {
-        let _span = tracing::info_span!("learner_step", node = %self.node, step = self.steps).entered();
+    pub fn step(
+        &mut self,
+        model: &Model,
+        bank: &mut AdapterBank,
+        records: &NodeRecords,
+    ) -> Result<StepStats> {
+        let _span =
+            tracing::info_span!("learner_step", node = %self.node, step = self.steps).entered();
         // Re-assert trainability: another node's learner may have switched it.
         if bank.trainable() != Some(self.node.as_str()) {
             bank.set_trainable(&self.node)?;
@@ -486,13 +511,23 @@ impl NodeLearner {
         self.optimizer.zero_grad();
         bank.mark_updated(&self.node)?;
         self.steps += 1;
-        tracing::debug!(loss = stats.loss, grad_norm = stats.grad_norm, records = stats.records, "learner step");
+        tracing::debug!(
+            loss = stats.loss,
+            grad_norm = stats.grad_norm,
+            records = stats.records,
+            "learner step"
+        );
         Ok(stats)
     }
 
     /// The loss and statistics `step` would see on `records`, without gradients and
     /// without changing anything (progressive validation, monitoring).
-    pub fn evaluate(&self, model: &Model, bank: &AdapterBank, records: &NodeRecords) -> Result<StepStats> {
+    pub fn evaluate(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        records: &NodeRecords,
+    ) -> Result<StepStats> {
         let _span = tracing::debug_span!("learner_evaluate", node = %self.node).entered();
         let mut stats = StepStats {
             node: self.node.clone(),
@@ -502,7 +537,14 @@ impl NodeLearner {
         Ok(stats)
     }
 
-    fn run(&self, model: &Model, bank: &AdapterBank, records: &NodeRecords, train: bool, stats: &mut StepStats) -> Result<()> {
+    fn run(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        records: &NodeRecords,
+        train: bool,
+        stats: &mut StepStats,
+    ) -> Result<()> {
         match records {
             NodeRecords::Preferences(pairs) => self.dpo(model, bank, pairs, train, stats),
             NodeRecords::Targets(targets) => self.nll(model, bank, targets, train, stats),
@@ -521,7 +563,14 @@ impl NodeLearner {
         Ok(w > 0.0)
     }
 
-    fn dpo(&self, model: &Model, bank: &AdapterBank, pairs: &[PreferencePair], train: bool, stats: &mut StepStats) -> Result<()> {
+    fn dpo(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        pairs: &[PreferencePair],
+        train: bool,
+        stats: &mut StepStats,
+    ) -> Result<()> {
         let mut kept = Vec::new();
         for (i, p) in pairs.iter().enumerate() {
             if self.check_weight(i, p.weight)? {
@@ -541,16 +590,24 @@ impl NodeLearner {
             let _mb = tracing::trace_span!("micro_batch", pairs = chunk.len()).entered();
             let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
                 .iter()
-                .map(|p| (p.prompt.as_slice(), vec![p.chosen.as_slice(), p.rejected.as_slice()]))
+                .map(|p| {
+                    (
+                        p.prompt.as_slice(),
+                        vec![p.chosen.as_slice(), p.rejected.as_slice()],
+                    )
+                })
                 .collect();
             let ref_lp = tch::no_grad(|| {
                 completion_logprobs(model, Some(&reference), &groups, self.config.prompt_sharing)
             })?
             .f_view([-1, 2])?;
-            let pol_lp = completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?.f_view([-1, 2])?;
-            let weights = Tensor::f_from_slice(&chunk.iter().map(|p| p.weight).collect::<Vec<_>>())?
-                .f_to_device(pol_lp.device())?
-                .f_to_kind(pol_lp.kind())?;
+            let pol_lp =
+                completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?
+                    .f_view([-1, 2])?;
+            let weights =
+                Tensor::f_from_slice(&chunk.iter().map(|p| p.weight).collect::<Vec<_>>())?
+                    .f_to_device(pol_lp.device())?
+                    .f_to_kind(pol_lp.kind())?;
             let (loss, s) = flowtune_loss::dpo_loss(
                 &pol_lp.f_select(1, 0)?,
                 &pol_lp.f_select(1, 1)?,
@@ -576,7 +633,14 @@ impl NodeLearner {
         Ok(())
     }
 
-    fn nll(&self, model: &Model, bank: &AdapterBank, records: &[TargetRecord], train: bool, stats: &mut StepStats) -> Result<()> {
+    fn nll(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        records: &[TargetRecord],
+        train: bool,
+        stats: &mut StepStats,
+    ) -> Result<()> {
         let mut kept = Vec::new();
         for (i, r) in records.iter().enumerate() {
             if self.check_weight(i, r.weight)? {
@@ -597,11 +661,16 @@ impl NodeLearner {
                 .iter()
                 .map(|r| (r.prompt.as_slice(), vec![r.completion.as_slice()]))
                 .collect();
-            let lp = completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?;
+            let lp =
+                completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?;
             let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight).collect::<Vec<_>>())?
                 .f_to_device(lp.device())?
                 .f_to_kind(lp.kind())?;
-            let loss = lp.f_neg()?.f_mul(&w)?.f_sum(None::<Kind>)?.f_div_scalar(n as f64)?;
+            let loss = lp
+                .f_neg()?
+                .f_mul(&w)?
+                .f_sum(None::<Kind>)?
+                .f_div_scalar(n as f64)?;
             if train {
                 loss.f_backward()?;
             }
@@ -616,14 +685,25 @@ impl NodeLearner {
         Ok(())
     }
 
-    fn labels(&self, model: &Model, bank: &AdapterBank, records: &[LabelRecord], train: bool, stats: &mut StepStats) -> Result<()> {
+    fn labels(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        records: &[LabelRecord],
+        train: bool,
+        stats: &mut StepStats,
+    ) -> Result<()> {
         let mut kept = Vec::new();
         for (i, r) in records.iter().enumerate() {
             if r.label >= r.labels.len() {
                 return Err(LearnerError::BadRecord {
                     node: self.node.clone(),
                     index: i,
-                    reason: format!("label index {} outside a set of {}", r.label, r.labels.len()),
+                    reason: format!(
+                        "label index {} outside a set of {}",
+                        r.label,
+                        r.labels.len()
+                    ),
                 });
             }
             if self.check_weight(i, r.weight)? {
@@ -648,15 +728,19 @@ impl NodeLearner {
             for chunk in recs.chunks(self.config.micro_batch) {
                 let prompts: Vec<&[u32]> = chunk.iter().map(|r| r.prompt.as_slice()).collect();
                 let logits = next_token_logits(model, Some(&policy), &prompts)?;
-                let targets = Tensor::f_from_slice(&chunk.iter().map(|r| r.label as i64).collect::<Vec<_>>())?
-                    .f_to_device(logits.device())?;
-                let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight as f32).collect::<Vec<_>>())?
-                    .f_to_device(logits.device())?;
+                let targets = Tensor::f_from_slice(
+                    &chunk.iter().map(|r| r.label as i64).collect::<Vec<_>>(),
+                )?
+                .f_to_device(logits.device())?;
+                let w = Tensor::f_from_slice(
+                    &chunk.iter().map(|r| r.weight as f32).collect::<Vec<_>>(),
+                )?
+                .f_to_device(logits.device())?;
                 let (loss, s) = flowtune_loss::label_nll(&logits, &ids, &targets, &w)?;
                 let frac = chunk.len() as f64 / n as f64;
                 if train {
-                loss.f_mul_scalar(frac)?.f_backward()?;
-            }
+                    loss.f_mul_scalar(frac)?.f_backward()?;
+                }
                 agg.loss += s.loss * frac;
                 agg.records += s.records;
                 agg.mean_target_prob += s.mean_target_prob * frac;
@@ -703,10 +787,11 @@ impl NodeLearner {
             path: path.clone(),
             source,
         })?;
-        let meta: LearnerStateMeta = serde_json::from_slice(&bytes).map_err(|source| LearnerError::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let meta: LearnerStateMeta =
+            serde_json::from_slice(&bytes).map_err(|source| LearnerError::Json {
+                path: path.clone(),
+                source,
+            })?;
         for (name, sub) in [(&meta.node, "adapter"), (&meta.reference, "reference")] {
             let tmp = format!("{name}.__loading");
             if bank.id(&tmp).is_ok() {
@@ -721,7 +806,10 @@ impl NodeLearner {
         if learner.reference != meta.reference {
             return Err(LearnerError::State {
                 path,
-                reason: format!("reference `{}` is not `{}`", meta.reference, learner.reference),
+                reason: format!(
+                    "reference `{}` is not `{}`",
+                    meta.reference, learner.reference
+                ),
             });
         }
         learner.optimizer.load(&dir.join("optimizer"))?;

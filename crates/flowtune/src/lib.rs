@@ -19,3 +19,4 @@ pub use flowtune_lora as lora;
 pub use flowtune_loss as loss;
 pub use flowtune_rollout as rollout;
 pub mod learner;
+pub mod runtime;

@@ -12,8 +12,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flowtune::learner::{
-    completion_logprobs, LabelRecord, LearnerConfig, NodeLearner, NodeRecords, PreferencePair, PromptSharing,
-    TargetRecord,
+    completion_logprobs, LabelRecord, LearnerConfig, NodeLearner, NodeRecords, PreferencePair,
+    PromptSharing, TargetRecord,
 };
 use flowtune_lm::loader::{load, LoadOptions, LoadedModel};
 use flowtune_lm::model::Model;
@@ -30,7 +30,14 @@ fn root() -> PathBuf {
 
 fn load_model() -> (LoadedModel, Model) {
     let path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
-    let loaded = load(&path, &LoadOptions { device: Device::Cpu, dtype: Kind::Float }).expect("load test model");
+    let loaded = load(
+        &path,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        },
+    )
+    .expect("load test model");
     let model = Model::new(&loaded.config, &loaded.weights).expect("model");
     (loaded, model)
 }
@@ -54,7 +61,10 @@ fn prompt(loaded: &LoadedModel, user: &str) -> Vec<u32> {
     loaded
         .tokenizer
         .encode_chat(
-            &[ChatMessage::new("system", "You are a helpful assistant."), ChatMessage::new("user", user)],
+            &[
+                ChatMessage::new("system", "You are a helpful assistant."),
+                ChatMessage::new("user", user),
+            ],
             true,
         )
         .expect("chat template")
@@ -62,7 +72,12 @@ fn prompt(loaded: &LoadedModel, user: &str) -> Vec<u32> {
 
 fn completion(loaded: &LoadedModel, text: &str) -> Vec<u32> {
     let mut ids = loaded.tokenizer.encode(text).expect("encode");
-    ids.push(loaded.tokenizer.token_to_id("<|im_end|>").expect("<|im_end|> in vocab"));
+    ids.push(
+        loaded
+            .tokenizer
+            .token_to_id("<|im_end|>")
+            .expect("<|im_end|> in vocab"),
+    );
     ids
 }
 
@@ -81,14 +96,23 @@ fn base_probe(model: &Model) -> Tensor {
 }
 
 fn new_node(bank: &mut AdapterBank) {
-    bank.add("node", &LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]), 11).expect("add node");
+    bank.add(
+        "node",
+        &LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),
+        11,
+    )
+    .expect("add node");
 }
 
 #[test]
 fn completion_logprobs_match_transformers_peft() {
     let root = root();
     let python = root.join(".venv/bin/python");
-    assert!(python.exists(), "reference Python missing at {} (run scripts/setup.sh)", python.display());
+    assert!(
+        python.exists(),
+        "reference Python missing at {} (run scripts/setup.sh)",
+        python.display()
+    );
     let model_path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("tempdir");
     let status = std::process::Command::new(&python)
@@ -99,10 +123,16 @@ fn completion_logprobs_match_transformers_peft() {
         .status()
         .expect("spawn python");
     assert!(status.success(), "loss_ref.py parity failed: {status}");
-    let golden: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("parity.json")).expect("parity.json")).expect("json");
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("parity.json")).expect("parity.json"),
+    )
+    .expect("json");
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
     };
     let records: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = golden["records"]
         .as_array()
@@ -114,28 +144,46 @@ fn completion_logprobs_match_transformers_peft() {
     // Our tokenizer agrees with transformers' on the prompts (token ids are the truth,
     // but a mismatch here would mean the two sides read different inputs elsewhere).
     let first_prompt = prompt(&loaded, "What is the capital of France?");
-    assert_eq!(first_prompt, records[0].0, "chat-template prompt ids differ from transformers'");
+    assert_eq!(
+        first_prompt, records[0].0,
+        "chat-template prompt ids differ from transformers'"
+    );
     let mut bank = bank_for(&loaded);
-    bank.load_peft("peft", dir.path().join("peft_adapter")).expect("load PEFT adapter");
+    bank.load_peft("peft", dir.path().join("peft_adapter"))
+        .expect("load PEFT adapter");
     let peft = flowtune::learner::BankDelta::all(&bank, "peft").expect("delta");
-    let groups: Vec<(&[u32], Vec<&[u32]>)> =
-        records.iter().map(|(p, c, r)| (p.as_slice(), vec![c.as_slice(), r.as_slice()])).collect();
+    let groups: Vec<(&[u32], Vec<&[u32]>)> = records
+        .iter()
+        .map(|(p, c, r)| (p.as_slice(), vec![c.as_slice(), r.as_slice()]))
+        .collect();
     let mut worst: f64 = 0.0;
     for sharing in [PromptSharing::SharedKv, PromptSharing::Concatenate] {
-        for (key, delta) in [("base", None), ("peft", Some(&peft as &dyn flowtune_lm::model::LinearDelta))] {
-            let lp = tch::no_grad(|| completion_logprobs(&model, delta, &groups, sharing)).expect("logprobs");
+        for (key, delta) in [
+            ("base", None),
+            ("peft", Some(&peft as &dyn flowtune_lm::model::LinearDelta)),
+        ] {
+            let lp = tch::no_grad(|| completion_logprobs(&model, delta, &groups, sharing))
+                .expect("logprobs");
             let got: Vec<f64> = Vec::try_from(lp.to_kind(Kind::Double)).expect("vec");
             let want: Vec<f64> = golden[key]
                 .as_array()
                 .expect("golden")
                 .iter()
-                .flat_map(|row| row.as_array().expect("row").iter().map(|x| x.as_f64().expect("f64")))
+                .flat_map(|row| {
+                    row.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|x| x.as_f64().expect("f64"))
+                })
                 .collect();
             assert_eq!(got.len(), want.len());
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 let err = (g - w).abs();
                 worst = worst.max(err);
-                assert!(err <= 1e-3, "{sharing:?} {key} completion {i}: {g} vs transformers {w} (|Δ| {err:e})");
+                assert!(
+                    err <= 1e-3,
+                    "{sharing:?} {key} completion {i}: {g} vs transformers {w} (|Δ| {err:e})"
+                );
             }
         }
     }
@@ -168,36 +216,66 @@ fn dpo_steps_raise_margin_and_touch_only_the_node() {
         },
     ];
     let records = NodeRecords::Preferences(pairs);
-    let mut learner = NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
+    let mut learner =
+        NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
     let node_before = snapshot(&bank, "node");
     let ref_before = snapshot(&bank, "node.ref");
     let probe_before = base_probe(&model);
-    let base_before: Vec<(String, Tensor)> =
-        loaded.weights.names().iter().map(|n| (n.to_string(), loaded.weights.get(n).expect("w").copy())).collect();
+    let base_before: Vec<(String, Tensor)> = loaded
+        .weights
+        .names()
+        .iter()
+        .map(|n| (n.to_string(), loaded.weights.get(n).expect("w").copy()))
+        .collect();
     let before = learner.evaluate(&model, &bank, &records).expect("evaluate");
     let dpo0 = before.dpo.expect("dpo stats");
     assert_eq!(before.records, 2);
     assert_eq!(before.dropped, 1);
-    assert!(dpo0.reward_margin.abs() < 1e-6, "policy == reference at start, margin {}", dpo0.reward_margin);
-    assert!((before.loss - 0.75 * std::f64::consts::LN_2).abs() < 1e-5, "loss {} at start", before.loss);
+    assert!(
+        dpo0.reward_margin.abs() < 1e-6,
+        "policy == reference at start, margin {}",
+        dpo0.reward_margin
+    );
+    assert!(
+        (before.loss - 0.75 * std::f64::consts::LN_2).abs() < 1e-5,
+        "loss {} at start",
+        before.loss
+    );
     let mut margins = vec![];
     for _ in 0..20 {
         let s = learner.step(&model, &mut bank, &records).expect("step");
         assert!(s.loss.is_finite() && s.grad_norm.is_finite());
         margins.push(s.dpo.expect("dpo").reward_margin);
     }
-    let after = learner.evaluate(&model, &bank, &records).expect("evaluate").dpo.expect("dpo");
-    eprintln!("DPO margins per step: {margins:.3?}; after 20 steps: margin {:.3}, accuracy {}", after.reward_margin, after.accuracy);
-    assert!(after.reward_margin > 1.0, "margin after 20 steps {} is not clearly positive", after.reward_margin);
+    let after = learner
+        .evaluate(&model, &bank, &records)
+        .expect("evaluate")
+        .dpo
+        .expect("dpo");
+    eprintln!(
+        "DPO margins per step: {margins:.3?}; after 20 steps: margin {:.3}, accuracy {}",
+        after.reward_margin, after.accuracy
+    );
+    assert!(
+        after.reward_margin > 1.0,
+        "margin after 20 steps {} is not clearly positive",
+        after.reward_margin
+    );
     assert_eq!(after.accuracy, 1.0);
     // reference and base unchanged, bit for bit
     for ((k, a), (_, b)) in ref_before.iter().zip(snapshot(&bank, "node.ref")) {
         assert!(a.equal(&b), "reference tensor {k} changed");
     }
     for (k, t) in &base_before {
-        assert!(t.equal(&loaded.weights.get(k).expect("w")), "base tensor {k} changed");
+        assert!(
+            t.equal(&loaded.weights.get(k).expect("w")),
+            "base tensor {k} changed"
+        );
     }
-    assert!(probe_before.equal(&base_probe(&model)), "base logits changed");
+    assert!(
+        probe_before.equal(&base_probe(&model)),
+        "base logits changed"
+    );
     // every trainable tensor changed
     for ((k, a), (_, b)) in node_before.iter().zip(snapshot(&bank, "node")) {
         assert!(!a.equal(&b), "trainable tensor {k} did not change");
@@ -211,7 +289,10 @@ fn target_steps_lower_nll() {
     new_node(&mut bank);
     let records = NodeRecords::Targets(vec![
         TargetRecord {
-            prompt: prompt(&loaded, "Give the answer only: which river flows through Paris?"),
+            prompt: prompt(
+                &loaded,
+                "Give the answer only: which river flows through Paris?",
+            ),
             completion: completion(&loaded, "Seine"),
             weight: 1.0,
         },
@@ -221,14 +302,31 @@ fn target_steps_lower_nll() {
             weight: 1.0,
         },
     ]);
-    let mut learner = NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
-    let before = learner.evaluate(&model, &bank, &records).expect("eval").nll.expect("nll");
+    let mut learner =
+        NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
+    let before = learner
+        .evaluate(&model, &bank, &records)
+        .expect("eval")
+        .nll
+        .expect("nll");
     for _ in 0..20 {
         learner.step(&model, &mut bank, &records).expect("step");
     }
-    let after = learner.evaluate(&model, &bank, &records).expect("eval").nll.expect("nll");
-    eprintln!("mean token NLL: {:.4} -> {:.4}", before.mean_token_nll, after.mean_token_nll);
-    assert!(after.mean_token_nll < 0.5 * before.mean_token_nll, "NLL did not fall enough: {} -> {}", before.mean_token_nll, after.mean_token_nll);
+    let after = learner
+        .evaluate(&model, &bank, &records)
+        .expect("eval")
+        .nll
+        .expect("nll");
+    eprintln!(
+        "mean token NLL: {:.4} -> {:.4}",
+        before.mean_token_nll, after.mean_token_nll
+    );
+    assert!(
+        after.mean_token_nll < 0.5 * before.mean_token_nll,
+        "NLL did not fall enough: {} -> {}",
+        before.mean_token_nll,
+        after.mean_token_nll
+    );
 }
 
 #[test]
@@ -238,21 +336,52 @@ fn label_steps_raise_label_probability() {
     new_node(&mut bank);
     let yes = loaded.tokenizer.encode("Yes").expect("Yes");
     let no = loaded.tokenizer.encode("No").expect("No");
-    assert_eq!((yes.len(), no.len()), (1, 1), "Yes/No must be single tokens");
+    assert_eq!(
+        (yes.len(), no.len()),
+        (1, 1),
+        "Yes/No must be single tokens"
+    );
     let labels = vec![yes[0], no[0]];
     // Deliberately counter-intuitive gold labels, so p(label) starts low.
     let records = NodeRecords::Labels(vec![
-        LabelRecord { prompt: prompt(&loaded, "Is the sky green? Answer Yes or No."), labels: labels.clone(), label: 0, weight: 1.0 },
-        LabelRecord { prompt: prompt(&loaded, "Is water wet? Answer Yes or No."), labels, label: 1, weight: 1.0 },
+        LabelRecord {
+            prompt: prompt(&loaded, "Is the sky green? Answer Yes or No."),
+            labels: labels.clone(),
+            label: 0,
+            weight: 1.0,
+        },
+        LabelRecord {
+            prompt: prompt(&loaded, "Is water wet? Answer Yes or No."),
+            labels,
+            label: 1,
+            weight: 1.0,
+        },
     ]);
-    let mut learner = NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
-    let before = learner.evaluate(&model, &bank, &records).expect("eval").label.expect("label");
+    let mut learner =
+        NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
+    let before = learner
+        .evaluate(&model, &bank, &records)
+        .expect("eval")
+        .label
+        .expect("label");
     for _ in 0..20 {
         learner.step(&model, &mut bank, &records).expect("step");
     }
-    let after = learner.evaluate(&model, &bank, &records).expect("eval").label.expect("label");
-    eprintln!("mean p(label): {:.4} -> {:.4}", before.mean_target_prob, after.mean_target_prob);
-    assert!(after.mean_target_prob > before.mean_target_prob + 0.2, "p(label) {} -> {}", before.mean_target_prob, after.mean_target_prob);
+    let after = learner
+        .evaluate(&model, &bank, &records)
+        .expect("eval")
+        .label
+        .expect("label");
+    eprintln!(
+        "mean p(label): {:.4} -> {:.4}",
+        before.mean_target_prob, after.mean_target_prob
+    );
+    assert!(
+        after.mean_target_prob > before.mean_target_prob + 0.2,
+        "p(label) {} -> {}",
+        before.mean_target_prob,
+        after.mean_target_prob
+    );
     assert!(after.mean_target_prob > 0.8);
 }
 
@@ -269,7 +398,8 @@ fn save_load_resumes_exactly() {
     // uninterrupted: 4 steps
     let mut bank = bank_for(&loaded);
     new_node(&mut bank);
-    let mut learner = NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
+    let mut learner =
+        NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
     for i in 0..4 {
         learner.step(&model, &mut bank, &records).expect("step");
         if i == 1 {
@@ -286,7 +416,69 @@ fn save_load_resumes_exactly() {
     for ((k, a), (_, b)) in snapshot(&bank, "node").iter().zip(snapshot(&bank2, "node")) {
         assert!(a.equal(&b), "resumed tensor {k} differs");
     }
-    for ((k, a), (_, b)) in snapshot(&bank, "node.ref").iter().zip(snapshot(&bank2, "node.ref")) {
+    for ((k, a), (_, b)) in snapshot(&bank, "node.ref")
+        .iter()
+        .zip(snapshot(&bank2, "node.ref"))
+    {
         assert!(a.equal(&b), "resumed reference {k} differs");
     }
+}
+
+/// Gradients flow through the shared prompt's KV cache: the adapter gradients of the
+/// summed completion log-probs equal those of the concatenated computation (f32,
+/// relative 1e-3 of each tensor's gradient norm).
+#[test]
+fn shared_kv_gradients_equal_concatenated() {
+    let (loaded, model) = load_model();
+    let mut bank = bank_for(&loaded);
+    new_node(&mut bank);
+    bank.modify("node", |a| {
+        let sites: Vec<_> = a.sites().copied().collect();
+        for s in sites {
+            if let Some(w) = a.weights_mut(&s) {
+                let _ =
+                    w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
+            }
+        }
+    })
+    .expect("modify");
+    bank.set_trainable("node").expect("trainable");
+    let p1 = prompt(&loaded, "Name two rivers in Europe.");
+    let p2 = prompt(&loaded, "What is 2 + 2?");
+    let (c1, r1, c2) = (
+        completion(&loaded, "The Rhine and the Danube."),
+        completion(&loaded, "Nile."),
+        completion(&loaded, "4"),
+    );
+    let groups: Vec<(&[u32], Vec<&[u32]>)> = vec![
+        (p1.as_slice(), vec![c1.as_slice(), r1.as_slice()]),
+        (p2.as_slice(), vec![c2.as_slice()]),
+    ];
+    let params = bank.get("node").expect("node").named_tensors();
+    let grads = |sharing: PromptSharing| -> Vec<Tensor> {
+        for (_, p) in &params {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+        let delta = flowtune::learner::BankDelta::all(&bank, "node").expect("delta");
+        let lp = completion_logprobs(&model, Some(&delta), &groups, sharing).expect("logprobs");
+        (lp * Tensor::from_slice(&[1.0f32, -0.5, 0.7]))
+            .sum(None)
+            .backward();
+        params.iter().map(|(_, p)| p.grad().copy()).collect()
+    };
+    let shared = grads(PromptSharing::SharedKv);
+    let concat = grads(PromptSharing::Concatenate);
+    let mut worst: f64 = 0.0;
+    for ((k, _), (a, b)) in params.iter().zip(shared.iter().zip(&concat)) {
+        let norm = b.norm().double_value(&[]);
+        assert!(norm > 0.0, "no gradient on {k}");
+        let rel = (a - b).norm().double_value(&[]) / norm;
+        worst = worst.max(rel);
+        assert!(
+            rel <= 1e-3,
+            "{k}: shared-KV gradient differs from concatenated by {rel:e} (relative)"
+        );
+    }
+    eprintln!("shared-KV vs concatenated gradients: worst relative difference {worst:e}");
 }

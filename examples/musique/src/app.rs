@@ -112,6 +112,8 @@ pub struct TrainOptions {
     pub reference_every: u64,
     /// Continue from `out_dir/checkpoints/latest`.
     pub resume: bool,
+    /// Write every minibatch's traces (episodes and rollouts) under `out_dir/traces/`.
+    pub save_traces: bool,
 }
 
 impl Default for TrainOptions {
@@ -124,6 +126,7 @@ impl Default for TrainOptions {
             checkpoint_every: 40,
             reference_every: 96,
             resume: false,
+            save_traces: false,
         }
     }
 }
@@ -148,7 +151,8 @@ pub fn online_config(variant: Variant, options: &TrainOptions) -> OnlineConfig {
             dir: options.out_dir.join("checkpoints"),
         }),
         metrics_path: Some(options.out_dir.join("metrics.jsonl")),
-        max_episodes: None,
+        traces_dir: options.save_traces.then(|| options.out_dir.join("traces")),
+        ..OnlineConfig::default()
     }
 }
 

@@ -100,6 +100,9 @@ struct TrainArgs {
     /// Gated soft reference update every N episodes (0: never).
     #[arg(long, default_value_t = 96)]
     reference_every: u64,
+    /// Write every minibatch's traces (episodes and rollouts) under DIR/traces/.
+    #[arg(long)]
+    save_traces: bool,
     /// Also evaluate on this many held-out synthetic questions before and after training.
     #[arg(long, default_value_t = 0)]
     heldout: usize,
@@ -258,6 +261,7 @@ fn train(t: &TrainArgs) -> Result<()> {
         checkpoint_every: t.checkpoint_every,
         reference_every: t.reference_every,
         resume: t.resume,
+        save_traces: t.save_traces,
     };
     let heldout = if t.heldout > 0 && c.data.is_none() {
         let held = Common {

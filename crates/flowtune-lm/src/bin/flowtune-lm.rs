@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use flowtune_lm::engine::{
-    ClassifyRequest, Decoding, Engine, EngineConfig, GenerateRequest, GenerationParams, ScoreRequest,
+    ClassifyRequest, Decoding, Engine, EngineConfig, GenerateRequest, GenerationParams,
+    ScoreRequest,
 };
 use flowtune_lm::loader::{load, LoadOptions};
-use flowtune_lm::model::LogitsAt;
 use flowtune_lm::tokenizer::ChatMessage;
 use tch::{Device, Kind, Tensor};
 
@@ -24,7 +24,10 @@ const ADAPTER_NAME: &str = "adapter";
 type CliResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
-#[command(name = "flowtune-lm", about = "Inspect and run Llama-family models (GGUF or HF folder)")]
+#[command(
+    name = "flowtune-lm",
+    about = "Inspect and run Llama-family models (GGUF or HF folder)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -138,8 +141,8 @@ fn read_input(path: &Path) -> CliResult<Vec<InputLine>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: InputLine =
-            serde_json::from_str(&line).map_err(|e| format!("{} line {}: {e}", path.display(), n + 1))?;
+        let v: InputLine = serde_json::from_str(&line)
+            .map_err(|e| format!("{} line {}: {e}", path.display(), n + 1))?;
         out.push(v);
     }
     Ok(out)
@@ -147,8 +150,14 @@ fn read_input(path: &Path) -> CliResult<Vec<InputLine>> {
 
 /// Write via a temp file in the same folder, then rename.
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> CliResult<()>) -> CliResult<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     write(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -175,7 +184,9 @@ fn engine(c: &Common) -> CliResult<Engine> {
 
 fn write_jsonl(path: &Path, lines: &[serde_json::Value]) -> CliResult<()> {
     write_atomic(path, |tmp| {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?);
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?,
+        );
         for l in lines {
             writeln!(f, "{}", serde_json::to_string(l)?)?;
         }
@@ -199,10 +210,15 @@ fn run() -> CliResult<()> {
                 tensors.push((format!("ids.{i}"), Tensor::f_from_slice(&ids)?));
                 tensors.push((
                     format!("logits.{i}"),
-                    logits.f_to_kind(Kind::Float)?.f_to(Device::Cpu)?.f_contiguous()?,
+                    logits
+                        .f_to_kind(Kind::Float)?
+                        .f_to(Device::Cpu)?
+                        .f_contiguous()?,
                 ));
             }
-            write_atomic(&common.output, |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
+            write_atomic(&common.output, |tmp| {
+                Ok(Tensor::write_safetensors(&tensors, tmp)?)
+            })?;
         }
         Command::Generate {
             common,
@@ -223,16 +239,38 @@ fn run() -> CliResult<()> {
             let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let decoding = if num_beams > 1 {
-                Decoding::Beam { num_beams, num_beam_groups, diversity_penalty, length_penalty }
+                Decoding::Beam {
+                    num_beams,
+                    num_beam_groups,
+                    diversity_penalty,
+                    length_penalty,
+                }
             } else if do_sample {
-                Decoding::Sample { temperature, top_k, top_p, seed }
+                Decoding::Sample {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                }
             } else {
                 Decoding::Greedy
             };
-            let params = GenerationParams { max_new_tokens, decoding, num_return_sequences, stop, eos_token_ids: vec![] };
+            let params = GenerationParams {
+                max_new_tokens,
+                decoding,
+                num_return_sequences,
+                stop,
+                eos_token_ids: vec![],
+            };
             let reqs = input
                 .iter()
-                .map(|l| Ok(GenerateRequest { adapter: adapter.clone(), prompt: e.tokenizer().encode_chat(&l.messages, true)?, params: params.clone() }))
+                .map(|l| {
+                    Ok(GenerateRequest {
+                        adapter: adapter.clone(),
+                        prompt: e.tokenizer().encode_chat(&l.messages, true)?,
+                        params: params.clone(),
+                    })
+                })
                 .collect::<CliResult<Vec<_>>>()?;
             let outs = e.generate(&reqs)?;
             let lines: Vec<serde_json::Value> = input
@@ -258,7 +296,11 @@ fn run() -> CliResult<()> {
                 let prompt = e.tokenizer().encode_chat(&l.messages, true)?;
                 if let Some(c) = &l.completion {
                     let completion = e.tokenizer().encode(c)?;
-                    let s = e.score(&[ScoreRequest { adapter: adapter.clone(), prompt, completion: completion.clone() }])?;
+                    let s = e.score(&[ScoreRequest {
+                        adapter: adapter.clone(),
+                        prompt,
+                        completion: completion.clone(),
+                    }])?;
                     lines.push(serde_json::json!({
                         "id": l.id, "completion_ids": completion, "logprob": s[0].logprob, "token_logprobs": s[0].token_logprobs,
                     }));
@@ -268,15 +310,31 @@ fn run() -> CliResult<()> {
                         let t = e.tokenizer().encode(lab)?;
                         match t.as_slice() {
                             [one] => ids.push(*one),
-                            _ => return Err(format!("{} line {}: label {lab:?} is not a single token ({t:?})", common.input.display(), n + 1).into()),
+                            _ => {
+                                return Err(format!(
+                                    "{} line {}: label {lab:?} is not a single token ({t:?})",
+                                    common.input.display(),
+                                    n + 1
+                                )
+                                .into())
+                            }
                         }
                     }
-                    let c = e.classify(&[ClassifyRequest { adapter: adapter.clone(), prompt, labels: ids.clone() }])?;
+                    let c = e.classify(&[ClassifyRequest {
+                        adapter: adapter.clone(),
+                        prompt,
+                        labels: ids.clone(),
+                    }])?;
                     lines.push(serde_json::json!({
                         "id": l.id, "labels": labels, "label_ids": ids, "label_logprobs": c[0].label_logprobs, "raw_logprobs": c[0].raw_logprobs,
                     }));
                 } else {
-                    return Err(format!("{} line {}: needs \"completion\" or \"labels\"", common.input.display(), n + 1).into());
+                    return Err(format!(
+                        "{} line {}: needs \"completion\" or \"labels\"",
+                        common.input.display(),
+                        n + 1
+                    )
+                    .into());
                 }
             }
             write_jsonl(&common.output, &lines)?;

@@ -20,14 +20,22 @@ pub fn root() -> PathBuf {
 /// The venv's Python; panics with a clear message when missing.
 pub fn python() -> PathBuf {
     let p = root().join(".venv/bin/python");
-    assert!(p.exists(), "Python reference interpreter missing at {} (run scripts/setup.sh)", p.display());
+    assert!(
+        p.exists(),
+        "Python reference interpreter missing at {} (run scripts/setup.sh)",
+        p.display()
+    );
     p
 }
 
 /// Run the reference script with `args`; panics with its stderr on failure.
 pub fn run_reference(args: &[&str]) {
     let script = root().join("tests/reference/lm_model_ref.py");
-    let out = Command::new(python()).arg(&script).args(args).output().expect("cannot start the Python reference");
+    let out = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("cannot start the Python reference");
     assert!(
         out.status.success(),
         "reference script {} {:?} failed:\n{}",

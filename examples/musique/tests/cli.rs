@@ -1,0 +1,42 @@
+//! The `musique` binary: its interface, and typed errors on bad data before any model loads.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use std::process::Command;
+
+use musique::data::official_data_dir;
+
+fn musique(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_musique")).args(args).output().expect("running musique");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn help_lists_the_subcommands_and_options() {
+    let (ok, stdout, _) = musique(&["--help"]);
+    assert!(ok);
+    for word in ["train", "eval", "predict"] {
+        assert!(stdout.contains(word), "{stdout}");
+    }
+    let (ok, stdout, _) = musique(&["train", "--help"]);
+    assert!(ok);
+    for opt in ["--model", "--data", "--variant", "--out", "--seed", "--limit", "--resume", "--match-hops"] {
+        assert!(stdout.contains(opt), "train --help lacks {opt}");
+    }
+}
+
+#[test]
+fn bad_data_fails_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"2hop__1_2\"}\n").unwrap();
+    let out = dir.path().join("out");
+    let (ok, _, stderr) = musique(&["eval", "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("bad.jsonl:1: missing field `question`"), "{stderr}");
+
+    let question_only = official_data_dir().join("musique_ans_v1.0_dev.no_paragraphs.jsonl");
+    assert!(question_only.is_file(), "official file {} is missing (shared data folder)", question_only.display());
+    let (ok, _, stderr) = musique(&["eval", "--data", question_only.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("has no `paragraphs`"), "{stderr}");
+    assert!(!out.join("metrics.json").exists());
+}

@@ -153,7 +153,9 @@ def mode_gguf(args):
 
 def mode_beam(args):
     """Beam search (num_beams=4, 4 returned) with transformers' generate on the GGUF model:
-    <out>/beam_golden.json = [{"prompt": ids, "sequences": [[new ids]...], "scores": [...]}]."""
+    <out>/beam_golden.json = [{"prompt": ids, "sequences": [[new ids]...], "scores": [...]}]; then the
+    same prompts through `mode_group_beam`'s re-implementation (--num-beams/--num-beam-groups/
+    --diversity-penalty/--num-return) into <out>/group_beam_golden.json."""
     import transformers as T
 
     d, f = os.path.dirname(args.model), os.path.basename(args.model)
@@ -179,19 +181,130 @@ def mode_beam(args):
         seqs = [[int(t) for t in s[len(ids):]] for s in o.sequences]
         res.append({"prompt": ids, "sequences": seqs, "scores": [float(x) for x in o.sequences_scores]})
     json.dump(res, open(os.path.join(args.out, "beam_golden.json"), "w"))
+    # The same prompts through the group beam search re-implementation (one model load).
+    _group_beam_run(model, prompts, args)
+
+
+class _Hyps:
+    """transformers 4.x BeamHypotheses (early_stopping=False)."""
+
+    def __init__(self, n, length_penalty):
+        self.n, self.lp, self.beams, self.worst = n, length_penalty, [], 1e9
+
+    def add(self, ids, sum_logprobs, generated_len):
+        score = sum_logprobs / (generated_len**self.lp)
+        if len(self.beams) < self.n or score > self.worst:
+            self.beams.append((score, ids))
+            if len(self.beams) > self.n:
+                srt = sorted([(s, i) for i, (s, _) in enumerate(self.beams)])
+                del self.beams[srt[0][1]]
+                self.worst = srt[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum_logprobs, generated_len):
+        if len(self.beams) < self.n:
+            return False
+        return self.worst >= best_sum_logprobs / (generated_len**self.lp)
+
+
+def mode_group_beam(args):
+    """Re-implementation of transformers 4.x `_group_beam_search` + `BeamSearchScorer` (removed from
+    transformers 5; the hub repository it moved to is unreachable here), greedy group beam search
+    with the Hamming diversity penalty, on the GGUF model in float32. Writes
+    <out>/group_beam_golden.json = [{"sequences": [[new ids incl. EOS]...], "scores": [...]}]."""
+    import transformers as T
+
+    d, f = os.path.dirname(args.model), os.path.basename(args.model)
+    model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    _group_beam_run(model, json.load(open(args.prompts)), args)
+
+
+def _group_beam_run(model, prompts, args):
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    nb, ng, pen, lp = args.num_beams, args.num_beam_groups, args.diversity_penalty, 1.0
+    gs = nb // ng
+    res = []
+    for prompt in prompts:
+        seqs = [[] for _ in range(nb)]
+        scores = torch.full((nb,), -1e9)
+        scores[::gs] = 0.0
+        hyps = [_Hyps(gs, lp) for _ in range(ng)]
+        done = [False] * ng
+        past = None
+        cur = torch.tensor([prompt] * nb)
+        pad = min(eos)
+        for step in range(args.new_tokens):
+            with torch.no_grad():
+                o = model(input_ids=cur, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            logp = torch.log_softmax(o.logits[:, -1].float(), -1)
+            V = logp.shape[-1]
+            reorder = list(range(nb))
+            tokens = [pad] * nb
+            new_scores = scores.clone()
+            new_seqs = [None] * nb
+            gen_len = step + 1
+            for g in range(ng):
+                lo, hi = g * gs, (g + 1) * gs
+                if done[g]:
+                    for r in range(lo, hi):
+                        new_seqs[r] = seqs[r] + [pad]
+                        new_scores[r] = 0.0
+                    continue
+                sc = logp[lo:hi].clone()
+                if g > 0 and pen:
+                    freq = torch.bincount(torch.tensor(tokens[:lo]), minlength=V).float()
+                    sc = sc - pen * freq
+                sc = sc + scores[lo:hi, None]
+                top_v, top_i = torch.topk(sc.view(-1), 2 * gs)
+                k = 0
+                for rank, (v, i) in enumerate(zip(top_v.tolist(), top_i.tolist())):
+                    b, t = i // V, i % V
+                    if t in eos:
+                        if rank >= gs:
+                            continue
+                        hyps[g].add(seqs[lo + b] + [t], v, gen_len)
+                    else:
+                        new_seqs[lo + k] = seqs[lo + b] + [t]
+                        new_scores[lo + k] = v
+                        reorder[lo + k] = lo + b
+                        tokens[lo + k] = t
+                        k += 1
+                    if k == gs:
+                        break
+                done[g] = done[g] or hyps[g].is_done(top_v.max().item(), gen_len)
+            seqs, scores = new_seqs, new_scores
+            if all(done):
+                break
+            past.reorder_cache(torch.tensor(reorder))
+            cur = torch.tensor([[t] for t in tokens])
+        for g in range(ng):
+            if done[g]:
+                continue
+            for r in range(g * gs, (g + 1) * gs):
+                hyps[g].add(seqs[r], scores[r].item(), len(seqs[r]))
+        allh = sorted([h for hy in hyps for h in hy.beams], key=lambda x: x[0], reverse=True)
+        res.append({"sequences": [h[1] for h in allh[: args.num_return]], "scores": [h[0] for h in allh[: args.num_return]]})
+    json.dump(res, open(os.path.join(args.out, "group_beam_golden.json"), "w"))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["tiny", "gguf", "beam"])
+    ap.add_argument("mode", choices=["tiny", "gguf", "beam", "group_beam"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer-from")
     ap.add_argument("--model")
     ap.add_argument("--prompts")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--num-beams", type=int, default=4)
+    ap.add_argument("--num-beam-groups", type=int, default=2)
+    ap.add_argument("--diversity-penalty", type=float, default=1.0)
+    ap.add_argument("--num-return", type=int, default=4)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    {"tiny": mode_tiny, "gguf": mode_gguf, "beam": mode_beam}[args.mode](args)
+    {"tiny": mode_tiny, "gguf": mode_gguf, "beam": mode_beam, "group_beam": mode_group_beam}[args.mode](args)
 
 
 if __name__ == "__main__":

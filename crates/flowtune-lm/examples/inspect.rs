@@ -16,7 +16,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("model: {}", path.display());
     if is_gguf(&path) {
         let f = GgufFile::open(&path)?;
-        println!("GGUF v{}, {} tensors, data at byte {}", f.header.version, f.header.tensors.len(), f.header.data_offset);
+        println!(
+            "GGUF v{}, {} tensors, data at byte {}",
+            f.header.version,
+            f.header.tensors.len(),
+            f.header.data_offset
+        );
         for (k, v) in &f.header.metadata {
             let s = v.to_json(8).to_string();
             let s: String = s.chars().take(100).collect();
@@ -46,7 +51,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("config: {}", serde_json::to_string(&m.config)?);
     println!("{} tensors, {} parameters", m.weights.len(), m.weights.num_parameters());
     let t = &m.tokenizer;
-    println!("vocab {} | specials {:?} | eos ids {:?}", t.vocab_size(), t.special_tokens(), t.eos_token_ids());
+    println!(
+        "vocab {} | specials {:?} | eos ids {:?}",
+        t.vocab_size(),
+        t.special_tokens(),
+        t.eos_token_ids()
+    );
     let msgs = [ChatMessage::new("user", "What is the capital of France?")];
     let text = t.apply_chat_template(&msgs, true)?;
     println!("chat template renders:\n{text}");

@@ -881,14 +881,19 @@ impl Engine {
                         break;
                     }
                 }
-                // Done when full and no running beam can beat the worst finished one.
-                let best_running = rows
-                    .iter()
-                    .map(|&r| next_scores[r])
-                    .fold(f64::NEG_INFINITY, f64::max);
+                // Done when full and no running beam can beat the worst finished one. Plain beam
+                // search (transformers 5) bounds with the best running beam; group beam search
+                // (transformers 4.x, `BeamHypotheses.is_done`) with the best candidate score.
+                let best = if groups == 1 {
+                    rows.iter()
+                        .map(|&r| next_scores[r])
+                        .fold(f64::NEG_INFINITY, f64::max)
+                } else {
+                    top_v.first().copied().unwrap_or(f64::NEG_INFINITY)
+                };
                 if hyps[g].len() >= gs {
                     let worst = hyps[g].iter().map(|h| h.0).fold(f64::INFINITY, f64::min);
-                    if worst >= best_running / (cur as f64).powf(lp) {
+                    if worst >= best / (cur as f64).powf(lp) {
                         group_done[g] = true;
                     }
                 }
@@ -963,6 +968,11 @@ fn add_hyp(
     cap: usize,
     h: (f64, Vec<u32>, f64, FinishReason),
 ) {
+    // A full list only admits a strictly better hypothesis, as in HF's BeamHypotheses.add.
+    let worst = list.iter().map(|x| x.0).fold(f64::INFINITY, f64::min);
+    if list.len() >= cap && h.0 <= worst {
+        return;
+    }
     list.push(h);
     if list.len() > cap {
         let worst = list

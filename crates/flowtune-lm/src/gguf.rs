@@ -197,10 +197,45 @@ impl GgmlType {
 /// ggml's name for a type id (for messages), e.g. `Q4_K` for 12.
 pub fn ggml_type_name(id: u32) -> &'static str {
     const NAMES: [&str; 40] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
-        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
-        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
         "MXFP4",
     ];
     NAMES.get(id as usize).copied().unwrap_or("unknown")
@@ -254,7 +289,11 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, what: impl Into<String>) -> Error {
-        Error::GgufFormat { path: self.path.to_path_buf(), offset: self.pos as u64, reason: what.into() }
+        Error::GgufFormat {
+            path: self.path.to_path_buf(),
+            offset: self.pos as u64,
+            reason: what.into(),
+        }
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
@@ -380,7 +419,12 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<GgufHeader> {
         }
         let type_id = c.u32(&name)?;
         let offset = c.u64(&name)?;
-        tensors.push(GgufTensorInfo { name, dims, type_id, offset });
+        tensors.push(GgufTensorInfo {
+            name,
+            dims,
+            type_id,
+            offset,
+        });
     }
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
@@ -397,7 +441,13 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<GgufHeader> {
     };
     let pos = c.pos as u64;
     let data_offset = pos.div_ceil(alignment) * alignment;
-    let header = GgufHeader { version, metadata, tensors, data_offset, alignment };
+    let header = GgufHeader {
+        version,
+        metadata,
+        tensors,
+        data_offset,
+        alignment,
+    };
     for t in &header.tensors {
         header.tensor_byte_range(t, bytes.len() as u64, path)?;
     }
@@ -407,12 +457,7 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<GgufHeader> {
 impl GgufHeader {
     /// Absolute byte range of a tensor's data, checked against the file length and
     /// the type's block size. Unknown types give [`Error::GgufUnsupportedType`].
-    pub fn tensor_byte_range(
-        &self,
-        t: &GgufTensorInfo,
-        file_len: u64,
-        path: &Path,
-    ) -> Result<std::ops::Range<usize>> {
+    pub fn tensor_byte_range(&self, t: &GgufTensorInfo, file_len: u64, path: &Path) -> Result<std::ops::Range<usize>> {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| Error::GgufUnsupportedType {
             path: path.to_path_buf(),
             tensor: t.name.clone(),
@@ -430,7 +475,10 @@ impl GgufHeader {
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad(format!("dimensions {:?} overflow", t.dims)))?;
         if n % ty.block_elems() != 0 {
-            return Err(bad(format!("{n} elements is not a multiple of the {:?} block size", ty)));
+            return Err(bad(format!(
+                "{n} elements is not a multiple of the {:?} block size",
+                ty
+            )));
         }
         let size = (n / ty.block_elems())
             .checked_mul(ty.block_bytes())
@@ -456,13 +504,13 @@ impl GgufHeader {
 
     /// `general.architecture`.
     pub fn architecture(&self, path: &Path) -> Result<&str> {
-        self.get("general.architecture").and_then(GgufValue::as_str).ok_or_else(|| {
-            Error::GgufMetadata {
+        self.get("general.architecture")
+            .and_then(GgufValue::as_str)
+            .ok_or_else(|| Error::GgufMetadata {
                 path: path.to_path_buf(),
                 key: "general.architecture".into(),
                 reason: "missing or not a string".into(),
-            }
-        })
+            })
     }
 }
 
@@ -481,13 +529,12 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Ve
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     let mut out = Vec::with_capacity(n);
     match ty {
-        GgmlType::F32 => {
-            out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-        }
+        GgmlType::F32 => out.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
         GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::BF16 => {
-            out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()))
-        }
+        GgmlType::BF16 => out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
         GgmlType::Q8_0 => {
             for b in data.chunks_exact(bb) {
                 let d = f16_at(b, 0);
@@ -536,13 +583,20 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Open and memory-map a GGUF file, parsing its header.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; the file is not expected to change while
         // mapped (the same assumption as llama.cpp and safetensors make).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         let header = parse_header(&mmap, path)?;
-        Ok(GgufFile { path: path.to_path_buf(), mmap, header })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            header,
+        })
     }
 
     /// The file's path.
@@ -552,10 +606,14 @@ impl GgufFile {
 
     /// The tensor info by llama.cpp name.
     pub fn tensor_info(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.header.tensors.iter().find(|t| t.name == name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.into(),
-        })
+        self.header
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.into(),
+            })
     }
 
     /// Raw bytes of a tensor's data.
@@ -737,7 +795,11 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
     c.insert("num_key_value_heads".into(), json!(n_kv));
     c.insert("max_position_embeddings".into(), json!(uint("context_length")?));
     c.insert("rms_norm_eps".into(), json!(float("attention.layer_norm_rms_epsilon")?));
-    let theta = if h.get(&key("rope.freq_base")).is_some() { float("rope.freq_base")? } else { 10000.0 };
+    let theta = if h.get(&key("rope.freq_base")).is_some() {
+        float("rope.freq_base")?
+    } else {
+        10000.0
+    };
     c.insert("rope_theta".into(), json!(theta));
     let head_dim = if h.get(&key("attention.key_length")).is_some() {
         uint("attention.key_length")?
@@ -786,7 +848,10 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
         if let Some(f) = h.get(&key("rope.scaling.factor")).and_then(GgufValue::as_f64) {
             rs.insert("factor".into(), json!(f));
         }
-        if let Some(f) = h.get(&key("rope.scaling.original_context_length")).and_then(GgufValue::as_u64) {
+        if let Some(f) = h
+            .get(&key("rope.scaling.original_context_length"))
+            .and_then(GgufValue::as_u64)
+        {
             rs.insert("original_max_position_embeddings".into(), json!(f));
         }
         c.insert("rope_scaling".into(), Json::Object(rs));
@@ -900,6 +965,7 @@ pub fn encode_gguf(metadata: &[(String, GgufValue)], tensors: &[GgufTensorData])
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -19,7 +19,10 @@ pub const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Read and parse `dir/config.json`.
@@ -85,8 +88,10 @@ pub fn load_safetensors_file(
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     // SAFETY: read-only map of a checkpoint that is not modified while loading.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     for (name, view) in st.iter() {
         let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
             path: path.to_path_buf(),

@@ -21,7 +21,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { device: Device::Cpu, dtype: Kind::Float }
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        }
     }
 }
 
@@ -58,7 +61,10 @@ pub fn is_gguf(path: &Path) -> bool {
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let _span = tracing::info_span!("load_model", path = %path.display()).entered();
     if !matches!(opts.dtype, Kind::Float | Kind::BFloat16 | Kind::Half) {
-        return Err(Error::Unsupported { path: path.to_path_buf(), what: format!("weight dtype {:?}", opts.dtype) });
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: format!("weight dtype {:?}", opts.dtype),
+        });
     }
     if path.is_dir() {
         load_hf_dir(path, opts)
@@ -83,7 +89,12 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let weights = hf::load_weights(dir, opts.device, opts.dtype)?;
     let mut tokenizer = Tokenizer::from_hf_dir(dir)?;
     tokenizer.add_eos_token_ids(&config.eos_token_ids());
-    Ok(LoadedModel { config, weights, tokenizer, source: dir.to_path_buf() })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        source: dir.to_path_buf(),
+    })
 }
 
 /// The config a GGUF file describes: its metadata as an HF-style `config.json`
@@ -98,33 +109,107 @@ pub fn gguf_config(file: &GgufFile) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// Dequantise every GGUF tensor that has an HF counterpart to f32, renamed to HF
-/// names, with llama.cpp's Q/K row permutation undone; the result is in row-major
-/// order as `(data, shape)`.
-pub fn gguf_hf_tensors(file: &GgufFile, config: &ModelConfig) -> Result<Vec<(String, Vec<f32>, Vec<i64>)>> {
-    let arch = file.header.architecture(file.path())?.to_string();
+/// A dequantised tensor: HF name, f32 data, row-major shape.
+pub type HfTensorData = (String, Vec<f32>, Vec<i64>);
+
+/// Dequantise one GGUF tensor that has an HF counterpart to f32, with llama.cpp's
+/// Q/K row permutation undone: `(hf_name, data, row-major shape)`, or `None` for a
+/// tensor with no HF counterpart.
+pub fn gguf_hf_tensor(
+    file: &GgufFile,
+    info: &gguf::GgufTensorInfo,
+    config: &ModelConfig,
+) -> Result<Option<HfTensorData>> {
+    let arch = file.header.architecture(file.path())?;
+    let Some(name) = gguf::hf_tensor_name(arch, &info.name) else {
+        tracing::debug!(tensor = %info.name, "GGUF tensor with no HF counterpart skipped");
+        return Ok(None);
+    };
+    let (mut data, shape) = file.dequantize_tensor(info)?;
+    if gguf::is_rope_permuted(arch, &info.name) {
+        let heads = if info.name.contains(".attn_q.") {
+            config.num_attention_heads
+        } else {
+            config.num_key_value_heads()
+        };
+        data = gguf::reverse_permute(&data, &shape, heads).map_err(|reason| Error::GgufTensor {
+            path: file.path().to_path_buf(),
+            tensor: info.name.clone(),
+            reason,
+        })?;
+    }
+    Ok(Some((name, data, shape)))
+}
+
+/// Every GGUF tensor with an HF counterpart, dequantised (see [`gguf_hf_tensor`]).
+/// Holds all of them in f32 at once: for large models prefer [`load_gguf`], which
+/// converts tensor by tensor.
+pub fn gguf_hf_tensors(file: &GgufFile, config: &ModelConfig) -> Result<Vec<HfTensorData>> {
     let mut out = Vec::with_capacity(file.header.tensors.len());
     for info in &file.header.tensors {
-        let Some(name) = gguf::hf_tensor_name(&arch, &info.name) else {
-            tracing::debug!(tensor = %info.name, "GGUF tensor with no HF counterpart skipped");
-            continue;
-        };
-        let (mut data, shape) = file.dequantize_tensor(info)?;
-        if gguf::is_rope_permuted(&arch, &info.name) {
-            let heads = if info.name.contains(".attn_q.") {
-                config.num_attention_heads
-            } else {
-                config.num_key_value_heads()
-            };
-            data = gguf::reverse_permute(&data, &shape, heads).map_err(|reason| Error::GgufTensor {
-                path: file.path().to_path_buf(),
-                tensor: info.name.clone(),
-                reason,
-            })?;
+        if let Some(t) = gguf_hf_tensor(file, info, config)? {
+            out.push(t);
         }
-        out.push((name, data, shape));
     }
     Ok(out)
+}
+
+/// Dequantise, cast and place every tensor, a few at a time on worker threads, so
+/// that at most one f32 copy per worker exists besides the result.
+fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Result<HashMap<String, Tensor>> {
+    let _span = tracing::info_span!("load_gguf_weights", path = %file.path().display()).entered();
+    let infos = &file.header.tensors;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(infos.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let convert = |info: &gguf::GgufTensorInfo| -> Result<Option<(String, Tensor)>> {
+        let Some((name, data, shape)) = gguf_hf_tensor(file, info, config)? else {
+            return Ok(None);
+        };
+        let t = Tensor::f_from_slice(&data)?.f_reshape(&shape[..])?;
+        drop(data);
+        let t = if opts.dtype == Kind::Float {
+            t
+        } else {
+            t.f_to_kind(opts.dtype)?
+        };
+        Ok(Some((name, t.f_to_device(opts.device)?)))
+    };
+    let results: Vec<Result<Vec<(String, Tensor)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<(String, Tensor)>> {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(info) = infos.get(i) else { return Ok(done) };
+                        if let Some(t) = convert(info)? {
+                            done.push(t);
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::GgufFormat {
+                        path: file.path().to_path_buf(),
+                        offset: 0,
+                        reason: "a dequantisation worker panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut map = HashMap::new();
+    for r in results {
+        map.extend(r?);
+    }
+    Ok(map)
 }
 
 /// Load a GGUF file: weights dequantised (then cast to the requested dtype),
@@ -133,16 +218,19 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let config = gguf_config(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file.header, path)?;
-    let mut map = HashMap::new();
-    for (name, data, shape) in gguf_hf_tensors(&file, &config)? {
-        let t = Tensor::from_slice(&data).reshape(&shape[..]);
-        let t = if opts.dtype == Kind::Float { t } else { t.to_kind(opts.dtype) };
-        map.insert(name, t.to_device(opts.device));
-    }
+    let map = gguf_weights(&file, &config, opts)?;
     let required = "model.embed_tokens.weight";
     if !map.contains_key(required) {
-        return Err(Error::MissingTensor { path: path.to_path_buf(), tensor: "token_embd.weight".into() });
+        return Err(Error::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: "token_embd.weight".into(),
+        });
     }
     let weights = Weights::from_map(map, path);
-    Ok(LoadedModel { config, weights, tokenizer, source: path.to_path_buf() })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        source: path.to_path_buf(),
+    })
 }

@@ -31,7 +31,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -123,11 +126,14 @@ fn pre_split_regex(pre: &str) -> Option<&'static str> {
 }
 
 fn string_array<'a>(h: &'a GgufHeader, key: &str, path: &Path) -> Result<Vec<&'a str>> {
-    let arr = h.get(key).and_then(GgufValue::as_array).ok_or_else(|| Error::GgufMetadata {
-        path: path.to_path_buf(),
-        key: key.into(),
-        reason: "missing or not an array".into(),
-    })?;
+    let arr = h
+        .get(key)
+        .and_then(GgufValue::as_array)
+        .ok_or_else(|| Error::GgufMetadata {
+            path: path.to_path_buf(),
+            key: key.into(),
+            reason: "missing or not an array".into(),
+        })?;
     arr.iter()
         .enumerate()
         .map(|(i, v)| {
@@ -143,20 +149,23 @@ fn string_array<'a>(h: &'a GgufHeader, key: &str, path: &Path) -> Result<Vec<&'a
 /// The `tokenizer.json` document (as JSON) that transformers builds from a GGUF
 /// file's tokenizer metadata.
 pub fn gguf_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
-    let model = h.get("tokenizer.ggml.model").and_then(GgufValue::as_str).ok_or_else(|| {
-        Error::GgufMetadata {
+    let model = h
+        .get("tokenizer.ggml.model")
+        .and_then(GgufValue::as_str)
+        .ok_or_else(|| Error::GgufMetadata {
             path: path.to_path_buf(),
             key: "tokenizer.ggml.model".into(),
             reason: "missing or not a string".into(),
-        }
-    })?;
+        })?;
     if model == "llama" {
         return sentencepiece_tokenizer_json(h, path);
     }
     if model != "gpt2" {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
-            what: format!("GGUF tokenizer model `{model}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece BPE)"),
+            what: format!(
+                "GGUF tokenizer model `{model}` (supported: `gpt2` byte-level BPE, `llama` SentencePiece BPE)"
+            ),
         });
     }
     let tokens = string_array(h, "tokenizer.ggml.tokens", path)?;
@@ -256,7 +265,10 @@ pub fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, Strin
         let (ka, kb) = (key(a), key(b));
         kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
     });
-    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 /// The `tokenizer.json` transformers builds for a SentencePiece-style (`llama`)
@@ -323,7 +335,10 @@ fn sentencepiece_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
             Json::Null,
         )
     } else {
-        (Json::Null, json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}))
+        (
+            Json::Null,
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        )
     };
     let merges: Vec<Json> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
     Ok(json!({
@@ -349,7 +364,10 @@ fn sentencepiece_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() }
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 /// A special token in `tokenizer_config.json`: a string or an `AddedToken` object.
@@ -380,7 +398,13 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
-        Ok(Tokenizer { inner, template, specials, eos_ids, source: source.to_path_buf() })
+        Ok(Tokenizer {
+            inner,
+            template,
+            specials,
+            eos_ids,
+            source: source.to_path_buf(),
+        })
     }
 
     /// The tokenizer described by a GGUF file's metadata.
@@ -417,13 +441,18 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
-            return Err(Error::Tokenizer { path: tj, reason: "file not found".into() });
+            return Err(Error::Tokenizer {
+                path: tj,
+                reason: "file not found".into(),
+            });
         }
         let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| tok_err(&tj, e))?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Json = if tc_path.is_file() {
-            let text = std::fs::read_to_string(&tc_path)
-                .map_err(|source| Error::Io { path: tc_path.clone(), source })?;
+            let text = std::fs::read_to_string(&tc_path).map_err(|source| Error::Io {
+                path: tc_path.clone(),
+                source,
+            })?;
             serde_json::from_str(&text).map_err(|e| tok_err(&tc_path, format!("invalid JSON: {e}")))?
         } else {
             Json::Object(Map::new())
@@ -436,7 +465,10 @@ impl Tokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         let (template, tpath): (Option<String>, PathBuf) = if jinja.is_file() {
-            let t = std::fs::read_to_string(&jinja).map_err(|source| Error::Io { path: jinja.clone(), source })?;
+            let t = std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
+                path: jinja.clone(),
+                source,
+            })?;
             (Some(t), jinja)
         } else {
             let t = match tc.get("chat_template") {
@@ -449,7 +481,10 @@ impl Tokenizer {
                     .map(str::to_string),
                 Some(Json::Null) | None => None,
                 Some(other) => {
-                    return Err(tok_err(&tc_path, format!("field `chat_template`: unexpected value {other}")))
+                    return Err(tok_err(
+                        &tc_path,
+                        format!("field `chat_template`: unexpected value {other}"),
+                    ))
                 }
             };
             (t, tc_path)
@@ -470,7 +505,9 @@ impl Tokenizer {
 
     /// Decode ids, optionally skipping special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| tok_err(&self.source, e))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| tok_err(&self.source, e))
     }
 
     /// Render the chat template like transformers'
@@ -540,6 +577,7 @@ impl Tokenizer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

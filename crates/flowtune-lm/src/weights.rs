@@ -19,7 +19,10 @@ impl Weights {
     /// Weights from a map of named tensors; `source` names where they came from in
     /// errors (tests with random weights may pass any descriptive path).
     pub fn from_map(tensors: HashMap<String, Tensor>, source: impl Into<PathBuf>) -> Self {
-        Weights { tensors, source: source.into() }
+        Weights {
+            tensors,
+            source: source.into(),
+        }
     }
 
     /// The tensor by HF name (a shallow clone sharing storage), or
@@ -28,7 +31,10 @@ impl Weights {
         self.tensors
             .get(name)
             .map(Tensor::shallow_clone)
-            .ok_or_else(|| Error::MissingTensor { path: self.source.clone(), tensor: name.into() })
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.source.clone(),
+                tensor: name.into(),
+            })
     }
 
     /// Whether a tensor of that name exists.

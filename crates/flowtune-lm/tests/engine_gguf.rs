@@ -307,6 +307,61 @@ fn beam_search_matches_transformers_and_diverse_beams_are_distinct() {
             );
         }
     }
+    // Diverse beam search (4 beams, 2 groups, penalty 1.0) against the reference script's
+    // re-implementation of transformers 4.x group beam search (removed from transformers 5).
+    let group_golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("group_beam_golden.json")).unwrap(),
+    )
+    .unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let out = e
+            .generate(&[GenerateRequest {
+                adapter: None,
+                prompt: p.clone(),
+                params: GenerationParams {
+                    max_new_tokens: new_tokens,
+                    num_return_sequences: 4,
+                    decoding: Decoding::Beam {
+                        num_beams: 4,
+                        num_beam_groups: 2,
+                        diversity_penalty: 1.0,
+                        length_penalty: 1.0,
+                    },
+                    ..Default::default()
+                },
+            }])
+            .unwrap();
+        let want: Vec<Vec<u32>> = group_golden[i]["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect();
+        let got: Vec<Vec<u32>> = out[0].sequences.iter().map(|s| s.ids.clone()).collect();
+        assert_eq!(
+            got, want,
+            "prompt {i}: diverse beams differ from the group beam search reference"
+        );
+        let want_scores: Vec<f64> = group_golden[i]["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        for (s, w) in out[0].sequences.iter().zip(&want_scores) {
+            assert!(
+                (s.score - w).abs() < 1e-3,
+                "prompt {i}: diverse beam score {} vs reference {w}",
+                s.score
+            );
+        }
+    }
     // Diverse beam search: 4 beams in 2 groups, penalty 1.0: 4 distinct sequences.
     let out = e
         .generate(&[GenerateRequest {

@@ -6,6 +6,7 @@
 //! - tensors by HF name identical (exact: same dequantisation, same Q/K un-permutation);
 //! - the configs agree on every field the model uses;
 //! - logits of `model::Model` on fixed ids within max |Δ| ≤ 1e-4 of transformers' (f32).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod loader_support;
 
 use std::path::{Path, PathBuf};
@@ -77,22 +78,31 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
     let k = |key: &str| format!("{file_arch}.{key}");
     let mut md: Vec<(String, GgufValue)> = vec![
         ("general.architecture".into(), s(file_arch)),
-        ("general.name".into(), s(if arch == "mistral" { "Mistral 7B Instruct (tiny)" } else { "tiny" })),
+        (
+            "general.name".into(),
+            s(if arch == "mistral" {
+                "Mistral 7B Instruct (tiny)"
+            } else {
+                "tiny"
+            }),
+        ),
         (k("block_count"), GgufValue::U32(LAYERS as u32)),
         (k("context_length"), GgufValue::U32(256)),
         (k("embedding_length"), GgufValue::U32(HIDDEN as u32)),
         (k("feed_forward_length"), GgufValue::U32(FF as u32)),
         (k("attention.head_count"), GgufValue::U32(HEADS as u32)),
         (k("attention.head_count_kv"), GgufValue::U32(KV_HEADS as u32)),
-        (k("rope.freq_base"), GgufValue::F32(if arch == "qwen2" { 1_000_000.0 } else { 10_000.0 })),
+        (
+            k("rope.freq_base"),
+            GgufValue::F32(if arch == "qwen2" { 1_000_000.0 } else { 10_000.0 }),
+        ),
         (k("attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6)),
         (k("rope.dimension_count"), GgufValue::U32((HIDDEN / HEADS) as u32)),
     ];
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
     tokens.extend([s("t"), s("1"), s("t1")]);
     tokens.extend((6..VOCAB).map(|i| s(&format!("t{i}"))));
-    let types: Vec<GgufValue> =
-        (0..VOCAB).map(|i| GgufValue::I32(if i < 3 { 3 } else { 1 })).collect();
+    let types: Vec<GgufValue> = (0..VOCAB).map(|i| GgufValue::I32(if i < 3 { 3 } else { 1 })).collect();
     md.extend([
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)),
@@ -105,13 +115,34 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
     let mut ts = Vec::new();
     fn push_to(ts: &mut Vec<GgufTensorData>, rng: &mut Rng, name: String, dims: Vec<u64>, ty: u32, scale: f32) {
         let n: u64 = dims.iter().product();
-        ts.push(GgufTensorData { name, dims, type_id: ty, data: random_data(rng, ty, n, scale) });
+        ts.push(GgufTensorData {
+            name,
+            dims,
+            type_id: ty,
+            data: random_data(rng, ty, n, scale),
+        });
     }
     let hd = HIDDEN / HEADS;
-    push_to(&mut ts, &mut rng, "token_embd.weight".into(), vec![HIDDEN, VOCAB], 8, 1.0);
-    let norm = |rng: &mut Rng| -> Vec<u8> { (0..HIDDEN).flat_map(|_| (1.0 + 0.1 * rng.unit()).to_le_bytes()).collect() };
+    push_to(
+        &mut ts,
+        &mut rng,
+        "token_embd.weight".into(),
+        vec![HIDDEN, VOCAB],
+        8,
+        1.0,
+    );
+    let norm = |rng: &mut Rng| -> Vec<u8> {
+        (0..HIDDEN)
+            .flat_map(|_| (1.0 + 0.1 * rng.unit()).to_le_bytes())
+            .collect()
+    };
     let data = norm(&mut rng);
-    ts.push(GgufTensorData { name: "output_norm.weight".into(), dims: vec![HIDDEN], type_id: 0, data });
+    ts.push(GgufTensorData {
+        name: "output_norm.weight".into(),
+        dims: vec![HIDDEN],
+        type_id: 0,
+        data,
+    });
     if arch == "llama" {
         push_to(&mut ts, &mut rng, "output.weight".into(), vec![HIDDEN, VOCAB], 1, 0.5);
     }
@@ -119,15 +150,34 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
         let b = |m: &str| format!("blk.{l}.{m}");
         for m in ["attn_norm.weight", "ffn_norm.weight"] {
             let data = norm(&mut rng);
-            ts.push(GgufTensorData { name: b(m), dims: vec![HIDDEN], type_id: 0, data });
+            ts.push(GgufTensorData {
+                name: b(m),
+                dims: vec![HIDDEN],
+                type_id: 0,
+                data,
+            });
         }
         let w = 1.0 / (HIDDEN as f32).sqrt() * 2.0;
         if arch == "phi3" {
-            push_to(&mut ts, &mut rng, b("attn_qkv.weight"), vec![HIDDEN, (HEADS + 2 * KV_HEADS) * hd], 8, w);
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_qkv.weight"),
+                vec![HIDDEN, (HEADS + 2 * KV_HEADS) * hd],
+                8,
+                w,
+            );
             push_to(&mut ts, &mut rng, b("ffn_up.weight"), vec![HIDDEN, 2 * FF], 3, w);
         } else {
             push_to(&mut ts, &mut rng, b("attn_q.weight"), vec![HIDDEN, HEADS * hd], 1, w);
-            push_to(&mut ts, &mut rng, b("attn_k.weight"), vec![HIDDEN, KV_HEADS * hd], 30, w);
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_k.weight"),
+                vec![HIDDEN, KV_HEADS * hd],
+                30,
+                w,
+            );
             push_to(&mut ts, &mut rng, b("attn_v.weight"), vec![HIDDEN, KV_HEADS * hd], 8, w);
             push_to(&mut ts, &mut rng, b("ffn_gate.weight"), vec![HIDDEN, FF], 3, w);
             push_to(&mut ts, &mut rng, b("ffn_up.weight"), vec![HIDDEN, FF], 2, w);
@@ -137,8 +187,22 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
             push_to(&mut ts, &mut rng, b("attn_k.bias"), vec![KV_HEADS * hd], 0, 0.2);
             push_to(&mut ts, &mut rng, b("attn_v.bias"), vec![KV_HEADS * hd], 0, 0.2);
         }
-        push_to(&mut ts, &mut rng, b("attn_output.weight"), vec![HEADS * hd, HIDDEN], 2, w);
-        push_to(&mut ts, &mut rng, b("ffn_down.weight"), vec![FF, HIDDEN], 8, 1.0 / (FF as f32).sqrt() * 2.0);
+        push_to(
+            &mut ts,
+            &mut rng,
+            b("attn_output.weight"),
+            vec![HEADS * hd, HIDDEN],
+            2,
+            w,
+        );
+        push_to(
+            &mut ts,
+            &mut rng,
+            b("ffn_down.weight"),
+            vec![FF, HIDDEN],
+            8,
+            1.0 / (FF as f32).sqrt() * 2.0,
+        );
     }
     encode_gguf(&md, &ts)
 }
@@ -187,22 +251,56 @@ fn tiny_gguf_models_of_each_architecture_match_transformers() {
             let theirs = f32s(&view);
             let ours = m.weights.get(name).unwrap_or_else(|e| panic!("{arch}: {e}"));
             assert_eq!(ours.size(), theirs.size(), "{arch} {name}: shape");
-            assert!(ours.equal(&theirs), "{arch} {name}: max |Δ| {}", (&ours - &theirs).abs().max().double_value(&[]));
+            assert!(
+                ours.equal(&theirs),
+                "{arch} {name}: max |Δ| {}",
+                (&ours - &theirs).abs().max().double_value(&[])
+            );
             n += 1;
         }
         assert_eq!(n, m.weights.len(), "{arch}: tensor count");
 
         // Config.
         let c = &m.config;
-        assert_eq!(serde_json::to_value(c.model_type).expect("json"), cfg["model_type"], "{arch}: model_type");
-        assert_eq!(c.hidden_size as u64, cfg["hidden_size"].as_u64().expect("hidden"), "{arch}");
-        assert_eq!(c.num_hidden_layers as u64, cfg["num_hidden_layers"].as_u64().expect("layers"), "{arch}");
-        assert_eq!(c.num_key_value_heads() as u64, cfg["num_key_value_heads"].as_u64().expect("kv"), "{arch}");
-        assert_eq!(c.intermediate_size as u64, cfg["intermediate_size"].as_u64().expect("ff"), "{arch}");
-        assert_eq!(c.tie_word_embeddings(), cfg["tie_word_embeddings"].as_bool().expect("tie"), "{arch}");
-        let theta = cfg["rope_parameters"]["rope_theta"].as_f64().or(cfg["rope_theta"].as_f64()).expect("theta");
+        assert_eq!(
+            serde_json::to_value(c.model_type).expect("json"),
+            cfg["model_type"],
+            "{arch}: model_type"
+        );
+        assert_eq!(
+            c.hidden_size as u64,
+            cfg["hidden_size"].as_u64().expect("hidden"),
+            "{arch}"
+        );
+        assert_eq!(
+            c.num_hidden_layers as u64,
+            cfg["num_hidden_layers"].as_u64().expect("layers"),
+            "{arch}"
+        );
+        assert_eq!(
+            c.num_key_value_heads() as u64,
+            cfg["num_key_value_heads"].as_u64().expect("kv"),
+            "{arch}"
+        );
+        assert_eq!(
+            c.intermediate_size as u64,
+            cfg["intermediate_size"].as_u64().expect("ff"),
+            "{arch}"
+        );
+        assert_eq!(
+            c.tie_word_embeddings(),
+            cfg["tie_word_embeddings"].as_bool().expect("tie"),
+            "{arch}"
+        );
+        let theta = cfg["rope_parameters"]["rope_theta"]
+            .as_f64()
+            .or(cfg["rope_theta"].as_f64())
+            .expect("theta");
         assert_eq!(c.rope_theta(), theta, "{arch}: rope_theta");
-        assert!((c.rms_norm_eps() - cfg["rms_norm_eps"].as_f64().expect("eps")).abs() < 1e-12, "{arch}: eps");
+        assert!(
+            (c.rms_norm_eps() - cfg["rms_norm_eps"].as_f64().expect("eps")).abs() < 1e-12,
+            "{arch}: eps"
+        );
 
         // Logits through the model (f32; tolerance 1e-4 for kernel-order differences).
         let probe: Vec<i64> = serde_json::from_value(meta["probe_ids"].clone()).expect("ids");
@@ -210,7 +308,9 @@ fn tiny_gguf_models_of_each_architecture_match_transformers() {
         let model = Model::new(&m.config, &m.weights).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let ids = Tensor::from_slice(&probe).reshape([1, t]);
         let mask = Tensor::ones([1, t], (Kind::Int64, tch::Device::Cpu));
-        let ours = tch::no_grad(|| model.forward(&ids, &mask, None)).expect("forward").squeeze_dim(0);
+        let ours = tch::no_grad(|| model.forward(&ids, &mask, None))
+            .expect("forward")
+            .squeeze_dim(0);
         let theirs = f32s(&st.tensor("__logits__").expect("logits"));
         let d = (&ours.to_kind(Kind::Float) - &theirs).abs().max().double_value(&[]);
         eprintln!("{arch}: {n} tensors identical, logits max |Δ| = {d:.2e}");

@@ -3,6 +3,7 @@
 //! Tolerance: exact (F32/F16/BF16/Q8_0/Q4_0/Q4_1 dequantise to f32 with one multiply
 //! and at most one add per element, in the same order as numpy).
 //! The config built from the metadata is checked against transformers' GGUF config.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod loader_support;
 
 use flowtune_lm::gguf::{ggml_type_name, GgufFile};
@@ -24,17 +25,33 @@ fn dequantisation_matches_gguf_python_exactly_and_config_matches_transformers() 
     let mut by_type = std::collections::BTreeMap::<&str, usize>::new();
     for info in &file.header.tensors {
         let (ours, shape) = file.dequantize_tensor(info).expect("dequantise");
-        let r = reference.tensor(&info.name).unwrap_or_else(|e| panic!("{}: {e}", info.name));
+        let r = reference
+            .tensor(&info.name)
+            .unwrap_or_else(|e| panic!("{}: {e}", info.name));
         let rshape: Vec<i64> = r.shape().iter().map(|&d| d as i64).collect();
         assert_eq!(shape, rshape, "{}: shape", info.name);
-        let theirs: Vec<f32> =
-            r.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let theirs: Vec<f32> = r
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         assert_eq!(ours.len(), theirs.len(), "{}", info.name);
         let mismatch = ours.iter().zip(&theirs).position(|(a, b)| a.to_bits() != b.to_bits());
         if let Some(i) = mismatch {
-            panic!("{} ({}): element {i}: ours {} vs gguf {}", info.name, ggml_type_name(info.type_id), ours[i], theirs[i]);
+            panic!(
+                "{} ({}): element {i}: ours {} vs gguf {}",
+                info.name,
+                ggml_type_name(info.type_id),
+                ours[i],
+                theirs[i]
+            );
         }
-        assert_eq!(meta["types"][&info.name], ggml_type_name(info.type_id), "{}: type name", info.name);
+        assert_eq!(
+            meta["types"][&info.name],
+            ggml_type_name(info.type_id),
+            "{}: type name",
+            info.name
+        );
         *by_type.entry(ggml_type_name(info.type_id)).or_default() += 1;
     }
     eprintln!("tensors compared exactly, by type: {by_type:?}");
@@ -44,11 +61,27 @@ fn dequantisation_matches_gguf_python_exactly_and_config_matches_transformers() 
     let ours = file.hf_config_json().expect("config json");
     let cfg = &meta["config"];
     for key in [
-        "model_type", "num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size",
-        "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps", "vocab_size", "head_dim",
-        "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
+        "model_type",
+        "num_hidden_layers",
+        "max_position_embeddings",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rope_theta",
+        "rms_norm_eps",
+        "vocab_size",
+        "head_dim",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "tie_word_embeddings",
     ] {
-        assert_eq!(ours[key], cfg[key], "config key {key}: ours {} vs transformers {}", ours[key], cfg[key]);
+        assert_eq!(
+            ours[key], cfg[key],
+            "config key {key}: ours {} vs transformers {}",
+            ours[key], cfg[key]
+        );
     }
     flowtune_lm::loader::gguf_config(&file).expect("ModelConfig from GGUF metadata");
 }

@@ -1,5 +1,6 @@
 //! Bad input gives typed errors that name the file and the tensor, key or field at
 //! fault; the GGUF parser never panics on random or truncated bytes (proptest).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::path::{Path, PathBuf};
 
 use flowtune_lm::gguf::{encode_gguf, parse_header, GgufFile, GgufTensorData, GgufValue};
@@ -25,11 +26,25 @@ fn tiny_gguf(up_type: u32, drop: Option<&str>) -> Vec<u8> {
         ("llama.rope.freq_base".into(), GgufValue::F32(10000.0)),
         ("llama.attention.layer_norm_rms_epsilon".into(), GgufValue::F32(1e-5)),
         ("tokenizer.ggml.model".into(), s("gpt2")),
-        ("tokenizer.ggml.tokens".into(), GgufValue::Array(vec![s("a"), s("b"), s("ab"), s("<eos>")])),
-        ("tokenizer.ggml.token_type".into(), GgufValue::Array(vec![GgufValue::I32(1), GgufValue::I32(1), GgufValue::I32(1), GgufValue::I32(3)])),
+        (
+            "tokenizer.ggml.tokens".into(),
+            GgufValue::Array(vec![s("a"), s("b"), s("ab"), s("<eos>")]),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GgufValue::Array(vec![
+                GgufValue::I32(1),
+                GgufValue::I32(1),
+                GgufValue::I32(1),
+                GgufValue::I32(3),
+            ]),
+        ),
         ("tokenizer.ggml.merges".into(), GgufValue::Array(vec![s("a b")])),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(3)),
-        ("tokenizer.chat_template".into(), s("{% for m in messages %}{{ m['content'] }}{% endfor %}")),
+        (
+            "tokenizer.chat_template".into(),
+            s("{% for m in messages %}{{ m['content'] }}{% endfor %}"),
+        ),
     ];
     let f32t = |name: &str, dims: Vec<u64>| {
         let n: u64 = dims.iter().product();
@@ -54,7 +69,12 @@ fn tiny_gguf(up_type: u32, drop: Option<&str>) -> Vec<u8> {
     ];
     // 256 elements: 8 blocks of 32, 18 bytes each for Q4_0-sized blocks; for an
     // unknown type the size check is never reached.
-    ts.push(GgufTensorData { name: "blk.0.ffn_up.weight".into(), dims: vec![8, 32], type_id: up_type, data: vec![0u8; 8 * 34] });
+    ts.push(GgufTensorData {
+        name: "blk.0.ffn_up.weight".into(),
+        dims: vec![8, 32],
+        type_id: up_type,
+        data: vec![0u8; 8 * 34],
+    });
     if up_type == 0 {
         ts.pop();
         ts.push(f32t("blk.0.ffn_up.weight", vec![8, 32]));
@@ -78,8 +98,14 @@ fn tiny_gguf_loads_and_renames() {
     let m = load(&p, &LoadOptions::default()).unwrap();
     assert!(m.weights.contains("model.layers.0.mlp.up_proj.weight"));
     assert!(m.weights.contains("model.embed_tokens.weight"));
-    assert!(!m.weights.contains("lm_head.weight"), "tied: no output.weight in the file");
-    assert_eq!(m.weights.get("model.layers.0.self_attn.k_proj.weight").unwrap().size(), vec![4, 8]);
+    assert!(
+        !m.weights.contains("lm_head.weight"),
+        "tied: no output.weight in the file"
+    );
+    assert_eq!(
+        m.weights.get("model.layers.0.self_attn.k_proj.weight").unwrap().size(),
+        vec![4, 8]
+    );
     assert_eq!(m.config.num_hidden_layers, 1);
     assert!(m.config.tie_word_embeddings());
     assert_eq!(m.tokenizer.encode("ab<eos>").unwrap(), vec![2, 3]);
@@ -95,7 +121,10 @@ fn truncated_gguf_is_a_typed_error_naming_file() {
         let p = write(dir.path(), &format!("cut{cut}.gguf"), &full[..cut]);
         let err = GgufFile::open(&p).expect_err("truncated file must not parse");
         let msg = err.to_string();
-        assert!(msg.contains(&format!("cut{cut}.gguf")), "error does not name the file: {msg}");
+        assert!(
+            msg.contains(&format!("cut{cut}.gguf")),
+            "error does not name the file: {msg}"
+        );
         match &err {
             Error::GgufFormat { .. } => {}
             Error::GgufTensor { tensor, reason, .. } => {
@@ -112,14 +141,23 @@ fn unknown_quant_type_names_tensor_and_type() {
     let p = write(dir.path(), "q4k.gguf", &tiny_gguf(12, None));
     let err = load(&p, &LoadOptions::default()).expect_err("Q4_K is not supported");
     match &err {
-        Error::GgufUnsupportedType { path, tensor, type_id, type_name } => {
+        Error::GgufUnsupportedType {
+            path,
+            tensor,
+            type_id,
+            type_name,
+        } => {
             assert_eq!(path, &p);
             assert_eq!(tensor, "blk.0.ffn_up.weight");
             assert_eq!((*type_id, type_name.as_str()), (12, "Q4_K"));
         }
         other => panic!("expected GgufUnsupportedType, got {other:?}"),
     }
-    let err = load(&write(dir.path(), "t99.gguf", &tiny_gguf(99, None)), &LoadOptions::default()).unwrap_err();
+    let err = load(
+        &write(dir.path(), "t99.gguf", &tiny_gguf(99, None)),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::GgufUnsupportedType { type_id: 99, .. }), "{err:?}");
 }
 
@@ -140,7 +178,10 @@ fn missing_tensor_names_tensor_and_file() {
     let m = load(&p, &LoadOptions::default()).unwrap();
     let err = m.weights.get("model.layers.0.self_attn.q_proj.weight").unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("noq.gguf") && msg.contains("model.layers.0.self_attn.q_proj.weight"), "{msg}");
+    assert!(
+        msg.contains("noq.gguf") && msg.contains("model.layers.0.self_attn.q_proj.weight"),
+        "{msg}"
+    );
     let w = Weights::from_map(Default::default(), "random-weights");
     assert!(matches!(w.get("x"), Err(Error::MissingTensor { .. })));
 }
@@ -167,7 +208,12 @@ fn hf_folder(dir: &Path, config: &str, template: &str) -> PathBuf {
     std::fs::write(d.join("config.json"), config).unwrap();
     let data: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &data).unwrap();
-    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &d.join("model.safetensors")).unwrap();
+    safetensors::serialize_to_file(
+        [("model.embed_tokens.weight", view)],
+        None,
+        &d.join("model.safetensors"),
+    )
+    .unwrap();
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
@@ -195,6 +241,34 @@ fn hf_folder_loads() {
 }
 
 #[test]
+fn sharded_hf_folder_loads_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = hf_folder(dir.path(), GOOD_CONFIG, "{{ messages[0]['content'] }}");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let a: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let b: Vec<u8> = (0..4).flat_map(|i| half::bf16::from_f32(i as f32 + 0.5).to_le_bytes()).collect();
+    let va = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &a).unwrap();
+    let vb = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![4], &b).unwrap();
+    safetensors::serialize_to_file([("model.embed_tokens.weight", va)], None, &d.join("model-00001-of-00002.safetensors")).unwrap();
+    safetensors::serialize_to_file([("model.norm.weight", vb)], None, &d.join("model-00002-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {"total_size": 40}, "weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00002-of-00002.safetensors"}});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let m = load(&d, &LoadOptions::default()).unwrap();
+    assert_eq!(m.weights.names(), vec!["model.embed_tokens.weight", "model.norm.weight"]);
+    let norm = m.weights.get("model.norm.weight").unwrap();
+    assert_eq!(norm.kind(), tch::Kind::Float, "bf16 on disk cast to the requested f32");
+    assert_eq!(Vec::<f32>::try_from(norm).unwrap(), vec![0.5, 1.5, 2.5, 3.5]);
+    let m16 = load(&d, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Half }).unwrap();
+    assert_eq!(m16.weights.get("model.embed_tokens.weight").unwrap().kind(), tch::Kind::Half);
+    // A shard named by the index but absent is an error naming it.
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load(&d, &LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+#[test]
 fn malformed_config_names_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let d = hf_folder(dir.path(), "{\"model_type\": \"llama\", \"vocab_size\": 3,", "x");
@@ -203,7 +277,11 @@ fn malformed_config_names_file_and_field() {
     assert!(matches!(err, Error::Config { .. }), "{err:?}");
     assert!(msg.contains("config.json"), "{msg}");
 
-    let d = hf_folder(dir.path(), &GOOD_CONFIG.replace("\"hidden_size\": 4", "\"hidden_size\": \"four\""), "x");
+    let d = hf_folder(
+        dir.path(),
+        &GOOD_CONFIG.replace("\"hidden_size\": 4", "\"hidden_size\": \"four\""),
+        "x",
+    );
     let msg = load(&d, &LoadOptions::default()).unwrap_err().to_string();
     assert!(msg.contains("config.json") && msg.contains("line"), "{msg}");
 
@@ -215,7 +293,11 @@ fn malformed_config_names_file_and_field() {
 #[test]
 fn malformed_template_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let d = hf_folder(dir.path(), GOOD_CONFIG, "line one\n{% for m in messages %}{{ m.content }\n{% endfor %}");
+    let d = hf_folder(
+        dir.path(),
+        GOOD_CONFIG,
+        "line one\n{% for m in messages %}{{ m.content }\n{% endfor %}",
+    );
     let err = load(&d, &LoadOptions::default()).unwrap_err();
     match &err {
         Error::ChatTemplate { path, reason } => {

@@ -1,9 +1,10 @@
 //! The test model loaded from its GGUF and from the HF folder that transformers
-//! exports from the same GGUF (`lm_load_ref.py export`: `from_pretrained(gguf_file=)`
-//! + `save_pretrained`, float32) is the same model: identical tensors by HF name
+//! exports from the same GGUF (`lm_load_ref.py export`: `from_pretrained(gguf_file=)`,
+//! then `save_pretrained`, float32) is the same model: identical tensors by HF name
 //! (exact: transformers dequantises with the same formulas and un-permutes Q/K the
 //! same way), equivalent configs, the same token ids and chat template output, and
 //! bit-identical logits from `model::Model` (same weights, same code path).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod loader_support;
 
 use flowtune_lm::loader::{load, LoadOptions};
@@ -44,8 +45,20 @@ fn gguf_and_exported_hf_folder_are_the_same_model() {
     let (gc, hc) = (&g.config, &h.config);
     assert_eq!(gc.model_type, hc.model_type);
     assert_eq!(
-        (gc.vocab_size, gc.hidden_size, gc.intermediate_size, gc.num_hidden_layers, gc.num_attention_heads),
-        (hc.vocab_size, hc.hidden_size, hc.intermediate_size, hc.num_hidden_layers, hc.num_attention_heads)
+        (
+            gc.vocab_size,
+            gc.hidden_size,
+            gc.intermediate_size,
+            gc.num_hidden_layers,
+            gc.num_attention_heads
+        ),
+        (
+            hc.vocab_size,
+            hc.hidden_size,
+            hc.intermediate_size,
+            hc.num_hidden_layers,
+            hc.num_attention_heads
+        )
     );
     assert_eq!(gc.num_key_value_heads(), hc.num_key_value_heads());
     assert_eq!(gc.head_dim(), hc.head_dim());
@@ -63,12 +76,28 @@ fn gguf_and_exported_hf_folder_are_the_same_model() {
         let a = g.tokenizer.apply_chat_template(&conv, gen).expect("gguf template");
         let b = h.tokenizer.apply_chat_template(&conv, gen).expect("hf template");
         assert_eq!(a, b, "chat template output differs (gen={gen})");
-        assert_eq!(g.tokenizer.encode(&a).expect("ids"), h.tokenizer.encode(&b).expect("ids"));
+        assert_eq!(
+            g.tokenizer.encode(&a).expect("ids"),
+            h.tokenizer.encode(&b).expect("ids")
+        );
     }
-    for text in ["Hello world", "Straße 東京 🗼", " multiple   spaces\n\n", "<|im_start|>user\nx<|im_end|>"] {
-        assert_eq!(g.tokenizer.encode(text).expect("ids"), h.tokenizer.encode(text).expect("ids"), "{text:?}");
+    for text in [
+        "Hello world",
+        "Straße 東京 🗼",
+        " multiple   spaces\n\n",
+        "<|im_start|>user\nx<|im_end|>",
+    ] {
+        assert_eq!(
+            g.tokenizer.encode(text).expect("ids"),
+            h.tokenizer.encode(text).expect("ids"),
+            "{text:?}"
+        );
     }
-    assert!(h.tokenizer.eos_token_ids().contains(&2), "{:?}", h.tokenizer.eos_token_ids());
+    assert!(
+        h.tokenizer.eos_token_ids().contains(&2),
+        "{:?}",
+        h.tokenizer.eos_token_ids()
+    );
 
     // Logits through the model.
     let ids = g.tokenizer.encode_chat(&conv, true).expect("prompt");
@@ -81,18 +110,32 @@ fn gguf_and_exported_hf_folder_are_the_same_model() {
     let lg = tch::no_grad(|| mg.forward(&x, &mask, None)).expect("forward gguf");
     let lh = tch::no_grad(|| mh.forward(&x, &mask, None)).expect("forward hf");
     assert_eq!(lg.size(), vec![1, n, g.config.vocab_size as i64]);
-    assert!(lg.equal(&lh), "logits differ: max |Δ| = {}", (&lg - &lh).abs().max().double_value(&[]));
+    assert!(
+        lg.equal(&lh),
+        "logits differ: max |Δ| = {}",
+        (&lg - &lh).abs().max().double_value(&[])
+    );
 }
 
 #[test]
 fn bf16_load_casts_every_float_tensor() {
     let model = test_model();
-    let m = load(&model, &LoadOptions { device: tch::Device::Cpu, dtype: Kind::BFloat16 }).expect("load bf16");
+    let m = load(
+        &model,
+        &LoadOptions {
+            device: tch::Device::Cpu,
+            dtype: Kind::BFloat16,
+        },
+    )
+    .expect("load bf16");
     for name in m.weights.names() {
         assert_eq!(m.weights.get(name).expect("tensor").kind(), Kind::BFloat16, "{name}");
     }
     let f = load(&model, &LoadOptions::default()).expect("load f32");
     let a = f.weights.get("model.layers.3.mlp.down_proj.weight").expect("f32");
     let b = m.weights.get("model.layers.3.mlp.down_proj.weight").expect("bf16");
-    assert!(a.to_kind(Kind::BFloat16).equal(&b), "bf16 weights are the f32 ones rounded");
+    assert!(
+        a.to_kind(Kind::BFloat16).equal(&b),
+        "bf16 weights are the f32 ones rounded"
+    );
 }

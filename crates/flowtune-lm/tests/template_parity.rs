@@ -7,6 +7,7 @@
 //! namespaces, loop controls and Python value printing. Exact string comparison.
 //! Where Jinja2 raises on a system message, flowtune merges it into the first user
 //! message, so it must equal Jinja2's rendering of the merged conversation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod loader_support;
 
 use flowtune_lm::gguf::GgufFile;
@@ -44,7 +45,12 @@ const STRESS: &str = "{%- set ns = namespace(n=0, seen_system=false) -%}
 
 fn conversations() -> Vec<Vec<ChatMessage>> {
     let doc: String = (0..60)
-        .map(|i| format!("Sentence {i} of the document talks about river {i} and its {} bridges. ", i % 7))
+        .map(|i| {
+            format!(
+                "Sentence {i} of the document talks about river {i} and its {} bridges. ",
+                i % 7
+            )
+        })
         .collect();
     vec![
         vec![ChatMessage::new("user", "Hi!")],
@@ -83,8 +89,11 @@ fn chat_templates_render_like_transformers() {
     let tok = Tokenizer::from_gguf(&file.header, &model).expect("tokenizer");
     let mut convs = conversations();
     let base = convs.len();
-    let merged: Vec<(usize, Vec<ChatMessage>)> =
-        convs.iter().enumerate().filter_map(|(i, c)| merge_system(c).map(|m| (i, m))).collect();
+    let merged: Vec<(usize, Vec<ChatMessage>)> = convs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| merge_system(c).map(|m| (i, m)))
+        .collect();
     convs.extend(merged.iter().map(|(_, m)| m.clone()));
     let templates = [
         ("gguf", None),
@@ -102,7 +111,10 @@ fn chat_templates_render_like_transformers() {
     let spec = format!(
         "{{\"conversations\": {}, \"templates\": {}}}",
         serde_json::to_string(&convs).expect("json"),
-        json!(templates.iter().map(|(n, t)| (n.to_string(), json!(t))).collect::<serde_json::Map<_, _>>()),
+        json!(templates
+            .iter()
+            .map(|(n, t)| (n.to_string(), json!(t)))
+            .collect::<serde_json::Map<_, _>>()),
     );
     std::fs::write(&inp, spec).expect("write");
     run_reference(&["template".as_ref(), model.as_os_str(), inp.as_os_str(), out.as_os_str()]);
@@ -110,10 +122,15 @@ fn chat_templates_render_like_transformers() {
 
     let specials: Vec<(String, String)> = {
         let s = tok.special_tokens();
-        [("bos_token", &s.bos_token), ("eos_token", &s.eos_token), ("unk_token", &s.unk_token), ("pad_token", &s.pad_token)]
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
-            .collect()
+        [
+            ("bos_token", &s.bos_token),
+            ("eos_token", &s.eos_token),
+            ("unk_token", &s.unk_token),
+            ("pad_token", &s.pad_token),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+        .collect()
     };
     let mut compared = 0;
     let mut merged_checked = 0;
@@ -131,7 +148,10 @@ fn chat_templates_render_like_transformers() {
                 match theirs {
                     Value::String(s) => {
                         let ours = ours.unwrap_or_else(|e| panic!("{name} conv {ci} gen {gen}: {e}"));
-                        assert_eq!(&ours, s, "template {name}, conversation {ci}, add_generation_prompt={gen}");
+                        assert_eq!(
+                            &ours, s,
+                            "template {name}, conversation {ci}, add_generation_prompt={gen}"
+                        );
                         compared += 1;
                     }
                     _ => {
@@ -146,7 +166,10 @@ fn chat_templates_render_like_transformers() {
                                 assert_eq!(&ours, s, "template {name}, merged conversation {ci}, gen={gen}");
                                 merged_checked += 1;
                             }
-                            None => assert!(ours.is_err(), "{name} conv {ci}: Jinja2 raised ({theirs}) but we rendered"),
+                            None => assert!(
+                                ours.is_err(),
+                                "{name} conv {ci}: Jinja2 raised ({theirs}) but we rendered"
+                            ),
                         }
                     }
                 }

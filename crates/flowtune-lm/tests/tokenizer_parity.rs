@@ -2,11 +2,12 @@
 //! the tokenizer transformers builds from the same file (`lm_load_ref.py tokenize`),
 //! on a multilingual set of strings and on rendered chat prompts; decoding
 //! round-trips like transformers'. Exact comparison (ids are integers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod loader_support;
 
+use flowtune_lm::gguf::GgufFile;
 use flowtune_lm::loader::{load_gguf, LoadOptions};
 use flowtune_lm::tokenizer::{ChatMessage, Tokenizer};
-use flowtune_lm::gguf::GgufFile;
 use loader_support::{read_json, run_reference, test_model};
 
 /// Strings covering scripts, whitespace shapes, digits, code, emoji and inline
@@ -49,11 +50,14 @@ pub fn multilingual_strings() -> Vec<String> {
 
 /// Chat prompts (rendered by our template code) to tokenise too.
 fn chat_prompts(tok: &Tokenizer) -> Vec<String> {
-    let convs = vec![
+    let convs = [
         vec![ChatMessage::new("user", "Hi!")],
         vec![
             ChatMessage::new("system", "Answer with Yes or No."),
-            ChatMessage::new("user", "Question: Is Paris in France?\nParagraph: Paris is the capital of France."),
+            ChatMessage::new(
+                "user",
+                "Question: Is Paris in France?\nParagraph: Paris is the capital of France.",
+            ),
         ],
         vec![
             ChatMessage::new("user", "Wie heißt du?"),
@@ -61,7 +65,10 @@ fn chat_prompts(tok: &Tokenizer) -> Vec<String> {
             ChatMessage::new("user", "日本語は話せますか？"),
         ],
     ];
-    convs.iter().map(|c| tok.apply_chat_template(c, true).expect("render")).collect()
+    convs
+        .iter()
+        .map(|c| tok.apply_chat_template(c, true).expect("render"))
+        .collect()
 }
 
 #[test]
@@ -83,7 +90,11 @@ fn gguf_tokenizer_ids_match_transformers() {
         let theirs: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).expect("ids");
         assert_eq!(ours, theirs, "ids differ for string {i}: {text:?}");
         let decoded = tok.decode(&ours, false).expect("decode");
-        assert_eq!(decoded, reference["decoded"][i].as_str().expect("decoded"), "decode differs for string {i}");
+        assert_eq!(
+            decoded,
+            reference["decoded"][i].as_str().expect("decoded"),
+            "decode differs for string {i}"
+        );
         total += ours.len();
     }
     eprintln!("{} strings, {total} tokens identical", texts.len());
@@ -92,7 +103,10 @@ fn gguf_tokenizer_ids_match_transformers() {
     let conv = [ChatMessage::new("user", "Hi!")];
     assert_eq!(
         loaded.tokenizer.encode_chat(&conv, true).expect("encode_chat"),
-        loaded.tokenizer.encode(&loaded.tokenizer.apply_chat_template(&conv, true).expect("render")).expect("encode")
+        loaded
+            .tokenizer
+            .encode(&loaded.tokenizer.apply_chat_template(&conv, true).expect("render"))
+            .expect("encode")
     );
     assert_eq!(loaded.tokenizer.token_to_id("<|im_end|>"), Some(2));
     assert_eq!(loaded.tokenizer.eos_token_ids(), &[2]);

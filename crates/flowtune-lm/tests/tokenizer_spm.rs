@@ -4,6 +4,7 @@
 //! multilingual strings (characters outside the vocabulary go through byte
 //! fallback), for the `llama` (Metaspace) and `phi3` (normalizer) variants. The
 //! vocabulary is synthetic: character n-grams of a small corpus, scored by frequency.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod loader_support;
 
 use std::collections::HashMap;
@@ -26,7 +27,10 @@ fn spm_gguf(arch: &str) -> Vec<u8> {
             *counts.entry(w.iter().collect()).or_default() += 1;
         }
     }
-    let mut pieces: Vec<(String, usize)> = counts.into_iter().filter(|(p, c)| *c >= 2 || p.chars().count() == 1).collect();
+    let mut pieces: Vec<(String, usize)> = counts
+        .into_iter()
+        .filter(|(p, c)| *c >= 2 || p.chars().count() == 1)
+        .collect();
     pieces.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let s = |v: &str| GgufValue::String(v.into());
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
@@ -104,12 +108,19 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
             }
             distinct.insert((arch, ours.clone()));
             let decoded = tok.decode(&ours, false).expect("decode");
-            assert_eq!(decoded, reference["decoded"][i].as_str().expect("decoded"), "{arch}: decode of {text:?}");
+            assert_eq!(
+                decoded,
+                reference["decoded"][i].as_str().expect("decoded"),
+                "{arch}: decode of {text:?}"
+            );
         }
         // Merges really apply: "the quick brown fox" (19 characters) is at most 10 tokens.
         let few = tok.encode("the quick brown fox").expect("encode").len();
         assert!(few <= 10, "{arch}: {few} tokens for 19 characters, merges not applied?");
     }
     // The two variants differ on leading spaces (Metaspace vs normalizer).
-    assert!(distinct.len() > texts.len(), "llama and phi3 variants tokenised everything identically");
+    assert!(
+        distinct.len() > texts.len(),
+        "llama and phi3 variants tokenised everything identically"
+    );
 }

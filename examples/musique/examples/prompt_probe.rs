@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(8);
     let seed: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+    let answers_only = args.next().as_deref() == Some("answers");
     let started = Instant::now();
     let engine = Engine::new(load(&locate_test_model()?, &LoadOptions::default())?, EngineConfig::default())?;
     println!("model loaded in {:.1}s", started.elapsed().as_secs_f64());
@@ -32,9 +33,18 @@ fn main() -> Result<(), Box<dyn Error>> {
     let records = generate(&SynthConfig { seed, questions: n, ..SynthConfig::default() })?;
 
     // Relevance on every paragraph (query = the question).
+    if !answers_only {
+        relevance(&engine, &records, &encode, &yes, &no)?;
+    }
+    answers(&engine, &records, &encode)
+}
+
+type Encode<'a> = dyn Fn(&str, serde_json::Value) -> Result<Vec<u32>, Box<dyn Error>> + 'a;
+
+fn relevance(engine: &Engine, records: &[musique::data::Record], encode: &Encode<'_>, yes: &[u32], no: &[u32]) -> Result<(), Box<dyn Error>> {
     let mut requests = Vec::new();
     let mut gold = Vec::new();
-    for r in &records {
+    for r in records {
         for p in &r.paragraphs {
             let vars = serde_json::json!({"question": r.question, "query": r.question,
                 "paragraph": {"title": p.title, "text": p.paragraph_text}});
@@ -53,7 +63,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let mut top_supporting = 0;
     let mut k = 0;
-    for r in &records {
+    for r in records {
         let scores = &p_yes[k..k + r.paragraphs.len()];
         let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
         top_supporting += usize::from(r.paragraphs[best].is_supporting);
@@ -70,6 +80,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         records.len()
     );
 
+    Ok(())
+}
+
+fn answers(engine: &Engine, records: &[musique::data::Record], encode: &Encode<'_>) -> Result<(), Box<dyn Error>> {
     // Verbose then concise, with the gold support retrieved.
     let params = |max_new_tokens: usize, stop: Vec<String>| GenerationParams {
         max_new_tokens,
@@ -82,7 +96,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         r.paragraphs.iter().filter(|p| p.is_supporting).map(|p| serde_json::json!({"title": p.title, "text": p.paragraph_text})).collect()
     };
     let mut verbose_requests = Vec::new();
-    for r in &records {
+    for r in records {
         let prompt = encode("verbose", serde_json::json!({"question": r.question, "retrieved": shown(r)}))?;
         verbose_requests.push(GenerateRequest { prompt, adapter: None, params: params(64, vec![]) });
     }

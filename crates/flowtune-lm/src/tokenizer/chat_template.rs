@@ -26,7 +26,10 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("path", &self.path).field("len", &self.source.len()).finish()
+        f.debug_struct("ChatTemplate")
+            .field("path", &self.path)
+            .field("len", &self.source.len())
+            .finish()
     }
 }
 
@@ -42,11 +45,19 @@ fn template_error(path: &Path, e: &minijinja::Error) -> Error {
             reason.push_str(&format!(" (template line {line})"));
         }
     }
-    Error::ChatTemplate { path: path.to_path_buf(), reason }
+    Error::ChatTemplate {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 /// Python's `json.dumps(x, ensure_ascii=False, indent=indent)` of a template value.
-fn py_json(v: &Value, indent: Option<usize>, level: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+fn py_json(
+    v: &Value,
+    indent: Option<usize>,
+    level: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     let (item_sep, nl) = match indent {
         Some(_) => (",", true),
         None => (", ", false),
@@ -157,7 +168,10 @@ fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Err
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{message}")))
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISED}{message}"),
+    ))
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
@@ -177,10 +191,28 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Python's `datetime.now().strftime(fmt)` for the common directives (UTC clock).
 fn strftime_now(fmt: String) -> std::result::Result<Value, minijinja::Error> {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -237,13 +269,20 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         // Print Python's spelling of booleans and None, as Jinja2 does.
         env.set_formatter(|out, state, value| match value.kind() {
-            ValueKind::Bool => out.write_str(if value.is_true() { "True" } else { "False" }).map_err(Into::into),
+            ValueKind::Bool => out
+                .write_str(if value.is_true() { "True" } else { "False" })
+                .map_err(Into::into),
             ValueKind::None => out.write_str("None").map_err(Into::into),
             _ => minijinja::escape_formatter(out, state, value),
         });
         env.add_template_owned("chat_template", source.to_string())
             .map_err(|e| template_error(path, &e))?;
-        Ok(ChatTemplate { env, source: source.to_string(), path: path.to_path_buf(), specials })
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+            path: path.to_path_buf(),
+            specials,
+        })
     }
 
     /// The template text.
@@ -251,7 +290,11 @@ impl ChatTemplate {
         &self.source
     }
 
-    fn render_once(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> std::result::Result<String, minijinja::Error> {
+    fn render_once(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> std::result::Result<String, minijinja::Error> {
         let tmpl = self.env.get_template("chat_template")?;
         let mut ctx: Vec<(String, Value)> = self
             .specials
@@ -273,8 +316,8 @@ impl ChatTemplate {
         match self.render_once(messages, add_generation_prompt) {
             Ok(s) => Ok(s),
             Err(e) => {
-                let raised = e.kind() == ErrorKind::InvalidOperation
-                    && e.detail().is_some_and(|d| d.starts_with(RAISED));
+                let raised =
+                    e.kind() == ErrorKind::InvalidOperation && e.detail().is_some_and(|d| d.starts_with(RAISED));
                 match (raised, merge_system(messages)) {
                     (true, Some(merged)) => self
                         .render_once(&merged, add_generation_prompt)
@@ -289,7 +332,11 @@ impl ChatTemplate {
 /// The conversation with its system message(s) folded into the first user message,
 /// or `None` when there is no system message.
 pub fn merge_system(messages: &[ChatMessage]) -> Option<Vec<ChatMessage>> {
-    let system: Vec<&str> = messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect();
+    let system: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
     if system.is_empty() {
         return None;
     }
@@ -297,12 +344,19 @@ pub fn merge_system(messages: &[ChatMessage]) -> Option<Vec<ChatMessage>> {
     let mut out: Vec<ChatMessage> = messages.iter().filter(|m| m.role != "system").cloned().collect();
     match out.iter_mut().find(|m| m.role == "user") {
         Some(u) => u.content = format!("{sys}\n\n{}", u.content),
-        None => out.insert(0, ChatMessage { role: "user".into(), content: sys }),
+        None => out.insert(
+            0,
+            ChatMessage {
+                role: "user".into(),
+                content: sys,
+            },
+        ),
     }
     Some(out)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

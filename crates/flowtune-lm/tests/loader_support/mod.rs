@@ -20,7 +20,11 @@ pub fn test_model() -> PathBuf {
 /// when the venv is missing.
 pub fn run_reference(args: &[&std::ffi::OsStr]) {
     let py = root().join(".venv/bin/python");
-    assert!(py.exists(), "this test needs the Python reference venv at {} (run scripts/setup.sh)", py.display());
+    assert!(
+        py.exists(),
+        "this test needs the Python reference venv at {} (run scripts/setup.sh)",
+        py.display()
+    );
     let script = root().join("tests/reference/lm_load_ref.py");
     assert!(script.exists(), "reference script {} is missing", script.display());
     let out = Command::new(&py)

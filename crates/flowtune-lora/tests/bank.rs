@@ -3,6 +3,7 @@
 //!
 //! Tolerances: f32 comparisons use |a-b| <= 1e-5 (two matmul associations differ by rounding
 //! only); "bit-identical" checks use exact tensor equality.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flowtune_lora::{
     llama_base_shapes, AdapterBank, AdapterSelection, BaseShapes, LoraConfig, LoraError, Module,
@@ -461,6 +462,7 @@ impl flowtune_lora::BaseLinears for FusedQkv {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn merge_into_fused_qkv_views_changes_only_the_adapted_slices() {
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 8.0, &[Module::QProj, Module::VProj]);

@@ -3,6 +3,7 @@
 //! LoRA at every site. Tolerance: 1e-5 absolute (f32; grouping only changes which rows share
 //! a matmul call, so differences are rounding-level). Both per-row strategies (grouped,
 //! gathered) are exercised.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flowtune_lora::{
     llama_base_shapes, AdapterBank, AdapterSelection, DeltaStrategy, LoraConfig, Module, Site,

@@ -9,12 +9,15 @@
 //! position. Records are processed in micro-batches (gradients accumulate), then the
 //! gradient is clipped (1.0 by default) and COCOB steps.
 //!
-//! Completion log-probs share the prompt: the prompts of a micro-batch run once
-//! (left-padded, through the model's KV cache, with gradients), the cache rows are
-//! repeated for each completion (chosen and rejected), and only the completion tokens
-//! are run on top. The logits at the last prompt token predict the first completion
-//! token; `lm_head` is never applied to prompt positions. [`PromptSharing::Concatenate`]
-//! is the plain alternative (prompt + completion as one sequence, full logits).
+//! Completion log-probs, two strategies (same values and gradients, tested):
+//! [`PromptSharing::Concatenate`] (default) runs prompt + completion as one sequence per
+//! completion and takes the completion part of the full logits;
+//! [`PromptSharing::SharedKv`] runs the prompts of a micro-batch once (left-padded,
+//! through the model's KV cache, with gradients), repeats the cache rows for each
+//! completion (chosen and rejected) and runs only the completion tokens on top (the
+//! logits at the last prompt token predict the first completion token; `lm_head` never
+//! runs on prompt positions). SharedKv does fewer FLOPs but measured slower in bf16 on
+//! CPU (masked SDPA on the cached path, cache copies in backward); see docs/learning.md.
 //!
 //! Counted tokens: every completion token as given (for chat data: the content tokens
 //! plus the end-of-turn token `<|im_end|>`, as TRL counts them); nothing of the prompt.
@@ -145,10 +148,11 @@ pub enum NodeRecords {
 /// How completion log-probs are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum PromptSharing {
-    /// Prompt once through the KV cache, completions on top (default).
-    #[default]
+    /// Prompt once through the KV cache, completions on top. Fewer FLOPs, but measured
+    /// slower in bf16 on CPU (see docs/learning.md), so not the default.
     SharedKv,
-    /// Prompt + completion as one sequence per completion, full logits.
+    /// Prompt + completion as one sequence per completion, full logits (default).
+    #[default]
     Concatenate,
 }
 
@@ -173,7 +177,7 @@ impl Default for LearnerConfig {
             beta: 1.0,
             max_grad_norm: 1.0,
             micro_batch: 4,
-            prompt_sharing: PromptSharing::SharedKv,
+            prompt_sharing: PromptSharing::Concatenate,
             cocob: CocobConfig::paper(),
         }
     }

@@ -18,5 +18,7 @@ pub use flowtune_lm as lm;
 pub use flowtune_lora as lora;
 pub use flowtune_loss as loss;
 pub use flowtune_rollout as rollout;
+/// The tch version the workspace is built on (devices, dtypes).
+pub use tch;
 pub mod learner;
 pub mod runtime;

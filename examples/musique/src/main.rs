@@ -82,6 +82,32 @@ struct Common {
     /// Full: decide answerability per record instead of pairwise.
     #[arg(long)]
     no_pairwise: bool,
+    /// Model dtype (bf16 is fastest on AMX CPUs and on GPUs).
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    /// Device (auto: CUDA when available).
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16 (GPU).
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    /// CUDA when available, else CPU.
+    Auto,
+    /// CPU.
+    Cpu,
+    /// The first CUDA device.
+    Cuda,
 }
 
 #[derive(Args)]
@@ -168,20 +194,47 @@ fn locate_model() -> Result<PathBuf> {
     ))
 }
 
-/// The LM backend (one LoRA adapter per node) and the tch learner for `flow`.
-///
-/// WIRING POINT: the facade (`flowtune`) is to provide a `flowtune_graph::Backend` over the
-/// batched LM engine and a `flowtune_rollout::Learner` over the adapter bank. Until it exports
-/// them this returns an error naming what is missing; everything else (data, flows, credit,
-/// metrics, files) is exercised by the tests with tensor-free backends.
+/// The LM backend (one LoRA adapter per node, rank 8 rsLoRA on q/v as in the paper)
+/// and the tch learner (DPO β 1 against each node's reference adapter, NLL, label
+/// NLL, COCOB) for `flow`, sharing one engine.
+#[cfg(feature = "lm")]
+fn lm_backend(
+    model: &Path,
+    flow: &MusiqueFlow,
+    c: &Common,
+) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
+    use flowtune::learner::LearnerConfig;
+    use flowtune::lm::engine::{Engine, EngineConfig};
+    use flowtune::lm::loader::{load, LoadOptions};
+    use flowtune::lora::{LoraConfig, Module};
+    use flowtune_graph::Flow;
+    let lm = |e: &dyn std::fmt::Display| Error::Flow(format!("{}: {e}", model.display()));
+    let device = match c.device {
+        DeviceArg::Auto => flowtune::tch::Device::cuda_if_available(),
+        DeviceArg::Cpu => flowtune::tch::Device::Cpu,
+        DeviceArg::Cuda => flowtune::tch::Device::Cuda(0),
+    };
+    let dtype = match c.dtype {
+        DtypeArg::F32 => flowtune::tch::Kind::Float,
+        DtypeArg::Bf16 => flowtune::tch::Kind::BFloat16,
+        DtypeArg::F16 => flowtune::tch::Kind::Half,
+    };
+    let loaded = load(model, &LoadOptions { device, dtype }).map_err(|e| lm(&e))?;
+    let engine = Engine::new(loaded, EngineConfig::default()).map_err(|e| lm(&e))?;
+    let nodes: Vec<flowtune_graph::NodeId> =
+        flow.spec().nodes.iter().filter(|n| n.adapter.is_some()).map(|n| n.id.clone()).collect();
+    let lora = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);
+    let rt = flowtune::runtime::LmRuntime::new(engine, &nodes, &lora, c.seed).map_err(|e| lm(&e))?;
+    Ok((Box::new(rt.backend()), Box::new(rt.learner(LearnerConfig::default()))))
+}
+
+#[cfg(not(feature = "lm"))]
 fn lm_backend(
     model: &Path,
     _flow: &MusiqueFlow,
+    _c: &Common,
 ) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
-    Err(Error::Flow(format!(
-        "cannot run {}: the facade crate `flowtune` does not export an LM backend (graph::Backend) and tch learner (rollout::Learner) yet",
-        model.display()
-    )))
+    Err(Error::Flow(format!("cannot run {}: built without the `lm` feature", model.display())))
 }
 
 fn bar(len: usize) -> ProgressBar {
@@ -210,7 +263,7 @@ fn running(sums: &mut [f64; 3], scores: [Option<f64>; 2]) -> String {
 fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
     let records = load_records(c, 100, 1_000)?;
     let flow = build_flow(c)?;
-    let (mut backend, _learner) = lm_backend(&model_path(c)?, &flow)?;
+    let (mut backend, _learner) = lm_backend(&model_path(c)?, &flow, c)?;
     let pb = bar(records.len());
     let mut sums = [0.0; 3];
     let gold: std::collections::HashMap<&str, &Record> = records.iter().map(|r| (r.id.as_str(), r)).collect();
@@ -252,7 +305,7 @@ fn train(t: &TrainArgs) -> Result<()> {
     let c = &t.common;
     let records = load_records(c, 400, 0)?;
     let flow = build_flow(c)?;
-    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow)?;
+    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c)?;
     let options = TrainOptions {
         out_dir: c.out.clone(),
         seed: c.seed,

@@ -153,7 +153,10 @@ fn train_writes_metrics_curve_checkpoints_and_resumes_exactly() {
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 4);
     assert!(full_dir.path().join("checkpoints/latest").is_file());
     assert!(full_dir.path().join("summary.json").is_file());
-    assert!(std::fs::read_dir(full_dir.path().join("traces")).unwrap().count() >= 4, "one trace file per minibatch");
+    assert!(
+        std::fs::read_dir(full_dir.path().join("traces")).unwrap().count() >= 4,
+        "one trace file per minibatch"
+    );
 
     // Interrupted after 8 records, then resumed over all 16: identical metrics and learner state.
     let split_dir = tempfile::tempdir().unwrap();

@@ -5,8 +5,15 @@ use std::process::Command;
 use musique::data::official_data_dir;
 
 fn musique(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_musique")).args(args).output().expect("running musique");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_musique"))
+        .args(args)
+        .output()
+        .expect("running musique");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -18,7 +25,16 @@ fn help_lists_the_subcommands_and_options() {
     }
     let (ok, stdout, _) = musique(&["train", "--help"]);
     assert!(ok);
-    for opt in ["--model", "--data", "--variant", "--out", "--seed", "--limit", "--resume", "--match-hops"] {
+    for opt in [
+        "--model",
+        "--data",
+        "--variant",
+        "--out",
+        "--seed",
+        "--limit",
+        "--resume",
+        "--match-hops",
+    ] {
         assert!(stdout.contains(opt), "train --help lacks {opt}");
     }
 }
@@ -34,8 +50,18 @@ fn bad_data_fails_with_file_and_line() {
     assert!(stderr.contains("bad.jsonl:1: missing field `question`"), "{stderr}");
 
     let question_only = official_data_dir().join("musique_ans_v1.0_dev.no_paragraphs.jsonl");
-    assert!(question_only.is_file(), "official file {} is missing (shared data folder)", question_only.display());
-    let (ok, _, stderr) = musique(&["eval", "--data", question_only.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(
+        question_only.is_file(),
+        "official file {} is missing (shared data folder)",
+        question_only.display()
+    );
+    let (ok, _, stderr) = musique(&[
+        "eval",
+        "--data",
+        question_only.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(stderr.contains("has no `paragraphs`"), "{stderr}");
     assert!(!out.join("metrics.json").exists());

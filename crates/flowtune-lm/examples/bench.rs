@@ -99,6 +99,20 @@ fn main() -> R<()> {
     drop(loaded);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let _g = tch::no_grad_guard();
+    // `--only decode_b1` (or `prefill`, `decode_b8`) runs one measurement, e.g. under `perf`.
+    if let Some(only) = arg("--only") {
+        let v = match only.as_str() {
+            "prefill" => prefill(&model, &mut rng, 512, repeats)?,
+            "decode_b1" => decode(&model, &mut rng, 1, 200, 64, repeats)?,
+            "decode_b8" => decode(&model, &mut rng, 8, 200, 64, repeats)?,
+            other => return Err(format!("--only {other}: prefill, decode_b1 or decode_b8").into()),
+        };
+        println!(
+            "{}",
+            serde_json::json!({ "impl": "flowtune", "dtype": dtype, only: v })
+        );
+        return Ok(());
+    }
     let res = serde_json::json!({
         "impl": "flowtune",
         "dtype": dtype,

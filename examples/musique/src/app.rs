@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Record;
 use crate::error::{Error, Result};
-use crate::flow::{credit_config, pairwise_sufficiency, rewards, FlowOutput, MusiqueFlow, Variant};
+use crate::flow::{credit_config_with_alternatives, pairwise_sufficiency, rewards, FlowOutput, MusiqueFlow, Variant};
 use crate::metrics::{evaluate, write_metrics_json, write_predictions_jsonl, MetricsReport, Prediction};
 
 fn flow_error(e: impl std::fmt::Display) -> Error {
@@ -114,6 +114,10 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Write every minibatch's traces (episodes and rollouts) under `out_dir/traces/`.
     pub save_traces: bool,
+    /// Diverse-beam alternatives per query-node call (the paper: 3; 0: no query DPO).
+    pub query_alternatives: usize,
+    /// Diverse-beam alternatives per verbose-answer call (the paper: 3, i.e. 4 candidates).
+    pub answer_alternatives: usize,
 }
 
 impl Default for TrainOptions {
@@ -127,6 +131,8 @@ impl Default for TrainOptions {
             reference_every: 96,
             resume: false,
             save_traces: false,
+            query_alternatives: 3,
+            answer_alternatives: 3,
         }
     }
 }
@@ -140,7 +146,7 @@ pub fn online_config(variant: Variant, options: &TrainOptions) -> OnlineConfig {
         seed: options.seed,
         minibatch_episodes: mb as usize,
         episodes_in_flight: options.episodes_in_flight.clamp(1, mb as usize),
-        credit: credit_config(variant),
+        credit: credit_config_with_alternatives(variant, options.query_alternatives, options.answer_alternatives),
         reference_update: (options.reference_every > 0).then(|| ReferenceUpdateConfig {
             every_episodes: round(options.reference_every),
             weight: 0.5,

@@ -442,13 +442,20 @@ pub fn pairwise_sufficiency(predictions: &mut [Prediction], yes_logprobs: &[Opti
 /// diverse beam (4) for query and verbose; relevance, stop, concise and sufficiency learn from
 /// gold supervision only.
 pub fn credit_config(variant: Variant) -> CreditConfig {
-    let diverse = NodeDeviation {
-        enabled: true,
-        max_alternatives: 3,
+    credit_config_with_alternatives(variant, 3, 3)
+}
+
+/// [`credit_config`] with `query` and `answer` diverse-beam deviations per call of the
+/// query and verbose-answer nodes (diverse beam search with `n + 1` beams in as many
+/// groups; 0 turns that node's deviations off; the paper: 3 and 3).
+pub fn credit_config_with_alternatives(variant: Variant, query: usize, answer: usize) -> CreditConfig {
+    let diverse = |n: usize| NodeDeviation {
+        enabled: n > 0,
+        max_alternatives: n.max(1),
         calls: CallSelection::All,
         generate: GenerateAlternatives::DiverseBeam {
-            num_beams: 4,
-            num_beam_groups: 4,
+            num_beams: n.max(1) + 1,
+            num_beam_groups: n.max(1) + 1,
             diversity_penalty: 1.0,
         },
     };
@@ -466,8 +473,8 @@ pub fn credit_config(variant: Variant) -> CreditConfig {
     .route(nodes::STOP, rewards::SUPPORT_F1)
     .route(nodes::VERBOSE, rewards::ANSWER_F1)
     .route(nodes::CONCISE, rewards::ANSWER_F1)
-    .with_deviation(nodes::QUERY, diverse.clone())
-    .with_deviation(nodes::VERBOSE, diverse)
+    .with_deviation(nodes::QUERY, diverse(query))
+    .with_deviation(nodes::VERBOSE, diverse(answer))
     .with_deviation(nodes::RELEVANCE, off.clone())
     .with_deviation(nodes::STOP, off.clone())
     .with_deviation(nodes::CONCISE, off.clone());

@@ -82,6 +82,9 @@ struct Common {
     /// Full: decide answerability per record instead of pairwise.
     #[arg(long)]
     no_pairwise: bool,
+    /// Token budgets of the query, verbose-answer and concise-answer nodes.
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [16, 32, 12])]
+    max_new_tokens: Vec<usize>,
     /// Model dtype (bf16 is fastest on AMX CPUs and on GPUs).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: DtypeArg,
@@ -118,13 +121,13 @@ struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Episodes per learning step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     minibatch: usize,
     /// Checkpoint every N episodes (rounded up to a multiple of the minibatch; 0: never).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 8)]
     checkpoint_every: u64,
-    /// Gated soft reference update every N episodes (0: never).
-    #[arg(long, default_value_t = 96)]
+    /// Gated soft reference update every N episodes (0: never; the paper: 100).
+    #[arg(long, default_value_t = 16)]
     reference_every: u64,
     /// Write every minibatch's traces (episodes and rollouts) under DIR/traces/.
     #[arg(long)]
@@ -132,6 +135,14 @@ struct TrainArgs {
     /// Also evaluate on this many held-out synthetic questions before and after training.
     #[arg(long, default_value_t = 0)]
     heldout: usize,
+    /// Diverse-beam alternatives per query-node call, each rolled out until support F1 is
+    /// known (the paper: 3; the default 0 keeps the CPU main job within minutes).
+    #[arg(long, default_value_t = 0)]
+    query_alternatives: usize,
+    /// Diverse-beam alternatives per verbose-answer call, judged by the final answer F1
+    /// (the paper: 3, i.e. four candidates).
+    #[arg(long, default_value_t = 1)]
+    answer_alternatives: usize,
 }
 
 fn variant(v: VariantArg) -> Variant {
@@ -168,6 +179,7 @@ fn build_flow(c: &Common) -> Result<MusiqueFlow> {
     let options = FlowOptions {
         variant: variant(c.variant),
         grounded_answers: !c.no_grounding,
+        max_new_tokens: [c.max_new_tokens[0], c.max_new_tokens[1], c.max_new_tokens[2]],
         ..FlowOptions::default()
     };
     let dir = c.prompts.clone().unwrap_or_else(default_prompt_dir);
@@ -303,7 +315,7 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
 
 fn train(t: &TrainArgs) -> Result<()> {
     let c = &t.common;
-    let records = load_records(c, 400, 0)?;
+    let records = load_records(c, 32, 0)?;
     let flow = build_flow(c)?;
     let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c)?;
     let options = TrainOptions {
@@ -315,6 +327,8 @@ fn train(t: &TrainArgs) -> Result<()> {
         reference_every: t.reference_every,
         resume: t.resume,
         save_traces: t.save_traces,
+        query_alternatives: t.query_alternatives,
+        answer_alternatives: t.answer_alternatives,
     };
     let heldout = if t.heldout > 0 && c.data.is_none() {
         let held = Common {

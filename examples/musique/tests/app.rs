@@ -122,6 +122,8 @@ fn train_writes_metrics_curve_checkpoints_and_resumes_exactly() {
         reference_every: 8,
         resume,
         save_traces: !resume,
+        query_alternatives: 3,
+        answer_alternatives: 3,
     };
 
     // Uninterrupted run.

@@ -27,7 +27,7 @@ impl Flow for ColorFlow {
     fn spec(&self) -> FlowSpec {
         FlowSpec {
             name: "color".into(),
-            nodes: vec![NodeSpec::generate("answer", 6), NodeSpec::classify("check", &["Yes", "No"])],
+            nodes: vec![NodeSpec::generate("answer", 4), NodeSpec::classify("check", &["Yes", "No"])],
             edges: vec![],
         }
     }
@@ -125,15 +125,15 @@ fn online_run_learns_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let flow = ColorFlow;
 
-    // Uninterrupted: 12 episodes.
+    // Uninterrupted: 8 episodes (two minibatches, a checkpoint after each).
     let rt = runtime();
     assert_eq!(adapter_b_norm(&rt, "answer"), 0.0, "PEFT init: B is zero");
-    let mut run = OnlineLoop::new(&flow, config(&tmp.path().join("a"), 12)).unwrap_or_else(|e| panic!("{e}"));
+    let mut run = OnlineLoop::new(&flow, config(&tmp.path().join("a"), 8)).unwrap_or_else(|e| panic!("{e}"));
     let full = run
         .run(stream(), &mut rt.backend(), &mut rt.learner(LearnerConfig::default()), None)
         .unwrap_or_else(|e| panic!("{e}"))
         .clone();
-    assert_eq!(full.episodes_done, 12);
+    assert_eq!(full.episodes_done, 8);
     assert!(!full.learn_log.is_empty(), "no learner steps: {:?}", full.totals);
     assert!(adapter_b_norm(&rt, "check") > 0.0, "the supervised node's adapter did not change");
     if full.totals.preferences > 0 {
@@ -141,19 +141,19 @@ fn online_run_learns_and_resumes_exactly() {
     }
     drop(rt);
 
-    // Interrupted after the checkpoint at 8, then resumed in fresh objects.
+    // Interrupted after the checkpoint at 4, then resumed in fresh objects.
     let dir_b = tmp.path().join("b");
     {
         let rt = runtime();
-        let mut run = OnlineLoop::new(&flow, config(&dir_b, 8)).unwrap_or_else(|e| panic!("{e}"));
+        let mut run = OnlineLoop::new(&flow, config(&dir_b, 4)).unwrap_or_else(|e| panic!("{e}"));
         run.run(stream(), &mut rt.backend(), &mut rt.learner(LearnerConfig::default()), None)
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let rt = runtime();
     let mut learner = rt.learner(LearnerConfig::default());
-    let mut run = OnlineLoop::resume(&flow, config(&dir_b, 12), &mut learner).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(run.state().episodes_done, 8);
+    let mut run = OnlineLoop::resume(&flow, config(&dir_b, 8), &mut learner).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(run.state().episodes_done, 4);
     let resumed = run.run(stream(), &mut rt.backend(), &mut learner, None).unwrap_or_else(|e| panic!("{e}")).clone();
-    assert_eq!(resumed.episodes_done, 12);
+    assert_eq!(resumed.episodes_done, 8);
     assert_eq!(comparable(&resumed), comparable(&full));
 }

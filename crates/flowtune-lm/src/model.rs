@@ -809,3 +809,29 @@ impl Model {
         )
     }
 }
+
+/// The model's adaptable linear weights, for merging a LoRA adapter into the base
+/// (single-adapter deployment) and unmerging it. Fused projections (`qkv_proj`,
+/// `gate_up_proj`) are stored fused; their parts are row views that share storage,
+/// so an in-place update of a part updates the fused weight.
+impl flowtune_lora::BaseLinears for Model {
+    fn base_weight(&mut self, site: &flowtune_lora::Site) -> Option<Tensor> {
+        use flowtune_lora::Module;
+        let q = (self.config.num_attention_heads * self.config.head_dim()) as i64;
+        let kv = (self.config.num_key_value_heads() * self.config.head_dim()) as i64;
+        let inter = self.config.intermediate_size as i64;
+        let layer = self.layers.get(site.layer)?;
+        let w = match site.module {
+            Module::QProj => layer.qkv.weight.narrow(0, 0, q),
+            Module::KProj => layer.qkv.weight.narrow(0, q, kv),
+            Module::VProj => layer.qkv.weight.narrow(0, q + kv, kv),
+            Module::QkvProj => layer.qkv.weight.shallow_clone(),
+            Module::OProj => layer.o.weight.shallow_clone(),
+            Module::GateProj => layer.gate_up.weight.narrow(0, 0, inter),
+            Module::UpProj => layer.gate_up.weight.narrow(0, inter, inter),
+            Module::GateUpProj => layer.gate_up.weight.shallow_clone(),
+            Module::DownProj => layer.down.weight.shallow_clone(),
+        };
+        Some(w)
+    }
+}

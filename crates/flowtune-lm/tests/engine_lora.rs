@@ -174,6 +174,7 @@ fn mixed_adapter_generation_equals_unbatched_and_cli_loads_peft() {
     let exe = option_env!("CARGO_BIN_EXE_flowtune-lm")
         .map(std::path::PathBuf::from)
         .unwrap_or(exe);
+    let exe_path = exe.clone();
     let st = std::process::Command::new(exe)
         .args([
             "logits",
@@ -197,4 +198,38 @@ fn mixed_adapter_generation_equals_unbatched_and_cli_loads_peft() {
     let want = e.last_logits(&prompt, Some("node")).unwrap();
     let d = max_abs_diff(&got["logits.0"], &want);
     assert!(d < 1e-4, "CLI --adapter logits differ by {d}");
+
+    // CLI --adapters NAME=DIR: each input line picks its adapter by name (or none).
+    std::fs::write(
+        &input,
+        serde_json::json!({"id": 0, "messages": [{"role": "user", "content": "Name a fruit."}], "adapter": "fruit"})
+            .to_string()
+            + "\n"
+            + &serde_json::json!({"id": 1, "messages": [{"role": "user", "content": "Name a fruit."}]}).to_string()
+            + "\n",
+    )
+    .unwrap();
+    let named = format!("fruit={}", peft.display());
+    let st = std::process::Command::new(&exe_path)
+        .args([
+            "logits",
+            "--model",
+            test_model().to_str().unwrap(),
+            "--adapters",
+            named.as_str(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let got = read_golden(&out);
+    let d = max_abs_diff(&got["logits.0"], &want);
+    assert!(d < 1e-4, "CLI --adapters (named) logits differ by {d}");
+    let base = e.last_logits(&prompt, None).unwrap();
+    let d = max_abs_diff(&got["logits.1"], &base);
+    assert!(d < 1e-4, "CLI line without adapter differs from the base by {d}");
+    assert!(max_abs_diff(&base, &want) > 1e-2, "the adapter does not change the logits");
 }

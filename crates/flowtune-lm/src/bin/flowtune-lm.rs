@@ -51,9 +51,13 @@ struct Common {
     /// A `.gguf` file or an HF folder.
     #[arg(long)]
     model: PathBuf,
-    /// A PEFT adapter folder.
+    /// A PEFT adapter folder, used by every input line that names no adapter.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Named PEFT adapter folders (`NAME=DIR`, repeatable); an input line selects one with
+    /// `"adapter": "NAME"`, so one batch can mix adapters.
+    #[arg(long = "adapters", value_name = "NAME=DIR")]
+    named_adapters: Vec<String>,
     /// Weight/activation dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DType,
@@ -131,6 +135,9 @@ struct InputLine {
     completion: Option<String>,
     #[serde(default)]
     labels: Option<Vec<String>>,
+    /// The named adapter (`--adapters NAME=DIR`) for this line.
+    #[serde(default)]
+    adapter: Option<String>,
 }
 
 fn read_input(path: &Path) -> CliResult<Vec<InputLine>> {
@@ -179,6 +186,12 @@ fn engine(c: &Common) -> CliResult<Engine> {
     if let Some(dir) = &c.adapter {
         engine.load_adapter(ADAPTER_NAME, dir)?;
     }
+    for spec in &c.named_adapters {
+        let (name, dir) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--adapters {spec:?}: expected NAME=DIR"))?;
+        engine.load_adapter(name, Path::new(dir))?;
+    }
     Ok(engine)
 }
 
@@ -200,12 +213,12 @@ fn run() -> CliResult<()> {
     match cli.command {
         Command::Logits { common } => {
             let e = engine(&common)?;
-            let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
+            let default_adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let mut tensors: Vec<(String, Tensor)> = Vec::new();
             for (i, line) in input.iter().enumerate() {
                 let prompt = e.tokenizer().encode_chat(&line.messages, true)?;
-                let logits = e.last_logits(&prompt, adapter.as_deref())?;
+                let logits = e.last_logits(&prompt, line.adapter.as_deref().or(default_adapter.as_deref()))?;
                 let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
                 tensors.push((format!("ids.{i}"), Tensor::f_from_slice(&ids)?));
                 tensors.push((
@@ -236,7 +249,7 @@ fn run() -> CliResult<()> {
             stop,
         } => {
             let e = engine(&common)?;
-            let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
+            let default_adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let decoding = if num_beams > 1 {
                 Decoding::Beam {
@@ -266,7 +279,7 @@ fn run() -> CliResult<()> {
                 .iter()
                 .map(|l| {
                     Ok(GenerateRequest {
-                        adapter: adapter.clone(),
+                        adapter: l.adapter.clone().or_else(|| default_adapter.clone()),
                         prompt: e.tokenizer().encode_chat(&l.messages, true)?,
                         params: params.clone(),
                     })
@@ -289,7 +302,7 @@ fn run() -> CliResult<()> {
         }
         Command::Score { common } => {
             let e = engine(&common)?;
-            let adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
+            let default_adapter = common.adapter.as_ref().map(|_| ADAPTER_NAME.to_string());
             let input = read_input(&common.input)?;
             let mut lines = Vec::new();
             for (n, l) in input.iter().enumerate() {
@@ -297,7 +310,7 @@ fn run() -> CliResult<()> {
                 if let Some(c) = &l.completion {
                     let completion = e.tokenizer().encode(c)?;
                     let s = e.score(&[ScoreRequest {
-                        adapter: adapter.clone(),
+                        adapter: l.adapter.clone().or_else(|| default_adapter.clone()),
                         prompt,
                         completion: completion.clone(),
                     }])?;
@@ -321,7 +334,7 @@ fn run() -> CliResult<()> {
                         }
                     }
                     let c = e.classify(&[ClassifyRequest {
-                        adapter: adapter.clone(),
+                        adapter: l.adapter.clone().or_else(|| default_adapter.clone()),
                         prompt,
                         labels: ids.clone(),
                     }])?;

@@ -315,7 +315,7 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
 
 fn train(t: &TrainArgs) -> Result<()> {
     let c = &t.common;
-    let records = load_records(c, 16, 0)?;
+    let records = load_records(c, 64, 0)?;
     let flow = build_flow(c)?;
     let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c)?;
     let options = TrainOptions {

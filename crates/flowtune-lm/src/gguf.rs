@@ -562,6 +562,36 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Ve
     Ok(out)
 }
 
+/// 4-bit codes with one scale and one minimum per 32-element block.
+pub type Q4Blocks = (Vec<u8>, Vec<f32>, Vec<f32>);
+
+/// The codes and per-block scales and minima of `n` elements of a Q4_0 or Q4_1 tensor, so that
+/// `w = scale * q + min` for each element of a 32-element block (Q4_0: `min = -8 * scale`), in
+/// row-major order; `None` for other types. [`dequantize`] computes exactly these products.
+pub fn q4_blocks(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Option<Q4Blocks>, String> {
+    if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+        return Ok(None);
+    }
+    let bb = ty.block_bytes() as usize;
+    if n % 32 != 0 || data.len() != n / 32 * bb {
+        return Err(format!("{ty:?}: {} bytes for {n} elements (expected {})", data.len(), n / 32 * bb));
+    }
+    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let (mut q, mut scale, mut min) = (Vec::with_capacity(n), Vec::with_capacity(n / 32), Vec::with_capacity(n / 32));
+    for b in data.chunks_exact(bb) {
+        let d = f16_at(b, 0);
+        let (m, qs) = match ty {
+            GgmlType::Q4_0 => (-8.0 * d, &b[2..18]),
+            _ => (f16_at(b, 2), &b[4..20]),
+        };
+        scale.push(d);
+        min.push(m);
+        q.extend(qs.iter().map(|&x| x & 0x0f));
+        q.extend(qs.iter().map(|&x| x >> 4));
+    }
+    Ok(Some((q, scale, min)))
+}
+
 /// A memory-mapped GGUF file with its parsed header.
 pub struct GgufFile {
     path: PathBuf,
@@ -643,6 +673,26 @@ impl GgufFile {
             reason,
         })?;
         Ok((data, t.shape()))
+    }
+
+    /// A Q4_0/Q4_1 tensor's codes, scales and minima (see [`q4_blocks`]) in the file's layout,
+    /// with its row-major shape; `None` for other types.
+    pub fn q4_tensor(&self, t: &GgufTensorInfo) -> Result<Option<(Q4Blocks, Vec<i64>)>> {
+        let Some(ty) = GgmlType::from_id(t.type_id) else {
+            return Ok(None);
+        };
+        let bytes = self.tensor_bytes(t)?;
+        let n = usize::try_from(t.n_elements()).map_err(|_| Error::GgufTensor {
+            path: self.path.clone(),
+            tensor: t.name.clone(),
+            reason: "too many elements".into(),
+        })?;
+        let blocks = q4_blocks(ty, bytes, n).map_err(|reason| Error::GgufTensor {
+            path: self.path.clone(),
+            tensor: t.name.clone(),
+            reason,
+        })?;
+        Ok(blocks.map(|b| (b, t.shape())))
     }
 
     /// A metadata value by key, or a typed error naming the key.

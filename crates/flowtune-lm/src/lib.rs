@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod hf;
+pub mod int4;
 pub mod kv;
 pub mod model;
 pub mod loader;
@@ -19,7 +20,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use loader::{load, LoadOptions, LoadedModel};
+pub use loader::{load, LinearWeights, LoadOptions, LoadedModel};
 pub use locate::{locate_test_model, TEST_MODEL_ENV};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::Weights;

@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::gguf::{self, GgufFile};
 use crate::tokenizer::Tokenizer;
+use crate::int4::{self, Int4Blocks};
 use crate::weights::Weights;
 use crate::{hf, Error, Result};
 
@@ -17,6 +18,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Floating-point dtype for the weights (f32, bf16 or f16).
     pub dtype: Kind,
+    /// How the decoder layers' linear weights are stored.
+    pub linear_weights: LinearWeights,
 }
 
 impl Default for LoadOptions {
@@ -24,6 +27,30 @@ impl Default for LoadOptions {
         LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            linear_weights: LinearWeights::Dense,
+        }
+    }
+}
+
+/// Storage of the decoder layers' linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearWeights {
+    /// Dense in the load dtype (exact with respect to the source).
+    #[default]
+    Dense,
+    /// Dense plus 4-bit group-wise codes ([`crate::int4`]) for small-batch decoding on the CPU
+    /// in bf16/f16. A Q4_0/Q4_1 GGUF keeps its own blocks; other sources are quantised.
+    Int4,
+}
+
+impl std::str::FromStr for LinearWeights {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "dense" => Ok(Self::Dense),
+            "int4" => Ok(Self::Int4),
+            other => Err(format!("linear weights {other:?}: expected dense or int4")),
         }
     }
 }
@@ -66,6 +93,17 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             what: format!("weight dtype {:?}", opts.dtype),
         });
     }
+    if opts.linear_weights == LinearWeights::Int4
+        && (opts.device != Device::Cpu || opts.dtype == Kind::Float)
+    {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: format!(
+                "int4 linear weights on {:?} in {:?} (they need the CPU and bf16 or f16)",
+                opts.device, opts.dtype
+            ),
+        });
+    }
     if path.is_dir() {
         load_hf_dir(path, opts)
     } else if is_gguf(path) {
@@ -86,7 +124,19 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// Load an HF folder (`config.json`, safetensors, tokenizer files).
 pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = hf::read_config(dir)?;
-    let weights = hf::load_weights(dir, opts.device, opts.dtype)?;
+    let mut weights = hf::load_weights(dir, opts.device, opts.dtype)?;
+    if opts.linear_weights == LinearWeights::Int4 {
+        let names: Vec<String> = weights
+            .names()
+            .into_iter()
+            .filter(|n| int4::is_int4_target(n))
+            .map(String::from)
+            .collect();
+        for name in names {
+            let blocks = Int4Blocks::quantize(&name, &weights.get(&name)?)?;
+            weights.set_int4(&name, blocks);
+        }
+    }
     let mut tokenizer = Tokenizer::from_hf_dir(dir)?;
     tokenizer.add_eos_token_ids(&config.eos_token_ids());
     Ok(LoadedModel {
@@ -156,7 +206,50 @@ pub fn gguf_hf_tensors(file: &GgufFile, config: &ModelConfig) -> Result<Vec<HfTe
 
 /// Dequantise, cast and place every tensor, a few at a time on worker threads, so
 /// that at most one f32 copy per worker exists besides the result.
-fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Result<HashMap<String, Tensor>> {
+/// One converted GGUF tensor: HF name, dense tensor, and its 4-bit blocks in int4 mode.
+type Converted = (String, Tensor, Option<Int4Blocks>);
+
+/// A Q4_0/Q4_1 linear's own blocks with llama.cpp's Q/K row permutation undone (rows are
+/// output features, so codes, scales and minima are permuted like the dense rows).
+fn gguf_hf_q4_blocks(
+    file: &GgufFile,
+    info: &gguf::GgufTensorInfo,
+    config: &ModelConfig,
+    name: &str,
+) -> Result<Option<Int4Blocks>> {
+    let Some(((q, scale, min), shape)) = file.q4_tensor(info)? else {
+        return Ok(None);
+    };
+    let rows = shape.first().copied().unwrap_or(0);
+    let cols = shape.get(1).copied().unwrap_or(0);
+    let mut q: Vec<f32> = q.into_iter().map(f32::from).collect();
+    let (mut scale, mut min) = (scale, min);
+    if gguf::is_rope_permuted(file.header.architecture(file.path())?, &info.name) {
+        let heads = if info.name.contains(".attn_q.") {
+            config.num_attention_heads
+        } else {
+            config.num_key_value_heads()
+        };
+        let err = |reason| Error::GgufTensor {
+            path: file.path().to_path_buf(),
+            tensor: info.name.clone(),
+            reason,
+        };
+        let group_shape = [rows, cols / int4::INT4_GROUP];
+        q = gguf::reverse_permute(&q, &shape, heads).map_err(err)?;
+        scale = gguf::reverse_permute(&scale, &group_shape, heads).map_err(err)?;
+        min = gguf::reverse_permute(&min, &group_shape, heads).map_err(err)?;
+    }
+    let groups = [rows, cols / int4::INT4_GROUP];
+    Ok(Some(Int4Blocks::new(
+        name,
+        Tensor::f_from_slice(&q)?.f_reshape(&shape[..])?,
+        Tensor::f_from_slice(&scale)?.f_reshape(groups)?,
+        Tensor::f_from_slice(&min)?.f_reshape(groups)?,
+    )?))
+}
+
+fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Result<Weights> {
     let _span = tracing::info_span!("load_gguf_weights", path = %file.path().display()).entered();
     let infos = &file.header.tensors;
     let workers = std::thread::available_parallelism()
@@ -164,9 +257,20 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
         .clamp(1, 4)
         .min(infos.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let convert = |info: &gguf::GgufTensorInfo| -> Result<Option<(String, Tensor)>> {
+    let convert = |info: &gguf::GgufTensorInfo| -> Result<Option<Converted>> {
         let Some((name, data, shape)) = gguf_hf_tensor(file, info, config)? else {
             return Ok(None);
+        };
+        let blocks = if opts.linear_weights == LinearWeights::Int4 && int4::is_int4_target(&name) {
+            Some(match gguf_hf_q4_blocks(file, info, config, &name)? {
+                Some(b) => b,
+                None => {
+                    let dense = Tensor::f_from_slice(&data)?.f_reshape(&shape[..])?;
+                    Int4Blocks::quantize(&name, &dense)?
+                }
+            })
+        } else {
+            None
         };
         let t = Tensor::f_from_slice(&data)?.f_reshape(&shape[..])?;
         drop(data);
@@ -175,12 +279,12 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
         } else {
             t.f_to_kind(opts.dtype)?
         };
-        Ok(Some((name, t.f_to_device(opts.device)?)))
+        Ok(Some((name, t.f_to_device(opts.device)?, blocks)))
     };
-    let results: Vec<Result<Vec<(String, Tensor)>>> = std::thread::scope(|scope| {
+    let results: Vec<Result<Vec<Converted>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                scope.spawn(|| -> Result<Vec<(String, Tensor)>> {
+                scope.spawn(|| -> Result<Vec<Converted>> {
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -206,10 +310,20 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
             .collect()
     });
     let mut map = HashMap::new();
+    let mut blocks = Vec::new();
     for r in results {
-        map.extend(r?);
+        for (name, t, b) in r? {
+            if let Some(b) = b {
+                blocks.push((name.clone(), b));
+            }
+            map.insert(name, t);
+        }
     }
-    Ok(map)
+    let mut weights = Weights::from_map(map, file.path());
+    for (name, b) in blocks {
+        weights.set_int4(&name, b);
+    }
+    Ok(weights)
 }
 
 /// Load a GGUF file: weights dequantised (then cast to the requested dtype),
@@ -218,15 +332,14 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let config = gguf_config(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file.header, path)?;
-    let map = gguf_weights(&file, &config, opts)?;
+    let weights = gguf_weights(&file, &config, opts)?;
     let required = "model.embed_tokens.weight";
-    if !map.contains_key(required) {
+    if !weights.contains(required) {
         return Err(Error::MissingTensor {
             path: path.to_path_buf(),
             tensor: "token_embd.weight".into(),
         });
     }
-    let weights = Weights::from_map(map, path);
     Ok(LoadedModel {
         config,
         weights,

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
+use crate::int4::Int4Blocks;
 use crate::{Error, Result};
 
 /// Tensors by HF parameter name (`model.embed_tokens.weight`,
@@ -12,6 +13,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    int4: HashMap<String, Int4Blocks>,
     source: PathBuf,
 }
 
@@ -21,8 +23,20 @@ impl Weights {
     pub fn from_map(tensors: HashMap<String, Tensor>, source: impl Into<PathBuf>) -> Self {
         Weights {
             tensors,
+            int4: HashMap::new(),
             source: source.into(),
         }
+    }
+
+    /// The 4-bit blocks of a linear weight, present when loaded with
+    /// [`crate::loader::LinearWeights::Int4`].
+    pub fn int4(&self, name: &str) -> Option<&Int4Blocks> {
+        self.int4.get(name)
+    }
+
+    /// Attach 4-bit blocks to the linear weight `name` (its dense tensor stays).
+    pub fn set_int4(&mut self, name: &str, blocks: Int4Blocks) {
+        self.int4.insert(name.to_string(), blocks);
     }
 
     /// The tensor by HF name (a shallow clone sharing storage), or

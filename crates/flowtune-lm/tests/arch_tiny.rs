@@ -43,6 +43,7 @@ fn load_arch(arch: &str, dtype: Kind) -> Model {
         &LoadOptions {
             device: Device::Cpu,
             dtype,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading tiny {arch}: {e}"));

@@ -77,6 +77,7 @@ fn cli_logits_generate_score() {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -20,6 +20,7 @@ fn engine_with(min_shared_prefix: usize) -> Engine {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

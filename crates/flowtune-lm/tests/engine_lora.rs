@@ -21,6 +21,7 @@ fn engine_with_adapter() -> Engine {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -260,7 +260,7 @@ fn sharded_hf_folder_loads_every_shard() {
     let norm = m.weights.get("model.norm.weight").unwrap();
     assert_eq!(norm.kind(), tch::Kind::Float, "bf16 on disk cast to the requested f32");
     assert_eq!(Vec::<f32>::try_from(norm).unwrap(), vec![0.5, 1.5, 2.5, 3.5]);
-    let m16 = load(&d, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Half }).unwrap();
+    let m16 = load(&d, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Half, ..Default::default() }).unwrap();
     assert_eq!(m16.weights.get("model.embed_tokens.weight").unwrap().kind(), tch::Kind::Half);
     // A shard named by the index but absent is an error naming it.
     std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();

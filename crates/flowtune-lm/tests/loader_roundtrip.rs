@@ -125,6 +125,7 @@ fn bf16_load_casts_every_float_tensor() {
         &LoadOptions {
             device: tch::Device::Cpu,
             dtype: Kind::BFloat16,
+            ..Default::default()
         },
     )
     .expect("load bf16");

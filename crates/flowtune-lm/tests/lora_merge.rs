@@ -24,7 +24,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn merge_matches_delta_and_unmerge_restores_the_base() {
     let path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
-    let loaded = load(&path, &LoadOptions { device: Device::Cpu, dtype: Kind::Float }).unwrap();
+    let loaded = load(&path, &LoadOptions { device: Device::Cpu, dtype: Kind::Float, ..Default::default() }).unwrap();
     let c = loaded.config.clone();
     let mut model = Model::new(&loaded.config, &loaded.weights).unwrap();
     let shapes = llama_base_shapes(

@@ -82,6 +82,7 @@ fn mixed_adapter_batch_equals_single_passes_on_the_real_model() {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

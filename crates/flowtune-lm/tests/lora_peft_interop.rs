@@ -95,6 +95,7 @@ fn peft_adapters_round_trip_with_python_peft() {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

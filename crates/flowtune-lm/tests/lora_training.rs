@@ -26,6 +26,7 @@ fn only_the_active_adapter_changes_after_a_step_on_the_real_model() {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

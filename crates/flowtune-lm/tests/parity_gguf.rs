@@ -61,6 +61,7 @@ fn gguf_parity_with_transformers() {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::BFloat16,
+            ..Default::default()
         },
     )?;
     let model = Model::new(&loaded.config, &loaded.weights)?;

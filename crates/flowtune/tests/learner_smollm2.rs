@@ -35,6 +35,7 @@ fn load_model() -> (LoadedModel, Model) {
         &LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
+            ..Default::default()
         },
     )
     .expect("load test model");

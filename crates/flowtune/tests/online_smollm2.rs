@@ -57,7 +57,7 @@ impl Flow for ColorFlow {
 
 fn runtime() -> LmRuntime {
     let path = flowtune::lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
-    let loaded = load(&path, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Float })
+    let loaded = load(&path, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Float, ..Default::default() })
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let engine = Engine::new(loaded, EngineConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     let lora = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);

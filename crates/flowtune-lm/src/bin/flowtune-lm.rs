@@ -14,7 +14,7 @@ use flowtune_lm::engine::{
     ClassifyRequest, Decoding, Engine, EngineConfig, GenerateRequest, GenerationParams,
     ScoreRequest,
 };
-use flowtune_lm::loader::{load, LoadOptions};
+use flowtune_lm::loader::{load, LinearWeights, LoadOptions};
 use flowtune_lm::tokenizer::ChatMessage;
 use tch::{Device, Kind, Tensor};
 
@@ -64,6 +64,10 @@ struct Common {
     /// Device.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Decoder linear weights: `dense`, or `int4` (4-bit group-wise codes for small-batch
+    /// decoding on the CPU in bf16/f16; a Q4_0/Q4_1 GGUF keeps its own blocks).
+    #[arg(long, default_value = "dense")]
+    weights: LinearWeights,
     /// Input JSONL.
     #[arg(long)]
     input: PathBuf,
@@ -181,7 +185,14 @@ fn engine(c: &Common) -> CliResult<Engine> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda(0),
     };
-    let loaded = load(&c.model, &LoadOptions { device, dtype })?;
+    let loaded = load(
+        &c.model,
+        &LoadOptions {
+            device,
+            dtype,
+            linear_weights: c.weights,
+        },
+    )?;
     let mut engine = Engine::new(loaded, EngineConfig::default())?;
     if let Some(dir) = &c.adapter {
         engine.load_adapter(ADAPTER_NAME, dir)?;

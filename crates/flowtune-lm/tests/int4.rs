@@ -1,0 +1,200 @@
+//! Int4 linear weights (`LinearWeights::Int4`) on the real SmolLM2 GGUF (Q4_1 linears).
+//!
+//! References and tolerances:
+//! - The GGUF's own blocks: `Int4Blocks::dequantize` must equal the dense float32 dequantisation
+//!   of the same file bit for bit (both compute `scale * q + min` in float32), for permuted
+//!   (q/k) and unpermuted projections alike.
+//! - Quantising a dense weight: every element within half a step (`scale / 2`, plus 1e-6 for
+//!   float rounding) of the original; Q4_1-representable weights come back within 1e-6.
+//! - The model: int4 bf16 decode logits must be as close to the float32 dense model as dense
+//!   bf16 is (max |Δ| at most 1.5x dense bf16's, plus 0.05), with the same argmax.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod model_support;
+
+use flowtune_lm::int4::Int4Blocks;
+use flowtune_lm::kv::KvCache;
+use flowtune_lm::loader::{load, LinearWeights, LoadOptions};
+use flowtune_lm::model::{LogitsAt, Model};
+use flowtune_lm::tokenizer::ChatMessage;
+use flowtune_lm::{Error, LoadedModel};
+use model_support::*;
+use tch::{Device, Kind, Tensor};
+
+fn load_as(dtype: Kind, linear_weights: LinearWeights) -> LoadedModel {
+    load(
+        &test_model(),
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype,
+            linear_weights,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn gguf_q4_blocks_reproduce_the_files_dequantisation_exactly() {
+    let dense = load_as(Kind::Float, LinearWeights::Dense);
+    let int4 = load_as(Kind::BFloat16, LinearWeights::Int4);
+    let mut checked = 0;
+    for name in dense.weights.names() {
+        if !flowtune_lm::int4::is_int4_target(name) {
+            assert!(int4.weights.int4(name).is_none(), "{name} should stay dense");
+            continue;
+        }
+        let blocks = int4
+            .weights
+            .int4(name)
+            .unwrap_or_else(|| panic!("{name}: no int4 blocks"));
+        let w = dense.weights.get(name).unwrap();
+        let d = blocks.dequantize().unwrap();
+        assert_eq!(d.size(), w.size(), "{name}");
+        let diff = d.f_sub(&w).unwrap().abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0, "{name}: max |Δ| {diff}");
+        checked += 1;
+    }
+    // 30 layers x 7 projections.
+    assert_eq!(checked, 210);
+}
+
+#[test]
+fn quantize_is_within_half_a_step_and_exact_on_representable_weights() {
+    tch::manual_seed(7);
+    let w = Tensor::randn([48, 96], (Kind::Float, Device::Cpu));
+    let b = Int4Blocks::quantize("w", &w).unwrap();
+    let d = b.dequantize().unwrap();
+    let g = w.reshape([48, 3, 32]);
+    let half_step = (g.amax([-1i64].as_slice(), true) - g.amin([-1i64].as_slice(), true)) / 30.0;
+    let err = (d.reshape([48, 3, 32]) - &g).abs();
+    let excess = (err - half_step - 1e-6).max().double_value(&[]);
+    assert!(excess <= 0.0, "an element is more than half a step off ({excess})");
+
+    // Weights already on a Q4_1 grid (f16 scale and minimum, codes 0..=15 with 0 and 15 in
+    // every group, as llama.cpp's quantiser produces) come back to within float rounding.
+    let q = Tensor::randint_low(0, 16, [16, 64], (Kind::Int64, Device::Cpu));
+    let _ = q.narrow(1, 0, 1).fill_(0);
+    let _ = q.narrow(1, 32, 1).fill_(0);
+    let _ = q.narrow(1, 1, 1).fill_(15);
+    let _ = q.narrow(1, 33, 1).fill_(15);
+    let scale = (Tensor::rand([16, 2], (Kind::Float, Device::Cpu)) * 0.1 + 0.01)
+        .to_kind(Kind::Half)
+        .to_kind(Kind::Float);
+    let min = (Tensor::randn([16, 2], (Kind::Float, Device::Cpu)) * 0.1)
+        .to_kind(Kind::Half)
+        .to_kind(Kind::Float);
+    let exact = Int4Blocks::new("grid", q.to_kind(Kind::Uint8), scale, min).unwrap();
+    let w = exact.dequantize().unwrap();
+    let again = Int4Blocks::quantize("grid", &w).unwrap().dequantize().unwrap();
+    let diff = (again - &w).abs().max().double_value(&[]);
+    assert!(diff <= 1e-6, "re-quantised grid weights moved by {diff}");
+}
+
+#[test]
+fn bad_block_shapes_are_typed_errors() {
+    let w = Tensor::zeros([4, 40], (Kind::Float, Device::Cpu));
+    let e = Int4Blocks::quantize("layers.0.q_proj", &w).unwrap_err();
+    assert!(matches!(e, Error::TensorShape { ref tensor, .. } if tensor == "layers.0.q_proj"), "{e}");
+    let q = Tensor::zeros([4, 64], (Kind::Uint8, Device::Cpu));
+    let s = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu));
+    let e = Int4Blocks::new("x", q, s.shallow_clone(), s).unwrap_err();
+    assert!(matches!(e, Error::TensorShape { .. }), "{e}");
+}
+
+#[test]
+fn int4_needs_the_cpu_and_a_16_bit_dtype() {
+    let e = load(
+        &test_model(),
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+            linear_weights: LinearWeights::Int4,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("int4"), "{e}");
+}
+
+/// Last-position logits of `steps` teacher-forced decode steps (one token per step after a
+/// prefill), float32.
+fn decode_logits(model: &Model, prompt: &[u32], steps: &[i64]) -> Vec<Tensor> {
+    let _g = tch::no_grad_guard();
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut cache: KvCache = model.new_cache(1, ids.len() + steps.len()).unwrap();
+    let x = Tensor::from_slice(&ids).view([1, -1]);
+    let mut out = vec![model
+        .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
+        .unwrap()
+        .to_kind(Kind::Float)];
+    for &t in steps {
+        let x = Tensor::from_slice(&[t]).view([1, 1]);
+        out.push(
+            model
+                .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
+                .unwrap()
+                .to_kind(Kind::Float),
+        );
+    }
+    out
+}
+
+#[test]
+fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
+    let f32m = load_as(Kind::Float, LinearWeights::Dense);
+    let reference = Model::new(&f32m.config, &f32m.weights).unwrap();
+    let b = load_as(Kind::BFloat16, LinearWeights::Dense);
+    let bf16 = Model::new(&b.config, &b.weights).unwrap();
+    drop(b);
+    let q = load_as(Kind::BFloat16, LinearWeights::Int4);
+    let int4 = Model::new(&q.config, &q.weights).unwrap();
+    drop(q);
+    assert_eq!(int4.int4_linears(), 30 * 4);
+    assert_eq!(bf16.int4_linears(), 0);
+
+    let prompt = f32m
+        .tokenizer
+        .encode_chat(
+            &[ChatMessage::new("user", "Name the capital of France and one river that flows through it.")],
+            true,
+        )
+        .unwrap();
+    // Teacher-force the float32 model's own greedy continuation.
+    let mut steps = Vec::new();
+    {
+        let _g = tch::no_grad_guard();
+        let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut cache = reference.new_cache(1, ids.len() + 16).unwrap();
+        let mut x = Tensor::from_slice(&ids).view([1, -1]);
+        for _ in 0..12 {
+            let l = reference
+                .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
+                .unwrap();
+            let next = l.argmax(-1, false).int64_value(&[0]);
+            steps.push(next);
+            x = Tensor::from_slice(&[next]).view([1, 1]);
+        }
+    }
+    let r = decode_logits(&reference, &prompt, &steps);
+    let d = decode_logits(&bf16, &prompt, &steps);
+    let q = decode_logits(&int4, &prompt, &steps);
+    let max_diff = |a: &[Tensor], b: &[Tensor], from: usize| -> f64 {
+        a.iter()
+            .zip(b)
+            .skip(from)
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    };
+    // Position 0 is the prefill (dense in both bf16 models); decode steps start at 1.
+    let dense_err = max_diff(&r, &d, 1);
+    let int4_err = max_diff(&r, &q, 1);
+    eprintln!("decode max |Δ logit| vs f32: dense bf16 {dense_err:.4}, int4 bf16 {int4_err:.4}");
+    assert!(
+        int4_err <= 1.5 * dense_err + 0.05,
+        "int4 decode logits are off by {int4_err} where dense bf16 is off by {dense_err}"
+    );
+    for (i, (x, y)) in r.iter().zip(&q).enumerate().skip(1) {
+        let top_r = x.argmax(-1, false).int64_value(&[0]);
+        let top_q = y.argmax(-1, false).int64_value(&[0]);
+        assert_eq!(top_r, top_q, "step {i}: argmax differs");
+    }
+}

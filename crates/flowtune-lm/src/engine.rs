@@ -701,11 +701,56 @@ impl Engine {
             check_ids(i, &r.prompt, vocab)?;
             check_ids(i, &r.labels, vocab)?;
         }
-        let mut out = Vec::with_capacity(requests.len());
-        for chunk in requests.chunks(self.config.max_batch_rows.max(1)) {
-            out.extend(tch::no_grad(|| self.classify_chunk(chunk))?);
+        // Padding is wasted compute: within each run of requests that share an adapter and a
+        // prompt prefix (e.g. one question's paragraphs), rows go by prompt length, so a chunk's
+        // rows have similar lengths while still sharing their prefix. Outputs keep input order.
+        let order = self.length_order(requests);
+        let mut out: Vec<Option<ClassifyOutput>> = vec![None; requests.len()];
+        for chunk in order.chunks(self.config.max_batch_rows.max(1)) {
+            let reqs: Vec<ClassifyRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
+            let res = tch::no_grad(|| self.classify_chunk(&reqs))?;
+            for (&i, o) in chunk.iter().zip(res) {
+                out[i] = Some(o);
+            }
         }
-        Ok(out)
+        out.into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                o.ok_or_else(|| Error::InvalidRequest {
+                    index: i,
+                    message: "no output was produced for this request".into(),
+                })
+            })
+            .collect()
+    }
+
+    /// Request indices grouped into runs of consecutive requests with the same adapter and a
+    /// common prompt prefix of at least `min_shared_prefix` tokens, each run sorted by prompt
+    /// length (stable), runs in input order.
+    fn length_order(&self, requests: &[ClassifyRequest]) -> Vec<usize> {
+        let mut order = Vec::with_capacity(requests.len());
+        let mut run: Vec<usize> = Vec::new();
+        let flush = |run: &mut Vec<usize>, order: &mut Vec<usize>| {
+            run.sort_by_key(|&i| requests[i].prompt.len());
+            order.append(run);
+        };
+        for (i, r) in requests.iter().enumerate() {
+            if let Some(&first) = run.first() {
+                let head = &requests[first];
+                let common = head
+                    .prompt
+                    .iter()
+                    .zip(&r.prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if head.adapter != r.adapter || common < self.config.min_shared_prefix.max(1) {
+                    flush(&mut run, &mut order);
+                }
+            }
+            run.push(i);
+        }
+        flush(&mut run, &mut order);
+        order
     }
 
     fn classify_chunk(&self, reqs: &[ClassifyRequest]) -> Result<Vec<ClassifyOutput>> {

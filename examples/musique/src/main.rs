@@ -91,6 +91,10 @@ struct Common {
     /// Device (auto: CUDA when available).
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+    /// Decoder linear weights: `dense`, or `int4` (4-bit codes for decoding batches of up to
+    /// 8 rows on the CPU in bf16/f16; a Q4_0/Q4_1 GGUF keeps its own blocks).
+    #[arg(long, default_value = "dense")]
+    weights: flowtune::lm::LinearWeights,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,7 +235,8 @@ fn lm_backend(
         DtypeArg::Bf16 => flowtune::tch::Kind::BFloat16,
         DtypeArg::F16 => flowtune::tch::Kind::Half,
     };
-    let loaded = load(model, &LoadOptions { device, dtype }).map_err(|e| lm(&e))?;
+    let opts = LoadOptions { device, dtype, linear_weights: c.weights };
+    let loaded = load(model, &opts).map_err(|e| lm(&e))?;
     let engine = Engine::new(loaded, EngineConfig::default()).map_err(|e| lm(&e))?;
     let nodes: Vec<flowtune_graph::NodeId> =
         flow.spec().nodes.iter().filter(|n| n.adapter.is_some()).map(|n| n.id.clone()).collect();
@@ -389,8 +394,11 @@ fn train(t: &TrainArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `RUST_LOG=flowtune_lm=info` (for example) also prints each enabled span's busy/idle time
+    // when it closes: engine calls, episodes, learner steps.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

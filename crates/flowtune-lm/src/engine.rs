@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::loader::LoadedModel;
+use crate::prefix_store::PrefixStore;
 use crate::model::{LinearDelta, LogitsAt, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -190,6 +191,15 @@ pub struct EngineConfig {
     pub min_shared_prefix: usize,
     /// Torch intra-op threads (`None` = leave as is).
     pub threads: Option<i32>,
+    /// Bytes of keys/values of classified prompts kept for reuse by later prompts that start
+    /// with the same tokens under the same adapter (0 turns the store off); see
+    /// `Engine::prefix_store_stats`.
+    #[serde(default = "default_prefix_store_bytes")]
+    pub prefix_store_bytes: usize,
+}
+
+fn default_prefix_store_bytes() -> usize {
+    1 << 30
 }
 
 impl Default for EngineConfig {
@@ -198,6 +208,7 @@ impl Default for EngineConfig {
             max_batch_rows: 16,
             min_shared_prefix: 16,
             threads: None,
+            prefix_store_bytes: default_prefix_store_bytes(),
         }
     }
 }
@@ -210,6 +221,7 @@ pub struct Engine {
     config: EngineConfig,
     eos: Vec<u32>,
     bank: Option<flowtune_lora::AdapterBank>,
+    prefixes: std::sync::Mutex<PrefixStore>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -249,17 +261,40 @@ impl Engine {
                 eos.push(e);
             }
         }
+        let prefixes = std::sync::Mutex::new(PrefixStore::new(config.prefix_store_bytes));
         Self {
             model,
             tokenizer,
             config,
             eos,
             bank: None,
+            prefixes,
         }
+    }
+
+    /// Prompt tokens served from the prefix store, and prompt tokens looked up in it, since
+    /// the engine was built. A flow re-asks about the same text (the MuSiQue relevance node
+    /// scores each unused paragraph again every retrieval round; the stop node's prompt grows
+    /// by one paragraph per round): classified prompts are kept (up to
+    /// `EngineConfig::prefix_store_bytes` of keys and values, least recently used first out)
+    /// and a later prompt under the same adapter that starts with the same tokens computes
+    /// only the rest. Any mutable access to the adapter bank empties the store.
+    pub fn prefix_store_stats(&self) -> (usize, usize) {
+        let s = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        (s.hits_tokens, s.lookup_tokens)
+    }
+
+    /// Forget every stored prompt prefix (their keys and values depend on the adapters).
+    fn clear_prefixes(&mut self) {
+        self.prefixes
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Install the LoRA adapter bank requests refer to by name.
     pub fn set_adapter_bank(&mut self, bank: Option<flowtune_lora::AdapterBank>) {
+        self.clear_prefixes();
         self.bank = bank;
     }
 
@@ -270,12 +305,14 @@ impl Engine {
 
     /// The adapter bank for updates (training steps, new adapters).
     pub fn adapter_bank_mut(&mut self) -> Option<&mut flowtune_lora::AdapterBank> {
+        self.clear_prefixes();
         self.bank.as_mut()
     }
 
     /// The model and the adapter bank at once (a learner step reads the model and
     /// updates the bank).
     pub fn model_and_bank_mut(&mut self) -> (&Model, Option<&mut flowtune_lora::AdapterBank>) {
+        self.clear_prefixes();
         (&self.model, self.bank.as_mut())
     }
 
@@ -295,6 +332,7 @@ impl Engine {
 
     /// Load a PEFT adapter folder into the bank (created on first use) under `name`.
     pub fn load_adapter(&mut self, name: &str, dir: &std::path::Path) -> Result<()> {
+        self.clear_prefixes();
         if self.bank.is_none() {
             self.bank = Some(self.new_adapter_bank());
         }
@@ -753,22 +791,71 @@ impl Engine {
         order
     }
 
+    /// A cache holding each row's reusable prefix, and how many leading tokens of each prompt
+    /// it holds: stored prefixes when at least one row has one worth using, otherwise the
+    /// rows' common prefix computed once ([`Self::prefill_shared`]).
+    fn prefill_from_store(
+        &self,
+        store: &mut PrefixStore,
+        prompts: &[&[u32]],
+        names: &[Option<&str>],
+    ) -> Result<(crate::kv::KvCache, Vec<usize>)> {
+        let min = self.config.min_shared_prefix.max(1);
+        if store.enabled() {
+            let hits: Vec<Option<(usize, usize)>> = prompts
+                .iter()
+                .zip(names)
+                .map(|(p, a)| store.lookup(*a, p, p.len() - 1).filter(|h| h.1 >= min))
+                .collect();
+            if hits.iter().any(Option::is_some) {
+                let mut parts: Vec<(&[Tensor], &[Tensor], usize)> = Vec::with_capacity(hits.len());
+                for h in &hits {
+                    parts.push(match h.and_then(|(i, c)| store.entry(i).map(|e| (e, c))) {
+                        Some((e, c)) => (&e.keys[..], &e.values[..], c),
+                        None => (&[][..], &[][..], 0),
+                    });
+                }
+                let c = self.model.config();
+                let cache = crate::kv::KvCache::from_prefixes(
+                    &parts,
+                    c.num_key_value_heads(),
+                    c.head_dim(),
+                    prompts.iter().map(|p| p.len()).max().unwrap_or(0) + 1,
+                    self.model.device(),
+                    self.model.kind(),
+                    c.num_hidden_layers,
+                )?;
+                let starts = parts.iter().map(|p| p.2).collect();
+                return Ok((cache, starts));
+            }
+        }
+        let cache = self.prefill_shared(prompts, names, 0)?;
+        let shared = cache.len();
+        Ok((cache, vec![shared; prompts.len()]))
+    }
+
     fn classify_chunk(&self, reqs: &[ClassifyRequest]) -> Result<Vec<ClassifyOutput>> {
         let b = reqs.len();
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
         let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
-        let mut cache = self.prefill_shared(&prompts, &names, 0)?;
-        let shared = cache.len();
-        let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names)?;
+        let base = cache.len();
+        let t = prompts
+            .iter()
+            .zip(&starts)
+            .map(|(p, s)| p.len() - s)
+            .max()
+            .unwrap_or(0);
         let mut ids = vec![0i64; b * t];
         let mut valid = vec![false; b * t];
         let mut last = Vec::with_capacity(b);
         for (r, p) in prompts.iter().enumerate() {
-            for (c, &tok) in p[shared..].iter().enumerate() {
+            for (c, &tok) in p[starts[r]..].iter().enumerate() {
                 ids[r * t + c] = tok as i64;
                 valid[r * t + c] = true;
             }
-            last.push(p.len() - shared - 1);
+            last.push(p.len() - starts[r] - 1);
         }
         let logits = self.with_adapters(&names, |d| {
             self.model.forward_cached(
@@ -779,6 +866,21 @@ impl Engine {
                 d,
             )
         })?;
+        if store.enabled() {
+            // Row r's tokens sit at slots 0..starts[r] and base..base + (len - starts[r]).
+            for (r, p) in prompts.iter().enumerate() {
+                let slots: Vec<i64> = (0..starts[r] as i64)
+                    .chain(base as i64..(base + p.len() - starts[r]) as i64)
+                    .collect();
+                let (k, v) = cache.row_slots(r, &slots)?;
+                store.insert(names[r], p, k, v)?;
+            }
+            tracing::debug!(
+                reused_tokens = store.hits_tokens,
+                looked_up_tokens = store.lookup_tokens,
+                "prefix store"
+            );
+        }
         let logp = logits
             .f_to_kind(Kind::Float)?
             .f_log_softmax(-1, Kind::Float)?;

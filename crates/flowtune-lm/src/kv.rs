@@ -239,6 +239,88 @@ impl KvCache {
         Ok(())
     }
 
+    /// Copies of the keys and values of row `row` at slots `slots` (in that order), per layer
+    /// `[kv_heads, slots.len(), head_dim]`.
+    pub(crate) fn row_slots(&self, row: usize, slots: &[i64]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        if row >= self.batch || slots.iter().any(|&s| s < 0 || s as usize >= self.len) {
+            return Err(Error::ModelInput(format!(
+                "row {row} slots out of range for batch {} x {} filled",
+                self.batch, self.len
+            )));
+        }
+        let idx = Tensor::f_from_slice(slots)?.f_to(self.device)?;
+        let take = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_get(row as i64)?.f_index_select(1, &idx)?)
+        };
+        let keys = self.keys.iter().map(take).collect::<Result<Vec<_>>>()?;
+        let values = self.values.iter().map(take).collect::<Result<Vec<_>>>()?;
+        Ok((keys, values))
+    }
+
+    /// A cache whose row `i` starts with the first `prefixes[i].2` slots of the given per-layer
+    /// keys and values (`[kv_heads, len, head_dim]`; positions `0..len`), the shorter rows padded
+    /// up to the longest, with room for `extra` more slots. A row with length 0 starts empty.
+    pub(crate) fn from_prefixes(
+        prefixes: &[(&[Tensor], &[Tensor], usize)],
+        kv_heads: usize,
+        head_dim: usize,
+        extra: usize,
+        device: Device,
+        kind: Kind,
+        layers: usize,
+    ) -> Result<Self> {
+        let longest = prefixes.iter().map(|p| p.2).max().unwrap_or(0);
+        let mut cache = Self::new(
+            layers,
+            prefixes.len(),
+            kv_heads,
+            head_dim,
+            longest + extra,
+            device,
+            kind,
+        )?;
+        let mut valid = vec![false; prefixes.len() * longest];
+        let mut pos = vec![0i64; prefixes.len() * longest];
+        for (r, (keys, values, len)) in prefixes.iter().enumerate() {
+            let len = *len;
+            if len == 0 {
+                continue;
+            }
+            if keys.len() != layers || values.len() != layers {
+                return Err(Error::ModelInput(format!(
+                    "stored prefix has {} layers, the model {layers}",
+                    keys.len()
+                )));
+            }
+            for l in 0..layers {
+                for (dst, src) in [(&cache.keys[l], &keys[l]), (&cache.values[l], &values[l])] {
+                    dst.f_get(r as i64)?
+                        .f_narrow(1, 0, len as i64)?
+                        .f_copy_(&src.f_narrow(1, 0, len as i64)?)?;
+                }
+            }
+            for s in 0..len {
+                valid[r * longest + s] = true;
+                pos[r * longest + s] = s as i64;
+            }
+            cache.next_position[r] = len as i64;
+        }
+        if longest > 0 {
+            let shape = [prefixes.len() as i64, longest as i64];
+            cache
+                .valid
+                .f_narrow(1, 0, longest as i64)?
+                .f_copy_(&Tensor::f_from_slice(&valid)?.f_view(shape)?.f_to(device)?)?;
+            cache
+                .positions
+                .f_narrow(1, 0, longest as i64)?
+                .f_copy_(&Tensor::f_from_slice(&pos)?.f_view(shape)?.f_to(device)?)?;
+        }
+        cache.any_padding = valid.iter().any(|&v| !v);
+        cache.len = longest;
+        Ok(cache)
+    }
+
     /// Element kind of the stored keys and values.
     pub fn kind(&self) -> Kind {
         self.kind

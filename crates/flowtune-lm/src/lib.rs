@@ -15,6 +15,7 @@ pub mod int4;
 pub mod kv;
 pub mod model;
 pub mod loader;
+mod prefix_store;
 pub mod locate;
 pub mod tokenizer;
 pub mod weights;

@@ -183,6 +183,69 @@ fn classify_twenty_paragraphs_after_shared_question_matches_full_forward() {
     }
 }
 
+/// The prefix store: a second round of relevance-style prompts (paragraph first, then a new
+/// query) reuses the first round's keys and values and gives the same label log-probs as an
+/// engine without the store (tolerance 1e-4, as above).
+#[test]
+fn classify_reuses_stored_prefixes_across_calls() {
+    let with = engine();
+    let without = {
+        let loaded = load(
+            &test_model(),
+            &LoadOptions {
+                device: Device::Cpu,
+                dtype: Kind::Float,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Engine::new(
+            loaded,
+            EngineConfig {
+                min_shared_prefix: 8,
+                prefix_store_bytes: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let yes = with.tokenizer().token_to_id("Yes").unwrap();
+    let no = with.tokenizer().token_to_id("No").unwrap();
+    let round = |e: &Engine, query: &str| -> Vec<ClassifyRequest> {
+        (0..6)
+            .map(|i| {
+                let user = format!(
+                    "Paragraph: Tower {i}. {}\nQuestion: Who designed the tower in Paris?\nQuery: {query}\nIs the paragraph needed?",
+                    "It stands by the river and was built of iron. ".repeat(i % 3 + 1)
+                );
+                ClassifyRequest {
+                    adapter: None,
+                    prompt: e.tokenizer().encode_chat(&[ChatMessage::new("user", user)], true).unwrap(),
+                    labels: vec![yes, no],
+                }
+            })
+            .collect()
+    };
+    let first = with.classify(&round(&with, "tower designer")).unwrap();
+    let (hits_before, _) = with.prefix_store_stats();
+    let second = with.classify(&round(&with, "architect of the iron tower")).unwrap();
+    let (hits_after, looked_up) = with.prefix_store_stats();
+    assert!(
+        hits_after - hits_before >= 6 * 20,
+        "second round reused only {} tokens (of {looked_up} looked up)",
+        hits_after - hits_before
+    );
+    for (query, got) in [("tower designer", &first), ("architect of the iron tower", &second)] {
+        let want = without.classify(&round(&without, query)).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            for (x, y) in a.raw_logprobs.iter().zip(&b.raw_logprobs) {
+                assert!((x - y).abs() < 1e-4, "{query}: {x} vs {y}");
+            }
+        }
+    }
+    assert_eq!(without.prefix_store_stats().0, 0);
+}
+
 #[test]
 fn seeded_sampling_is_reproducible_and_independent_of_batching() {
     let e = &engine();

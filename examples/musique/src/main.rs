@@ -67,6 +67,11 @@ struct Common {
     /// Use at most this many records (synthetic: generate this many questions).
     #[arg(long)]
     limit: Option<usize>,
+    /// eval/predict: start from the adapters of a `train` checkpoint (a folder like
+    /// `runs/musique/checkpoints/episode-0000000064`, or the `checkpoints` folder itself for its
+    /// latest one) instead of fresh ones.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Subsample --limit records matching the hop distribution of this JSONL (e.g. the dev set).
     #[arg(long)]
     match_hops: Option<PathBuf>,
@@ -280,7 +285,18 @@ fn running(sums: &mut [f64; 3], scores: [Option<f64>; 2]) -> String {
 fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
     let records = load_records(c, 100, 1_000)?;
     let flow = build_flow(c)?;
-    let (mut backend, _learner) = lm_backend(&model_path(c)?, &flow, c)?;
+    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c)?;
+    if let Some(dir) = &c.checkpoint {
+        let dir = match std::fs::read_to_string(dir.join("latest")) {
+            Ok(name) => dir.join(name.trim()),
+            Err(_) => dir.clone(),
+        };
+        let learner_dir = dir.join("learner");
+        learner
+            .load(&learner_dir)
+            .map_err(|e| Error::Flow(format!("{}: {e}", learner_dir.display())))?;
+        eprintln!("adapters from {}", learner_dir.display());
+    }
     let pb = bar(records.len());
     let mut sums = [0.0; 3];
     let gold: std::collections::HashMap<&str, &Record> = records.iter().map(|r| (r.id.as_str(), r)).collect();

@@ -6,8 +6,9 @@
 //!   (q/k) and unpermuted projections alike.
 //! - Quantising a dense weight: every element within half a step (`scale / 2`, plus 1e-6 for
 //!   float rounding) of the original; Q4_1-representable weights come back within 1e-6.
-//! - The model: int4 bf16 decode logits must be as close to the float32 dense model as dense
-//!   bf16 is (max |Δ| at most 1.5x dense bf16's, plus 0.05), with the same argmax.
+//! - The model: int4 bf16 decode logits must be about as close to the float32 dense model as
+//!   dense bf16 is (mean |Δ| at most 1.5x dense bf16's + 0.02, max |Δ| at most 2x + 0.1), with
+//!   the same argmax at every step.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod model_support;
 
@@ -187,10 +188,22 @@ fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
     // Position 0 is the prefill (dense in both bf16 models); decode steps start at 1.
     let dense_err = max_diff(&r, &d, 1);
     let int4_err = max_diff(&r, &q, 1);
-    eprintln!("decode max |Δ logit| vs f32: dense bf16 {dense_err:.4}, int4 bf16 {int4_err:.4}");
+    let mean_diff = |a: &[Tensor], b: &[Tensor]| -> f64 {
+        let v: Vec<f64> = a.iter().zip(b).skip(1).map(|(x, y)| (x - y).abs().mean(Kind::Float).double_value(&[])).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    eprintln!(
+        "decode |Δ logit| vs f32: max dense bf16 {dense_err:.4}, int4 {int4_err:.4}; mean dense {:.4}, int4 {:.4}",
+        mean_diff(&r, &d),
+        mean_diff(&r, &q)
+    );
+    let (dense_mean, int4_mean) = (mean_diff(&r, &d), mean_diff(&r, &q));
+    // The statistics are those of 12 steps of one prompt: bounds leave room for chance, while
+    // a wrong scale, zero point or permutation gives errors of several logits.
     assert!(
-        int4_err <= 1.5 * dense_err + 0.05,
-        "int4 decode logits are off by {int4_err} where dense bf16 is off by {dense_err}"
+        int4_mean <= 1.5 * dense_mean + 0.02 && int4_err <= 2.0 * dense_err + 0.1,
+        "int4 decode logits are off by {int4_mean} on average (max {int4_err}) where dense bf16 \
+         is off by {dense_mean} (max {dense_err})"
     );
     for (i, (x, y)) in r.iter().zip(&q).enumerate().skip(1) {
         let top_r = x.argmax(-1, false).int64_value(&[0]);

@@ -825,7 +825,9 @@ impl Engine {
                     self.model.kind(),
                     c.num_hidden_layers,
                 )?;
-                let starts = parts.iter().map(|p| p.2).collect();
+                let starts: Vec<usize> = parts.iter().map(|p| p.2).collect();
+                drop(parts);
+                store.hits_tokens += starts.iter().sum::<usize>();
                 return Ok((cache, starts));
             }
         }

@@ -30,7 +30,8 @@ pub(crate) struct PrefixStore {
     budget_bytes: usize,
     used_bytes: usize,
     clock: u64,
-    /// Prompt tokens served from the store / looked up, for tracing.
+    /// Prompt tokens served from the store (counted by the caller when it uses a hit) and
+    /// prompt tokens looked up.
     pub(crate) hits_tokens: usize,
     pub(crate) lookup_tokens: usize,
 }
@@ -78,9 +79,8 @@ impl PrefixStore {
                 best = Some((i, common));
             }
         }
-        if let Some((i, c)) = best {
+        if let Some((i, _)) = best {
             self.entries[i].last_used = self.clock;
-            self.hits_tokens += c;
         }
         best
     }

@@ -88,7 +88,7 @@ struct Common {
     #[arg(long)]
     no_pairwise: bool,
     /// Token budgets of the query, verbose-answer and concise-answer nodes.
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [16, 32, 12])]
+    #[arg(long, value_delimiter = ',', num_args = 1..=3, default_values_t = [16, 32, 12])]
     max_new_tokens: Vec<usize>,
     /// Model dtype (bf16 is fastest on AMX CPUs and on GPUs).
     #[arg(long, value_enum, default_value = "bf16")]
@@ -185,10 +185,16 @@ fn load_records(c: &Common, default_questions: usize, seed_offset: u64) -> Resul
 }
 
 fn build_flow(c: &Common) -> Result<MusiqueFlow> {
+    let &[query, verbose, concise] = c.max_new_tokens.as_slice() else {
+        return Err(Error::Flow(format!(
+            "--max-new-tokens needs 3 values (query, verbose, concise), got {:?}",
+            c.max_new_tokens
+        )));
+    };
     let options = FlowOptions {
         variant: variant(c.variant),
         grounded_answers: !c.no_grounding,
-        max_new_tokens: [c.max_new_tokens[0], c.max_new_tokens[1], c.max_new_tokens[2]],
+        max_new_tokens: [query, verbose, concise],
         ..FlowOptions::default()
     };
     let dir = c.prompts.clone().unwrap_or_else(default_prompt_dir);

@@ -66,3 +66,43 @@ fn bad_data_fails_with_file_and_line() {
     assert!(stderr.contains("has no `paragraphs`"), "{stderr}");
     assert!(!out.join("metrics.json").exists());
 }
+
+/// `eval --checkpoint` starts from a `train` run's adapters (the `checkpoints` folder resolves
+/// to its `latest`), and a missing checkpoint is an error naming the folder, with no outputs.
+#[cfg(feature = "lm")]
+#[test]
+fn eval_starts_from_a_train_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let (ok, _, stderr) = musique(&[
+        "train", "--limit", "1", "--minibatch", "1", "--checkpoint-every", "1", "--max-new-tokens",
+        "4,4,4", "--device", "cpu", "--out", run_s,
+    ]);
+    assert!(ok, "{stderr}");
+    let checkpoints = run.join("checkpoints");
+    let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
+    let out = dir.path().join("eval");
+    let (ok, _, stderr) = musique(&[
+        "eval", "--limit", "1", "--max-new-tokens", "4,4,4", "--device", "cpu", "--checkpoint",
+        checkpoints.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let expected = checkpoints.join(latest.trim()).join("learner");
+    assert!(stderr.contains(&format!("adapters from {}", expected.display())), "{stderr}");
+    assert!(out.join("metrics.json").is_file());
+
+    let (ok, _, stderr) = musique(&["eval", "--max-new-tokens", "4,4", "--out", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("--max-new-tokens needs 3 values"), "{stderr}");
+
+    let missing = dir.path().join("no-such-run");
+    let out2 = dir.path().join("eval2");
+    let (ok, _, stderr) = musique(&[
+        "eval", "--limit", "1", "--device", "cpu", "--checkpoint", missing.to_str().unwrap(),
+        "--out", out2.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("no-such-run"), "{stderr}");
+    assert!(!out2.join("metrics.json").exists());
+}

@@ -15,6 +15,13 @@ use model_support::*;
 use tch::{Device, Kind, Tensor};
 
 fn engine_with(min_shared_prefix: usize) -> Engine {
+    engine_with_config(EngineConfig {
+        min_shared_prefix,
+        ..Default::default()
+    })
+}
+
+fn engine_with_config(config: EngineConfig) -> Engine {
     let loaded = load(
         &test_model(),
         &LoadOptions {
@@ -24,14 +31,7 @@ fn engine_with(min_shared_prefix: usize) -> Engine {
         },
     )
     .unwrap();
-    Engine::new(
-        loaded,
-        EngineConfig {
-            min_shared_prefix,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    Engine::new(loaded, config).unwrap()
 }
 
 /// Tensors are not `Sync`, so every test loads its own engine (about a second).
@@ -189,26 +189,11 @@ fn classify_twenty_paragraphs_after_shared_question_matches_full_forward() {
 #[test]
 fn classify_reuses_stored_prefixes_across_calls() {
     let with = engine();
-    let without = {
-        let loaded = load(
-            &test_model(),
-            &LoadOptions {
-                device: Device::Cpu,
-                dtype: Kind::Float,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        Engine::new(
-            loaded,
-            EngineConfig {
-                min_shared_prefix: 8,
-                prefix_store_bytes: 0,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    };
+    let without = engine_with_config(EngineConfig {
+        min_shared_prefix: 8,
+        prefix_store_bytes: 0,
+        ..Default::default()
+    });
     let yes = with.tokenizer().token_to_id("Yes").unwrap();
     let no = with.tokenizer().token_to_id("No").unwrap();
     let round = |e: &Engine, query: &str| -> Vec<ClassifyRequest> {

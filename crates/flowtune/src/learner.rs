@@ -156,6 +156,19 @@ pub enum PromptSharing {
     Concatenate,
 }
 
+/// How label records' prompts share computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LabelSharing {
+    /// Prompts that share most of their tokens (one paragraph scored under several queries,
+    /// a growing scratchpad) form [`PrefixGroup`]s: each group's common prefix runs once
+    /// through the KV cache, with gradients, and each record's remaining tokens run on top.
+    /// Same values and gradients as [`LabelSharing::Unshared`] (tested), fewer FLOPs.
+    #[default]
+    PrefixGroups,
+    /// Every prompt runs in full (left-padded micro-batches in record order).
+    Unshared,
+}
+
 /// Learner hyper-parameters (serde).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LearnerConfig {
@@ -167,6 +180,9 @@ pub struct LearnerConfig {
     pub micro_batch: usize,
     /// How prompts are shared between completions.
     pub prompt_sharing: PromptSharing,
+    /// How label prompts share prefixes (absent in older saved configs: the default).
+    #[serde(default)]
+    pub label_sharing: LabelSharing,
     /// The optimizer (the paper: COCOB α = 1000).
     pub cocob: CocobConfig,
 }
@@ -178,6 +194,7 @@ impl Default for LearnerConfig {
             max_grad_norm: 1.0,
             micro_batch: 4,
             prompt_sharing: PromptSharing::Concatenate,
+            label_sharing: LabelSharing::PrefixGroups,
             cocob: CocobConfig::paper(),
         }
     }
@@ -400,6 +417,133 @@ pub fn next_token_logits(
         Some(&valid),
         &mut cache,
         &LogitsAt::Last,
+        delta,
+    )?)
+}
+
+/// Prompts that run one shared prefix: `members` index the prompts; each member is longer
+/// than `prefix_len`, so at least its last token runs on top of the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixGroup {
+    /// Tokens shared by every member, run once.
+    pub prefix_len: usize,
+    /// Indices of the member prompts, in lexicographic order of their tokens.
+    pub members: Vec<usize>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Groups `prompts` by shared prefix. The prompts are sorted by their tokens; a prompt joins
+/// the group before it when it shares at least half as much with that group's last member
+/// as with the prompt after it (so it does not settle for a short common start when a long
+/// one follows), and joining runs fewer tokens than starting a new group
+/// (`k·L' > (k−1)·L` for a group of `k` members whose prefix shrinks from `L` to `L'`).
+/// Every prompt lands in exactly one group; a group's prefix is the members' common prefix,
+/// capped so that each member keeps at least one token of its own (so a one-token prompt
+/// forms a group with `prefix_len` 0).
+pub fn prefix_groups(prompts: &[&[u32]]) -> Vec<PrefixGroup> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by(|&a, &b| prompts[a].cmp(prompts[b]).then(a.cmp(&b)));
+    let mut groups: Vec<PrefixGroup> = Vec::new();
+    for (pos, &i) in order.iter().enumerate() {
+        let own = prompts[i].len().saturating_sub(1);
+        let ahead = order
+            .get(pos + 1)
+            .map(|&j| common_prefix(prompts[i], prompts[j]))
+            .unwrap_or(0);
+        if let Some(group) = groups.last_mut() {
+            if let Some(&last) = group.members.last() {
+                let shared = common_prefix(prompts[last], prompts[i]);
+                let joined = group.prefix_len.min(shared).min(own);
+                let k = group.members.len();
+                if 2 * shared >= ahead && joined > 0 && k * joined > (k - 1) * group.prefix_len {
+                    group.prefix_len = joined;
+                    group.members.push(i);
+                    continue;
+                }
+            }
+        }
+        groups.push(PrefixGroup {
+            prefix_len: own,
+            members: vec![i],
+        });
+    }
+    groups
+}
+
+/// Next-token logits `[R, V]` after each member prompt of `groups` (members in group order),
+/// each group's shared prefix computed once: prefixes left-padded through the KV cache
+/// (gradients flow through it), cache rows repeated per member, then each member's own
+/// tokens right-padded on top with logits at its last real token. Every group needs
+/// `prefix_len ≥ 1`.
+pub fn grouped_next_token_logits(
+    model: &Model,
+    delta: Option<&dyn LinearDelta>,
+    prompts: &[&[u32]],
+    groups: &[&PrefixGroup],
+) -> Result<Tensor> {
+    let mut tp = 0;
+    let mut ts = 0;
+    for (g, group) in groups.iter().enumerate() {
+        let bad = group.prefix_len == 0
+            || group
+                .members
+                .iter()
+                .any(|&m| prompts.get(m).is_none_or(|p| p.len() <= group.prefix_len));
+        if bad {
+            return Err(flowtune_lm::Error::InvalidRequest {
+                index: g,
+                message: "prefix group: empty prefix, unknown member or a member no longer than the prefix".into(),
+            }
+            .into());
+        }
+        tp = tp.max(group.prefix_len);
+        for &m in &group.members {
+            ts = ts.max(prompts[m].len() - group.prefix_len);
+        }
+    }
+    let device = model.device();
+    let mut p_rows = Vec::with_capacity(groups.len());
+    let mut p_valid = Vec::with_capacity(groups.len() * tp);
+    let mut rows = Vec::new();
+    let mut s_rows = Vec::new();
+    let mut s_valid = Vec::new();
+    let mut last = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let prefix = &prompts[group.members[0]][..group.prefix_len];
+        let pad = tp - prefix.len();
+        let mut row = vec![0i64; pad];
+        row.extend(prefix.iter().map(|&x| x as i64));
+        p_rows.push(row);
+        p_valid.extend(std::iter::repeat_n(false, pad));
+        p_valid.extend(std::iter::repeat_n(true, prefix.len()));
+        for &m in &group.members {
+            let rest = &prompts[m][group.prefix_len..];
+            rows.push(g);
+            let mut row: Vec<i64> = rest.iter().map(|&x| x as i64).collect();
+            row.resize(ts, 0);
+            s_rows.push(row);
+            s_valid.extend(std::iter::repeat_n(true, rest.len()));
+            s_valid.extend(std::iter::repeat_n(false, ts - rest.len()));
+            last.push(rest.len() - 1);
+        }
+    }
+    let mut cache = model.new_cache(groups.len(), tp + ts)?;
+    let _none = model.forward_cached(
+        &ids_tensor(&p_rows, device)?,
+        Some(&p_valid),
+        &mut cache,
+        &LogitsAt::None,
+        delta,
+    )?;
+    cache.select_rows(&rows)?;
+    Ok(model.forward_cached(
+        &ids_tensor(&s_rows, device)?,
+        Some(&s_valid),
+        &mut cache,
+        &LogitsAt::PerRow(last),
         delta,
     )?)
 }
@@ -730,32 +874,83 @@ impl NodeLearner {
         }
         let policy = BankDelta::all(bank, &self.node)?;
         let mut agg = LabelStats::default();
+        let mb = self.config.micro_batch;
         for (set, recs) in by_set {
             let ids: Vec<i64> = set.iter().map(|&x| x as i64).collect();
-            for chunk in recs.chunks(self.config.micro_batch) {
-                let prompts: Vec<&[u32]> = chunk.iter().map(|r| r.prompt.as_slice()).collect();
-                let logits = next_token_logits(model, Some(&policy), &prompts)?;
-                let targets = Tensor::f_from_slice(
-                    &chunk.iter().map(|r| r.label as i64).collect::<Vec<_>>(),
-                )?
-                .f_to_device(logits.device())?;
-                let w = Tensor::f_from_slice(
-                    &chunk.iter().map(|r| r.weight as f32).collect::<Vec<_>>(),
-                )?
-                .f_to_device(logits.device())?;
-                let (loss, s) = flowtune_loss::label_nll(&logits, &ids, &targets, &w)?;
-                let frac = chunk.len() as f64 / n as f64;
-                if train {
-                    loss.f_mul_scalar(frac)?.f_backward()?;
+            let prompts: Vec<&[u32]> = recs.iter().map(|r| r.prompt.as_slice()).collect();
+            match self.config.label_sharing {
+                LabelSharing::Unshared => {
+                    for (chunk, chunk_prompts) in recs.chunks(mb).zip(prompts.chunks(mb)) {
+                        let logits = next_token_logits(model, Some(&policy), chunk_prompts)?;
+                        Self::label_batch(&logits, chunk, &ids, n, train, &mut agg)?;
+                    }
                 }
-                agg.loss += s.loss * frac;
-                agg.records += s.records;
-                agg.mean_target_prob += s.mean_target_prob * frac;
-                agg.accuracy += s.accuracy * frac;
+                LabelSharing::PrefixGroups => {
+                    // Groups of at most `mb` members, by prefix length (less padding), at
+                    // most `mb` groups per micro-batch.
+                    let mut pieces: Vec<PrefixGroup> = prefix_groups(&prompts)
+                        .into_iter()
+                        .flat_map(|g| {
+                            g.members
+                                .chunks(mb)
+                                .map(|m| PrefixGroup {
+                                    prefix_len: g.prefix_len,
+                                    members: m.to_vec(),
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    pieces.sort_by_key(|g| g.prefix_len);
+                    let (bare, grouped): (Vec<&PrefixGroup>, Vec<&PrefixGroup>) =
+                        pieces.iter().partition(|g| g.prefix_len == 0);
+                    // One-token prompts have no prefix to share: they run whole.
+                    let bare: Vec<usize> = bare.iter().flat_map(|g| g.members.iter().copied()).collect();
+                    for chunk in bare.chunks(mb) {
+                        let chunk_prompts: Vec<&[u32]> = chunk.iter().map(|&m| prompts[m]).collect();
+                        let chunk_recs: Vec<&LabelRecord> = chunk.iter().map(|&m| recs[m]).collect();
+                        let logits = next_token_logits(model, Some(&policy), &chunk_prompts)?;
+                        Self::label_batch(&logits, &chunk_recs, &ids, n, train, &mut agg)?;
+                    }
+                    for batch in grouped.chunks(mb) {
+                        let logits = grouped_next_token_logits(model, Some(&policy), &prompts, batch)?;
+                        let chunk_recs: Vec<&LabelRecord> = batch
+                            .iter()
+                            .flat_map(|g| g.members.iter().map(|&m| recs[m]))
+                            .collect();
+                        Self::label_batch(&logits, &chunk_recs, &ids, n, train, &mut agg)?;
+                    }
+                }
             }
         }
         stats.loss = agg.loss;
         stats.label = Some(agg);
+        Ok(())
+    }
+
+    /// Label NLL of one micro-batch (`logits` row i for `chunk[i]`), weighted by its share
+    /// of the `n` records, backpropagated when training and added to `agg`.
+    fn label_batch(
+        logits: &Tensor,
+        chunk: &[&LabelRecord],
+        ids: &[i64],
+        n: usize,
+        train: bool,
+        agg: &mut LabelStats,
+    ) -> Result<()> {
+        let targets =
+            Tensor::f_from_slice(&chunk.iter().map(|r| r.label as i64).collect::<Vec<_>>())?
+                .f_to_device(logits.device())?;
+        let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight as f32).collect::<Vec<_>>())?
+            .f_to_device(logits.device())?;
+        let (loss, s) = flowtune_loss::label_nll(logits, ids, &targets, &w)?;
+        let frac = chunk.len() as f64 / n as f64;
+        if train {
+            loss.f_mul_scalar(frac)?.f_backward()?;
+        }
+        agg.loss += s.loss * frac;
+        agg.records += s.records;
+        agg.mean_target_prob += s.mean_target_prob * frac;
+        agg.accuracy += s.accuracy * frac;
         Ok(())
     }
 

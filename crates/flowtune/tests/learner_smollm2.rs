@@ -483,3 +483,116 @@ fn shared_kv_gradients_equal_concatenated() {
     }
     eprintln!("shared-KV vs concatenated gradients: worst relative difference {worst:e}");
 }
+
+/// Label prompts grouped by shared prefix (MuSiQue relevance shape: a paragraph scored
+/// under several queries) give the same next-token logits and adapter gradients as
+/// running every prompt whole (f32; logits max |Δ| ≤ 1e-3, gradients relative 1e-3 of
+/// each tensor's norm), and the learner's label statistics agree under both settings.
+#[test]
+fn prefix_grouped_labels_equal_unshared() {
+    use flowtune::learner::{
+        grouped_next_token_logits, next_token_logits, prefix_groups, LabelSharing,
+    };
+    let (loaded, model) = load_model();
+    let mut bank = bank_for(&loaded);
+    new_node(&mut bank);
+    bank.modify("node", |a| {
+        let sites: Vec<_> = a.sites().copied().collect();
+        for s in sites {
+            if let Some(w) = a.weights_mut(&s) {
+                let _ =
+                    w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
+            }
+        }
+    })
+    .expect("modify");
+    bank.set_trainable("node").expect("trainable");
+    let paragraphs = [
+        "The Rhine rises in the Swiss Alps and flows into the North Sea near Rotterdam.",
+        "Mount Kilimanjaro, a dormant volcano in Tanzania, is the highest mountain in Africa.",
+    ];
+    let queries = ["Where does the Rhine end?", "highest mountain Africa", "Swiss rivers"];
+    let mut prompts = Vec::new();
+    for q in queries {
+        for p in paragraphs {
+            prompts.push(prompt(
+                &loaded,
+                &format!("Paragraph: {p}\nQuestion: Which river reaches Rotterdam?\nQuery: {q}\nIs the paragraph relevant?"),
+            ));
+        }
+    }
+    prompts.push(prompt(&loaded, "Is water wet?"));
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let groups = prefix_groups(&refs);
+    assert!(
+        groups.iter().any(|g| g.members.len() == 3),
+        "each paragraph's three prompts should group: {groups:?}"
+    );
+    let order: Vec<usize> = groups.iter().flat_map(|g| g.members.clone()).collect();
+    let group_refs: Vec<&flowtune::learner::PrefixGroup> = groups.iter().collect();
+    let ordered: Vec<&[u32]> = order.iter().map(|&i| refs[i]).collect();
+    let yes = loaded.tokenizer.encode("Yes").expect("Yes")[0] as i64;
+    let weights = Tensor::from_slice(
+        &(0..order.len()).map(|i| 0.3 + 0.1 * i as f32).collect::<Vec<_>>(),
+    );
+    let params = bank.get("node").expect("node").named_tensors();
+    let run = |grouped: bool| -> (Tensor, Vec<Tensor>) {
+        for (_, p) in &params {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+        let delta = flowtune::learner::BankDelta::all(&bank, "node").expect("delta");
+        let logits = if grouped {
+            grouped_next_token_logits(&model, Some(&delta), &refs, &group_refs)
+        } else {
+            next_token_logits(&model, Some(&delta), &ordered)
+        }
+        .expect("logits");
+        (logits.select(1, yes) * &weights).sum(None).backward();
+        (logits.detach(), params.iter().map(|(_, p)| p.grad().copy()).collect())
+    };
+    let (l_grouped, g_grouped) = run(true);
+    let (l_whole, g_whole) = run(false);
+    let max_diff = (&l_grouped - &l_whole).abs().max().double_value(&[]);
+    eprintln!("grouped vs whole prompts: logits max |Δ| {max_diff:e}");
+    assert!(max_diff <= 1e-3, "logits differ by {max_diff}");
+    for ((k, _), (a, b)) in params.iter().zip(g_grouped.iter().zip(&g_whole)) {
+        let norm = b.norm().double_value(&[]);
+        assert!(norm > 0.0, "no gradient on {k}");
+        let rel = (a - b).norm().double_value(&[]) / norm;
+        assert!(rel <= 1e-3, "{k}: grouped gradient differs by {rel:e} (relative)");
+    }
+    // Through the learner: same label statistics under both settings.
+    let records = NodeRecords::Labels(
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| LabelRecord {
+                prompt: p.clone(),
+                labels: vec![
+                    yes as u32,
+                    loaded.tokenizer.encode("No").expect("No")[0],
+                ],
+                label: i % 2,
+                weight: 1.0 + (i % 3) as f64,
+            })
+            .collect(),
+    );
+    let stats = |sharing: LabelSharing| {
+        let mut b = bank_for(&loaded);
+        new_node(&mut b);
+        let config = LearnerConfig {
+            label_sharing: sharing,
+            micro_batch: 2,
+            ..LearnerConfig::default()
+        };
+        let learner = NodeLearner::new(&mut b, "node", config).expect("learner");
+        learner.evaluate(&model, &b, &records).expect("eval")
+    };
+    let (a, b) = (stats(LabelSharing::PrefixGroups), stats(LabelSharing::Unshared));
+    assert_eq!(a.records, b.records);
+    let (la, lb) = (a.label.expect("label"), b.label.expect("label"));
+    approx::assert_abs_diff_eq!(a.loss, b.loss, epsilon = 1e-5);
+    approx::assert_abs_diff_eq!(la.mean_target_prob, lb.mean_target_prob, epsilon = 1e-5);
+    approx::assert_abs_diff_eq!(la.accuracy, lb.accuracy, epsilon = 1e-9);
+}

@@ -390,6 +390,20 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
         Ok(())
     }
 
+    /// Writes a checkpoint of the current state unless the last periodic one already holds it,
+    /// so that a stream ending between checkpoint intervals leaves its final adapters on disk.
+    /// Returns the folder written (`None`: nothing to write, or no checkpoint config).
+    pub fn checkpoint_final(&self, learner: &dyn Learner) -> Result<Option<PathBuf>> {
+        let Some(c) = &self.config.checkpoint else {
+            return Ok(None);
+        };
+        let done = self.state.episodes_done;
+        if done == 0 || done % c.every_episodes == 0 {
+            return Ok(None);
+        }
+        self.checkpoint(&c.dir, learner).map(Some)
+    }
+
     /// Writes a checkpoint `dir/episode-NNNNNNNNNN/` atomically and points `dir/latest` at it.
     fn checkpoint(&self, dir: &Path, learner: &dyn Learner) -> Result<PathBuf> {
         let _span =

@@ -150,6 +150,33 @@ fn resume_continues_exactly() {
         .starts_with(".tmp")));
 }
 
+/// A stream that ends between checkpoint intervals (20 episodes, every 8) gets a final
+/// checkpoint holding all 20; one that ends on an interval gets none beyond the periodic one.
+#[test]
+fn final_checkpoint_covers_a_stream_ending_between_intervals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut policy = two_step_policy();
+    let mut run = OnlineLoop::new(&TwoStepFlow, config(Some(dir.path()))).expect("loop");
+    run.run(contexts(20), &mut policy.clone(), &mut policy, None)
+        .expect("run");
+    let latest = || std::fs::read_to_string(dir.path().join("latest")).expect("latest");
+    assert_eq!(latest(), "episode-0000000016");
+    let written = run.checkpoint_final(&policy).expect("final").expect("written");
+    assert_eq!(written, dir.path().join("episode-0000000020"));
+    assert_eq!(latest(), "episode-0000000020");
+    let saved: OnlineState = serde_json::from_slice(
+        &std::fs::read(written.join("state.json")).expect("state"),
+    )
+    .expect("state json");
+    assert_eq!(saved, *run.state());
+    // On an interval: nothing more to write.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let mut run = OnlineLoop::new(&TwoStepFlow, config(Some(dir2.path()))).expect("loop");
+    run.run(contexts(16), &mut policy.clone(), &mut policy, None)
+        .expect("run");
+    assert_eq!(run.checkpoint_final(&policy).expect("final"), None);
+}
+
 #[test]
 fn resume_with_another_seed_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

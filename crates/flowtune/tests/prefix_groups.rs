@@ -93,3 +93,22 @@ fn growing_prompts_share_the_shortest_body() {
     assert_eq!(groups.len(), 1, "{groups:?}");
     assert_eq!(groups[0].prefix_len, 50);
 }
+
+/// The learner config round-trips through JSON, and a config saved before `label_sharing`
+/// existed (learner.json of an older checkpoint) loads with the default.
+#[test]
+fn learner_config_round_trips_and_defaults_label_sharing() {
+    use flowtune::learner::{LabelSharing, LearnerConfig};
+    let config = LearnerConfig {
+        label_sharing: LabelSharing::Unshared,
+        micro_batch: 3,
+        ..LearnerConfig::default()
+    };
+    let json = serde_json::to_value(config).unwrap();
+    assert_eq!(serde_json::from_value::<LearnerConfig>(json.clone()).unwrap(), config);
+    let mut old = json;
+    old.as_object_mut().unwrap().remove("label_sharing");
+    let loaded: LearnerConfig = serde_json::from_value(old).unwrap();
+    assert_eq!(loaded.label_sharing, LabelSharing::PrefixGroups);
+    assert_eq!(loaded.micro_batch, 3);
+}

@@ -227,6 +227,7 @@ pub fn train(
             .map_err(flow_error)?;
         progress(online.state().episodes_done, online.state().metrics.last());
     }
+    online.checkpoint_final(learner).map_err(flow_error)?;
     let state = online.state();
     let n = state.metrics.len();
     let k = (n / 5).max(1).min(n);

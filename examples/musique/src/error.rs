@@ -146,6 +146,16 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A prediction file does not line up with its gold records.
+    #[error("{path}:{line}: {reason}")]
+    PredictionFile {
+        /// The prediction file.
+        path: std::path::PathBuf,
+        /// 1-based line of the offending prediction.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// A synthetic-data generator setting is out of range.
     #[error("synthetic data config: `{field}`: {reason}")]
     SynthConfig {

@@ -4,6 +4,7 @@
 //! musique train   [--model PATH] [--data IN.jsonl] [--variant ans|full] [--out DIR] [--seed N] [--limit N] [--resume]
 //! musique eval    [--model PATH] [--data IN.jsonl] [--variant ans|full] [--out DIR] [--limit N]
 //! musique predict [--model PATH] [--data IN.jsonl] [--variant ans|full] [--out DIR] [--limit N]
+//! musique score   --data IN.jsonl --predictions P.jsonl [--limit N] [--out metrics.json]
 //! ```
 //! Without `--data` the synthetic MuSiQue-like set is generated (seeded). `eval` writes
 //! `DIR/predictions.jsonl` and `DIR/metrics.json`; `train` writes `DIR/metrics.jsonl`,
@@ -37,6 +38,25 @@ enum Command {
     Eval(Common),
     /// Predict only: DIR/predictions.jsonl.
     Predict(Common),
+    /// Score a leaderboard prediction file against gold records (the official metrics) and
+    /// print metrics.json.
+    Score(ScoreArgs),
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Gold MuSiQue JSONL.
+    #[arg(long)]
+    data: PathBuf,
+    /// Predictions JSONL (leaderboard format, input order).
+    #[arg(long)]
+    predictions: PathBuf,
+    /// Score only the first N gold records (and the first N predictions).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Also write the metrics to this file (atomically).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -265,14 +285,43 @@ fn lm_backend(
     Err(Error::Flow(format!("cannot run {}: built without the `lm` feature", model.display())))
 }
 
-fn bar(len: usize) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb
+/// A progress bar on a terminal; on a pipe or a log file (where the bar hides) a plain line
+/// every 10 records and at the end, so long runs show their running metrics.
+struct Progress {
+    bar: ProgressBar,
+    len: u64,
+    plain: bool,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    fn new(len: usize) -> Self {
+        use std::io::IsTerminal;
+        let bar = ProgressBar::new(len as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        Self {
+            bar,
+            len: len as u64,
+            plain: !std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn update(&self, pos: u64, msg: String) {
+        self.bar.set_position(pos);
+        if self.plain && pos > 0 && (pos % 10 == 0 || pos == self.len) {
+            eprintln!("{:.0}s {pos}/{} {msg}", self.started.elapsed().as_secs_f64(), self.len);
+        }
+        self.bar.set_message(msg);
+    }
+
+    fn finish(&self) {
+        self.bar.finish();
+    }
 }
 
 fn running(sums: &mut [f64; 3], scores: [Option<f64>; 2]) -> String {
@@ -303,7 +352,7 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
             .map_err(|e| Error::Flow(format!("{}: {e}", learner_dir.display())))?;
         eprintln!("adapters from {}", learner_dir.display());
     }
-    let pb = bar(records.len());
+    let pb = Progress::new(records.len());
     let mut sums = [0.0; 3];
     let gold: std::collections::HashMap<&str, &Record> = records.iter().map(|r| (r.id.as_str(), r)).collect();
     let outputs = app::predict(
@@ -318,8 +367,7 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
                 .filter(|r| r.answerable)
                 .map(|r| musique::metrics::score_record(r, &out.prediction));
             let msg = running(&mut sums, [s.map(|s| s.answer_f1), s.map(|s| s.support_f1)]);
-            pb.set_position(done as u64);
-            pb.set_message(msg);
+            pb.update(done as u64, msg);
         },
     )?;
     pb.finish();
@@ -372,7 +420,7 @@ fn train(t: &TrainArgs) -> Result<()> {
         let out = app::predict(&flow, h, backend.as_mut(), c.in_flight, c.seed, &mut |_, _| {})?;
         before = Some(musique::metrics::evaluate(h, &app::predictions(&out, pairwise))?);
     }
-    let pb = bar(records.len());
+    let pb = Progress::new(records.len());
     let summary = app::train(
         &flow,
         &records,
@@ -380,15 +428,13 @@ fn train(t: &TrainArgs) -> Result<()> {
         learner.as_mut(),
         &options,
         &mut |done, last| {
-            pb.set_position(done);
-            if let Some(m) = last {
-                let get = |k: &str| m.progressive.get(k).copied().unwrap_or(f64::NAN);
-                pb.set_message(format!(
-                    "AnsF1 {:.3} SuppF1 {:.3}",
-                    get(rewards::ANSWER_F1),
-                    get(rewards::SUPPORT_F1)
-                ));
-            }
+            let msg = last
+                .map(|m| {
+                    let get = |k: &str| m.progressive.get(k).copied().unwrap_or(f64::NAN);
+                    format!("AnsF1 {:.3} SuppF1 {:.3}", get(rewards::ANSWER_F1), get(rewards::SUPPORT_F1))
+                })
+                .unwrap_or_default();
+            pb.update(done, msg);
         },
     )?;
     pb.finish();
@@ -415,6 +461,34 @@ fn train(t: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn score(s: &ScoreArgs) -> Result<()> {
+    let mut gold = load_jsonl(&s.data)?;
+    let mut preds = musique::metrics::read_predictions_jsonl(&s.predictions)?;
+    if let Some(n) = s.limit {
+        gold.truncate(n);
+        preds.truncate(n);
+    }
+    let report = musique::metrics::evaluate(&gold, &preds).map_err(|e| match e {
+        Error::PredictionMismatch { position, reason } => Error::PredictionFile {
+            path: s.predictions.clone(),
+            line: position + 1,
+            reason,
+        },
+        other => other,
+    })?;
+    if let Some(out) = &s.out {
+        musique::metrics::write_metrics_json(out, &report)?;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
+            path: s.out.clone().unwrap_or_default(),
+            source
+        })?
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // `RUST_LOG=flowtune_lm=info` (for example) also prints each enabled span's busy/idle time
     // when it closes: engine calls, episodes, learner steps.
@@ -428,6 +502,7 @@ fn main() -> ExitCode {
         Command::Train(t) => train(t),
         Command::Eval(c) => eval_or_predict(c, true),
         Command::Predict(c) => eval_or_predict(c, false),
+        Command::Score(s) => score(s),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -106,3 +106,49 @@ fn eval_starts_from_a_train_checkpoint() {
     assert!(stderr.contains("no-such-run"), "{stderr}");
     assert!(!out2.join("metrics.json").exists());
 }
+
+/// `score` recomputes the official metrics of a prediction file, here hand-made against the
+/// first two real dev records: a perfect first prediction and an empty second one give
+/// answer F1 0.5, EM 0.5, support F1 0.5. A prediction out of order names the file and line.
+#[test]
+fn score_recomputes_metrics_of_a_prediction_file() {
+    let data = official_data_dir().join("musique_ans_v1.0_dev.subset200.jsonl");
+    assert!(data.is_file(), "official file {} is missing (shared data folder)", data.display());
+    let gold = musique::data::load_jsonl(&data).unwrap();
+    let perfect = musique::metrics::Prediction {
+        id: gold[0].id.clone(),
+        predicted_answer: gold[0].gold_answers()[0].clone(),
+        predicted_support_idxs: gold[0].gold_support(),
+        predicted_answerable: true,
+    };
+    let empty = musique::metrics::Prediction {
+        id: gold[1].id.clone(),
+        predicted_answer: String::new(),
+        predicted_support_idxs: vec![],
+        predicted_answerable: true,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let preds = dir.path().join("p.jsonl");
+    musique::metrics::write_predictions_jsonl(&preds, &[perfect.clone(), empty.clone()]).unwrap();
+    let metrics = dir.path().join("m.json");
+    let (ok, stdout, stderr) = musique(&[
+        "score", "--data", data.to_str().unwrap(), "--predictions", preds.to_str().unwrap(),
+        "--limit", "2", "--out", metrics.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(printed, written);
+    for key in ["answer_f1", "answer_em", "support_f1"] {
+        let v = printed[key].as_f64().unwrap();
+        assert!((v - 0.5).abs() < 1e-12, "{key} = {v}");
+    }
+    musique::metrics::write_predictions_jsonl(&preds, &[empty, perfect]).unwrap();
+    let (ok, _, stderr) = musique(&[
+        "score", "--data", data.to_str().unwrap(), "--predictions", preds.to_str().unwrap(),
+        "--limit", "2",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("p.jsonl:1: id"), "{stderr}");
+}

@@ -260,6 +260,37 @@ fn ids_tensor(rows: &[Vec<i64>], device: tch::Device) -> Result<Tensor> {
         .f_to_device(device)?)
 }
 
+/// Runs `prompts` left-padded (id 0, masked) through a fresh KV cache with room for `extra`
+/// more tokens per row; returns the logits asked for and the cache.
+fn prefill(
+    model: &Model,
+    delta: Option<&dyn LinearDelta>,
+    prompts: &[&[u32]],
+    extra: usize,
+    at: &LogitsAt,
+) -> Result<(Tensor, flowtune_lm::kv::KvCache)> {
+    let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut rows = Vec::with_capacity(prompts.len());
+    let mut valid = Vec::with_capacity(prompts.len() * tp);
+    for p in prompts {
+        let pad = tp - p.len();
+        let mut row = vec![0i64; pad];
+        row.extend(p.iter().map(|&x| x as i64));
+        rows.push(row);
+        valid.extend(std::iter::repeat_n(false, pad));
+        valid.extend(std::iter::repeat_n(true, p.len()));
+    }
+    let mut cache = model.new_cache(prompts.len(), tp + extra)?;
+    let logits = model.forward_cached(
+        &ids_tensor(&rows, model.device())?,
+        Some(&valid),
+        &mut cache,
+        at,
+        delta,
+    )?;
+    Ok((logits, cache))
+}
+
 /// Summed completion log-probs `[Σ completions]` for `groups` of (prompt, completions),
 /// in group order, completions in their order. Gradients flow through `delta` when
 /// enabled. See the module docs for the two strategies.
@@ -282,32 +313,14 @@ pub fn completion_logprobs(
     }
     match sharing {
         PromptSharing::SharedKv => {
-            let tp = groups.iter().map(|g| g.0.len()).max().unwrap_or(0);
             let tc = groups
                 .iter()
                 .flat_map(|g| g.1.iter().map(|c| c.len()))
                 .max()
                 .unwrap_or(0);
-            // Prompts, left-padded.
-            let mut p_rows = Vec::with_capacity(groups.len());
-            let mut p_valid = Vec::with_capacity(groups.len() * tp);
-            for (prompt, _) in groups {
-                let pad = tp - prompt.len();
-                let mut row = vec![0i64; pad];
-                row.extend(prompt.iter().map(|&x| x as i64));
-                p_rows.push(row);
-                p_valid.extend(std::iter::repeat_n(false, pad));
-                p_valid.extend(std::iter::repeat_n(true, prompt.len()));
-            }
-            let mut cache = model.new_cache(groups.len(), tp + tc)?;
-            let first = model.forward_cached(
-                &ids_tensor(&p_rows, device)?,
-                Some(&p_valid),
-                &mut cache,
-                &LogitsAt::Last,
-                delta,
-            )?; // [P, V]
-                // Repeat each prompt's cache row once per completion.
+            let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
+            let (first, mut cache) = prefill(model, delta, &prompts, tc, &LogitsAt::Last)?; // [P, V]
+            // Repeat each prompt's cache row once per completion.
             let mut rows = Vec::new();
             let mut c_rows = Vec::new();
             let mut c_valid = Vec::new();
@@ -400,25 +413,7 @@ pub fn next_token_logits(
     delta: Option<&dyn LinearDelta>,
     prompts: &[&[u32]],
 ) -> Result<Tensor> {
-    let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let mut rows = Vec::new();
-    let mut valid = Vec::new();
-    for p in prompts {
-        let pad = tp - p.len();
-        let mut row = vec![0i64; pad];
-        row.extend(p.iter().map(|&x| x as i64));
-        rows.push(row);
-        valid.extend(std::iter::repeat_n(false, pad));
-        valid.extend(std::iter::repeat_n(true, p.len()));
-    }
-    let mut cache = model.new_cache(prompts.len(), tp)?;
-    Ok(model.forward_cached(
-        &ids_tensor(&rows, model.device())?,
-        Some(&valid),
-        &mut cache,
-        &LogitsAt::Last,
-        delta,
-    )?)
+    Ok(prefill(model, delta, prompts, 0, &LogitsAt::Last)?.0)
 }
 
 /// Prompts that run one shared prefix: `members` index the prompts; each member is longer
@@ -484,7 +479,6 @@ pub fn grouped_next_token_logits(
     prompts: &[&[u32]],
     groups: &[&PrefixGroup],
 ) -> Result<Tensor> {
-    let mut tp = 0;
     let mut ts = 0;
     for (g, group) in groups.iter().enumerate() {
         let bad = group.prefix_len == 0
@@ -499,26 +493,17 @@ pub fn grouped_next_token_logits(
             }
             .into());
         }
-        tp = tp.max(group.prefix_len);
         for &m in &group.members {
             ts = ts.max(prompts[m].len() - group.prefix_len);
         }
     }
-    let device = model.device();
-    let mut p_rows = Vec::with_capacity(groups.len());
-    let mut p_valid = Vec::with_capacity(groups.len() * tp);
+    let mut prefixes = Vec::with_capacity(groups.len());
     let mut rows = Vec::new();
     let mut s_rows = Vec::new();
     let mut s_valid = Vec::new();
     let mut last = Vec::new();
     for (g, group) in groups.iter().enumerate() {
-        let prefix = &prompts[group.members[0]][..group.prefix_len];
-        let pad = tp - prefix.len();
-        let mut row = vec![0i64; pad];
-        row.extend(prefix.iter().map(|&x| x as i64));
-        p_rows.push(row);
-        p_valid.extend(std::iter::repeat_n(false, pad));
-        p_valid.extend(std::iter::repeat_n(true, prefix.len()));
+        prefixes.push(&prompts[group.members[0]][..group.prefix_len]);
         for &m in &group.members {
             let rest = &prompts[m][group.prefix_len..];
             rows.push(g);
@@ -530,17 +515,10 @@ pub fn grouped_next_token_logits(
             last.push(rest.len() - 1);
         }
     }
-    let mut cache = model.new_cache(groups.len(), tp + ts)?;
-    let _none = model.forward_cached(
-        &ids_tensor(&p_rows, device)?,
-        Some(&p_valid),
-        &mut cache,
-        &LogitsAt::None,
-        delta,
-    )?;
+    let (_none, mut cache) = prefill(model, delta, &prefixes, ts, &LogitsAt::None)?;
     cache.select_rows(&rows)?;
     Ok(model.forward_cached(
-        &ids_tensor(&s_rows, device)?,
+        &ids_tensor(&s_rows, model.device())?,
         Some(&s_valid),
         &mut cache,
         &LogitsAt::PerRow(last),

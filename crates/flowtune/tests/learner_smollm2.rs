@@ -105,6 +105,24 @@ fn new_node(bank: &mut AdapterBank) {
     .expect("add node");
 }
 
+/// A bank whose trainable adapter `node` has B ~ N(0, 0.02²), so gradients reach A too.
+fn trainable_node_with_random_b(loaded: &LoadedModel) -> AdapterBank {
+    let mut bank = bank_for(loaded);
+    new_node(&mut bank);
+    bank.modify("node", |a| {
+        let sites: Vec<_> = a.sites().copied().collect();
+        for s in sites {
+            if let Some(w) = a.weights_mut(&s) {
+                let _ =
+                    w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
+            }
+        }
+    })
+    .expect("modify");
+    bank.set_trainable("node").expect("trainable");
+    bank
+}
+
 #[test]
 fn completion_logprobs_match_transformers_peft() {
     let root = root();
@@ -431,19 +449,7 @@ fn save_load_resumes_exactly() {
 #[test]
 fn shared_kv_gradients_equal_concatenated() {
     let (loaded, model) = load_model();
-    let mut bank = bank_for(&loaded);
-    new_node(&mut bank);
-    bank.modify("node", |a| {
-        let sites: Vec<_> = a.sites().copied().collect();
-        for s in sites {
-            if let Some(w) = a.weights_mut(&s) {
-                let _ =
-                    w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
-            }
-        }
-    })
-    .expect("modify");
-    bank.set_trainable("node").expect("trainable");
+    let bank = trainable_node_with_random_b(&loaded);
     let p1 = prompt(&loaded, "Name two rivers in Europe.");
     let p2 = prompt(&loaded, "What is 2 + 2?");
     let (c1, r1, c2) = (
@@ -494,19 +500,7 @@ fn prefix_grouped_labels_equal_unshared() {
         grouped_next_token_logits, next_token_logits, prefix_groups, LabelSharing,
     };
     let (loaded, model) = load_model();
-    let mut bank = bank_for(&loaded);
-    new_node(&mut bank);
-    bank.modify("node", |a| {
-        let sites: Vec<_> = a.sites().copied().collect();
-        for s in sites {
-            if let Some(w) = a.weights_mut(&s) {
-                let _ =
-                    w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
-            }
-        }
-    })
-    .expect("modify");
-    bank.set_trainable("node").expect("trainable");
+    let bank = trainable_node_with_random_b(&loaded);
     let paragraphs = [
         "The Rhine rises in the Swiss Alps and flows into the North Sea near Rotterdam.",
         "Mount Kilimanjaro, a dormant volcano in Tanzania, is the highest mountain in Africa.",

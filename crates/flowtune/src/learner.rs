@@ -19,6 +19,11 @@
 //! runs on prompt positions). SharedKv does fewer FLOPs but measured slower in bf16 on
 //! CPU (masked SDPA on the cached path, cache copies in backward); see docs/learning.md.
 //!
+//! Label prompts: with [`LabelSharing::PrefixGroups`] (default) records whose prompts share
+//! most of their tokens ([`prefix_groups`]) run the shared prefix once through the KV cache,
+//! with gradients, and only each record's remaining tokens on top
+//! ([`grouped_next_token_logits`]); same values and gradients as running every prompt whole.
+//!
 //! Counted tokens: every completion token as given (for chat data: the content tokens
 //! plus the end-of-turn token `<|im_end|>`, as TRL counts them); nothing of the prompt.
 

@@ -473,6 +473,31 @@ pub fn prefix_groups(prompts: &[&[u32]]) -> Vec<PrefixGroup> {
     groups
 }
 
+/// The micro-batch plan of prefix-grouped label prompts: [`prefix_groups`] split into pieces
+/// of at most `mb` members, shortest prefixes first (less padding), at most `mb` pieces per
+/// micro-batch. Prompts with nothing to share (one token, `prefix_len` 0) come back apart, to
+/// run whole.
+fn grouped_label_batches(prompts: &[&[u32]], mb: usize) -> (Vec<usize>, Vec<Vec<PrefixGroup>>) {
+    let mut pieces: Vec<PrefixGroup> = prefix_groups(prompts)
+        .into_iter()
+        .flat_map(|g| {
+            g.members
+                .chunks(mb)
+                .map(|m| PrefixGroup {
+                    prefix_len: g.prefix_len,
+                    members: m.to_vec(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    pieces.sort_by_key(|g| g.prefix_len);
+    let (bare, grouped): (Vec<PrefixGroup>, Vec<PrefixGroup>) =
+        pieces.into_iter().partition(|g| g.prefix_len == 0);
+    let bare = bare.into_iter().flat_map(|g| g.members).collect();
+    let batches = grouped.chunks(mb).map(<[PrefixGroup]>::to_vec).collect();
+    (bare, batches)
+}
+
 /// Next-token logits `[R, V]` after each member prompt of `groups` (members in group order),
 /// each group's shared prefix computed once: prefixes left-padded through the KV cache
 /// (gradients flow through it), cache rows repeated per member, then each member's own
@@ -869,33 +894,16 @@ impl NodeLearner {
                     }
                 }
                 LabelSharing::PrefixGroups => {
-                    // Groups of at most `mb` members, by prefix length (less padding), at
-                    // most `mb` groups per micro-batch.
-                    let mut pieces: Vec<PrefixGroup> = prefix_groups(&prompts)
-                        .into_iter()
-                        .flat_map(|g| {
-                            g.members
-                                .chunks(mb)
-                                .map(|m| PrefixGroup {
-                                    prefix_len: g.prefix_len,
-                                    members: m.to_vec(),
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                        .collect();
-                    pieces.sort_by_key(|g| g.prefix_len);
-                    let (bare, grouped): (Vec<&PrefixGroup>, Vec<&PrefixGroup>) =
-                        pieces.iter().partition(|g| g.prefix_len == 0);
-                    // One-token prompts have no prefix to share: they run whole.
-                    let bare: Vec<usize> = bare.iter().flat_map(|g| g.members.iter().copied()).collect();
+                    let (bare, grouped) = grouped_label_batches(&prompts, mb);
                     for chunk in bare.chunks(mb) {
                         let chunk_prompts: Vec<&[u32]> = chunk.iter().map(|&m| prompts[m]).collect();
                         let chunk_recs: Vec<&LabelRecord> = chunk.iter().map(|&m| recs[m]).collect();
                         let logits = next_token_logits(model, Some(&policy), &chunk_prompts)?;
                         Self::label_batch(&logits, &chunk_recs, &ids, n, train, &mut agg)?;
                     }
-                    for batch in grouped.chunks(mb) {
-                        let logits = grouped_next_token_logits(model, Some(&policy), &prompts, batch)?;
+                    for batch in &grouped {
+                        let batch: Vec<&PrefixGroup> = batch.iter().collect();
+                        let logits = grouped_next_token_logits(model, Some(&policy), &prompts, &batch)?;
                         let chunk_recs: Vec<&LabelRecord> = batch
                             .iter()
                             .flat_map(|g| g.members.iter().map(|&m| recs[m]))

@@ -374,13 +374,7 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
     let preds = app::predictions(&outputs, matches!(c.variant, VariantArg::Full) && !c.no_pairwise);
     if score {
         let report = app::write_eval(&c.out, &records, &preds)?;
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
-                path: c.out.join("metrics.json"),
-                source
-            })?
-        );
+        print_metrics(&report, &c.out.join("metrics.json"))?;
     } else {
         musique::metrics::write_predictions_jsonl(&c.out.join("predictions.jsonl"), &preds)?;
     }
@@ -479,13 +473,16 @@ fn score(s: &ScoreArgs) -> Result<()> {
     if let Some(out) = &s.out {
         musique::metrics::write_metrics_json(out, &report)?;
     }
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
-            path: s.out.clone().unwrap_or_default(),
-            source
-        })?
-    );
+    print_metrics(&report, s.out.as_deref().unwrap_or(&s.predictions))
+}
+
+/// Prints a metrics report as pretty JSON (`path` names it in a serialisation error).
+fn print_metrics(report: &musique::metrics::MetricsReport, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(report).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    println!("{text}");
     Ok(())
 }
 

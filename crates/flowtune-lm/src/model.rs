@@ -76,8 +76,18 @@ impl Linear {
                 None => y,
             });
         }
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        dense_linear(x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x @ weight.T + bias`. A single bf16 row on the CPU is a GEMV, where libtorch's own kernel
+/// beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything else, including the
+/// attention products around it.
+fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
+    let _gemv = (rows == 1 && x.kind() == Kind::BFloat16 && x.device() == Device::Cpu)
+        .then(onednn_switch::Disabled::new);
+    Ok(x.f_linear(weight, bias)?)
 }
 
 #[derive(Debug)]
@@ -124,8 +134,8 @@ fn fast_weight_layout(w: Tensor) -> Result<Tensor> {
     }
 }
 
-/// Switches libtorch's oneDNN (mkldnn) matmul path off for the duration of single-row bf16 CPU
-/// steps. For `M = 1` bf16 `linear`, oneDNN streams the weights at about half the memory
+/// Switches libtorch's oneDNN (mkldnn) matmul path off for the duration of a single-row bf16 CPU
+/// linear ([`dense_linear`]). For `M = 1` bf16 `linear`, oneDNN streams the weights at about half the memory
 /// bandwidth that libtorch's own reduced-precision GEMV kernel reaches (measured 12.2 ms vs
 /// 6.9 ms for 30 gate/up projections of SmolLM2-135M on one core), while for `M >= 2` oneDNN
 /// is much faster; libtorch only picks its GEMV kernel when oneDNN is disabled. tch does not
@@ -200,6 +210,9 @@ fn decode_attention(
     mask: Option<&Tensor>,
     nkv: i64,
 ) -> Result<Tensor> {
+    if let Some(out) = crate::cpu_kernels::decode_attention(q, k, v, mask)? {
+        return Ok(out);
+    }
     let size = q.size();
     let (b, nq, hd) = (size[0], size[1], size[3]);
     let group = nq / nkv;
@@ -510,9 +523,12 @@ impl Model {
         )
     }
 
-    /// RMSNorm through libtorch's fused kernel (computes in float32 internally,
-    /// like HF's `LlamaRMSNorm`; agrees with it to float rounding).
+    /// RMSNorm as HF's `LlamaRMSNorm` (float32 inside): the fused CPU kernel for a few rows
+    /// without gradients ([`crate::cpu_kernels::rms_norm`]), libtorch's op otherwise.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::cpu_kernels::rms_norm(x, weight, self.config.rms_norm_eps())? {
+            return Ok(y);
+        }
         let h = x.size().last().copied().unwrap_or(0);
         Ok(x.f_rms_norm([h], Some(weight), self.config.rms_norm_eps())?)
     }
@@ -659,7 +675,7 @@ impl Model {
             }
         };
         let sel = self.rms_norm(&sel, &self.norm)?;
-        Ok(sel.f_linear::<Tensor>(&self.lm_head, None)?)
+        dense_linear(&sel, &self.lm_head, None)
     }
 
     /// Run `ids` (`[B, T]` int64) through the model on top of `cache`, appending
@@ -684,9 +700,6 @@ impl Model {
             )));
         }
         let (b, t) = (size[0], size[1]);
-        // One row: every matmul is a GEMV, where libtorch's own bf16 kernel beats oneDNN.
-        let _gemv = (b * t == 1 && self.kind == Kind::BFloat16 && self.device == Device::Cpu)
-            .then(onednn_switch::Disabled::new);
         let all_valid;
         let valid = match valid {
             Some(v) => v,

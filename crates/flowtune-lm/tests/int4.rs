@@ -13,9 +13,8 @@
 mod model_support;
 
 use flowtune_lm::int4::Int4Blocks;
-use flowtune_lm::kv::KvCache;
 use flowtune_lm::loader::{load, LinearWeights, LoadOptions};
-use flowtune_lm::model::{LogitsAt, Model};
+use flowtune_lm::model::Model;
 use flowtune_lm::tokenizer::ChatMessage;
 use flowtune_lm::{Error, LoadedModel};
 use model_support::*;
@@ -116,29 +115,6 @@ fn int4_needs_the_cpu_and_a_16_bit_dtype() {
     assert!(e.to_string().contains("int4"), "{e}");
 }
 
-/// Last-position logits of `steps` teacher-forced decode steps (one token per step after a
-/// prefill), float32.
-fn decode_logits(model: &Model, prompt: &[u32], steps: &[i64]) -> Vec<Tensor> {
-    let _g = tch::no_grad_guard();
-    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut cache: KvCache = model.new_cache(1, ids.len() + steps.len()).unwrap();
-    let x = Tensor::from_slice(&ids).view([1, -1]);
-    let mut out = vec![model
-        .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
-        .unwrap()
-        .to_kind(Kind::Float)];
-    for &t in steps {
-        let x = Tensor::from_slice(&[t]).view([1, 1]);
-        out.push(
-            model
-                .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
-                .unwrap()
-                .to_kind(Kind::Float),
-        );
-    }
-    out
-}
-
 #[test]
 fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
     let f32m = load_as(Kind::Float, LinearWeights::Dense);
@@ -159,22 +135,7 @@ fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
             true,
         )
         .unwrap();
-    // Teacher-force the float32 model's own greedy continuation.
-    let mut steps = Vec::new();
-    {
-        let _g = tch::no_grad_guard();
-        let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-        let mut cache = reference.new_cache(1, ids.len() + 16).unwrap();
-        let mut x = Tensor::from_slice(&ids).view([1, -1]);
-        for _ in 0..12 {
-            let l = reference
-                .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
-                .unwrap();
-            let next = l.argmax(-1, false).int64_value(&[0]);
-            steps.push(next);
-            x = Tensor::from_slice(&[next]).view([1, 1]);
-        }
-    }
+    let steps = greedy_steps(&reference, &prompt, 12);
     let r = decode_logits(&reference, &prompt, &steps);
     let d = decode_logits(&bf16, &prompt, &steps);
     let q = decode_logits(&int4, &prompt, &steps);

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tch::Tensor;
+use flowtune_lm::kv::KvCache;
+use flowtune_lm::model::{LogitsAt, Model};
+use tch::{Kind, Tensor};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -64,4 +66,46 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let b = b.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
     assert_eq!(a.size(), b.size(), "shape mismatch");
     (a - b).abs().max().double_value(&[])
+}
+
+/// Last-position logits of `steps` teacher-forced decode steps (one token per step after a
+/// prefill), float32.
+pub fn decode_logits(model: &Model, prompt: &[u32], steps: &[i64]) -> Vec<Tensor> {
+    let _g = tch::no_grad_guard();
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut cache: KvCache = model.new_cache(1, ids.len() + steps.len()).unwrap();
+    let x = Tensor::from_slice(&ids).view([1, -1]);
+    let mut out = vec![model
+        .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
+        .unwrap()
+        .to_kind(Kind::Float)];
+    for &t in steps {
+        let x = Tensor::from_slice(&[t]).view([1, 1]);
+        out.push(
+            model
+                .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
+                .unwrap()
+                .to_kind(Kind::Float),
+        );
+    }
+    out
+}
+
+
+/// `n` greedy next tokens of `model` after `prompt` (to teacher-force other models with).
+pub fn greedy_steps(model: &Model, prompt: &[u32], n: usize) -> Vec<i64> {
+    let _g = tch::no_grad_guard();
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut cache = model.new_cache(1, ids.len() + n + 1).unwrap();
+    let mut x = Tensor::from_slice(&ids).view([1, -1]);
+    let mut steps = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = model
+            .forward_cached(&x, None, &mut cache, &LogitsAt::Last, None)
+            .unwrap();
+        let next = l.argmax(-1, false).int64_value(&[0]);
+        steps.push(next);
+        x = Tensor::from_slice(&[next]).view([1, 1]);
+    }
+    steps
 }

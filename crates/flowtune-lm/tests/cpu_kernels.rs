@@ -1,0 +1,251 @@
+//! The fused CPU kernels (`flowtune_lm::cpu_kernels`) against the libtorch formulation they
+//! replace, computed from the same inputs in the same run, plus an f64 reference.
+//!
+//! References: HF's `LlamaRMSNorm` and HF's eager attention written as the libtorch ops
+//! transformers runs (bf16 `q @ k^T`, f32 scaling and soft-max, probabilities cast to bf16, bf16
+//! `p @ v`); and exact attention in f64 from the same bf16 inputs.
+//! Tolerances: the kernels round at the same points as the references, so outputs differ only
+//! where a different f32 summation order lands on the other side of a bf16 rounding boundary:
+//! RMSNorm within 1 bf16 ulp of each value (f32: 1e-6 relative); attention within 2^-8 of the
+//! largest |v| (one flipped probability rounding moves an output by at most that; observed: equal
+//! bits in 6 of 7 cases, 1 bf16 ulp in the last), and both kernel and libtorch within 2^-5 of the
+//! largest |v| from the f64 result (observed up to 0.021 with |v| ≤ 3.3).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use flowtune_lm::cpu_kernels::{self, decode_attention, rms_norm};
+use std::sync::{Mutex, MutexGuard};
+
+use proptest::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+/// Tests here run one at a time: one of them switches the kernels off for a moment.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn require_kernels() -> MutexGuard<'static, ()> {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    assert!(
+        cpu_kernels::available(),
+        "this CPU lacks AVX2/FMA: the kernels cannot be tested here"
+    );
+    guard
+}
+
+/// HF `LlamaRMSNorm.forward`: `weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)`.
+fn hf_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let normed = (xf * (var + eps).rsqrt()).to_kind(x.kind());
+    w * normed
+}
+
+/// One bf16 ulp of `x` (the spacing of bf16 values around it).
+fn bf16_ulp(x: f32) -> f32 {
+    if x == 0.0 {
+        return f32::MIN_POSITIVE;
+    }
+    2f32.powi(x.abs().log2().floor() as i32 - 7)
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn rms_norm_matches_hf(rows in 1i64..=8, h in prop::sample::select(vec![16i64, 64, 100, 576]),
+                           scale in 0.01f64..30.0, seed in 0i64..1000, bf16 in any::<bool>()) {
+        let _serial = require_kernels();
+        tch::manual_seed(seed);
+        let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+        let x = (Tensor::randn([rows, 1, h], (Kind::Float, Device::Cpu)) * scale).to_kind(kind);
+        let w = (Tensor::randn([h], (Kind::Float, Device::Cpu)) * 0.5 + 1.0).to_kind(kind);
+        let ours = rms_norm(&x, &w, 1e-5).unwrap().expect("kernel applies");
+        prop_assert_eq!(ours.size(), x.size());
+        prop_assert_eq!(ours.kind(), kind);
+        let reference = hf_rms_norm(&x, &w, 1e-5);
+        let (a, b) = (values(&ours), values(&reference));
+        let max = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (o, r)) in a.iter().zip(&b).enumerate() {
+            let tol = if bf16 { bf16_ulp(*r) } else { 1e-6 * max };
+            prop_assert!((o - r).abs() <= tol, "element {i}: kernel {o} vs HF {r} (tol {tol})");
+        }
+    }
+}
+
+/// HF eager attention for one query position, as libtorch ops (see the module docs).
+fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let (b, nq, hd) = (q.size()[0], q.size()[1], q.size()[3]);
+    let nkv = k.size()[1];
+    let qg = q.reshape([b, nkv, nq / nkv, hd]);
+    let mut scores = qg.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) * (1.0 / (hd as f64).sqrt());
+    if let Some(m) = mask {
+        scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+    }
+    let p = scores.softmax(-1, Kind::Float).to_kind(v.kind());
+    p.matmul(v).reshape([b, nq, 1, hd])
+}
+
+/// Exact attention in f64 from the same (bf16) inputs.
+fn exact_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let d = |t: &Tensor| t.to_kind(Kind::Double);
+    let (b, nq, hd) = (q.size()[0], q.size()[1], q.size()[3]);
+    let nkv = k.size()[1];
+    let qg = d(q).reshape([b, nkv, nq / nkv, hd]);
+    let mut scores = qg.matmul(&d(k).transpose(-1, -2)) * (1.0 / (hd as f64).sqrt());
+    if let Some(m) = mask {
+        scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+    }
+    scores.softmax(-1, Kind::Double).matmul(&d(v)).reshape([b, nq, 1, hd])
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// `(batch, q heads, kv heads, head dim, keys, cache capacity, masked)`.
+const CASES: [(i64, i64, i64, i64, i64, i64, bool); 7] = [
+    (1, 9, 3, 64, 264, 400, false), // SmolLM2 decode, cache view narrower than its capacity
+    (8, 9, 3, 64, 37, 50, true),    // a padded batch
+    (2, 4, 4, 128, 1, 1, false),    // one key, no grouping
+    (3, 8, 2, 64, 17, 17, true),    // a key count that is not a multiple of 16
+    (1, 32, 8, 128, 300, 512, false),
+    (4, 12, 4, 96, 129, 160, true), // Phi-3's head dim
+    (2, 6, 1, 64, 16, 16, false),   // multi-query
+];
+
+#[test]
+fn decode_attention_matches_eager_formulation() {
+    let _serial = require_kernels();
+    for (ci, &(b, nq, nkv, hd, l, cap, masked)) in CASES.iter().enumerate() {
+        tch::manual_seed(ci as i64);
+        let bf = (Kind::BFloat16, Device::Cpu);
+        // q as the model makes it: the leading heads of a fused q/k tensor (strided view).
+        let qk = Tensor::randn([b, nq + nkv, 1, hd], bf);
+        let q = qk.narrow(1, 0, nq);
+        let k_cache = Tensor::randn([b, nkv, cap, hd], bf) * 2.0;
+        let v_cache = Tensor::randn([b, nkv, cap, hd], bf);
+        let (k, v) = (k_cache.narrow(2, 0, l), v_cache.narrow(2, 0, l));
+        let mask = masked.then(|| {
+            // Random visibility, the newest key always visible (as the decode's own slot).
+            let m = Tensor::rand([b, 1, 1, l], (Kind::Float, Device::Cpu)).gt(0.4);
+            let _ = m.narrow(3, l - 1, 1).fill_(1);
+            m
+        });
+        let ours = decode_attention(&q, &k, &v, mask.as_ref())
+            .unwrap()
+            .expect("kernel applies");
+        assert_eq!(ours.size(), vec![b, nq, 1, hd]);
+        let eager = eager_attention(&q, &k, &v, mask.as_ref());
+        let exact = exact_attention(&q, &k, &v, mask.as_ref());
+        let vmax = v.abs().max().to_kind(Kind::Double).double_value(&[]);
+        let d_eager = max_abs_diff(&ours, &eager);
+        let d_exact = max_abs_diff(&ours, &exact);
+        let d_ref = max_abs_diff(&eager, &exact);
+        assert!(
+            d_eager <= vmax / 256.0,
+            "case {ci}: kernel vs eager max |Δ| {d_eager} > {}",
+            vmax / 256.0
+        );
+        assert!(
+            d_exact <= vmax / 32.0 && d_ref <= vmax / 32.0,
+            "case {ci}: vs f64: kernel {d_exact}, eager {d_ref} (bound {})",
+            vmax / 32.0
+        );
+    }
+}
+
+#[test]
+fn kernels_decline_what_they_do_not_cover() {
+    let _serial = require_kernels();
+    let bf = (Kind::BFloat16, Device::Cpu);
+    let q = Tensor::randn([1, 4, 1, 64], bf);
+    let k = Tensor::randn([1, 2, 10, 64], bf);
+    // Gradients: autograd must see libtorch's ops.
+    let qg = q.to_kind(Kind::Float).set_requires_grad(true).to_kind(Kind::BFloat16);
+    assert!(decode_attention(&qg, &k, &k, None).unwrap().is_none());
+    // f32, a head dim that is not a multiple of 16, more than one query position.
+    let f = |t: &Tensor| t.to_kind(Kind::Float);
+    assert!(decode_attention(&f(&q), &f(&k), &f(&k), None).unwrap().is_none());
+    let q40 = Tensor::randn([1, 4, 1, 40], bf);
+    let k40 = Tensor::randn([1, 2, 10, 40], bf);
+    assert!(decode_attention(&q40, &k40, &k40, None).unwrap().is_none());
+    let q2 = Tensor::randn([1, 4, 2, 64], bf);
+    assert!(decode_attention(&q2, &k, &k, None).unwrap().is_none());
+    // RMSNorm: too many rows, a weight of the wrong length, half precision.
+    let w = Tensor::ones([64], bf);
+    assert!(rms_norm(&Tensor::randn([65, 64], bf), &w, 1e-5).unwrap().is_none());
+    assert!(rms_norm(&Tensor::randn([2, 32], bf), &w, 1e-5).unwrap().is_none());
+    let h = |t: &Tensor| t.to_kind(Kind::Half);
+    assert!(rms_norm(&h(&Tensor::randn([2, 64], bf)), &h(&w), 1e-5).unwrap().is_none());
+    // Switched off, nothing applies.
+    cpu_kernels::set_enabled(false);
+    let off = rms_norm(&Tensor::randn([2, 64], bf), &w, 1e-5).unwrap().is_none()
+        && decode_attention(&q, &k, &k, None).unwrap().is_none();
+    cpu_kernels::set_enabled(true);
+    assert!(off);
+    assert!(decode_attention(&q, &k, &k, None).unwrap().is_some());
+}
+
+mod model_support;
+
+/// The real model: bf16 decode (teacher-forced on the f32 model's greedy continuation) with the
+/// kernels must be as close to the f32 model as bf16 decode through libtorch's ops is, with the
+/// same argmax at every step. Bounds: mean |Δ logit| within 1.1x + 0.005 and max within
+/// 1.25x + 0.05 of libtorch's (bf16 decode is about 0.1 mean, 0.5 max off f32 here); a wrong
+/// scale or mask moves logits by whole units.
+#[test]
+fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
+    use flowtune_lm::loader::{load, LoadOptions};
+    use flowtune_lm::model::Model;
+    use flowtune_lm::tokenizer::ChatMessage;
+    use model_support::{decode_logits, greedy_steps, test_model};
+    let _serial = require_kernels();
+    let load_as = |dtype| {
+        let m = load(&test_model(), &LoadOptions { device: Device::Cpu, dtype, ..Default::default() }).unwrap();
+        (Model::new(&m.config, &m.weights).unwrap(), m.tokenizer)
+    };
+    let (reference, tokenizer) = load_as(Kind::Float);
+    let (bf16, _) = load_as(Kind::BFloat16);
+    let prompt = tokenizer
+        .encode_chat(
+            &[
+                ChatMessage::new("system", "Answer from the paragraphs. Be brief."),
+                ChatMessage::new(
+                    "user",
+                    "Paragraph: The Seine flows through Paris and Rouen before reaching the sea \
+                     at Le Havre.\nQuestion: Which river flows through the capital of France?",
+                ),
+            ],
+            true,
+        )
+        .unwrap();
+    let steps = greedy_steps(&reference, &prompt, 16);
+    let r = decode_logits(&reference, &prompt, &steps);
+    let on = decode_logits(&bf16, &prompt, &steps);
+    cpu_kernels::set_enabled(false);
+    let off = decode_logits(&bf16, &prompt, &steps);
+    cpu_kernels::set_enabled(true);
+    let stats = |x: &[Tensor]| {
+        let d: Vec<Tensor> = r.iter().zip(x).skip(1).map(|(a, b)| (a - b).abs()).collect();
+        let mean = d.iter().map(|t| t.mean(Kind::Float).double_value(&[])).sum::<f64>() / d.len() as f64;
+        let max = d.iter().map(|t| t.max().double_value(&[])).fold(0.0, f64::max);
+        (mean, max)
+    };
+    let ((mean_on, max_on), (mean_off, max_off)) = (stats(&on), stats(&off));
+    eprintln!("bf16 decode |Δ logit| vs f32: kernels mean {mean_on:.4} max {max_on:.4}; libtorch mean {mean_off:.4} max {max_off:.4}");
+    assert!(
+        mean_on <= 1.1 * mean_off + 0.005 && max_on <= 1.25 * max_off + 0.05,
+        "kernels: mean {mean_on} max {max_on}; libtorch: mean {mean_off} max {max_off}"
+    );
+    for (i, (a, b)) in r.iter().zip(&on).enumerate().skip(1) {
+        assert_eq!(
+            a.argmax(-1, false).int64_value(&[0]),
+            b.argmax(-1, false).int64_value(&[0]),
+            "step {i}: argmax differs from f32"
+        );
+    }
+}

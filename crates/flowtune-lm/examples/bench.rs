@@ -79,6 +79,10 @@ fn main() -> R<()> {
                 .map(|n| n.get() as i32)
                 .unwrap_or(1)
         });
+    // `--no-kernels`: libtorch's ops instead of the fused CPU kernels (for A/B comparisons).
+    if args.iter().any(|a| a == "--no-kernels") {
+        flowtune_lm::cpu_kernels::set_enabled(false);
+    }
     let repeats: usize = arg("--repeats")
         .map(|t| t.parse())
         .transpose()?

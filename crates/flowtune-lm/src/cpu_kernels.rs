@@ -38,7 +38,6 @@ fn bf16_bits(x: f32) -> u16 {
     }
 }
 
-
 #[inline(always)]
 fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
@@ -75,8 +74,6 @@ fn reduce(mut acc: [f32; LANES]) -> f32 {
     }
     acc[0]
 }
-
-
 
 /// bf16 bits to f32 values (vectorisable).
 #[inline(always)]
@@ -291,14 +288,14 @@ struct AttnShape {
     scale: f32,
 }
 
-/// Whether the attention kernel runs on this CPU (x86-64 with AVX-512F).
+/// Whether the AVX-512 kernels run on this CPU (x86-64 with AVX-512F and FMA).
 fn attention_available() -> bool {
     if !ENABLED.load(Ordering::Relaxed) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -348,12 +345,22 @@ mod avx512 {
             let lo = _mm512_set1_ps(-87.3);
             let xc = _mm512_max_ps(x, lo);
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
-                _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(0.5)),
+                _mm512_fmadd_ps(
+                    xc,
+                    _mm512_set1_ps(std::f32::consts::LOG2_E),
+                    _mm512_set1_ps(0.5),
+                ),
             );
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
             let mut p = _mm512_set1_ps(1.987_569_1e-4);
-            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                5.000_000_1e-1,
+            ] {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
             }
             let e = _mm512_add_ps(
@@ -369,15 +376,126 @@ mod avx512 {
         }
     }
 
-    /// The kernel (see `super::decode_attention`); `hd` is a multiple of 16.
-    #[target_feature(enable = "avx512f")]
+    /// `y = x @ w.T` for `M` rows (see `super::Int4F32Weight`): per output, the dequantised
+    /// codes of each group (`scale * q`) times the inputs in 16-lane fused multiply-adds, plus
+    /// `min` times the group's input sum.
+    #[target_feature(enable = "avx512f,fma")]
+    ///
+    /// # Safety
+    /// `y` points at `M * n` writable floats; outputs `from..to` of every row are written.
+    pub(super) unsafe fn int4_f32<const M: usize>(
+        w: &super::Int4F32Weight,
+        x: &[f32],
+        y: *mut f32,
+        from: usize,
+        to: usize,
+    ) {
+        const G: usize = super::GROUP;
+        let (n, k) = (w.n, w.k);
+        let groups = k / G;
+        // Each row's input sum per group, for the minimum term.
+        let mut xsum = vec![0f32; M * groups];
+        for m in 0..M {
+            for g in 0..groups {
+                xsum[m * groups + g] = x[m * k + g * G..m * k + (g + 1) * G].iter().sum();
+            }
+        }
+        let low = _mm512_set1_epi32(0x0f);
+        // SAFETY: `packed` holds `n * k / 2` bytes, `scale`/`min` `n * groups` values, `x`
+        // `M * k` and `y` `M * n` (checked by the caller's shapes); `from..to` lies in `0..n`.
+        unsafe {
+            for o in from..to {
+                let mut acc = [_mm512_setzero_ps(); M];
+                let mut msum = [0f32; M];
+                let codes = w.packed.as_ptr().add(o * k / 2);
+                for g in 0..groups {
+                    let bytes = _mm_loadu_si128(codes.add(g * G / 2) as *const __m128i);
+                    let wide = _mm512_cvtepu8_epi32(bytes);
+                    let s = _mm512_set1_ps(*w.scale.get_unchecked(o * groups + g));
+                    let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(wide, low)), s);
+                    let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(wide)), s);
+                    let mn = *w.min.get_unchecked(o * groups + g);
+                    for m in 0..M {
+                        let xp = x.as_ptr().add(m * k + g * G);
+                        acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[m]);
+                        acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), acc[m]);
+                        msum[m] = mn.mul_add(*xsum.get_unchecked(m * groups + g), msum[m]);
+                    }
+                }
+                for m in 0..M {
+                    *y.add(m * n + o) = _mm512_reduce_add_ps(acc[m]) + msum[m];
+                }
+            }
+        }
+    }
+
+    /// `y[m, j] = Σ_k x[m, k] * wt[k, j]` for columns `from..to` (see
+    /// `super::linear_f32_small`), in tiles of 32 columns with masked edges.
+    ///
+    /// # Safety
+    /// `wt` holds `k * n` floats, `x` `M * k`, `y` points at `M * n` writable floats.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gemm_t_f32<const M: usize>(
+        x: &[f32],
+        wt: &[f32],
+        y: *mut f32,
+        n: usize,
+        k: usize,
+        from: usize,
+        to: usize,
+    ) {
+        let mut j = from;
+        // SAFETY: column `j + c < to <= n` for every unmasked lane; rows `kk < k`.
+        unsafe {
+            while j < to {
+                let left = to - j;
+                let m0: __mmask16 = if left >= 16 {
+                    0xffff
+                } else {
+                    (1u32 << left) as u16 - 1
+                };
+                let m1: __mmask16 = if left >= 32 {
+                    0xffff
+                } else if left > 16 {
+                    (1u32 << (left - 16)) as u16 - 1
+                } else {
+                    0
+                };
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                for kk in 0..k {
+                    let row = wt.as_ptr().add(kk * n + j);
+                    let w0 = _mm512_maskz_loadu_ps(m0, row);
+                    let w1 = _mm512_maskz_loadu_ps(m1, row.add(16));
+                    for m in 0..M {
+                        let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
+                        acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
+                        acc[m][1] = _mm512_fmadd_ps(xm, w1, acc[m][1]);
+                    }
+                }
+                for m in 0..M {
+                    let out = y.add(m * n + j);
+                    _mm512_mask_storeu_ps(out, m0, acc[m][0]);
+                    _mm512_mask_storeu_ps(out.add(16), m1, acc[m][1]);
+                }
+                j += 32;
+            }
+        }
+    }
+
+    /// The kernel (see `super::decode_attention`) for (row, kv head) pairs `pairs` (pair
+    /// `b * nkv + h`); `hd` is a multiple of 16.
+    ///
+    /// # Safety
+    /// `out` points at `B * nq * hd` writable values; each pair writes only its own heads.
+    #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn attention_bf16(
         q: &[u16],
         k: &[u16],
         v: &[u16],
         mask: Option<&[bool]>,
-        out: &mut [u16],
+        out: *mut u16,
         s: AttnShape,
+        pairs: std::ops::Range<usize>,
     ) {
         let (hd, group, l) = (s.hd, s.group, s.k.l);
         let chunks = hd / 16;
@@ -389,8 +507,9 @@ mod avx512 {
         // SAFETY: every offset below comes from the views' sizes and strides, which
         // `decode_attention` checked against the slices' extents; rows have `hd` elements.
         unsafe {
-            for b in 0..s.k.b {
-                for kvh in 0..s.k.h {
+            for pair in pairs {
+                let (b, kvh) = (pair / s.k.h, pair % s.k.h);
+                {
                     for g in 0..group {
                         // Lanes past the last key take no part in the soft-max.
                         scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
@@ -458,15 +577,19 @@ mod avx512 {
                                 let a = ap.add(c * 16);
                                 _mm512_storeu_ps(
                                     a,
-                                    _mm512_fmadd_ps(pv, load_bf16(vp.add(c * 16)), _mm512_loadu_ps(a)),
+                                    _mm512_fmadd_ps(
+                                        pv,
+                                        load_bf16(vp.add(c * 16)),
+                                        _mm512_loadu_ps(a),
+                                    ),
                                 );
                             }
                         }
                     }
                     for g in 0..group {
                         let at = (b * s.q.h + kvh * group + g) * hd;
-                        for (o, a) in out[at..at + hd].iter_mut().zip(&acc[g * hd..(g + 1) * hd]) {
-                            *o = super::bf16_bits(*a);
+                        for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
+                            *out.add(at + i) = super::bf16_bits(*a);
                         }
                     }
                 }
@@ -488,7 +611,11 @@ pub fn decode_attention(
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let all = [q, k, v];
-    if !attention_available() || all.iter().any(|t| !plain_cpu(t) || t.kind() != Kind::BFloat16) {
+    if !attention_available()
+        || all
+            .iter()
+            .any(|t| !plain_cpu(t) || t.kind() != Kind::BFloat16)
+    {
         return Ok(None);
     }
     let (Some(qv), Some(kv), Some(vv)) = (View4::of(q), View4::of(k), View4::of(v)) else {
@@ -526,24 +653,332 @@ pub fn decode_attention(
         group: qv.h / kv.h,
         scale: 1.0 / (hd as f32).sqrt(),
     };
-    let out = Tensor::f_empty([qv.b as i64, qv.h as i64, 1, hd as i64], (Kind::BFloat16, Device::Cpu))?;
+    let out = Tensor::f_empty(
+        [qv.b as i64, qv.h as i64, 1, hd as i64],
+        (Kind::BFloat16, Device::Cpu),
+    )?;
     // SAFETY: q, k and v are CPU bf16 tensors (u16 bits); the slices start at each tensor's
     // first element and span its furthest element (`View4::extent`), which lies inside its
     // storage because the view's sizes and non-negative strides describe elements of it. The
     // mask is a contiguous bool tensor (one byte per element, 0 or 1) and `out` is fresh.
+    #[cfg(target_arch = "x86_64")]
     unsafe {
         let span = |t: &Tensor, view: &View4| -> &[u16] {
             std::slice::from_raw_parts(t.data_ptr() as *const u16, view.extent(hd))
         };
-        #[cfg(target_arch = "x86_64")]
-        avx512::attention_bf16(
-            span(q, &qv),
-            span(k, &kv),
-            span(v, &vv),
-            mask.as_ref().map(|m| elements::<bool>(m)),
-            elements_mut::<u16>(&out),
-            shape,
-        );
+        let (qs, ks, vs) = (span(q, &qv), span(k, &kv), span(v, &vv));
+        let ms = mask.as_ref().map(|m| elements::<bool>(m));
+        let os = OutPtr16(elements_mut::<u16>(&out).as_mut_ptr());
+        let pairs = kv.b * kv.h;
+        let run = |range: std::ops::Range<usize>| {
+            let os = os;
+            avx512::attention_bf16(qs, ks, vs, ms, os.0, shape, range)
+        };
+        // Split (row, kv head) pairs across libtorch's OpenMP team when there is enough work
+        // (batch 8 at SmolLM2 shapes: 137 µs on one thread).
+        if pairs < 2 || pairs * kv.l * qv.h / kv.h * hd < ATTENTION_PARALLEL_MACS {
+            run(0..pairs);
+        } else {
+            omp::parallel(&|t: usize, threads: usize| {
+                let per = pairs.div_ceil(threads.max(1));
+                let from = (t * per).min(pairs);
+                run(from..(from + per).min(pairs));
+            });
+        }
     }
     Ok(Some(out))
+}
+
+/// Whether the float32 int4 linear kernel runs on this CPU (x86-64 with AVX-512F; the kernels
+/// not switched off).
+pub fn int4_f32_available() -> bool {
+    attention_available()
+}
+
+/// Inputs per int4 group (ggml's Q4 block).
+const GROUP: usize = 32;
+
+/// A linear weight `[N, K]` in 4-bit codes with a float32 scale and minimum per group of 32
+/// inputs (`w = scale * q + min`, ggml's Q4_1 block), for float32 activations of a few rows.
+///
+/// libtorch's int4 kernel takes bf16/f16 activations at full speed but float32 ones about 30x
+/// slower than a dense float32 `linear`; this kernel keeps the float32 model's numerics (the
+/// weights are the same values; only the summation order differs) while reading an eighth of
+/// the bytes. Each group's 16 bytes hold inputs `j` (low nibble) and `j + 16` (high nibble).
+#[derive(Debug)]
+pub struct Int4F32Weight {
+    packed: Vec<u8>,
+    scale: Vec<f32>,
+    min: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+/// Products of at least this many multiply-adds split their outputs across libtorch's OpenMP
+/// threads.
+const INT4_F32_PARALLEL_MACS: usize = 1 << 18;
+
+/// Attention calls with at least this many query-key multiply-adds split across threads.
+const ATTENTION_PARALLEL_MACS: usize = 1 << 18;
+
+/// The output pointer of one attention call, shared like [`OutPtr`].
+#[derive(Clone, Copy)]
+struct OutPtr16(*mut u16);
+// SAFETY: as for `OutPtr`: disjoint writes, joined before the output is used.
+unsafe impl Send for OutPtr16 {}
+unsafe impl Sync for OutPtr16 {}
+
+/// The output pointer of one int4 product, shared by the threads that write disjoint parts.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the threads given an `OutPtr` write disjoint elements of one live allocation and are
+// joined (the end of the OpenMP parallel region) before the tensor that owns it is used again.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Forwards with at most this many rows take the int4 float32 kernel.
+pub const INT4_F32_MAX_ROWS: usize = 8;
+
+impl Int4F32Weight {
+    /// Pack codes (uint8 `[N, K]`, values 0..=15, `K` a multiple of 32) with float32 scales and
+    /// minima `[N, K / 32]`; `None` when the shapes do not fit.
+    pub fn new(q: &Tensor, scale: &Tensor, min: &Tensor) -> Result<Option<Self>> {
+        let size = q.size();
+        if size.len() != 2 || size[1] % GROUP as i64 != 0 {
+            return Ok(None);
+        }
+        let (n, k) = (size[0] as usize, size[1] as usize);
+        let groups = [n as i64, (k / GROUP) as i64];
+        if scale.size() != groups || min.size() != groups {
+            return Ok(None);
+        }
+        let codes = Vec::<u8>::try_from(q.f_to_kind(Kind::Uint8)?.f_flatten(0, -1)?)?;
+        let mut packed = Vec::with_capacity(n * k / 2);
+        for block in codes.chunks_exact(GROUP) {
+            for j in 0..GROUP / 2 {
+                packed.push((block[j] & 0x0f) | (block[j + GROUP / 2] << 4));
+            }
+        }
+        let floats = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(Vec::<f32>::try_from(
+                t.f_to_kind(Kind::Float)?.f_flatten(0, -1)?,
+            )?)
+        };
+        Ok(Some(Self {
+            packed,
+            scale: floats(scale)?,
+            min: floats(min)?,
+            n,
+            k,
+        }))
+    }
+
+    /// Whether `x @ w.T` for this input takes the kernel: a float32 CPU tensor without
+    /// gradient, `[..., K]` with at most [`INT4_F32_MAX_ROWS`] rows, on a CPU that has it.
+    pub fn applies(&self, x: &Tensor) -> bool {
+        int4_f32_available()
+            && plain_cpu(x)
+            && x.kind() == Kind::Float
+            && x.size().last().copied() == Some(self.k as i64)
+            && x.numel() / self.k.max(1) <= INT4_F32_MAX_ROWS
+    }
+
+    /// `x @ w.T` for float32 `x` `[..., K]` (see [`Self::applies`]; `None` where it does not).
+    pub fn matmul(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.applies(x) {
+            return Ok(None);
+        }
+        let mut shape = x.size();
+        let x = x.f_contiguous()?;
+        let rows = x.numel() / self.k;
+        if let Some(last) = shape.last_mut() {
+            *last = self.n as i64;
+        }
+        let out = Tensor::f_empty(shape.as_slice(), (Kind::Float, Device::Cpu))?;
+        // SAFETY: `x` is a contiguous f32 CPU tensor of `rows * k` values; `out` is fresh and
+        // holds `rows * n`; the kernel's AVX-512F requirement is part of `applies`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let xs = elements::<f32>(&x);
+            let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
+            let run = |from: usize, to: usize| {
+                let ys = ys;
+                match rows {
+                    1 => avx512::int4_f32::<1>(self, xs, ys.0, from, to),
+                    2 => avx512::int4_f32::<2>(self, xs, ys.0, from, to),
+                    3 => avx512::int4_f32::<3>(self, xs, ys.0, from, to),
+                    4 => avx512::int4_f32::<4>(self, xs, ys.0, from, to),
+                    5 => avx512::int4_f32::<5>(self, xs, ys.0, from, to),
+                    6 => avx512::int4_f32::<6>(self, xs, ys.0, from, to),
+                    7 => avx512::int4_f32::<7>(self, xs, ys.0, from, to),
+                    _ => avx512::int4_f32::<8>(self, xs, ys.0, from, to),
+                }
+            };
+            // Outputs split across libtorch's OpenMP team in blocks of at least 64 (disjoint
+            // columns of `out`, so no two threads write the same element).
+            if rows * self.n * self.k < INT4_F32_PARALLEL_MACS {
+                run(0, self.n);
+            } else {
+                let n = self.n;
+                omp::parallel(&|t: usize, threads: usize| {
+                    let parts = threads.clamp(1, n.div_ceil(64));
+                    let per = n.div_ceil(parts);
+                    let from = (t * per).min(n);
+                    run(from, (from + per).min(n));
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// `x @ w.T` in float32 for 2 to [`INT4_F32_MAX_ROWS`] rows, where `w` `[N, K]` is stored
+/// as the transposed view of a contiguous `[K, N]` matrix (the model's float32 layout, see
+/// `model::fast_weight_layout`): the weight is streamed once for all rows, split across
+/// libtorch's OpenMP team, each output accumulated over `k` in order with fused multiply-adds.
+/// MKL re-packs the whole weight on every call for a few rows (about 7-8 GB/s effective);
+/// this reads it at close to the memory bandwidth. `None` where it does not apply (other
+/// layouts or kinds, more rows, gradients, a CPU without AVX-512F).
+pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (ws, wst) = (w.size(), w.stride());
+    if !int4_f32_available()
+        || !plain_cpu(x)
+        || !plain_cpu(w)
+        || x.kind() != Kind::Float
+        || w.kind() != Kind::Float
+        || ws.len() != 2
+        || wst != [1, ws[0]]
+        || x.size().last().copied() != Some(ws[1])
+        || ws[1] == 0
+    {
+        return Ok(None);
+    }
+    let (n, k) = (ws[0] as usize, ws[1] as usize);
+    let rows = x.numel() / k;
+    // One row is a GEMV, which MKL streams at full bandwidth over this layout (faster than this
+    // kernel: 71-77 against 55-58 tok/s for float32 int4 decoding at batch 1).
+    if !(2..=INT4_F32_MAX_ROWS).contains(&rows) {
+        return Ok(None);
+    }
+    let x = x.f_contiguous()?;
+    let mut shape = x.size();
+    if let Some(last) = shape.last_mut() {
+        *last = n as i64;
+    }
+    let out = Tensor::f_empty(shape.as_slice(), (Kind::Float, Device::Cpu))?;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `w`'s storage is a contiguous `[K, N]` float matrix starting at its data pointer
+    // (strides `[1, N]` over sizes `[N, K]`); `x` holds `rows * k` floats and `out`, fresh,
+    // `rows * n`; threads write disjoint column ranges and are joined before `out` is returned.
+    unsafe {
+        let xs = elements::<f32>(&x);
+        let wt = std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k);
+        let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
+        let run = |from: usize, to: usize| {
+            let ys = ys;
+            match rows {
+                2 => avx512::gemm_t_f32::<2>(xs, wt, ys.0, n, k, from, to),
+                3 => avx512::gemm_t_f32::<3>(xs, wt, ys.0, n, k, from, to),
+                4 => avx512::gemm_t_f32::<4>(xs, wt, ys.0, n, k, from, to),
+                5 => avx512::gemm_t_f32::<5>(xs, wt, ys.0, n, k, from, to),
+                6 => avx512::gemm_t_f32::<6>(xs, wt, ys.0, n, k, from, to),
+                7 => avx512::gemm_t_f32::<7>(xs, wt, ys.0, n, k, from, to),
+                _ => avx512::gemm_t_f32::<8>(xs, wt, ys.0, n, k, from, to),
+            }
+        };
+        if rows * n * k < INT4_F32_PARALLEL_MACS {
+            run(0, n);
+        } else {
+            omp::parallel(&|t: usize, threads: usize| {
+                // Column blocks of whole 32-wide tiles.
+                let tiles = n.div_ceil(32);
+                let per = tiles.div_ceil(threads.max(1)) * 32;
+                let from = (t * per).min(n);
+                run(from, (from + per).min(n));
+            });
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Run a closure on every thread of libtorch's OpenMP team (GNU libgomp, which the PyTorch
+/// builds tch links load) as one parallel region, so the kernels share libtorch's threads instead
+/// of competing with them: a second thread pool loses its core to libgomp's spin-waiting workers
+/// (measured: a rayon split of the int4 kernel was 10-25 % slower than one thread). The entry
+/// points are looked up at run time; without them the closure runs once, on the calling thread.
+mod omp {
+    use std::ffi::{c_char, c_int, c_uint, c_void};
+    use std::sync::OnceLock;
+
+    type Body = unsafe extern "C" fn(*mut c_void);
+    type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
+    type Query = unsafe extern "C" fn() -> c_int;
+
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    struct Gomp {
+        parallel: Parallel,
+        thread_num: Query,
+        num_threads: Query,
+    }
+
+    fn gomp() -> Option<&'static Gomp> {
+        static GOMP: OnceLock<Option<Gomp>> = OnceLock::new();
+        GOMP.get_or_init(|| {
+            // SAFETY: `dlsym(RTLD_DEFAULT = NULL, name)` searches the loaded objects; the
+            // symbols, when present, are libgomp's public entry points with these signatures.
+            unsafe {
+                let find =
+                    |name: &[u8]| dlsym(std::ptr::null_mut(), name.as_ptr() as *const c_char);
+                let (p, t, n) = (
+                    find(b"GOMP_parallel\0"),
+                    find(b"omp_get_thread_num\0"),
+                    find(b"omp_get_num_threads\0"),
+                );
+                if p.is_null() || t.is_null() || n.is_null() {
+                    return None;
+                }
+                Some(Gomp {
+                    parallel: std::mem::transmute::<*mut c_void, Parallel>(p),
+                    thread_num: std::mem::transmute::<*mut c_void, Query>(t),
+                    num_threads: std::mem::transmute::<*mut c_void, Query>(n),
+                })
+            }
+        })
+        .as_ref()
+    }
+
+    struct Job<'a> {
+        f: &'a (dyn Fn(usize, usize) + Sync),
+        gomp: &'static Gomp,
+    }
+
+    unsafe extern "C" fn body(data: *mut c_void) {
+        // SAFETY: `data` is the `Job` that `parallel` keeps alive until the region ends.
+        let job = unsafe { &*(data as *const Job<'_>) };
+        // SAFETY: libgomp's thread queries, called inside its parallel region.
+        let (t, n) = unsafe { ((job.gomp.thread_num)(), (job.gomp.num_threads)()) };
+        // A panic must not unwind into C; the kernels do not panic, so this is a last resort.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (job.f)(t.max(0) as usize, n.max(1) as usize)
+        }))
+        .is_err()
+        {
+            std::process::abort();
+        }
+    }
+
+    /// `f(thread, threads)` once on each thread of the team (`thread` in `0..threads`); returns
+    /// when all have finished.
+    pub(super) fn parallel(f: &(dyn Fn(usize, usize) + Sync)) {
+        let Some(gomp) = gomp() else {
+            return f(0, 1);
+        };
+        let job = Job { f, gomp };
+        // SAFETY: `GOMP_parallel(fn, data, 0 = the default team size, 0)` runs `fn(data)` on
+        // each team thread and joins them before returning, so `job` outlives every use.
+        unsafe { (gomp.parallel)(body, &job as *const Job<'_> as *mut c_void, 0, 0) };
+    }
 }

@@ -1,4 +1,4 @@
-//! Group-wise 4-bit weights for the decoder's linear layers (opt-in, CPU, bf16/f16).
+//! Group-wise 4-bit weights for the decoder's linear layers (opt-in, CPU).
 //!
 //! A weight `[N, K]` is stored as 4-bit codes `q` with one scale and one minimum per group of
 //! [`INT4_GROUP`] consecutive inputs: `w[n, k] = scale[n, k / 32] * q[n, k] + min[n, k / 32]`.
@@ -10,8 +10,10 @@
 //! about a quarter of the bytes of bf16. The product runs through libtorch's
 //! `_weight_int4pack_mm_for_cpu`, whose dequantisation is `(q - 8) * scale + zero`, so the model
 //! passes `zero = min + 8 * scale`. Scales and zeros are rounded to the activation dtype (bf16 or
-//! f16); the kernel accumulates in float32. Forwards with more than [`INT4_MAX_ROWS`] rows
-//! (prefill, training) use the dense weight, which the model keeps as well.
+//! f16); the kernel accumulates in float32. Float32 activations go through flowtune's own kernel
+//! ([`crate::cpu_kernels::Int4F32Weight`], x86-64 with AVX-512F), which keeps the scales and
+//! minima in float32. Forwards with more than [`INT4_MAX_ROWS`] rows (prefill, training) use the
+//! dense weight, which the model keeps as well.
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
@@ -134,21 +136,33 @@ impl Int4Blocks {
     }
 }
 
-/// A linear's weight packed for libtorch's CPU int4 kernel.
+/// A linear's weight packed for a CPU int4 kernel: libtorch's for bf16/f16 activations,
+/// flowtune's own ([`crate::cpu_kernels::Int4F32Weight`]) for float32 ones.
 #[derive(Debug)]
-pub(crate) struct Int4Linear {
-    packed: Tensor,
-    /// `[K / 32, N, 2]`: (scale, min + 8 * scale) in the activation dtype.
-    scales_zeros: Tensor,
-    out: i64,
-    inp: i64,
+pub(crate) enum Int4Linear {
+    Libtorch {
+        packed: Tensor,
+        /// `[K / 32, N, 2]`: (scale, min + 8 * scale) in the activation dtype.
+        scales_zeros: Tensor,
+        out: i64,
+        inp: i64,
+    },
+    F32(crate::cpu_kernels::Int4F32Weight),
 }
 
 impl Int4Linear {
-    /// Pack `blocks` for activations of `kind` (bf16 or f16) on the CPU, or `None` when the
-    /// kernel cannot take this shape (`N` must be a multiple of 16).
+    /// Pack `blocks` for activations of `kind` on the CPU, or `None` when no kernel takes this
+    /// kind and shape (libtorch's needs `N` a multiple of 16 and bf16/f16; float32 needs a CPU
+    /// with AVX-512F).
     pub(crate) fn new(blocks: &Int4Blocks, kind: Kind) -> Result<Option<Self>> {
         let (n, k) = blocks.shape();
+        if kind == Kind::Float {
+            if !crate::cpu_kernels::int4_f32_available() {
+                return Ok(None);
+            }
+            return Ok(crate::cpu_kernels::Int4F32Weight::new(&blocks.q, &blocks.scale, &blocks.min)?
+                .map(Self::F32));
+        }
         if n % 16 != 0 || k % INT4_GROUP != 0 || !matches!(kind, Kind::BFloat16 | Kind::Half) {
             return Ok(None);
         }
@@ -161,7 +175,7 @@ impl Int4Linear {
             .f_transpose(0, 1)?
             .f_contiguous()?
             .f_to_kind(kind)?;
-        Ok(Some(Self {
+        Ok(Some(Self::Libtorch {
             packed,
             scales_zeros,
             out: n,
@@ -171,20 +185,36 @@ impl Int4Linear {
 
     /// Whether a forward over `x` should take the 4-bit path.
     pub(crate) fn applies(&self, x: &Tensor) -> bool {
-        let rows = x.numel() as i64 / self.inp.max(1);
-        rows <= INT4_MAX_ROWS && !x.requires_grad() && x.device() == Device::Cpu
+        match self {
+            Self::Libtorch { inp, .. } => {
+                let rows = x.numel() as i64 / (*inp).max(1);
+                rows <= INT4_MAX_ROWS && !x.requires_grad() && x.device() == Device::Cpu
+            }
+            Self::F32(w) => w.applies(x),
+        }
     }
 
-    /// `x @ w.T` for `x` `[..., K]`.
+    /// `x @ w.T` for `x` `[..., K]` (where [`Self::applies`]).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut shape = x.size();
-        let x2 = x.f_reshape([-1, self.inp])?.f_contiguous()?;
-        let y =
-            x2.f_internal_weight_int4pack_mm_for_cpu(&self.packed, INT4_GROUP, &self.scales_zeros)?;
-        if let Some(last) = shape.last_mut() {
-            *last = self.out;
+        match self {
+            Self::Libtorch {
+                packed,
+                scales_zeros,
+                out,
+                inp,
+            } => {
+                let mut shape = x.size();
+                let x2 = x.f_reshape([-1, *inp])?.f_contiguous()?;
+                let y = x2.f_internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP, scales_zeros)?;
+                if let Some(last) = shape.last_mut() {
+                    *last = *out;
+                }
+                Ok(y.f_reshape(shape.as_slice())?)
+            }
+            Self::F32(w) => w.matmul(x)?.ok_or_else(|| {
+                Error::ModelInput("int4 float32 kernel called on an input it does not take".into())
+            }),
         }
-        Ok(y.f_reshape(shape.as_slice())?)
     }
 }
 

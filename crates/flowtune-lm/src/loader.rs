@@ -40,7 +40,8 @@ pub enum LinearWeights {
     #[default]
     Dense,
     /// Dense plus 4-bit group-wise codes ([`crate::int4`]) for small-batch decoding on the CPU
-    /// in bf16/f16. A Q4_0/Q4_1 GGUF keeps its own blocks; other sources are quantised.
+    /// (bf16/f16 through libtorch's kernel, float32 through flowtune's on AVX-512 CPUs). A
+    /// Q4_0/Q4_1 GGUF keeps its own blocks; other sources are quantised.
     Int4,
 }
 
@@ -94,12 +95,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         });
     }
     if opts.linear_weights == LinearWeights::Int4
-        && (opts.device != Device::Cpu || opts.dtype == Kind::Float)
+        && (opts.device != Device::Cpu
+            || (opts.dtype == Kind::Float && !crate::cpu_kernels::int4_f32_available()))
     {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
             what: format!(
-                "int4 linear weights on {:?} in {:?} (they need the CPU and bf16 or f16)",
+                "int4 linear weights on {:?} in {:?} (they need the CPU, and for float32 a CPU \
+                 with AVX-512F)",
                 opts.device, opts.dtype
             ),
         });

@@ -55,7 +55,7 @@ struct Linear {
 
 impl Linear {
     /// A linear over `weight` `[out, in]` stored in the layout that is fastest for it, with
-    /// `blocks` packed for the int4 kernel when given and usable (CPU, bf16/f16, shape).
+    /// `blocks` packed for the int4 kernel when given and usable (CPU; bf16/f16, or float32 on AVX-512 CPUs; shape).
     fn new(weight: Tensor, bias: Option<Tensor>, blocks: Option<Int4Blocks>) -> Result<Self> {
         let int4 = match blocks {
             Some(b) if weight.device() == Device::Cpu => Int4Linear::new(&b, weight.kind())?,
@@ -84,6 +84,12 @@ impl Linear {
 /// beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything else, including the
 /// attention products around it.
 fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = crate::cpu_kernels::linear_f32_small(x, weight)? {
+        return Ok(match bias {
+            Some(b) => y.f_add(b)?,
+            None => y,
+        });
+    }
     let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
     let _gemv = (rows == 1 && x.kind() == Kind::BFloat16 && x.device() == Device::Cpu)
         .then(onednn_switch::Disabled::new);

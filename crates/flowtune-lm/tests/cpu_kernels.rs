@@ -78,7 +78,8 @@ fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) ->
     let (b, nq, hd) = (q.size()[0], q.size()[1], q.size()[3]);
     let nkv = k.size()[1];
     let qg = q.reshape([b, nkv, nq / nkv, hd]);
-    let mut scores = qg.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) * (1.0 / (hd as f64).sqrt());
+    let mut scores =
+        qg.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) * (1.0 / (hd as f64).sqrt());
     if let Some(m) = mask {
         scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
     }
@@ -96,7 +97,10 @@ fn exact_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) ->
     if let Some(m) = mask {
         scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
     }
-    scores.softmax(-1, Kind::Double).matmul(&d(v)).reshape([b, nq, 1, hd])
+    scores
+        .softmax(-1, Kind::Double)
+        .matmul(&d(v))
+        .reshape([b, nq, 1, hd])
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -165,11 +169,16 @@ fn kernels_decline_what_they_do_not_cover() {
     let q = Tensor::randn([1, 4, 1, 64], bf);
     let k = Tensor::randn([1, 2, 10, 64], bf);
     // Gradients: autograd must see libtorch's ops.
-    let qg = q.to_kind(Kind::Float).set_requires_grad(true).to_kind(Kind::BFloat16);
+    let qg = q
+        .to_kind(Kind::Float)
+        .set_requires_grad(true)
+        .to_kind(Kind::BFloat16);
     assert!(decode_attention(&qg, &k, &k, None).unwrap().is_none());
     // f32, a head dim that is not a multiple of 16, more than one query position.
     let f = |t: &Tensor| t.to_kind(Kind::Float);
-    assert!(decode_attention(&f(&q), &f(&k), &f(&k), None).unwrap().is_none());
+    assert!(decode_attention(&f(&q), &f(&k), &f(&k), None)
+        .unwrap()
+        .is_none());
     let q40 = Tensor::randn([1, 4, 1, 40], bf);
     let k40 = Tensor::randn([1, 2, 10, 40], bf);
     assert!(decode_attention(&q40, &k40, &k40, None).unwrap().is_none());
@@ -177,13 +186,21 @@ fn kernels_decline_what_they_do_not_cover() {
     assert!(decode_attention(&q2, &k, &k, None).unwrap().is_none());
     // RMSNorm: too many rows, a weight of the wrong length, half precision.
     let w = Tensor::ones([64], bf);
-    assert!(rms_norm(&Tensor::randn([65, 64], bf), &w, 1e-5).unwrap().is_none());
-    assert!(rms_norm(&Tensor::randn([2, 32], bf), &w, 1e-5).unwrap().is_none());
+    assert!(rms_norm(&Tensor::randn([65, 64], bf), &w, 1e-5)
+        .unwrap()
+        .is_none());
+    assert!(rms_norm(&Tensor::randn([2, 32], bf), &w, 1e-5)
+        .unwrap()
+        .is_none());
     let h = |t: &Tensor| t.to_kind(Kind::Half);
-    assert!(rms_norm(&h(&Tensor::randn([2, 64], bf)), &h(&w), 1e-5).unwrap().is_none());
+    assert!(rms_norm(&h(&Tensor::randn([2, 64], bf)), &h(&w), 1e-5)
+        .unwrap()
+        .is_none());
     // Switched off, nothing applies.
     cpu_kernels::set_enabled(false);
-    let off = rms_norm(&Tensor::randn([2, 64], bf), &w, 1e-5).unwrap().is_none()
+    let off = rms_norm(&Tensor::randn([2, 64], bf), &w, 1e-5)
+        .unwrap()
+        .is_none()
         && decode_attention(&q, &k, &k, None).unwrap().is_none();
     cpu_kernels::set_enabled(true);
     assert!(off);
@@ -205,7 +222,15 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
     use model_support::{decode_logits, greedy_steps, test_model};
     let _serial = require_kernels();
     let load_as = |dtype| {
-        let m = load(&test_model(), &LoadOptions { device: Device::Cpu, dtype, ..Default::default() }).unwrap();
+        let m = load(
+            &test_model(),
+            &LoadOptions {
+                device: Device::Cpu,
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         (Model::new(&m.config, &m.weights).unwrap(), m.tokenizer)
     };
     let (reference, tokenizer) = load_as(Kind::Float);
@@ -230,9 +255,21 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
     let off = decode_logits(&bf16, &prompt, &steps);
     cpu_kernels::set_enabled(true);
     let stats = |x: &[Tensor]| {
-        let d: Vec<Tensor> = r.iter().zip(x).skip(1).map(|(a, b)| (a - b).abs()).collect();
-        let mean = d.iter().map(|t| t.mean(Kind::Float).double_value(&[])).sum::<f64>() / d.len() as f64;
-        let max = d.iter().map(|t| t.max().double_value(&[])).fold(0.0, f64::max);
+        let d: Vec<Tensor> = r
+            .iter()
+            .zip(x)
+            .skip(1)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let mean = d
+            .iter()
+            .map(|t| t.mean(Kind::Float).double_value(&[]))
+            .sum::<f64>()
+            / d.len() as f64;
+        let max = d
+            .iter()
+            .map(|t| t.max().double_value(&[]))
+            .fold(0.0, f64::max);
         (mean, max)
     };
     let ((mean_on, max_on), (mean_off, max_off)) = (stats(&on), stats(&off));
@@ -246,6 +283,113 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
             a.argmax(-1, false).int64_value(&[0]),
             b.argmax(-1, false).int64_value(&[0]),
             "step {i}: argmax differs from f32"
+        );
+    }
+}
+
+/// The float32 int4 kernel against the dense product of its dequantised weight
+/// (`scale * q + min` in f64), for 1 to 8 rows and output counts below, at and above the
+/// threaded split. Tolerance: 1e-5 of `Σ |w| |x|` per output (float32 summation order).
+#[test]
+fn int4_f32_matmul_matches_its_dequantised_weight() {
+    use flowtune_lm::cpu_kernels::Int4F32Weight;
+    let _serial = require_kernels();
+    assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
+    let cpu = Device::Cpu;
+    for (seed, &(n, k)) in [
+        (8i64, 64i64),
+        (40, 96),
+        (576, 576),
+        (3072, 576),
+        (576, 1536),
+    ]
+    .iter()
+    .enumerate()
+    {
+        tch::manual_seed(seed as i64);
+        let q = Tensor::randint(16, [n, k], (Kind::Uint8, cpu));
+        let scale = Tensor::rand([n, k / 32], (Kind::Float, cpu)) * 0.02;
+        let min = Tensor::randn([n, k / 32], (Kind::Float, cpu)) * 0.1;
+        let w = Int4F32Weight::new(&q, &scale, &min)
+            .unwrap()
+            .expect("shapes fit");
+        let dense = (q.to_kind(Kind::Double).reshape([n, k / 32, 32])
+            * scale.to_kind(Kind::Double).unsqueeze(-1)
+            + min.to_kind(Kind::Double).unsqueeze(-1))
+        .reshape([n, k]);
+        for rows in [1i64, 2, 5, 8] {
+            let x = Tensor::randn([rows, 1, k], (Kind::Float, cpu));
+            let ours = w.matmul(&x).unwrap().expect("kernel applies");
+            assert_eq!(ours.size(), vec![rows, 1, n]);
+            let xd = x.to_kind(Kind::Double).reshape([rows, k]);
+            let exact = xd.matmul(&dense.transpose(0, 1));
+            let bound = xd.abs().matmul(&dense.abs().transpose(0, 1)) * 1e-5;
+            let err = (ours.reshape([rows, n]).to_kind(Kind::Double) - &exact).abs();
+            let worst = (&err - &bound).max().double_value(&[]);
+            assert!(
+                worst <= 0.0,
+                "n {n} k {k} rows {rows}: error exceeds its bound by {worst}"
+            );
+        }
+        // Not taken: 9 rows, bf16 input, a wrong width.
+        assert!(w
+            .matmul(&Tensor::randn([9, k], (Kind::Float, cpu)))
+            .unwrap()
+            .is_none());
+        assert!(w
+            .matmul(&Tensor::randn([1, k], (Kind::BFloat16, cpu)))
+            .unwrap()
+            .is_none());
+        assert!(w
+            .matmul(&Tensor::randn([1, k + 32], (Kind::Float, cpu)))
+            .unwrap()
+            .is_none());
+    }
+}
+
+/// The small-batch float32 product over the model's transposed weight layout against libtorch's
+/// `linear` on the same tensors (MKL; same float32 inputs), for 2 to 8 rows and widths that
+/// leave masked edge tiles. Tolerance: 1e-5 of `Σ |w| |x|` per output (summation order).
+#[test]
+fn linear_f32_small_matches_libtorch() {
+    use flowtune_lm::cpu_kernels::linear_f32_small;
+    let _serial = require_kernels();
+    let cpu = (Kind::Float, Device::Cpu);
+    for (seed, &(n, k)) in [
+        (7i64, 16i64),
+        (50, 64),
+        (960, 576),
+        (49152, 576),
+        (576, 1536),
+    ]
+    .iter()
+    .enumerate()
+    {
+        tch::manual_seed(seed as i64);
+        // `[N, K]` as the transposed view of a contiguous `[K, N]` matrix.
+        let w = Tensor::randn([k, n], cpu).transpose(0, 1);
+        for rows in [2i64, 3, 8] {
+            let x = Tensor::randn([rows, 1, k], cpu);
+            let ours = linear_f32_small(&x, &w).unwrap().expect("kernel applies");
+            let theirs = x.linear::<Tensor>(&w, None);
+            let bound = x.abs().linear::<Tensor>(&w.abs(), None) * 1e-5;
+            let worst = ((&ours - &theirs).abs() - bound).max().double_value(&[]);
+            assert!(
+                worst <= 0.0,
+                "n {n} k {k} rows {rows}: error exceeds its bound by {worst}"
+            );
+        }
+        // Not taken: one row (MKL's GEMV is faster), nine rows, a row-major weight.
+        assert!(linear_f32_small(&Tensor::randn([1, k], cpu), &w)
+            .unwrap()
+            .is_none());
+        assert!(linear_f32_small(&Tensor::randn([9, k], cpu), &w)
+            .unwrap()
+            .is_none());
+        assert!(
+            linear_f32_small(&Tensor::randn([2, k], cpu), &w.contiguous())
+                .unwrap()
+                .is_none()
         );
     }
 }

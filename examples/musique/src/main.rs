@@ -117,7 +117,7 @@ struct Common {
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Decoder linear weights: `dense`, or `int4` (4-bit codes for decoding batches of up to
-    /// 8 rows on the CPU in bf16/f16; a Q4_0/Q4_1 GGUF keeps its own blocks).
+    /// 8 rows on the CPU: bf16/f16, or f32 on AVX-512 CPUs; a Q4_0/Q4_1 GGUF keeps its own blocks).
     #[arg(long, default_value = "dense")]
     weights: flowtune::lm::LinearWeights,
 }

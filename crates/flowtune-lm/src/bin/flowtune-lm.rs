@@ -65,7 +65,7 @@ struct Common {
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Decoder linear weights: `dense`, or `int4` (4-bit group-wise codes for small-batch
-    /// decoding on the CPU in bf16/f16; a Q4_0/Q4_1 GGUF keeps its own blocks).
+    /// decoding on the CPU: bf16/f16, or f32 on AVX-512 CPUs; a Q4_0/Q4_1 GGUF keeps its own blocks).
     #[arg(long, default_value = "dense")]
     weights: LinearWeights,
     /// Input JSONL.

@@ -91,7 +91,6 @@ pub fn decode_logits(model: &Model, prompt: &[u32], steps: &[i64]) -> Vec<Tensor
     out
 }
 
-
 /// `n` greedy next tokens of `model` after `prompt` (to teacher-force other models with).
 pub fn greedy_steps(model: &Model, prompt: &[u32], n: usize) -> Vec<i64> {
     let _g = tch::no_grad_guard();

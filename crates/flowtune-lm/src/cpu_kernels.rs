@@ -360,7 +360,7 @@ mod avx512 {
                 8.333_452e-3,
                 4.166_579_6e-2,
                 1.666_666_5e-1,
-                5.000_000_1e-1,
+                5e-1,
             ] {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
             }
@@ -436,6 +436,7 @@ mod avx512 {
     /// # Safety
     /// `wt` holds `k * n` floats, `x` `M * k`, `y` points at `M * n` writable floats.
     #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
     pub(super) unsafe fn gemm_t_f32<const M: usize>(
         x: &[f32],
         wt: &[f32],
@@ -633,7 +634,7 @@ pub fn decode_attention(
         || vv.l != kv.l
         || kv.l == 0
         || qv.h % kv.h != 0
-        || hd % 16 != 0
+        || !hd.is_multiple_of(16)
     {
         return Ok(None);
     }
@@ -672,6 +673,8 @@ pub fn decode_attention(
         let os = OutPtr16(elements_mut::<u16>(&out).as_mut_ptr());
         let pairs = kv.b * kv.h;
         let run = |range: std::ops::Range<usize>| {
+            // Capture the whole `OutPtr16` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
             let os = os;
             avx512::attention_bf16(qs, ks, vs, ms, os.0, shape, range)
         };
@@ -803,6 +806,9 @@ impl Int4F32Weight {
             let xs = elements::<f32>(&x);
             let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
             let run = |from: usize, to: usize| {
+                // Capture the whole `OutPtr` (Send), not its raw-pointer field (edition 2021
+                // closures capture disjoint fields).
+                #[allow(clippy::redundant_locals)]
                 let ys = ys;
                 match rows {
                     1 => avx512::int4_f32::<1>(self, xs, ys.0, from, to),
@@ -876,6 +882,8 @@ pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         let wt = std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k);
         let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
         let run = |from: usize, to: usize| {
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
             let ys = ys;
             match rows {
                 2 => avx512::gemm_t_f32::<2>(xs, wt, ys.0, n, k, from, to),

@@ -519,7 +519,7 @@ impl GgufHeader {
 pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
     let be = ty.block_elems() as usize;
     let bb = ty.block_bytes() as usize;
-    if n % be != 0 || data.len() != n / be * bb {
+    if !n.is_multiple_of(be) || data.len() != n / be * bb {
         return Err(format!(
             "{ty:?}: {} bytes for {n} elements (expected {})",
             data.len(),
@@ -573,7 +573,7 @@ pub fn q4_blocks(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Opt
         return Ok(None);
     }
     let bb = ty.block_bytes() as usize;
-    if n % 32 != 0 || data.len() != n / 32 * bb {
+    if !n.is_multiple_of(32) || data.len() != n / 32 * bb {
         return Err(format!("{ty:?}: {} bytes for {n} elements (expected {})", data.len(), n / 32 * bb));
     }
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
@@ -759,7 +759,7 @@ pub fn is_rope_permuted(arch: &str, name: &str) -> bool {
 pub fn reverse_permute(data: &[f32], shape: &[i64], n_head: usize) -> std::result::Result<Vec<f32>, String> {
     let rows = *shape.first().ok_or("empty shape")? as usize;
     let cols: usize = shape[1..].iter().map(|&d| d as usize).product();
-    if n_head == 0 || rows % (2 * n_head) != 0 || data.len() != rows * cols {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || data.len() != rows * cols {
         return Err(format!("cannot un-permute shape {shape:?} with {n_head} heads"));
     }
     let dim = rows / n_head / 2;

@@ -41,11 +41,10 @@ fn run(
     let mut valid = vec![];
     for r in rows {
         let pad = t - r.len();
-        flat.extend(std::iter::repeat(0i64).take(pad).chain(r.iter().copied()));
+        flat.extend(std::iter::repeat_n(0i64, pad).chain(r.iter().copied()));
         valid.extend(
-            std::iter::repeat(false)
-                .take(pad)
-                .chain(std::iter::repeat(true).take(r.len())),
+            std::iter::repeat_n(false, pad)
+                .chain(std::iter::repeat_n(true, r.len())),
         );
     }
     let b = rows.len() as i64;

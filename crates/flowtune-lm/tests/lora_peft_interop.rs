@@ -216,14 +216,12 @@ fn peft_adapters_round_trip_with_python_peft() {
     for &r in &rows {
         let pad = t - ids[r].len();
         flat.extend(
-            std::iter::repeat(0i64)
-                .take(pad)
+            std::iter::repeat_n(0i64, pad)
                 .chain(ids[r].iter().copied()),
         );
         valid.extend(
-            std::iter::repeat(false)
-                .take(pad)
-                .chain(std::iter::repeat(true).take(ids[r].len())),
+            std::iter::repeat_n(false, pad)
+                .chain(std::iter::repeat_n(true, ids[r].len())),
         );
     }
     let sel = AdapterSelection::PerRow(

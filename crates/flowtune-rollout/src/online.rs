@@ -195,7 +195,7 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
                 ),
             });
         }
-        if state.episodes_done % this.config.minibatch_episodes as u64 != 0 {
+        if !state.episodes_done.is_multiple_of(this.config.minibatch_episodes as u64) {
             return Err(Error::Checkpoint {
                 path: dir.to_owned(),
                 reason: format!(
@@ -339,12 +339,12 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
 
         let done = self.state.episodes_done;
         if let Some(r) = self.config.reference_update.clone() {
-            if done % r.every_episodes == 0 {
+            if done.is_multiple_of(r.every_episodes) {
                 self.reference_gate(&r.metric, r.weight, learner)?;
             }
         }
         if let Some(c) = self.config.checkpoint.clone() {
-            if done % c.every_episodes == 0 {
+            if done.is_multiple_of(c.every_episodes) {
                 self.checkpoint(&c.dir, learner)?;
             }
         }
@@ -398,7 +398,7 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
             return Ok(None);
         };
         let done = self.state.episodes_done;
-        if done == 0 || done % c.every_episodes == 0 {
+        if done == 0 || done.is_multiple_of(c.every_episodes) {
             return Ok(None);
         }
         self.checkpoint(&c.dir, learner).map(Some)

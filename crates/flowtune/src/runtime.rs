@@ -357,9 +357,9 @@ impl AdapterLearner {
         let mut total = LearnStats::default();
         let mut n = 0usize;
         for batch in [
-            (!prefs.is_empty()).then(|| NodeRecords::Preferences(prefs)),
-            (!targets.is_empty()).then(|| NodeRecords::Targets(targets)),
-            (!labels.is_empty()).then(|| NodeRecords::Labels(labels)),
+            (!prefs.is_empty()).then_some(NodeRecords::Preferences(prefs)),
+            (!targets.is_empty()).then_some(NodeRecords::Targets(targets)),
+            (!labels.is_empty()).then_some(NodeRecords::Labels(labels)),
         ]
         .into_iter()
         .flatten()

@@ -313,7 +313,7 @@ impl Progress {
 
     fn update(&self, pos: u64, msg: String) {
         self.bar.set_position(pos);
-        if self.plain && pos > 0 && (pos % 10 == 0 || pos == self.len) {
+        if self.plain && pos > 0 && (pos.is_multiple_of(10) || pos == self.len) {
             eprintln!("{:.0}s {pos}/{} {msg}", self.started.elapsed().as_secs_f64(), self.len);
         }
         self.bar.set_message(msg);

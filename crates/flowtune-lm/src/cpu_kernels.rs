@@ -10,8 +10,8 @@
 //! They only run where that is safe and pays: CPU tensors that do not require gradients, of the
 //! kinds named per kernel. Every entry point returns `Ok(None)` when it does not apply and the
 //! caller falls back to libtorch. RMSNorm is written over 16-lane accumulators that the compiler
-//! vectorises (an AVX-512 and an AVX2 build, chosen at run time); attention is written in
-//! AVX-512F intrinsics. Measured on the development CPU (release build, bf16, SmolLM2 shapes,
+//! vectorises (an AVX-512 and an AVX2 build, chosen at run time); attention and the float32
+//! products are written in AVX-512F intrinsics. Measured on the development CPU (release build, bf16, SmolLM2 shapes,
 //! 264 cached keys): RMSNorm of one row 1.1 µs against 16–25 µs, attention 17–19 µs against
 //! 100–140 µs at batch 1 and 137–141 µs against 230–360 µs at batch 8.
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -299,14 +299,9 @@ struct AttnShape {
     scale: f32,
 }
 
-/// Whether the AVX-512 kernels run on this CPU (x86-64 with AVX-512F and FMA).
-fn attention_available() -> bool {
-    enabled_on_cpu(true)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! The attention kernel's inner loops in AVX-512F intrinsics (16 f32 lanes).
+    //! The kernels' inner loops in AVX-512F intrinsics (16 f32 lanes).
     use std::arch::x86_64::*;
 
     use super::AttnShape;
@@ -315,7 +310,7 @@ mod avx512 {
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
         // SAFETY (all functions here): callers pass pointers to at least 16 readable values
-        // and run on a CPU with AVX-512F (checked by `attention_available`).
+        // and run on a CPU with AVX-512F (checked by `int4_f32_available`).
         unsafe {
             let h = _mm256_loadu_si256(p as *const __m256i);
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
@@ -380,10 +375,11 @@ mod avx512 {
     /// `y = x @ w.T` for `M` rows (see `super::Int4F32Weight`): per output, the dequantised
     /// codes of each group (`scale * q`) times the inputs in 16-lane fused multiply-adds, plus
     /// `min` times the group's input sum.
-    #[target_feature(enable = "avx512f,fma")]
     ///
     /// # Safety
     /// `y` points at `M * n` writable floats; outputs `from..to` of every row are written.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
     pub(super) unsafe fn int4_f32<const M: usize>(
         w: &super::Int4F32Weight,
         x: &[f32],
@@ -511,88 +507,82 @@ mod avx512 {
         unsafe {
             for pair in pairs {
                 let (b, kvh) = (pair / s.k.h, pair % s.k.h);
-                {
-                    for g in 0..group {
-                        // Lanes past the last key take no part in the soft-max.
-                        scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
-                        let at = s.q.at(b, kvh * group + g, 0);
-                        for (d, x) in qf[g * hd..(g + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
-                            *d = super::bf16_value(*x);
-                        }
+                for g in 0..group {
+                    // Lanes past the last key take no part in the soft-max.
+                    scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
+                    let at = s.q.at(b, kvh * group + g, 0);
+                    for (d, x) in qf[g * hd..(g + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
+                        *d = super::bf16_value(*x);
                     }
-                    for j in 0..l {
-                        if mask.is_some_and(|m| !m[b * l + j]) {
-                            for g in 0..group {
-                                scores[g * padded + j] = f32::NEG_INFINITY;
-                            }
+                }
+                for j in 0..l {
+                    if mask.is_some_and(|m| !m[b * l + j]) {
+                        for g in 0..group {
+                            scores[g * padded + j] = f32::NEG_INFINITY;
+                        }
+                        continue;
+                    }
+                    let kp = k.as_ptr().add(s.k.at(b, kvh, j));
+                    for g in 0..group {
+                        let qp = qf.as_ptr().add(g * hd);
+                        let mut a = _mm512_setzero_ps();
+                        for c in 0..chunks {
+                            a = _mm512_fmadd_ps(
+                                _mm512_loadu_ps(qp.add(c * 16)),
+                                load_bf16(kp.add(c * 16)),
+                                a,
+                            );
+                        }
+                        scores[g * padded + j] = _mm512_reduce_add_ps(a);
+                    }
+                }
+                for g in 0..group {
+                    let row = &mut scores[g * padded..(g + 1) * padded];
+                    // Scores rounded to bf16 (the reference's bf16 product), then scaled.
+                    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+                    for c in 0..padded / 16 {
+                        let p = row.as_mut_ptr().add(c * 16);
+                        let x = _mm512_mul_ps(round_bf16(_mm512_loadu_ps(p)), scale);
+                        _mm512_storeu_ps(p, x);
+                        mx = _mm512_max_ps(mx, x);
+                    }
+                    let max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                    let mut sum = _mm512_setzero_ps();
+                    for c in 0..padded / 16 {
+                        let p = row.as_mut_ptr().add(c * 16);
+                        let e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), max));
+                        _mm512_storeu_ps(p, e);
+                        sum = _mm512_add_ps(sum, e);
+                    }
+                    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+                    for c in 0..padded / 16 {
+                        let p = row.as_mut_ptr().add(c * 16);
+                        _mm512_storeu_ps(p, round_bf16(_mm512_mul_ps(_mm512_loadu_ps(p), inv)));
+                    }
+                }
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for j in 0..l {
+                    let vp = v.as_ptr().add(s.v.at(b, kvh, j));
+                    for g in 0..group {
+                        let p = scores[g * padded + j];
+                        if p == 0.0 {
                             continue;
                         }
-                        let kp = k.as_ptr().add(s.k.at(b, kvh, j));
-                        for g in 0..group {
-                            let qp = qf.as_ptr().add(g * hd);
-                            let mut a = _mm512_setzero_ps();
-                            for c in 0..chunks {
-                                a = _mm512_fmadd_ps(
-                                    _mm512_loadu_ps(qp.add(c * 16)),
-                                    load_bf16(kp.add(c * 16)),
-                                    a,
-                                );
-                            }
-                            scores[g * padded + j] = _mm512_reduce_add_ps(a);
+                        let pv = _mm512_set1_ps(p);
+                        let ap = acc.as_mut_ptr().add(g * hd);
+                        for c in 0..chunks {
+                            let a = ap.add(c * 16);
+                            _mm512_storeu_ps(
+                                a,
+                                _mm512_fmadd_ps(pv, load_bf16(vp.add(c * 16)), _mm512_loadu_ps(a)),
+                            );
                         }
                     }
-                    for g in 0..group {
-                        let row = &mut scores[g * padded..(g + 1) * padded];
-                        // Scores rounded to bf16 (the reference's bf16 product), then scaled.
-                        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-                        for c in 0..padded / 16 {
-                            let p = row.as_mut_ptr().add(c * 16);
-                            let x = _mm512_mul_ps(round_bf16(_mm512_loadu_ps(p)), scale);
-                            _mm512_storeu_ps(p, x);
-                            mx = _mm512_max_ps(mx, x);
-                        }
-                        let max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-                        let mut sum = _mm512_setzero_ps();
-                        for c in 0..padded / 16 {
-                            let p = row.as_mut_ptr().add(c * 16);
-                            let e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), max));
-                            _mm512_storeu_ps(p, e);
-                            sum = _mm512_add_ps(sum, e);
-                        }
-                        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-                        for c in 0..padded / 16 {
-                            let p = row.as_mut_ptr().add(c * 16);
-                            _mm512_storeu_ps(p, round_bf16(_mm512_mul_ps(_mm512_loadu_ps(p), inv)));
-                        }
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for j in 0..l {
-                        let vp = v.as_ptr().add(s.v.at(b, kvh, j));
-                        for g in 0..group {
-                            let p = scores[g * padded + j];
-                            if p == 0.0 {
-                                continue;
-                            }
-                            let pv = _mm512_set1_ps(p);
-                            let ap = acc.as_mut_ptr().add(g * hd);
-                            for c in 0..chunks {
-                                let a = ap.add(c * 16);
-                                _mm512_storeu_ps(
-                                    a,
-                                    _mm512_fmadd_ps(
-                                        pv,
-                                        load_bf16(vp.add(c * 16)),
-                                        _mm512_loadu_ps(a),
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    for g in 0..group {
-                        let at = (b * s.q.h + kvh * group + g) * hd;
-                        for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
-                            *out.add(at + i) = super::bf16_bits(*a);
-                        }
+                }
+                for g in 0..group {
+                    let at = (b * s.q.h + kvh * group + g) * hd;
+                    for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
+                        *out.add(at + i) = super::bf16_bits(*a);
                     }
                 }
             }
@@ -613,7 +603,7 @@ pub fn decode_attention(
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let all = [q, k, v];
-    if !attention_available()
+    if !int4_f32_available()
         || all
             .iter()
             .any(|t| !plain_cpu(t) || t.kind() != Kind::BFloat16)
@@ -670,33 +660,25 @@ pub fn decode_attention(
         };
         let (qs, ks, vs) = (span(q, &qv), span(k, &kv), span(v, &vv));
         let ms = mask.as_ref().map(|m| elements::<bool>(m));
-        let os = OutPtr16(elements_mut::<u16>(&out).as_mut_ptr());
+        let os = OutPtr(elements_mut::<u16>(&out).as_mut_ptr());
         let pairs = kv.b * kv.h;
         let run = |range: std::ops::Range<usize>| {
-            // Capture the whole `OutPtr16` (Send), not its raw-pointer field.
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let os = os;
             avx512::attention_bf16(qs, ks, vs, ms, os.0, shape, range)
         };
-        // Split (row, kv head) pairs across libtorch's OpenMP team when there is enough work
-        // (batch 8 at SmolLM2 shapes: 137 µs on one thread).
-        if pairs < 2 || pairs * kv.l * qv.h / kv.h * hd < ATTENTION_PARALLEL_MACS {
-            run(0..pairs);
-        } else {
-            omp::parallel(&|t: usize, threads: usize| {
-                let per = pairs.div_ceil(threads.max(1));
-                let from = (t * per).min(pairs);
-                run(from..(from + per).min(pairs));
-            });
-        }
+        // (Row, kv head) pairs split across threads when there is enough work (batch 8 at
+        // SmolLM2 shapes: 137 µs on one thread).
+        omp::split(pairs, 1, pairs * kv.l * qv.h / kv.h * hd, &run);
     }
     Ok(Some(out))
 }
 
-/// Whether the float32 int4 linear kernel runs on this CPU (x86-64 with AVX-512F; the kernels
-/// not switched off).
+/// Whether the AVX-512 kernels (float32 int4 and small-batch products, bf16 decode attention)
+/// run on this CPU: x86-64 with AVX-512F and FMA, the kernels not switched off.
 pub fn int4_f32_available() -> bool {
-    attention_available()
+    enabled_on_cpu(true)
 }
 
 /// Inputs per int4 group (ggml's Q4 block).
@@ -718,27 +700,36 @@ pub struct Int4F32Weight {
     k: usize,
 }
 
-/// Products of at least this many multiply-adds split their outputs across libtorch's OpenMP
-/// threads.
-const INT4_F32_PARALLEL_MACS: usize = 1 << 18;
-
-/// Attention calls with at least this many query-key multiply-adds split across threads.
-const ATTENTION_PARALLEL_MACS: usize = 1 << 18;
-
-/// The output pointer of one attention call, shared like [`OutPtr`].
-#[derive(Clone, Copy)]
-struct OutPtr16(*mut u16);
-// SAFETY: as for `OutPtr`: disjoint writes, joined before the output is used.
-unsafe impl Send for OutPtr16 {}
-unsafe impl Sync for OutPtr16 {}
-
-/// The output pointer of one int4 product, shared by the threads that write disjoint parts.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+/// The output pointer of one kernel call, shared by the threads that write disjoint parts.
+struct OutPtr<T>(*mut T);
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
 // SAFETY: the threads given an `OutPtr` write disjoint elements of one live allocation and are
 // joined (the end of the OpenMP parallel region) before the tensor that owns it is used again.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+/// Call `$call` with `$m` bound to `$rows` (1..=8) as a constant, for the kernels that keep one
+/// accumulator per row in registers.
+#[rustfmt::skip]
+macro_rules! with_rows {
+    ($rows:expr, $m:ident => $call:expr) => {
+        match $rows {
+            1 => { const $m: usize = 1; $call }
+            2 => { const $m: usize = 2; $call }
+            3 => { const $m: usize = 3; $call }
+            4 => { const $m: usize = 4; $call }
+            5 => { const $m: usize = 5; $call }
+            6 => { const $m: usize = 6; $call }
+            7 => { const $m: usize = 7; $call }
+            _ => { const $m: usize = 8; $call }
+        }
+    };
+}
 
 /// Forwards with at most this many rows take the int4 float32 kernel.
 pub const INT4_F32_MAX_ROWS: usize = 8;
@@ -805,35 +796,15 @@ impl Int4F32Weight {
         unsafe {
             let xs = elements::<f32>(&x);
             let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
-            let run = |from: usize, to: usize| {
+            let run = |r: std::ops::Range<usize>| {
                 // Capture the whole `OutPtr` (Send), not its raw-pointer field (edition 2021
                 // closures capture disjoint fields).
                 #[allow(clippy::redundant_locals)]
                 let ys = ys;
-                match rows {
-                    1 => avx512::int4_f32::<1>(self, xs, ys.0, from, to),
-                    2 => avx512::int4_f32::<2>(self, xs, ys.0, from, to),
-                    3 => avx512::int4_f32::<3>(self, xs, ys.0, from, to),
-                    4 => avx512::int4_f32::<4>(self, xs, ys.0, from, to),
-                    5 => avx512::int4_f32::<5>(self, xs, ys.0, from, to),
-                    6 => avx512::int4_f32::<6>(self, xs, ys.0, from, to),
-                    7 => avx512::int4_f32::<7>(self, xs, ys.0, from, to),
-                    _ => avx512::int4_f32::<8>(self, xs, ys.0, from, to),
-                }
+                with_rows!(rows, M => avx512::int4_f32::<M>(self, xs, ys.0, r.start, r.end))
             };
-            // Outputs split across libtorch's OpenMP team in blocks of at least 64 (disjoint
-            // columns of `out`, so no two threads write the same element).
-            if rows * self.n * self.k < INT4_F32_PARALLEL_MACS {
-                run(0, self.n);
-            } else {
-                let n = self.n;
-                omp::parallel(&|t: usize, threads: usize| {
-                    let parts = threads.clamp(1, n.div_ceil(64));
-                    let per = n.div_ceil(parts);
-                    let from = (t * per).min(n);
-                    run(from, (from + per).min(n));
-                });
-            }
+            // Outputs split in blocks of 16 (disjoint columns of `out`).
+            omp::split(self.n, 16, rows * self.n * self.k, &run);
         }
         Ok(Some(out))
     }
@@ -881,31 +852,14 @@ pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         let xs = elements::<f32>(&x);
         let wt = std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k);
         let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
-        let run = |from: usize, to: usize| {
+        let run = |r: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let ys = ys;
-            match rows {
-                2 => avx512::gemm_t_f32::<2>(xs, wt, ys.0, n, k, from, to),
-                3 => avx512::gemm_t_f32::<3>(xs, wt, ys.0, n, k, from, to),
-                4 => avx512::gemm_t_f32::<4>(xs, wt, ys.0, n, k, from, to),
-                5 => avx512::gemm_t_f32::<5>(xs, wt, ys.0, n, k, from, to),
-                6 => avx512::gemm_t_f32::<6>(xs, wt, ys.0, n, k, from, to),
-                7 => avx512::gemm_t_f32::<7>(xs, wt, ys.0, n, k, from, to),
-                _ => avx512::gemm_t_f32::<8>(xs, wt, ys.0, n, k, from, to),
-            }
+            with_rows!(rows, M => avx512::gemm_t_f32::<M>(xs, wt, ys.0, n, k, r.start, r.end))
         };
-        if rows * n * k < INT4_F32_PARALLEL_MACS {
-            run(0, n);
-        } else {
-            omp::parallel(&|t: usize, threads: usize| {
-                // Column blocks of whole 32-wide tiles.
-                let tiles = n.div_ceil(32);
-                let per = tiles.div_ceil(threads.max(1)) * 32;
-                let from = (t * per).min(n);
-                run(from, (from + per).min(n));
-            });
-        }
+        // Column blocks of whole 32-wide tiles.
+        omp::split(n, 32, rows * n * k, &run);
     }
     Ok(Some(out))
 }
@@ -917,6 +871,7 @@ pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// points are looked up at run time; without them the closure runs once, on the calling thread.
 mod omp {
     use std::ffi::{c_char, c_int, c_uint, c_void};
+    use std::ops::Range;
     use std::sync::OnceLock;
 
     type Body = unsafe extern "C" fn(*mut c_void);
@@ -979,9 +934,29 @@ mod omp {
         }
     }
 
+    /// Kernel calls of at least this many multiply-adds split across the team.
+    const PARALLEL_MACS: usize = 1 << 18;
+
+    /// `f(range)` over `0..len` split into one range per team thread, each a whole number of
+    /// `unit`s (except at the end), when `macs` (the call's multiply-adds) is large enough;
+    /// otherwise `f(0..len)` on the calling thread.
+    pub(super) fn split(len: usize, unit: usize, macs: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        if len < 2 || macs < PARALLEL_MACS {
+            return f(0..len);
+        }
+        parallel(&|t: usize, threads: usize| {
+            let per = len.div_ceil(unit).div_ceil(threads.max(1)) * unit;
+            let from = (t * per).min(len);
+            let to = (from + per).min(len);
+            if from < to {
+                f(from..to);
+            }
+        });
+    }
+
     /// `f(thread, threads)` once on each thread of the team (`thread` in `0..threads`); returns
     /// when all have finished.
-    pub(super) fn parallel(f: &(dyn Fn(usize, usize) + Sync)) {
+    fn parallel(f: &(dyn Fn(usize, usize) + Sync)) {
         let Some(gomp) = gomp() else {
             return f(0, 1);
         };

@@ -80,9 +80,10 @@ impl Linear {
     }
 }
 
-/// `x @ weight.T + bias`. A single bf16 row on the CPU is a GEMV, where libtorch's own kernel
-/// beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything else, including the
-/// attention products around it.
+/// `x @ weight.T + bias`. 2-8 float32 rows over the transposed weight layout take
+/// [`crate::cpu_kernels::linear_f32_small`]; a single bf16 row on the CPU is a GEMV, where
+/// libtorch's own kernel beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything
+/// else, including the attention products around it.
 fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if let Some(y) = crate::cpu_kernels::linear_f32_small(x, weight)? {
         return Ok(match bias {

@@ -14,7 +14,8 @@
 //! products are written in AVX-512F intrinsics. Measured on the development CPU (release build, bf16, SmolLM2 shapes,
 //! 264 cached keys): RMSNorm of one row 1.1 µs against 16–25 µs, attention 17–19 µs against
 //! 100–140 µs at batch 1 and 137–141 µs against 230–360 µs at batch 8.
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
@@ -97,6 +98,78 @@ pub fn set_enabled(on: bool) {
 /// entry point returns `None` and libtorch does the work.
 pub fn available() -> bool {
     enabled_on_cpu(false)
+}
+
+/// How bf16 products of many rows (prefill, training) run on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Gemm {
+    /// libtorch's bf16 `linear` (oneDNN): fastest where the CPU multiplies bf16 natively at
+    /// speed (AMX; AMD Zen 4 measured 2x its float32 rate).
+    Native,
+    /// Inputs widened to float32, multiplied by a float32 copy of the weight, the result rounded
+    /// to bf16 once. bf16 x bf16 products are exact in float32 and oneDNN also accumulates in
+    /// float32, so the two differ only by summation order; this is faster on CPUs whose bf16
+    /// GEMM is slower than their float32 one (measured on the session-5 Intel Xeon without
+    /// AMX: 164 against 306 GFLOP/s), at the cost of the float32 copy.
+    ViaF32,
+}
+
+/// 0: no override; 1: [`Bf16Gemm::Native`]; 2: [`Bf16Gemm::ViaF32`].
+static BF16_GEMM_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Force the choice [`bf16_gemm`] returns (`None`: back to the environment and the
+/// measurement). It applies to models built afterwards.
+pub fn set_bf16_gemm(choice: Option<Bf16Gemm>) {
+    let v = match choice {
+        None => 0,
+        Some(Bf16Gemm::Native) => 1,
+        Some(Bf16Gemm::ViaF32) => 2,
+    };
+    BF16_GEMM_OVERRIDE.store(v, Ordering::Relaxed);
+}
+
+/// Which [`Bf16Gemm`] bf16 CPU models built now use: the [`set_bf16_gemm`] override, else
+/// `FLOWTUNE_BF16_GEMM=native|f32`, else measured once per process: a `[512, 576] x
+/// [576, 1536]` product both ways, best of 3, and `ViaF32` only when it is at least 1.3x
+/// faster (a margin that keeps the choice stable between runs on one machine).
+pub fn bf16_gemm() -> Bf16Gemm {
+    match BF16_GEMM_OVERRIDE.load(Ordering::Relaxed) {
+        1 => return Bf16Gemm::Native,
+        2 => return Bf16Gemm::ViaF32,
+        _ => {}
+    }
+    match std::env::var("FLOWTUNE_BF16_GEMM").as_deref() {
+        Ok("native") => return Bf16Gemm::Native,
+        Ok("f32") => return Bf16Gemm::ViaF32,
+        _ => {}
+    }
+    static MEASURED: OnceLock<Bf16Gemm> = OnceLock::new();
+    *MEASURED.get_or_init(|| match measure_bf16_gemm() {
+        Ok((native, wide)) if native > 1.3 * wide => Bf16Gemm::ViaF32,
+        _ => Bf16Gemm::Native,
+    })
+}
+
+/// Seconds (best of 3, after a warm-up) of one bf16 product natively and through float32.
+/// Constant inputs: the global random generator stays untouched.
+fn measure_bf16_gemm() -> Result<(f64, f64)> {
+    let bf = (Kind::BFloat16, Device::Cpu);
+    let x = Tensor::f_full([512, 576], 0.5, bf)?;
+    let w = Tensor::f_full([1536, 576], 0.25, bf)?;
+    let w32 = w.f_to_kind(Kind::Float)?;
+    let best = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        let _ = f()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let _ = f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let native = best(&|| Ok(x.f_linear::<Tensor>(&w, None)?))?;
+    let wide = best(&|| Ok(x.f_to_kind(Kind::Float)?.f_linear::<Tensor>(&w32, None)?.f_to_kind(Kind::BFloat16)?))?;
+    Ok((native, wide))
 }
 
 /// Whether the kernels are enabled and the CPU has FMA plus AVX-512F (`avx512`) or AVX2.
@@ -476,6 +549,56 @@ mod avx512 {
                     _mm512_mask_storeu_ps(out.add(16), m1, acc[m][1]);
                 }
                 j += 32;
+            }
+        }
+    }
+
+    /// `y[m, o] = bf16(Σ_k x[m, k] * w[o, k] + bias[o])` for outputs `from..to` (see
+    /// `super::linear_bf16_small`): `O` weight rows at a time, each read once for all `M` input
+    /// rows, widened to f32 and accumulated in 16-lane fused multiply-adds.
+    ///
+    /// # Safety
+    /// `x` holds `M * k` floats, `w` `n * k` bf16 values, `bias` (when given) `n`, and `y`
+    /// points at `M * n` writable values; `k` is a multiple of 16 and `from..to` lies in `0..n`.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)] // `m`/`o` index accumulators and rows alike
+    pub(super) unsafe fn gemv_bf16<const M: usize, const O: usize>(
+        x: &[f32],
+        w: &[u16],
+        bias: Option<&[u16]>,
+        y: *mut u16,
+        n: usize,
+        k: usize,
+        from: usize,
+        to: usize,
+    ) {
+        let chunks = k / 16;
+        // SAFETY: every pointer below stays inside the extents the caller guarantees.
+        unsafe {
+            let mut o0 = from;
+            while o0 < to {
+                // A tail of fewer than `O` outputs runs one output at a time.
+                let width = if to - o0 >= O { O } else { 1 };
+                let mut acc = [[_mm512_setzero_ps(); O]; M];
+                for c in 0..chunks {
+                    let mut xv = [_mm512_setzero_ps(); M];
+                    for m in 0..M {
+                        xv[m] = _mm512_loadu_ps(x.as_ptr().add(m * k + c * 16));
+                    }
+                    for o in 0..width {
+                        let wv = load_bf16(w.as_ptr().add((o0 + o) * k + c * 16));
+                        for m in 0..M {
+                            acc[m][o] = _mm512_fmadd_ps(xv[m], wv, acc[m][o]);
+                        }
+                    }
+                }
+                for o in 0..width {
+                    let b = bias.map_or(0.0, |b| super::bf16_value(*b.get_unchecked(o0 + o)));
+                    for m in 0..M {
+                        *y.add(m * n + o0 + o) = super::bf16_bits(_mm512_reduce_add_ps(acc[m][o]) + b);
+                    }
+                }
+                o0 += width;
             }
         }
     }
@@ -860,6 +983,70 @@ pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         };
         // Column blocks of whole 32-wide tiles.
         omp::split(n, 32, rows * n * k, &run);
+    }
+    Ok(Some(out))
+}
+
+/// `x @ w.T + bias` in bf16 for 1 to [`INT4_F32_MAX_ROWS`] rows, where `w` `[N, K]` is a
+/// contiguous bf16 matrix and `K` a multiple of 16: each weight row is streamed once for all
+/// rows, widened to float32 and accumulated in fused multiply-adds, the bias added in float32
+/// and the sum rounded once to bf16, as libtorch's bf16 `linear` does (only the summation order
+/// differs). libtorch's bf16 GEMV reads the weight at 15-23 GB/s on CPUs without AMX (measured
+/// on the development CPU, against 25-90 GB/s for float32), so decoding was bound by it. `None`
+/// where it does not apply (other kinds or layouts, more rows, gradients, no AVX-512F).
+pub fn linear_bf16_small(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let ws = w.size();
+    if !int4_f32_available()
+        || !plain_cpu(x)
+        || !plain_cpu(w)
+        || x.kind() != Kind::BFloat16
+        || w.kind() != Kind::BFloat16
+        || ws.len() != 2
+        || !w.is_contiguous()
+        || x.size().last().copied() != Some(ws[1])
+        || ws[1] == 0
+        || ws[1] % 16 != 0
+        || bias.is_some_and(|b| {
+            !plain_cpu(b) || b.kind() != Kind::BFloat16 || b.size() != [ws[0]] || !b.is_contiguous()
+        })
+    {
+        return Ok(None);
+    }
+    let (n, k) = (ws[0] as usize, ws[1] as usize);
+    let rows = x.numel() / k;
+    if !(1..=INT4_F32_MAX_ROWS).contains(&rows) {
+        return Ok(None);
+    }
+    let x = x.f_contiguous()?;
+    let mut shape = x.size();
+    if let Some(last) = shape.last_mut() {
+        *last = n as i64;
+    }
+    let out = Tensor::f_empty(shape.as_slice(), (Kind::BFloat16, Device::Cpu))?;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `w` is a contiguous `[N, K]` bf16 CPU matrix, `bias` (checked above) `N` bf16
+    // values, `x` holds `rows * k` bf16 values and `out`, fresh, `rows * n`; threads write
+    // disjoint output ranges and are joined before `out` is returned.
+    unsafe {
+        let mut xf = vec![0f32; rows * k];
+        widen(elements::<u16>(&x), &mut xf);
+        let xs = xf.as_slice();
+        let wb = elements::<u16>(w);
+        let bs = bias.map(|b| elements::<u16>(b));
+        let ys = OutPtr(elements_mut::<u16>(&out).as_mut_ptr());
+        let run = |r: std::ops::Range<usize>| {
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let ys = ys;
+            // Four outputs at a time while the accumulators fit in registers, else two.
+            with_rows!(rows, M => if M <= 2 {
+                avx512::gemv_bf16::<M, 4>(xs, wb, bs, ys.0, n, k, r.start, r.end)
+            } else {
+                avx512::gemv_bf16::<M, 2>(xs, wb, bs, ys.0, n, k, r.start, r.end)
+            })
+        };
+        // Output blocks of 16 rows of `w`.
+        omp::split(n, 16, rows * n * k, &run);
     }
     Ok(Some(out))
 }

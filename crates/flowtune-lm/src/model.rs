@@ -45,26 +45,40 @@ pub enum LogitsAt {
     None,
 }
 
+/// The most bytes of float32 weight copies a bf16 CPU model keeps for
+/// [`crate::cpu_kernels::Bf16Gemm::ViaF32`] (a 1B-parameter model's worth).
+const WIDE_MAX_BYTES: i64 = 4 << 30;
+
 #[derive(Debug)]
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     /// The same weight in 4 bits, for forwards of a few rows (see [`crate::int4`]).
     int4: Option<Int4Linear>,
+    /// A float32 copy of a bf16 CPU weight, for products of many rows where the CPU's float32
+    /// GEMM is faster than its bf16 one ([`crate::cpu_kernels::Bf16Gemm::ViaF32`]).
+    wide: Option<Tensor>,
 }
 
 impl Linear {
     /// A linear over `weight` `[out, in]` stored in the layout that is fastest for it, with
-    /// `blocks` packed for the int4 kernel when given and usable (CPU; bf16/f16, or float32 on AVX-512 CPUs; shape).
-    fn new(weight: Tensor, bias: Option<Tensor>, blocks: Option<Int4Blocks>) -> Result<Self> {
+    /// `blocks` packed for the int4 kernel when given and usable (CPU; bf16/f16, or float32 on
+    /// AVX-512 CPUs; shape), and a float32 copy when `wide` and the weight is bf16 on the CPU.
+    fn new(weight: Tensor, bias: Option<Tensor>, blocks: Option<Int4Blocks>, wide: bool) -> Result<Self> {
         let int4 = match blocks {
             Some(b) if weight.device() == Device::Cpu => Int4Linear::new(&b, weight.kind())?,
             _ => None,
+        };
+        let wide = if wide && weight.device() == Device::Cpu && weight.kind() == Kind::BFloat16 {
+            Some(fast_weight_layout(weight.f_to_kind(Kind::Float)?)?)
+        } else {
+            None
         };
         Ok(Self {
             weight: fast_weight_layout(weight)?,
             bias,
             int4,
+            wide,
         })
     }
 
@@ -76,15 +90,34 @@ impl Linear {
                 None => y,
             });
         }
-        dense_linear(x, &self.weight, self.bias.as_ref())
+        dense_linear(x, &self.weight, self.bias.as_ref(), self.wide.as_ref())
+    }
+
+    /// The caller may change the dense weight in place (merging an adapter): the 4-bit and
+    /// float32 copies would go stale, so they are dropped.
+    fn drop_copies(&mut self) {
+        self.int4 = None;
+        self.wide = None;
     }
 }
 
-/// `x @ weight.T + bias`. 2-8 float32 rows over the transposed weight layout take
-/// [`crate::cpu_kernels::linear_f32_small`]; a single bf16 row on the CPU is a GEMV, where
+/// `x @ weight.T + bias`. 1-8 bf16 rows take [`crate::cpu_kernels::linear_bf16_small`] and
+/// 2-8 float32 rows over the transposed weight layout [`crate::cpu_kernels::linear_f32_small`]
+/// (on AVX-512 CPUs); more bf16 rows with a float32 copy `wide` of the weight run through it;
+/// elsewhere a single bf16 row on the CPU is a GEMV, where
 /// libtorch's own kernel beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything
 /// else, including the attention products around it.
-fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, wide: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = crate::cpu_kernels::linear_bf16_small(x, weight, bias)? {
+        return Ok(y);
+    }
+    if let Some(w32) = wide.filter(|_| x.kind() == Kind::BFloat16) {
+        let b32 = bias.map(|b| b.f_to_kind(Kind::Float)).transpose()?;
+        return Ok(x
+            .f_to_kind(Kind::Float)?
+            .f_linear(w32, b32.as_ref())?
+            .f_to_kind(Kind::BFloat16)?);
+    }
     if let Some(y) = crate::cpu_kernels::linear_f32_small(x, weight)? {
         return Ok(match bias {
             Some(b) => y.f_add(b)?,
@@ -117,7 +150,7 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     inv_freq: Tensor,
     inv_freq_long: Option<Tensor>,
     rope_scale: f64,
@@ -316,6 +349,14 @@ impl Model {
         let mut fused_qkv_names = false;
         let mut fused_mlp_names = false;
         let qkv_out = (nq + 2 * nkv) * hd;
+        // bf16 CPU models keep a float32 copy of every linear weight (up to WIDE_MAX_BYTES)
+        // where the CPU's float32 GEMM beats its bf16 one (see `cpu_kernels::Bf16Gemm`).
+        let linear_params =
+            config.num_hidden_layers as i64 * (qkv_out * h + h * nq * hd + 3 * inter * h) + v * h;
+        let wide = kind == Kind::BFloat16
+            && device == Device::Cpu
+            && linear_params.saturating_mul(4) <= WIDE_MAX_BYTES
+            && crate::cpu_kernels::bf16_gemm() == crate::cpu_kernels::Bf16Gemm::ViaF32;
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let qkv = if contains(&format!("{p}.self_attn.qkv_proj.weight")) {
@@ -324,6 +365,7 @@ impl Model {
                     fetch(&format!("{p}.self_attn.qkv_proj.weight"), &[qkv_out, h])?,
                     fetch_bias(&format!("{p}.self_attn.qkv_proj.bias"), qkv_out, false)?,
                     int4(&format!("{p}.self_attn.qkv_proj.weight")),
+                    wide,
                 )?
             } else {
                 let q = fetch(&format!("{p}.self_attn.q_proj.weight"), &[nq * hd, h])?;
@@ -353,12 +395,13 @@ impl Model {
                     format!("{p}.self_attn.k_proj.weight"),
                     format!("{p}.self_attn.v_proj.weight"),
                 ])?;
-                Linear::new(Tensor::f_cat(&[q, k, vv], 0)?, bias, blocks)?
+                Linear::new(Tensor::f_cat(&[q, k, vv], 0)?, bias, blocks, wide)?
             };
             let o = Linear::new(
                 fetch(&format!("{p}.self_attn.o_proj.weight"), &[h, nq * hd])?,
                 fetch_bias(&format!("{p}.self_attn.o_proj.bias"), h, config.o_bias())?,
                 int4(&format!("{p}.self_attn.o_proj.weight")),
+                wide,
             )?;
             let gate_up = if contains(&format!("{p}.mlp.gate_up_proj.weight")) {
                 fused_mlp_names = true;
@@ -366,6 +409,7 @@ impl Model {
                     fetch(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?,
                     None,
                     int4(&format!("{p}.mlp.gate_up_proj.weight")),
+                    wide,
                 )?
             } else {
                 let g = fetch(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?;
@@ -380,12 +424,13 @@ impl Model {
                     format!("{p}.mlp.gate_proj.weight"),
                     format!("{p}.mlp.up_proj.weight"),
                 ])?;
-                Linear::new(Tensor::f_cat(&[g, u], 0)?, bias, blocks)?
+                Linear::new(Tensor::f_cat(&[g, u], 0)?, bias, blocks, wide)?
             };
             let down = Linear::new(
                 fetch(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
                 fetch_bias(&format!("{p}.mlp.down_proj.bias"), h, config.mlp_bias())?,
                 int4(&format!("{p}.mlp.down_proj.weight")),
+                wide,
             )?;
             layers.push(Layer {
                 input_norm: fetch(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -401,13 +446,10 @@ impl Model {
         // The embedding lookup reads one row per token and does not mind the strides, so a tied
         // head keeps a single copy in the layout that is fastest for the `lm_head` GEMV.
         let (embed, lm_head) = if config.tie_word_embeddings() {
-            let head = fast_weight_layout(embed.f_to_device(device)?.f_to_kind(kind)?)?;
-            (head.shallow_clone(), head)
+            let head = Linear::new(embed.f_to_device(device)?.f_to_kind(kind)?, None, None, wide)?;
+            (head.weight.shallow_clone(), head)
         } else {
-            (
-                embed,
-                fast_weight_layout(fetch("lm_head.weight", &[v, h])?)?,
-            )
+            (embed, Linear::new(fetch("lm_head.weight", &[v, h])?, None, None, wide)?)
         };
         let rot = config.rotary_dim();
         let theta = config.rope_theta();
@@ -682,7 +724,7 @@ impl Model {
             }
         };
         let sel = self.rms_norm(&sel, &self.norm)?;
-        dense_linear(&sel, &self.lm_head, None)
+        self.lm_head.forward(&sel)
     }
 
     /// Run `ids` (`[B, T]` int64) through the model on top of `cache`, appending
@@ -936,13 +978,13 @@ impl flowtune_lora::BaseLinears for Model {
         let kv = (self.config.num_key_value_heads() * self.config.head_dim()) as i64;
         let inter = self.config.intermediate_size as i64;
         let layer = self.layers.get_mut(site.layer)?;
-        // The caller may change the dense weight (merging an adapter): its 4-bit copy would go
-        // stale, so that linear goes back to the dense path.
+        // The caller may change the dense weight (merging an adapter): its 4-bit and float32
+        // copies would go stale, so that linear goes back to the dense bf16 path.
         match site.module {
-            Module::QProj | Module::KProj | Module::VProj | Module::QkvProj => layer.qkv.int4 = None,
-            Module::OProj => layer.o.int4 = None,
-            Module::GateProj | Module::UpProj | Module::GateUpProj => layer.gate_up.int4 = None,
-            Module::DownProj => layer.down.int4 = None,
+            Module::QProj | Module::KProj | Module::VProj | Module::QkvProj => layer.qkv.drop_copies(),
+            Module::OProj => layer.o.drop_copies(),
+            Module::GateProj | Module::UpProj | Module::GateUpProj => layer.gate_up.drop_copies(),
+            Module::DownProj => layer.down.drop_copies(),
         }
         let w = match site.module {
             Module::QProj => layer.qkv.weight.narrow(0, 0, q),

@@ -161,8 +161,10 @@ struct TrainArgs {
     /// Write every minibatch's traces (episodes and rollouts) under DIR/traces/.
     #[arg(long)]
     save_traces: bool,
-    /// Also evaluate on this many held-out synthetic questions before and after training.
-    #[arg(long, default_value_t = 0)]
+    /// Synthetic data only: also evaluate this many held-out synthetic questions (another
+    /// seed's world) with the untrained adapters before training and the trained ones after,
+    /// printed side by side and written to DIR/heldout.json (0: skip).
+    #[arg(long, default_value_t = 16)]
     heldout: usize,
     /// Diverse-beam alternatives per query-node call, each rolled out until support F1 is
     /// known (the paper: 3; the default 0 keeps the CPU main job within minutes).
@@ -172,6 +174,11 @@ struct TrainArgs {
     /// (the paper: 3, i.e. four candidates).
     #[arg(long, default_value_t = 1)]
     answer_alternatives: usize,
+    /// COCOB's warm-up strength α, roughly the number of learner steps before full-size
+    /// moves. The paper used 1000 over thousands of episodes; the default 100 (COCOB's own)
+    /// lets the 16 learner steps of the default 64-episode run move the adapters.
+    #[arg(long, default_value_t = 100.0)]
+    cocob_alpha: f64,
 }
 
 fn variant(v: VariantArg) -> Variant {
@@ -249,7 +256,9 @@ fn lm_backend(
     model: &Path,
     flow: &MusiqueFlow,
     c: &Common,
+    cocob_alpha: f64,
 ) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
+    use flowtune::cocob::CocobConfig;
     use flowtune::learner::LearnerConfig;
     use flowtune::lm::engine::{Engine, EngineConfig};
     use flowtune::lm::loader::{load, LoadOptions};
@@ -273,7 +282,14 @@ fn lm_backend(
         flow.spec().nodes.iter().filter(|n| n.adapter.is_some()).map(|n| n.id.clone()).collect();
     let lora = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);
     let rt = flowtune::runtime::LmRuntime::new(engine, &nodes, &lora, c.seed).map_err(|e| lm(&e))?;
-    Ok((Box::new(rt.backend()), Box::new(rt.learner(LearnerConfig::default()))))
+    let learner = LearnerConfig {
+        cocob: CocobConfig {
+            alpha: cocob_alpha,
+            ..CocobConfig::paper()
+        },
+        ..LearnerConfig::default()
+    };
+    Ok((Box::new(rt.backend()), Box::new(rt.learner(learner))))
 }
 
 #[cfg(not(feature = "lm"))]
@@ -281,6 +297,7 @@ fn lm_backend(
     model: &Path,
     _flow: &MusiqueFlow,
     _c: &Common,
+    _cocob_alpha: f64,
 ) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
     Err(Error::Flow(format!("cannot run {}: built without the `lm` feature", model.display())))
 }
@@ -340,7 +357,8 @@ fn running(sums: &mut [f64; 3], scores: [Option<f64>; 2]) -> String {
 fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
     let records = load_records(c, 100, 1_000)?;
     let flow = build_flow(c)?;
-    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c)?;
+    // The optimizer setting is irrelevant here (no learning); a checkpoint's adapters load as saved.
+    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c, 1000.0)?;
     if let Some(dir) = &c.checkpoint {
         let dir = match std::fs::read_to_string(dir.join("latest")) {
             Ok(name) => dir.join(name.trim()),
@@ -386,7 +404,7 @@ fn train(t: &TrainArgs) -> Result<()> {
     let c = &t.common;
     let records = load_records(c, 64, 0)?;
     let flow = build_flow(c)?;
-    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c)?;
+    let (mut backend, mut learner) = lm_backend(&model_path(c)?, &flow, c, t.cocob_alpha)?;
     let options = TrainOptions {
         out_dir: c.out.clone(),
         seed: c.seed,
@@ -441,6 +459,10 @@ fn train(t: &TrainArgs) -> Result<()> {
     if let (Some(h), Some(before)) = (&heldout, before) {
         let out = app::predict(&flow, h, backend.as_mut(), c.in_flight, c.seed, &mut |_, _| {})?;
         let after = musique::metrics::evaluate(h, &app::predictions(&out, pairwise))?;
+        musique::io::write_json_atomic(
+            &c.out.join("heldout.json"),
+            &serde_json::json!({ "untrained": before, "trained": after }),
+        )?;
         println!("held-out ({} records)   untrained   trained", h.len());
         println!(
             "answer_f1              {:>9.4} {:>9.4}",

@@ -175,9 +175,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     answer_alternatives: usize,
     /// COCOB's warm-up strength α, roughly the number of learner steps before full-size
-    /// moves. The paper used 1000 over thousands of episodes; the default 100 (COCOB's own)
-    /// lets the 16 learner steps of the default 64-episode run move the adapters.
-    #[arg(long, default_value_t = 100.0)]
+    /// moves (the paper: 1000; COCOB's own default: 100, which on the 64-episode synthetic run
+    /// overshot: relevance label loss spiked to 3.2 and the stop node flipped between always-No
+    /// and always-Yes, see docs/results.md).
+    #[arg(long, default_value_t = 1000.0)]
     cocob_alpha: f64,
 }
 

@@ -67,7 +67,8 @@ fn bad_data_fails_with_file_and_line() {
     assert!(!out.join("metrics.json").exists());
 }
 
-/// `eval --checkpoint` starts from a `train` run's adapters (the `checkpoints` folder resolves
+/// `train --heldout 2` writes held-out metrics before and after training; `eval --checkpoint`
+/// starts from a `train` run's adapters (the `checkpoints` folder resolves
 /// to its `latest`), and a missing checkpoint is an error naming the folder, with no outputs.
 #[cfg(feature = "lm")]
 #[test]
@@ -77,9 +78,17 @@ fn eval_starts_from_a_train_checkpoint() {
     let run_s = run.to_str().unwrap();
     let (ok, _, stderr) = musique(&[
         "train", "--limit", "1", "--minibatch", "1", "--checkpoint-every", "1", "--max-new-tokens",
-        "4,4,4", "--device", "cpu", "--out", run_s,
+        "4,4,4", "--device", "cpu", "--heldout", "2", "--out", run_s,
     ]);
     assert!(ok, "{stderr}");
+    // The held-out synthetic questions, scored before and after training.
+    let heldout: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("heldout.json")).unwrap()).unwrap();
+    for when in ["untrained", "trained"] {
+        assert_eq!(heldout[when]["records"], 2, "{heldout}");
+        let f1 = heldout[when]["support_f1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&f1), "{heldout}");
+    }
     let checkpoints = run.join("checkpoints");
     let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
     let out = dir.path().join("eval");

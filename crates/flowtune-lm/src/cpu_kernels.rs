@@ -14,6 +14,10 @@
 //! products are written in AVX-512F intrinsics. Measured on the development CPU (release build, bf16, SmolLM2 shapes,
 //! 264 cached keys): RMSNorm of one row 1.1 µs against 16–25 µs, attention 17–19 µs against
 //! 100–140 µs at batch 1 and 137–141 µs against 230–360 µs at batch 8.
+//!
+//! The products: [`linear_bf16_small`] and [`linear_f32_small`] for decoding a few rows,
+//! [`Int4F32Weight`] for 4-bit weights with float32 activations, and [`Bf16Gemm`], the choice of
+//! running bf16 products of many rows through float32 where that is faster on this CPU.
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
@@ -823,6 +827,15 @@ pub struct Int4F32Weight {
     k: usize,
 }
 
+/// A fresh CPU tensor of `kind` shaped like `x` with the last dimension `n` (a product's output).
+fn output_for(x: &Tensor, n: usize, kind: Kind) -> Result<Tensor> {
+    let mut shape = x.size();
+    if let Some(last) = shape.last_mut() {
+        *last = n as i64;
+    }
+    Ok(Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu))?)
+}
+
 /// The output pointer of one kernel call, shared by the threads that write disjoint parts.
 struct OutPtr<T>(*mut T);
 impl<T> Clone for OutPtr<T> {
@@ -906,13 +919,9 @@ impl Int4F32Weight {
         if !self.applies(x) {
             return Ok(None);
         }
-        let mut shape = x.size();
         let x = x.f_contiguous()?;
         let rows = x.numel() / self.k;
-        if let Some(last) = shape.last_mut() {
-            *last = self.n as i64;
-        }
-        let out = Tensor::f_empty(shape.as_slice(), (Kind::Float, Device::Cpu))?;
+        let out = output_for(&x, self.n, Kind::Float)?;
         // SAFETY: `x` is a contiguous f32 CPU tensor of `rows * k` values; `out` is fresh and
         // holds `rows * n`; the kernel's AVX-512F requirement is part of `applies`.
         #[cfg(target_arch = "x86_64")]
@@ -962,11 +971,7 @@ pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let x = x.f_contiguous()?;
-    let mut shape = x.size();
-    if let Some(last) = shape.last_mut() {
-        *last = n as i64;
-    }
-    let out = Tensor::f_empty(shape.as_slice(), (Kind::Float, Device::Cpu))?;
+    let out = output_for(&x, n, Kind::Float)?;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `w`'s storage is a contiguous `[K, N]` float matrix starting at its data pointer
     // (strides `[1, N]` over sizes `[N, K]`); `x` holds `rows * k` floats and `out`, fresh,
@@ -991,8 +996,8 @@ pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// contiguous bf16 matrix and `K` a multiple of 16: each weight row is streamed once for all
 /// rows, widened to float32 and accumulated in fused multiply-adds, the bias added in float32
 /// and the sum rounded once to bf16, as libtorch's bf16 `linear` does (only the summation order
-/// differs). libtorch's bf16 GEMV reads the weight at 15-23 GB/s on CPUs without AMX (measured
-/// on the development CPU, against 25-90 GB/s for float32), so decoding was bound by it. `None`
+/// differs). libtorch's bf16 GEMV read the weight at 15-23 GB/s on the session-5 Intel Xeon
+/// (no AMX; 25-90 GB/s for float32), so bf16 decoding was bound by it. `None`
 /// where it does not apply (other kinds or layouts, more rows, gradients, no AVX-512F).
 pub fn linear_bf16_small(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let ws = w.size();
@@ -1018,11 +1023,7 @@ pub fn linear_bf16_small(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
         return Ok(None);
     }
     let x = x.f_contiguous()?;
-    let mut shape = x.size();
-    if let Some(last) = shape.last_mut() {
-        *last = n as i64;
-    }
-    let out = Tensor::f_empty(shape.as_slice(), (Kind::BFloat16, Device::Cpu))?;
+    let out = output_for(&x, n, Kind::BFloat16)?;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `w` is a contiguous `[N, K]` bf16 CPU matrix, `bias` (checked above) `N` bf16
     // values, `x` holds `rows * k` bf16 values and `out`, fresh, `rows * n`; threads write

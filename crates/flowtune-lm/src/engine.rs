@@ -199,7 +199,7 @@ pub struct EngineConfig {
 }
 
 fn default_prefix_store_bytes() -> usize {
-    1 << 30
+    2 << 30
 }
 
 impl Default for EngineConfig {
@@ -496,29 +496,50 @@ impl Engine {
             .iter()
             .map(|r| requests[r.request].adapter.as_deref())
             .collect();
-        let mut cache = self.prefill_shared(&prompts, &names, max_new)?;
-        // Prefill the (rest of the) prompts, left-padded.
-        let shared = cache.len();
-        let t = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        // Each row's prompt starts from the longest stored prefix when the store has one (a
+        // flow's next-round prompt extends this round's), else from the rows' common prefix.
+        let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names, max_new)?;
+        let base = cache.len();
+        let t = prompts
+            .iter()
+            .zip(&starts)
+            .map(|(p, s)| p.len() - s)
+            .max()
+            .unwrap_or(0);
+        // The rest of each prompt goes right-padded when rows start at different slots (their
+        // last-position logits are picked per row), left-padded otherwise.
+        let ragged = starts.iter().any(|&s| s != base);
         let mut ids = vec![0i64; b * t];
         let mut valid = vec![false; b * t];
+        let mut last = Vec::with_capacity(b);
+        let mut rest_at = Vec::with_capacity(b);
         for (r, p) in prompts.iter().enumerate() {
-            let rest = &p[shared..];
-            let pad = t - rest.len();
+            let rest = &p[starts[r]..];
+            let pad = if ragged { 0 } else { t - rest.len() };
             for (c, &tok) in rest.iter().enumerate() {
                 ids[r * t + pad + c] = tok as i64;
                 valid[r * t + pad + c] = true;
             }
+            last.push(pad + rest.len() - 1);
+            rest_at.push(base + pad);
         }
+        let at = if ragged {
+            LogitsAt::PerRow(last)
+        } else {
+            LogitsAt::Last
+        };
         let mut logits = self.with_adapters(&names, |d| {
             self.model.forward_cached(
                 &self.ids_tensor(&ids, b, t)?,
                 Some(&valid),
                 &mut cache,
-                &LogitsAt::Last,
+                &at,
                 d,
             )
         })?;
+        self.store_prompts(&mut store, &cache, &prompts, &names, &starts, &rest_at)?;
+        drop(store);
         for step in 0..max_new {
             let logp = logits
                 .f_to_kind(Kind::Float)?
@@ -794,11 +815,13 @@ impl Engine {
     /// A cache holding each row's reusable prefix, and how many leading tokens of each prompt
     /// it holds: stored prefixes when at least one row has one worth using, otherwise the
     /// rows' common prefix computed once ([`Self::prefill_shared`]).
+    /// `extra` more slots are left free after the prompts (for generated tokens).
     fn prefill_from_store(
         &self,
         store: &mut PrefixStore,
         prompts: &[&[u32]],
         names: &[Option<&str>],
+        extra: usize,
     ) -> Result<(crate::kv::KvCache, Vec<usize>)> {
         let min = self.config.min_shared_prefix.max(1);
         if store.enabled() {
@@ -820,7 +843,7 @@ impl Engine {
                     &parts,
                     c.num_key_value_heads(),
                     c.head_dim(),
-                    prompts.iter().map(|p| p.len()).max().unwrap_or(0) + 1,
+                    prompts.iter().map(|p| p.len()).max().unwrap_or(0) + extra + 1,
                     self.model.device(),
                     self.model.kind(),
                     c.num_hidden_layers,
@@ -831,9 +854,38 @@ impl Engine {
                 return Ok((cache, starts));
             }
         }
-        let cache = self.prefill_shared(prompts, names, 0)?;
+        let cache = self.prefill_shared(prompts, names, extra)?;
         let shared = cache.len();
         Ok((cache, vec![shared; prompts.len()]))
+    }
+
+    /// Keep every row's prompt keys and values in the store: row `r`'s prompt sits at cache
+    /// slots `0..starts[r]` followed by `rest[r]..rest[r] + (len - starts[r])`.
+    fn store_prompts(
+        &self,
+        store: &mut PrefixStore,
+        cache: &crate::kv::KvCache,
+        prompts: &[&[u32]],
+        names: &[Option<&str>],
+        starts: &[usize],
+        rest: &[usize],
+    ) -> Result<()> {
+        if !store.enabled() {
+            return Ok(());
+        }
+        for (r, p) in prompts.iter().enumerate() {
+            let slots: Vec<i64> = (0..starts[r] as i64)
+                .chain(rest[r] as i64..(rest[r] + p.len() - starts[r]) as i64)
+                .collect();
+            let (k, v) = cache.row_slots(r, &slots)?;
+            store.insert(names[r], p, k, v)?;
+        }
+        tracing::debug!(
+            reused_tokens = store.hits_tokens,
+            looked_up_tokens = store.lookup_tokens,
+            "prefix store"
+        );
+        Ok(())
     }
 
     fn classify_chunk(&self, reqs: &[ClassifyRequest]) -> Result<Vec<ClassifyOutput>> {
@@ -841,7 +893,7 @@ impl Engine {
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
         let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
         let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names)?;
+        let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names, 0)?;
         let base = cache.len();
         let t = prompts
             .iter()
@@ -868,21 +920,8 @@ impl Engine {
                 d,
             )
         })?;
-        if store.enabled() {
-            // Row r's tokens sit at slots 0..starts[r] and base..base + (len - starts[r]).
-            for (r, p) in prompts.iter().enumerate() {
-                let slots: Vec<i64> = (0..starts[r] as i64)
-                    .chain(base as i64..(base + p.len() - starts[r]) as i64)
-                    .collect();
-                let (k, v) = cache.row_slots(r, &slots)?;
-                store.insert(names[r], p, k, v)?;
-            }
-            tracing::debug!(
-                reused_tokens = store.hits_tokens,
-                looked_up_tokens = store.lookup_tokens,
-                "prefix store"
-            );
-        }
+        // Row r's tokens sit at slots 0..starts[r] and base..base + (len - starts[r]).
+        self.store_prompts(&mut store, &cache, &prompts, &names, &starts, &vec![base; b])?;
         let logp = logits
             .f_to_kind(Kind::Float)?
             .f_log_softmax(-1, Kind::Float)?;

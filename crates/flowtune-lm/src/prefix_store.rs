@@ -1,13 +1,15 @@
-//! Keys and values of recently classified prompts, kept so that a later prompt under the same
-//! adapter that starts with the same tokens computes only the rest.
+//! Keys and values of recent prompts (classified, or generated from), kept so that a later
+//! prompt under the same adapter that starts with the same tokens computes only the rest.
 //!
 //! A flow re-asks about the same text many times: the MuSiQue relevance node scores every
 //! unused paragraph again in each retrieval round (with the paragraph placed before the
-//! changing query, the paragraph's keys and values are reusable), and the stop node's prompt of
-//! round k extends that of round k - 1. Entries are whole prompts; a lookup returns the entry
-//! with the longest common prefix. The store holds at most a byte budget (least recently used
-//! entries go first) and must be cleared whenever an adapter changes, because keys and values
-//! depend on it ([`crate::engine::Engine`] does this on every mutable access to its bank).
+//! changing query, the paragraph's keys and values are reusable), and the stop and query nodes'
+//! prompts of round k extend those of round k - 1. Entries are whole prompts; a lookup returns
+//! the entry with the longest common prefix. A new prompt replaces the entries it extends and
+//! those it shares more than half of (their heads live on in it). The store holds at most a
+//! byte budget (least recently used entries go first) and must be cleared whenever an adapter
+//! changes, because keys and values depend on it ([`crate::engine::Engine`] does this on every
+//! mutable access to its bank).
 use tch::Tensor;
 
 use crate::Result;
@@ -21,6 +23,13 @@ pub(crate) struct StoredPrefix {
     pub(crate) values: Vec<Tensor>,
     bytes: usize,
     last_used: u64,
+}
+
+fn tensor_bytes(keys: &[Tensor], values: &[Tensor]) -> usize {
+    keys.iter()
+        .chain(values)
+        .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+        .sum()
 }
 
 /// The store (see the module docs).
@@ -109,20 +118,23 @@ impl PrefixStore {
         {
             return Ok(());
         }
+        // `ids` replaces every entry it extends, and every entry it leaves only after more than
+        // half of that entry's tokens: the shared head, which `ids` holds too, is what later
+        // prompts reuse (a paragraph and question before a changing query; the found paragraphs
+        // before the next one), while the old tail served one prompt. Keeping such tails, each
+        // retrieval round would add a whole prompt per paragraph and push out the entries that
+        // the next round needs.
         let mut freed = 0;
         self.entries.retain(|e| {
-            let covered = same(e) && e.ids.len() < ids.len() && ids[..e.ids.len()] == *e.ids;
-            if covered {
+            let common = e.ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+            let replaced = same(e) && (common == e.ids.len() || 2 * common > e.ids.len());
+            if replaced {
                 freed += e.bytes;
             }
-            !covered
+            !replaced
         });
         self.used_bytes -= freed;
-        let bytes: usize = keys
-            .iter()
-            .chain(&values)
-            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
-            .sum();
+        let bytes = tensor_bytes(&keys, &values);
         if bytes > self.budget_bytes {
             return Ok(());
         }
@@ -149,5 +161,86 @@ impl PrefixStore {
             last_used: self.clock,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Two layers of keys/values `[1, len, 2]` whose slot `s` holds the value `s`.
+    fn kv(len: usize) -> (Vec<Tensor>, Vec<Tensor>) {
+        let t = || {
+            Tensor::arange(len as i64, (Kind::Float, tch::Device::Cpu))
+                .view([1, len as i64, 1])
+                .repeat([1, 1, 2])
+        };
+        (vec![t(), t()], vec![t(), t()])
+    }
+
+    fn insert(s: &mut PrefixStore, ids: &[u32]) {
+        let (k, v) = kv(ids.len());
+        s.insert(Some("a"), ids, k, v).unwrap();
+    }
+
+    #[test]
+    fn a_prompt_replaces_entries_it_extends_or_leaves_late() {
+        let mut s = PrefixStore::new(1 << 20);
+        let first: Vec<u32> = (0..20).collect();
+        insert(&mut s, &first);
+        assert_eq!(s.used_bytes, 2 * 2 * 20 * 2 * 4);
+        // Shares 15 of the stored 20 tokens (more than half): it replaces the stored prompt,
+        // and a later prompt still finds the 15-token head in it.
+        let second: Vec<u32> = (0..15).chain(100..110).collect();
+        insert(&mut s, &second);
+        assert_eq!(s.entries.len(), 1);
+        assert_eq!(s.entries[0].ids, second);
+        assert_eq!(s.used_bytes, 2 * 2 * 25 * 2 * 4);
+        let third: Vec<u32> = (0..15).chain(200..212).collect();
+        let (i, common) = s.lookup(Some("a"), &third, third.len() - 1).unwrap();
+        assert_eq!(common, 15);
+        assert_eq!(s.entry(i).unwrap().keys[1].double_value(&[0, 14, 1]), 14.0);
+        // A prompt extending a stored one replaces it as well.
+        let longer: Vec<u32> = second.iter().copied().chain(300..305).collect();
+        insert(&mut s, &longer);
+        assert_eq!(s.entries.len(), 1);
+        assert_eq!(s.entries[0].ids, longer);
+        assert_eq!(s.used_bytes, 2 * 2 * 30 * 2 * 4);
+        // One that the store already covers changes nothing.
+        insert(&mut s, &longer[..12]);
+        assert_eq!(s.entries.len(), 1);
+    }
+
+    #[test]
+    fn an_early_divergence_or_another_adapter_leaves_the_entry_whole() {
+        let mut s = PrefixStore::new(1 << 20);
+        let first: Vec<u32> = (0..20).collect();
+        insert(&mut s, &first);
+        // Shares only 10 of 20 (not more than half): a different paragraph after a shared
+        // system prompt, say.
+        let other: Vec<u32> = (0..10).chain(50..70).collect();
+        insert(&mut s, &other);
+        assert_eq!(s.entries[0].ids.len(), 20);
+        // Another adapter's prompt never touches this adapter's entries.
+        let (k, v) = kv(19);
+        s.insert(Some("b"), &(0..19).collect::<Vec<u32>>(), k, v).unwrap();
+        assert_eq!(s.entries[0].ids.len(), 20);
+        assert_eq!(s.lookup(Some("b"), &first, 19).map(|h| h.1), Some(19));
+    }
+
+    #[test]
+    fn the_budget_evicts_the_least_recently_used_entry() {
+        let one = 2 * 2 * 10 * 2 * 4;
+        let mut s = PrefixStore::new(2 * one);
+        insert(&mut s, &(0..10).collect::<Vec<u32>>());
+        insert(&mut s, &(100..110).collect::<Vec<u32>>());
+        // Touch the first, so the second is the least recently used.
+        assert!(s.lookup(Some("a"), &(0..10).collect::<Vec<u32>>(), 9).is_some());
+        insert(&mut s, &(200..210).collect::<Vec<u32>>());
+        assert_eq!(s.used_bytes, 2 * one);
+        let firsts: Vec<u32> = s.entries.iter().map(|e| e.ids[0]).collect();
+        assert!(firsts.contains(&0) && firsts.contains(&200) && !firsts.contains(&100));
     }
 }

@@ -231,6 +231,57 @@ fn classify_reuses_stored_prefixes_across_calls() {
     assert_eq!(without.prefix_store_stats().0, 0);
 }
 
+/// The prefix store serves generation too: a second round of prompts extending the first
+/// round's (the query node's "found" paragraphs, one more each round), mixed with a prompt the
+/// store has never seen, gives the same greedy ids as an engine without the store, with summed
+/// log-probs within 1e-4 (float32), and reuses the first round's keys and values.
+#[test]
+fn generate_reuses_stored_prompts_across_rounds() {
+    let with = engine();
+    let without = engine_with_config(EngineConfig {
+        min_shared_prefix: 8,
+        prefix_store_bytes: 0,
+        ..Default::default()
+    });
+    let facts = [
+        "The Iron Tower was designed by Ada Lind.",
+        "Ada Lind was born in the town of Varno.",
+        "Varno lies on the river Sel.",
+    ];
+    let prompt = |e: &Engine, q: usize, found: usize| -> Vec<u32> {
+        let mut user = format!("Question: Where was the designer of tower {q} born?\n");
+        for f in &facts[..found] {
+            user.push_str(&format!("Found: {f}\n"));
+        }
+        user.push_str("Write a search query for the next fact needed.");
+        chat(e, &user)
+    };
+    let round = |e: &Engine, found: usize, fresh: bool| -> Vec<GenerateRequest> {
+        let mut reqs: Vec<_> = (0..3).map(|q| greedy(prompt(e, q, found), 10)).collect();
+        if fresh {
+            reqs.push(greedy(chat(e, "Name a river in a made-up country."), 10));
+        }
+        reqs
+    };
+    let first = with.generate(&round(&with, 1, false)).unwrap();
+    let (hits_before, _) = with.prefix_store_stats();
+    let second = with.generate(&round(&with, 2, true)).unwrap();
+    let (hits_after, looked_up) = with.prefix_store_stats();
+    assert!(
+        hits_after - hits_before >= 3 * 20,
+        "second round reused only {} tokens (of {looked_up} looked up)",
+        hits_after - hits_before
+    );
+    for (found, fresh, got) in [(1, false, &first), (2, true, &second)] {
+        let want = without.generate(&round(&without, found, fresh)).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert_eq!(a.sequences[0].ids, b.sequences[0].ids, "round with {found} found");
+            assert!((a.sequences[0].logprob - b.sequences[0].logprob).abs() < 1e-4);
+        }
+    }
+    assert_eq!(without.prefix_store_stats().0, 0);
+}
+
 #[test]
 fn seeded_sampling_is_reproducible_and_independent_of_batching() {
     let e = &engine();

@@ -383,6 +383,12 @@ mod avx512 {
 
     use super::AttnShape;
 
+    /// How many weight rows ahead `gemv_bf16` prefetches.
+    const PREFETCH_ROWS: usize = 4;
+
+    /// How many rows of a transposed weight `gemm_t_f32` prefetches ahead.
+    const PREFETCH_T_ROWS: usize = 32;
+
     /// 16 bf16 values (bits) at `p` widened to f32.
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
@@ -482,7 +488,12 @@ mod avx512 {
                 let mut acc = [_mm512_setzero_ps(); M];
                 let mut msum = [0f32; M];
                 let codes = w.packed.as_ptr().add(o * k / 2);
+                let ahead = (o + PREFETCH_ROWS < to).then(|| codes.add(PREFETCH_ROWS * k / 2));
                 for g in 0..groups {
+                    // Two groups of codes per cache line (see `gemv_bf16`).
+                    if let Some(a) = ahead.filter(|_| g % 4 == 0) {
+                        _mm_prefetch::<_MM_HINT_T0>(a.add(g * G / 2) as *const i8);
+                    }
                     let bytes = _mm_loadu_si128(codes.add(g * G / 2) as *const __m128i);
                     let wide = _mm512_cvtepu8_epi32(bytes);
                     let s = _mm512_set1_ps(*w.scale.get_unchecked(o * groups + g));
@@ -539,6 +550,13 @@ mod avx512 {
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 for kk in 0..k {
                     let row = wt.as_ptr().add(kk * n + j);
+                    // A tile walks `wt` down its rows, one stride apart: the hardware
+                    // prefetchers miss that pattern, so fetch the rows ahead here.
+                    if kk + PREFETCH_T_ROWS < k {
+                        let ahead = row.add(PREFETCH_T_ROWS * n) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(ahead);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+                    }
                     let w0 = _mm512_maskz_loadu_ps(m0, row);
                     let w1 = _mm512_maskz_loadu_ps(m1, row.add(16));
                     for m in 0..M {
@@ -588,6 +606,18 @@ mod avx512 {
                     let mut xv = [_mm512_setzero_ps(); M];
                     for m in 0..M {
                         xv[m] = _mm512_loadu_ps(x.as_ptr().add(m * k + c * 16));
+                    }
+                    // The weight rows a few blocks ahead, so their lines are in cache when
+                    // the FMAs get there (measured: the loads stall otherwise).
+                    if c % 2 == 0 {
+                        for o in 0..width {
+                            if o0 + PREFETCH_ROWS + o < to {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    w.as_ptr().add((o0 + PREFETCH_ROWS + o) * k + c * 16)
+                                        as *const i8,
+                                );
+                            }
+                        }
                     }
                     for o in 0..width {
                         let wv = load_bf16(w.as_ptr().add((o0 + o) * k + c * 16));

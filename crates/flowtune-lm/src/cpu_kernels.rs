@@ -455,9 +455,9 @@ mod avx512 {
         }
     }
 
-    /// `y = x @ w.T` for `M` rows (see `super::Int4F32Weight`): per output, the dequantised
-    /// codes of each group (`scale * q`) times the inputs in 16-lane fused multiply-adds, plus
-    /// `min` times the group's input sum.
+    /// `y = x @ w.T` for `M` rows (see `super::Int4F32Weight`): per output and group, the
+    /// dequantised weights `scale * q + min` (one fused multiply-add per 16 lanes, shared by
+    /// all rows) times the inputs in 16-lane fused multiply-adds.
     ///
     /// # Safety
     /// `y` points at `M * n` writable floats; outputs `from..to` of every row are written.
@@ -473,42 +473,33 @@ mod avx512 {
         const G: usize = super::GROUP;
         let (n, k) = (w.n, w.k);
         let groups = k / G;
-        // Each row's input sum per group, for the minimum term.
-        let mut xsum = vec![0f32; M * groups];
-        for m in 0..M {
-            for g in 0..groups {
-                xsum[m * groups + g] = x[m * k + g * G..m * k + (g + 1) * G].iter().sum();
-            }
-        }
         let low = _mm512_set1_epi32(0x0f);
         // SAFETY: `packed` holds `n * k / 2` bytes, `scale`/`min` `n * groups` values, `x`
         // `M * k` and `y` `M * n` (checked by the caller's shapes); `from..to` lies in `0..n`.
         unsafe {
             for o in from..to {
                 let mut acc = [_mm512_setzero_ps(); M];
-                let mut msum = [0f32; M];
                 let codes = w.packed.as_ptr().add(o * k / 2);
                 let ahead = (o + PREFETCH_ROWS < to).then(|| codes.add(PREFETCH_ROWS * k / 2));
                 for g in 0..groups {
-                    // Two groups of codes per cache line (see `gemv_bf16`).
+                    // Four groups of codes per cache line (see `gemv_bf16`).
                     if let Some(a) = ahead.filter(|_| g % 4 == 0) {
                         _mm_prefetch::<_MM_HINT_T0>(a.add(g * G / 2) as *const i8);
                     }
                     let bytes = _mm_loadu_si128(codes.add(g * G / 2) as *const __m128i);
                     let wide = _mm512_cvtepu8_epi32(bytes);
                     let s = _mm512_set1_ps(*w.scale.get_unchecked(o * groups + g));
-                    let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(wide, low)), s);
-                    let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(wide)), s);
-                    let mn = *w.min.get_unchecked(o * groups + g);
+                    let mn = _mm512_set1_ps(*w.min.get_unchecked(o * groups + g));
+                    let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(wide, low)), s, mn);
+                    let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(wide)), s, mn);
                     for m in 0..M {
                         let xp = x.as_ptr().add(m * k + g * G);
                         acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[m]);
                         acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), acc[m]);
-                        msum[m] = mn.mul_add(*xsum.get_unchecked(m * groups + g), msum[m]);
                     }
                 }
                 for m in 0..M {
-                    *y.add(m * n + o) = _mm512_reduce_add_ps(acc[m]) + msum[m];
+                    *y.add(m * n + o) = _mm512_reduce_add_ps(acc[m]);
                 }
             }
         }

@@ -1,4 +1,5 @@
 //! Properties of COCOB (no reference needed) and exact resume through save/load.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flowtune_cocob::{Cocob, CocobConfig, Error};
 use proptest::prelude::*;

@@ -49,7 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let m = load(&path, &LoadOptions::default())?;
     println!("loaded in {:.2}s", start.elapsed().as_secs_f64());
     println!("config: {}", serde_json::to_string(&m.config)?);
-    println!("{} tensors, {} parameters", m.weights.len(), m.weights.num_parameters());
+    println!(
+        "{} tensors, {} parameters",
+        m.weights.len(),
+        m.weights.num_parameters()
+    );
     let t = &m.tokenizer;
     println!(
         "vocab {} | specials {:?} | eos ids {:?}",

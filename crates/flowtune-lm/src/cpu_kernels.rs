@@ -172,7 +172,11 @@ fn measure_bf16_gemm() -> Result<(f64, f64)> {
         Ok(best)
     };
     let native = best(&|| Ok(x.f_linear::<Tensor>(&w, None)?))?;
-    let wide = best(&|| Ok(x.f_to_kind(Kind::Float)?.f_linear::<Tensor>(&w32, None)?.f_to_kind(Kind::BFloat16)?))?;
+    let wide = best(&|| {
+        Ok(x.f_to_kind(Kind::Float)?
+            .f_linear::<Tensor>(&w32, None)?
+            .f_to_kind(Kind::BFloat16)?)
+    })?;
     Ok((native, wide))
 }
 
@@ -490,8 +494,10 @@ mod avx512 {
                     let wide = _mm512_cvtepu8_epi32(bytes);
                     let s = _mm512_set1_ps(*w.scale.get_unchecked(o * groups + g));
                     let mn = _mm512_set1_ps(*w.min.get_unchecked(o * groups + g));
-                    let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(wide, low)), s, mn);
-                    let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(wide)), s, mn);
+                    let lo =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(wide, low)), s, mn);
+                    let hi =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(wide)), s, mn);
                     for m in 0..M {
                         let xp = x.as_ptr().add(m * k + g * G);
                         acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[m]);
@@ -620,7 +626,8 @@ mod avx512 {
                 for o in 0..width {
                     let b = bias.map_or(0.0, |b| super::bf16_value(*b.get_unchecked(o0 + o)));
                     for m in 0..M {
-                        *y.add(m * n + o0 + o) = super::bf16_bits(_mm512_reduce_add_ps(acc[m][o]) + b);
+                        *y.add(m * n + o0 + o) =
+                            super::bf16_bits(_mm512_reduce_add_ps(acc[m][o]) + b);
                     }
                 }
                 o0 += width;

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::loader::LoadedModel;
-use crate::prefix_store::PrefixStore;
 use crate::model::{LinearDelta, LogitsAt, Model};
+use crate::prefix_store::PrefixStore;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -921,7 +921,14 @@ impl Engine {
             )
         })?;
         // Row r's tokens sit at slots 0..starts[r] and base..base + (len - starts[r]).
-        self.store_prompts(&mut store, &cache, &prompts, &names, &starts, &vec![base; b])?;
+        self.store_prompts(
+            &mut store,
+            &cache,
+            &prompts,
+            &names,
+            &starts,
+            &vec![base; b],
+        )?;
         let logp = logits
             .f_to_kind(Kind::Float)?
             .f_log_softmax(-1, Kind::Float)?;
@@ -992,7 +999,7 @@ impl Engine {
             .collect();
         let mut raw: Vec<f64> = vec![0.0; num_beams];
         // Finished hypotheses per group: (score, ids, raw logprob, reason).
-        let mut hyps: Vec<Vec<(f64, Vec<u32>, f64, FinishReason)>> = vec![Vec::new(); groups];
+        let mut hyps: Vec<Vec<Hypothesis>> = vec![Vec::new(); groups];
         let mut group_done = vec![false; groups];
         let vocab = self.model.config().vocab_size as i64;
         for step in 0..params.max_new_tokens {
@@ -1150,12 +1157,11 @@ impl Engine {
     }
 }
 
+/// A finished beam hypothesis: (score, ids, raw log-prob, finish reason).
+type Hypothesis = (f64, Vec<u32>, f64, FinishReason);
+
 /// Keep the `cap` best hypotheses.
-fn add_hyp(
-    list: &mut Vec<(f64, Vec<u32>, f64, FinishReason)>,
-    cap: usize,
-    h: (f64, Vec<u32>, f64, FinishReason),
-) {
+fn add_hyp(list: &mut Vec<Hypothesis>, cap: usize, h: Hypothesis) {
     // A full list only admits a strictly better hypothesis, as in HF's BeamHypotheses.add.
     let worst = list.iter().map(|x| x.0).fold(f64::INFINITY, f64::min);
     if list.len() >= cap && h.0 <= worst {
@@ -1202,7 +1208,13 @@ fn validate_generate(index: usize, r: &GenerateRequest, vocab: usize) -> Result<
         Decoding::Sample {
             temperature, top_p, ..
         } => {
-            if !(*temperature > 0.0) || !(*top_p > 0.0 && *top_p <= 1.0) {
+            // NaN fails both checks.
+            if temperature.is_nan()
+                || *temperature <= 0.0
+                || top_p.is_nan()
+                || *top_p <= 0.0
+                || *top_p > 1.0
+            {
                 return Err(bad(format!(
                     "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
                 )));

@@ -328,7 +328,8 @@ impl<'a> Cursor<'a> {
 
     fn len(&mut self, what: &str) -> Result<usize> {
         let n = self.u64(what)?;
-        usize::try_from(n).map_err(|_| self.err(format!("{what}: length {n} does not fit in memory")))
+        usize::try_from(n)
+            .map_err(|_| self.err(format!("{what}: length {n} does not fit in memory")))
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
@@ -362,12 +363,15 @@ impl<'a> Cursor<'a> {
             8 => GgufValue::String(self.string(key)?),
             9 => {
                 if depth > 0 {
-                    return Err(self.err(format!("metadata `{key}`: nested arrays are not supported")));
+                    return Err(
+                        self.err(format!("metadata `{key}`: nested arrays are not supported"))
+                    );
                 }
                 let elem_type = self.u32(key)?;
                 let n = self.len(key)?;
                 // Every element takes at least one byte: never reserve more than what is left.
-                let mut items = Vec::with_capacity(n.min(self.bytes.len().saturating_sub(self.pos)));
+                let mut items =
+                    Vec::with_capacity(n.min(self.bytes.len().saturating_sub(self.pos)));
                 for _ in 0..n {
                     items.push(self.value(elem_type, key, depth + 1)?);
                 }
@@ -384,7 +388,11 @@ impl<'a> Cursor<'a> {
 /// Parse the header, metadata and tensor infos of GGUF bytes; `path` names the file
 /// in errors. Checks that every tensor's data lies within `bytes`. Never panics.
 pub fn parse_header(bytes: &[u8], path: &Path) -> Result<GgufHeader> {
-    let mut c = Cursor { bytes, pos: 0, path };
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        path,
+    };
     let magic = c.array::<4>("magic")?;
     if &magic != GGUF_MAGIC {
         return Err(Error::GgufFormat {
@@ -457,7 +465,12 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<GgufHeader> {
 impl GgufHeader {
     /// Absolute byte range of a tensor's data, checked against the file length and
     /// the type's block size. Unknown types give [`Error::GgufUnsupportedType`].
-    pub fn tensor_byte_range(&self, t: &GgufTensorInfo, file_len: u64, path: &Path) -> Result<std::ops::Range<usize>> {
+    pub fn tensor_byte_range(
+        &self,
+        t: &GgufTensorInfo,
+        file_len: u64,
+        path: &Path,
+    ) -> Result<std::ops::Range<usize>> {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| Error::GgufUnsupportedType {
             path: path.to_path_buf(),
             tensor: t.name.clone(),
@@ -487,13 +500,16 @@ impl GgufHeader {
             .data_offset
             .checked_add(t.offset)
             .ok_or_else(|| bad("offset overflows".into()))?;
-        let end = start.checked_add(size).ok_or_else(|| bad("offset overflows".into()))?;
+        let end = start
+            .checked_add(size)
+            .ok_or_else(|| bad("offset overflows".into()))?;
         if end > file_len {
             return Err(bad(format!(
                 "data [{start}, {end}) extends past the end of the file ({file_len} bytes): truncated file?"
             )));
         }
-        let conv = |v: u64| usize::try_from(v).map_err(|_| bad("offset does not fit in memory".into()));
+        let conv =
+            |v: u64| usize::try_from(v).map_err(|_| bad("offset does not fit in memory".into()));
         Ok(conv(start)?..conv(end)?)
     }
 
@@ -533,8 +549,14 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Ve
             data.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
-        GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::BF16 => out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::F16 => out.extend(
+            data.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        GgmlType::BF16 => out.extend(
+            data.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         GgmlType::Q8_0 => {
             for b in data.chunks_exact(bb) {
                 let d = f16_at(b, 0);
@@ -568,16 +590,28 @@ pub type Q4Blocks = (Vec<u8>, Vec<f32>, Vec<f32>);
 /// The codes and per-block scales and minima of `n` elements of a Q4_0 or Q4_1 tensor, so that
 /// `w = scale * q + min` for each element of a 32-element block (Q4_0: `min = -8 * scale`), in
 /// row-major order; `None` for other types. [`dequantize`] computes exactly these products.
-pub fn q4_blocks(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Option<Q4Blocks>, String> {
+pub fn q4_blocks(
+    ty: GgmlType,
+    data: &[u8],
+    n: usize,
+) -> std::result::Result<Option<Q4Blocks>, String> {
     if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
         return Ok(None);
     }
     let bb = ty.block_bytes() as usize;
     if !n.is_multiple_of(32) || data.len() != n / 32 * bb {
-        return Err(format!("{ty:?}: {} bytes for {n} elements (expected {})", data.len(), n / 32 * bb));
+        return Err(format!(
+            "{ty:?}: {} bytes for {n} elements (expected {})",
+            data.len(),
+            n / 32 * bb
+        ));
     }
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    let (mut q, mut scale, mut min) = (Vec::with_capacity(n), Vec::with_capacity(n / 32), Vec::with_capacity(n / 32));
+    let (mut q, mut scale, mut min) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n / 32),
+        Vec::with_capacity(n / 32),
+    );
     for b in data.chunks_exact(bb) {
         let d = f16_at(b, 0);
         let (m, qs) = match ty {
@@ -648,7 +682,9 @@ impl GgufFile {
 
     /// Raw bytes of a tensor's data.
     pub fn tensor_bytes(&self, t: &GgufTensorInfo) -> Result<&[u8]> {
-        let r = self.header.tensor_byte_range(t, self.mmap.len() as u64, &self.path)?;
+        let r = self
+            .header
+            .tensor_byte_range(t, self.mmap.len() as u64, &self.path)?;
         Ok(&self.mmap[r])
     }
 
@@ -756,11 +792,17 @@ pub fn is_rope_permuted(arch: &str, name: &str) -> bool {
 /// Undo llama.cpp's Q/K row permutation (transformers' `_reverse_permute_weights`):
 /// rows viewed as `[n_head, dim/2... ]`: `reshape(n_head, rows/n_head/2, 2, rest)`,
 /// swap axes 1 and 2, reshape back. `shape` is row-major; works for 1-D biases too.
-pub fn reverse_permute(data: &[f32], shape: &[i64], n_head: usize) -> std::result::Result<Vec<f32>, String> {
+pub fn reverse_permute(
+    data: &[f32],
+    shape: &[i64],
+    n_head: usize,
+) -> std::result::Result<Vec<f32>, String> {
     let rows = *shape.first().ok_or("empty shape")? as usize;
     let cols: usize = shape[1..].iter().map(|&d| d as usize).product();
     if n_head == 0 || !rows.is_multiple_of(2 * n_head) || data.len() != rows * cols {
-        return Err(format!("cannot un-permute shape {shape:?} with {n_head} heads"));
+        return Err(format!(
+            "cannot un-permute shape {shape:?} with {n_head} heads"
+        ));
     }
     let dim = rows / n_head / 2;
     let mut out = vec![0f32; data.len()];
@@ -770,7 +812,8 @@ pub fn reverse_permute(data: &[f32], shape: &[i64], n_head: usize) -> std::resul
                 // source row (h, d, j) -> destination row (h, j, d)
                 let src = (h * dim + d) * 2 + j;
                 let dst = (h * 2 + j) * dim + d;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -818,7 +861,10 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
     };
     // As transformers does: llama.cpp writes Mistral as `llama`, and transformers
     // treats it as Mistral when `general.name` is exactly "mistral".
-    let model_type = match (arch.as_str(), h.get("general.name").and_then(GgufValue::as_str)) {
+    let model_type = match (
+        arch.as_str(),
+        h.get("general.name").and_then(GgufValue::as_str),
+    ) {
         ("llama", Some("mistral")) => "mistral".to_string(),
         _ => arch.clone(),
     };
@@ -834,7 +880,10 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
     };
     c.insert("architectures".into(), json!([class]));
     c.insert("hidden_size".into(), json!(hidden));
-    c.insert("intermediate_size".into(), json!(uint("feed_forward_length")?));
+    c.insert(
+        "intermediate_size".into(),
+        json!(uint("feed_forward_length")?),
+    );
     c.insert("num_hidden_layers".into(), json!(uint("block_count")?));
     c.insert("num_attention_heads".into(), json!(n_head));
     let n_kv = if h.get(&key("attention.head_count_kv")).is_some() {
@@ -843,8 +892,14 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
         n_head
     };
     c.insert("num_key_value_heads".into(), json!(n_kv));
-    c.insert("max_position_embeddings".into(), json!(uint("context_length")?));
-    c.insert("rms_norm_eps".into(), json!(float("attention.layer_norm_rms_epsilon")?));
+    c.insert(
+        "max_position_embeddings".into(),
+        json!(uint("context_length")?),
+    );
+    c.insert(
+        "rms_norm_eps".into(),
+        json!(float("attention.layer_norm_rms_epsilon")?),
+    );
     let theta = if h.get(&key("rope.freq_base")).is_some() {
         float("rope.freq_base")?
     } else {
@@ -853,7 +908,9 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
     c.insert("rope_theta".into(), json!(theta));
     let head_dim = if h.get(&key("attention.key_length")).is_some() {
         uint("attention.key_length")?
-    } else if matches!(arch.as_str(), "llama" | "mistral") && h.get(&key("rope.dimension_count")).is_some() {
+    } else if matches!(arch.as_str(), "llama" | "mistral")
+        && h.get(&key("rope.dimension_count")).is_some()
+    {
         uint("rope.dimension_count")?
     } else {
         hidden / n_head.max(1)
@@ -862,7 +919,10 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
     if arch == "phi3" && h.get(&key("rope.dimension_count")).is_some() {
         let rot = uint("rope.dimension_count")?;
         if rot != head_dim && head_dim > 0 {
-            c.insert("partial_rotary_factor".into(), json!(rot as f64 / head_dim as f64));
+            c.insert(
+                "partial_rotary_factor".into(),
+                json!(rot as f64 / head_dim as f64),
+            );
         }
     }
     let vocab = match h.get(&key("vocab_size")).and_then(GgufValue::as_u64) {
@@ -878,7 +938,10 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
             })?,
     };
     c.insert("vocab_size".into(), json!(vocab));
-    if let Some(w) = h.get(&key("attention.sliding_window")).and_then(GgufValue::as_u64) {
+    if let Some(w) = h
+        .get(&key("attention.sliding_window"))
+        .and_then(GgufValue::as_u64)
+    {
         c.insert("sliding_window".into(), json!(w));
     }
     let tied = !h.tensors.iter().any(|t| t.name == "output.weight");
@@ -895,7 +958,10 @@ pub fn hf_config_json(h: &GgufHeader, path: &Path) -> Result<Json> {
         let mut rs = Map::new();
         rs.insert("rope_type".into(), json!(kind));
         rs.insert("type".into(), json!(kind));
-        if let Some(f) = h.get(&key("rope.scaling.factor")).and_then(GgufValue::as_f64) {
+        if let Some(f) = h
+            .get(&key("rope.scaling.factor"))
+            .and_then(GgufValue::as_f64)
+        {
             rs.insert("factor".into(), json!(f));
         }
         if let Some(f) = h

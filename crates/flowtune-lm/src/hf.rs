@@ -43,7 +43,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !index.is_file() {
         return Err(Error::Safetensors {
             path: dir.to_path_buf(),
-            reason: format!("neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX_FILE} in the folder"),
+            reason: format!(
+                "neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX_FILE} in the folder"
+            ),
         });
     }
     let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
@@ -99,7 +101,10 @@ pub fn load_safetensors_file(
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        let t = if matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+        let t = if matches!(
+            kind,
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        ) {
             t.to_device(device).to_kind(dtype)
         } else {
             t.to_device(device)

@@ -48,7 +48,10 @@ impl Int4Blocks {
             actual,
         };
         if size.len() != 2 || size[1] % INT4_GROUP != 0 {
-            return Err(bad(vec![size.first().copied().unwrap_or(0), INT4_GROUP], size));
+            return Err(bad(
+                vec![size.first().copied().unwrap_or(0), INT4_GROUP],
+                size,
+            ));
         }
         let groups = vec![size[0], size[1] / INT4_GROUP];
         for t in [&scale, &min] {
@@ -84,7 +87,9 @@ impl Int4Blocks {
         let max = g.f_amax([-1i64].as_slice(), true)?;
         let scale = max.f_sub(&min)?.f_div_scalar(15.0)?;
         let positive = scale.f_gt(0.0)?;
-        let inv = scale.f_reciprocal()?.f_where_self(&positive, &scale.f_zeros_like()?)?;
+        let inv = scale
+            .f_reciprocal()?
+            .f_where_self(&positive, &scale.f_zeros_like()?)?;
         let q = g
             .f_sub(&min)?
             .f_mul(&inv)?
@@ -108,8 +113,7 @@ impl Int4Blocks {
             .q
             .f_to_kind(Kind::Float)?
             .f_reshape([n, k / INT4_GROUP, INT4_GROUP])?;
-        Ok(q
-            .f_mul(&self.scale.f_unsqueeze(-1)?)?
+        Ok(q.f_mul(&self.scale.f_unsqueeze(-1)?)?
             .f_add(&self.min.f_unsqueeze(-1)?)?
             .f_reshape([n, k])?)
     }
@@ -160,8 +164,12 @@ impl Int4Linear {
             if !crate::cpu_kernels::int4_f32_available() {
                 return Ok(None);
             }
-            return Ok(crate::cpu_kernels::Int4F32Weight::new(&blocks.q, &blocks.scale, &blocks.min)?
-                .map(Self::F32));
+            return Ok(crate::cpu_kernels::Int4F32Weight::new(
+                &blocks.q,
+                &blocks.scale,
+                &blocks.min,
+            )?
+            .map(Self::F32));
         }
         if n % 16 != 0 || k % INT4_GROUP != 0 || !matches!(kind, Kind::BFloat16 | Kind::Half) {
             return Ok(None);
@@ -205,7 +213,8 @@ impl Int4Linear {
             } => {
                 let mut shape = x.size();
                 let x2 = x.f_reshape([-1, *inp])?.f_contiguous()?;
-                let y = x2.f_internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP, scales_zeros)?;
+                let y =
+                    x2.f_internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP, scales_zeros)?;
                 if let Some(last) = shape.last_mut() {
                     *last = *out;
                 }

@@ -241,7 +241,11 @@ impl KvCache {
 
     /// Copies of the keys and values of row `row` at slots `slots` (in that order), per layer
     /// `[kv_heads, slots.len(), head_dim]`.
-    pub(crate) fn row_slots(&self, row: usize, slots: &[i64]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    pub(crate) fn row_slots(
+        &self,
+        row: usize,
+        slots: &[i64],
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         if row >= self.batch || slots.iter().any(|&s| s < 0 || s as usize >= self.len) {
             return Err(Error::ModelInput(format!(
                 "row {row} slots out of range for batch {} x {} filled",
@@ -249,9 +253,8 @@ impl KvCache {
             )));
         }
         let idx = Tensor::f_from_slice(slots)?.f_to(self.device)?;
-        let take = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.f_get(row as i64)?.f_index_select(1, &idx)?)
-        };
+        let take =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.f_get(row as i64)?.f_index_select(1, &idx)?) };
         let keys = self.keys.iter().map(take).collect::<Result<Vec<_>>>()?;
         let values = self.values.iter().map(take).collect::<Result<Vec<_>>>()?;
         Ok((keys, values))

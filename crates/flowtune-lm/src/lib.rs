@@ -14,10 +14,10 @@ pub mod gguf;
 pub mod hf;
 pub mod int4;
 pub mod kv;
-pub mod model;
 pub mod loader;
-mod prefix_store;
 pub mod locate;
+pub mod model;
+mod prefix_store;
 pub mod tokenizer;
 pub mod weights;
 

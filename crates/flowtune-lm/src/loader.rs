@@ -6,8 +6,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::gguf::{self, GgufFile};
-use crate::tokenizer::Tokenizer;
 use crate::int4::{self, Int4Blocks};
+use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{hf, Error, Result};
 
@@ -75,7 +75,10 @@ pub fn is_gguf(path: &Path) -> bool {
     if !path.is_file() {
         return false;
     }
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         return true;
     }
     let mut magic = [0u8; 4];
@@ -291,7 +294,9 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(info) = infos.get(i) else { return Ok(done) };
+                        let Some(info) = infos.get(i) else {
+                            return Ok(done);
+                        };
                         if let Some(t) = convert(info)? {
                             done.push(t);
                         }

@@ -18,7 +18,11 @@ fn venv_dir() -> PathBuf {
 }
 
 fn find_gguf_in(dir: &Path, depth: usize) -> Option<PathBuf> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for p in &entries {
         let name = p.file_name()?.to_string_lossy().to_lowercase();
@@ -52,5 +56,8 @@ pub fn locate_test_model() -> Result<PathBuf> {
             .filter(|p| p.is_dir())
             .find_map(|p| find_gguf_in(&p, 2))
     });
-    found.ok_or(Error::TestModelNotFound { env: TEST_MODEL_ENV, venv })
+    found.ok_or(Error::TestModelNotFound {
+        env: TEST_MODEL_ENV,
+        venv,
+    })
 }

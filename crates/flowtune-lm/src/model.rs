@@ -64,7 +64,12 @@ impl Linear {
     /// A linear over `weight` `[out, in]` stored in the layout that is fastest for it, with
     /// `blocks` packed for the int4 kernel when given and usable (CPU; bf16/f16, or float32 on
     /// AVX-512 CPUs; shape), and a float32 copy when `wide` and the weight is bf16 on the CPU.
-    fn new(weight: Tensor, bias: Option<Tensor>, blocks: Option<Int4Blocks>, wide: bool) -> Result<Self> {
+    fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        blocks: Option<Int4Blocks>,
+        wide: bool,
+    ) -> Result<Self> {
         let int4 = match blocks {
             Some(b) if weight.device() == Device::Cpu => Int4Linear::new(&b, weight.kind())?,
             _ => None,
@@ -107,7 +112,12 @@ impl Linear {
 /// elsewhere a single bf16 row on the CPU is a GEMV, where
 /// libtorch's own kernel beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything
 /// else, including the attention products around it.
-fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, wide: Option<&Tensor>) -> Result<Tensor> {
+fn dense_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    wide: Option<&Tensor>,
+) -> Result<Tensor> {
     if let Some(y) = crate::cpu_kernels::linear_bf16_small(x, weight, bias)? {
         return Ok(y);
     }
@@ -446,10 +456,18 @@ impl Model {
         // The embedding lookup reads one row per token and does not mind the strides, so a tied
         // head keeps a single copy in the layout that is fastest for the `lm_head` GEMV.
         let (embed, lm_head) = if config.tie_word_embeddings() {
-            let head = Linear::new(embed.f_to_device(device)?.f_to_kind(kind)?, None, None, wide)?;
+            let head = Linear::new(
+                embed.f_to_device(device)?.f_to_kind(kind)?,
+                None,
+                None,
+                wide,
+            )?;
             (head.weight.shallow_clone(), head)
         } else {
-            (embed, Linear::new(fetch("lm_head.weight", &[v, h])?, None, None, wide)?)
+            (
+                embed,
+                Linear::new(fetch("lm_head.weight", &[v, h])?, None, None, wide)?,
+            )
         };
         let rot = config.rotary_dim();
         let theta = config.rope_theta();
@@ -482,7 +500,7 @@ impl Model {
                         let scaled = if wl > low_wl { f / factor } else { f };
                         let smooth =
                             (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        let medium = wl >= high_wl && wl <= low_wl;
                         if medium {
                             (1.0 - smooth) * scaled / factor + smooth * scaled
                         } else {
@@ -981,7 +999,9 @@ impl flowtune_lora::BaseLinears for Model {
         // The caller may change the dense weight (merging an adapter): its 4-bit and float32
         // copies would go stale, so that linear goes back to the dense bf16 path.
         match site.module {
-            Module::QProj | Module::KProj | Module::VProj | Module::QkvProj => layer.qkv.drop_copies(),
+            Module::QProj | Module::KProj | Module::VProj | Module::QkvProj => {
+                layer.qkv.drop_copies()
+            }
             Module::OProj => layer.o.drop_copies(),
             Module::GateProj | Module::UpProj | Module::GateUpProj => layer.gate_up.drop_copies(),
             Module::DownProj => layer.down.drop_copies(),

@@ -225,7 +225,8 @@ mod tests {
         assert_eq!(s.entries[0].ids.len(), 20);
         // Another adapter's prompt never touches this adapter's entries.
         let (k, v) = kv(19);
-        s.insert(Some("b"), &(0..19).collect::<Vec<u32>>(), k, v).unwrap();
+        s.insert(Some("b"), &(0..19).collect::<Vec<u32>>(), k, v)
+            .unwrap();
         assert_eq!(s.entries[0].ids.len(), 20);
         assert_eq!(s.lookup(Some("b"), &first, 19).map(|h| h.1), Some(19));
     }
@@ -237,7 +238,9 @@ mod tests {
         insert(&mut s, &(0..10).collect::<Vec<u32>>());
         insert(&mut s, &(100..110).collect::<Vec<u32>>());
         // Touch the first, so the second is the least recently used.
-        assert!(s.lookup(Some("a"), &(0..10).collect::<Vec<u32>>(), 9).is_some());
+        assert!(s
+            .lookup(Some("a"), &(0..10).collect::<Vec<u32>>(), 9)
+            .is_some());
         insert(&mut s, &(200..210).collect::<Vec<u32>>());
         assert_eq!(s.used_bytes, 2 * one);
         let firsts: Vec<u32> = s.entries.iter().map(|e| e.ids[0]).collect();

@@ -91,7 +91,8 @@ pub fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let c = if printable {
             b
         } else {
@@ -115,8 +116,8 @@ fn pre_split_regex(pre: &str) -> Option<&'static str> {
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
         "tekken" => TEKKEN,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
         "qwen35" => QWEN35,
@@ -169,7 +170,10 @@ pub fn gguf_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
         });
     }
     let tokens = string_array(h, "tokenizer.ggml.tokens", path)?;
-    let types: Vec<i64> = match h.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+    let types: Vec<i64> = match h
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+    {
         Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => Vec::new(),
     };
@@ -204,13 +208,18 @@ pub fn gguf_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
             "normalized": false, "special": special
         }));
     }
-    let pre = h.get("tokenizer.ggml.pre").and_then(GgufValue::as_str).unwrap_or("");
+    let pre = h
+        .get("tokenizer.ggml.pre")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("");
     let pre_tokenizer = match pre_split_regex(pre) {
         Some(re) => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
         ]}),
-        None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
     };
     Ok(json!({
         "version": "1.0",
@@ -263,7 +272,9 @@ pub fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, Strin
     // Stable sort, descending: equal keys keep their order, as Python's reverse=True.
     merges.sort_by(|a, b| {
         let (ka, kb) = (key(a), key(b));
-        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
     });
     merges
         .into_iter()
@@ -276,9 +287,15 @@ pub fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, Strin
 /// merges from the file or derived from the scores, `Metaspace` pre-tokenizer
 /// (prepend "first"), or for `phi3` a normalizer that prepends and replaces spaces.
 fn sentencepiece_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
-    let arch = h.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("");
+    let arch = h
+        .get("general.architecture")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("");
     let tokens = string_array(h, "tokenizer.ggml.tokens", path)?;
-    let types: Vec<i64> = match h.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+    let types: Vec<i64> = match h
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+    {
         Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => Vec::new(),
     };
@@ -287,7 +304,10 @@ fn sentencepiece_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
             .iter()
             .map(|m| {
                 let mut p = m.split(' ');
-                (p.next().unwrap_or("").to_string(), p.next().unwrap_or("").to_string())
+                (
+                    p.next().unwrap_or("").to_string(),
+                    p.next().unwrap_or("").to_string(),
+                )
             })
             .collect()
     } else {
@@ -297,7 +317,8 @@ fn sentencepiece_tokenizer_json(h: &GgufHeader, path: &Path) -> Result<Json> {
                 return Err(Error::GgufMetadata {
                     path: path.to_path_buf(),
                     key: "tokenizer.ggml.scores".into(),
-                    reason: "missing: needed to derive merges when tokenizer.ggml.merges is absent".into(),
+                    reason: "missing: needed to derive merges when tokenizer.ggml.merges is absent"
+                        .into(),
                 })
             }
         };
@@ -394,7 +415,11 @@ impl Tokenizer {
             None => None,
         };
         if eos_ids.is_empty() {
-            if let Some(id) = specials.eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            if let Some(id) = specials
+                .eos_token
+                .as_deref()
+                .and_then(|t| inner.token_to_id(t))
+            {
                 eos_ids.push(id);
             }
         }
@@ -410,7 +435,8 @@ impl Tokenizer {
     /// The tokenizer described by a GGUF file's metadata.
     pub fn from_gguf(h: &GgufHeader, path: &Path) -> Result<Self> {
         let doc = gguf_tokenizer_json(h, path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(doc.to_string().as_bytes()).map_err(|e| tok_err(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(doc.to_string().as_bytes())
+            .map_err(|e| tok_err(path, e))?;
         let tokens = string_array(h, "tokenizer.ggml.tokens", path)?;
         let named = |key: &str| -> Option<String> {
             let id = h.get(key).and_then(GgufValue::as_u64)?;
@@ -423,10 +449,16 @@ impl Tokenizer {
             pad_token: named("tokenizer.ggml.padding_token_id"),
         };
         let mut eos_ids = Vec::new();
-        if let Some(id) = h.get("tokenizer.ggml.eos_token_id").and_then(GgufValue::as_u64) {
+        if let Some(id) = h
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(GgufValue::as_u64)
+        {
             eos_ids.push(id as u32);
         }
-        if let Some(id) = h.get("tokenizer.ggml.eot_token_id").and_then(GgufValue::as_u64) {
+        if let Some(id) = h
+            .get("tokenizer.ggml.eot_token_id")
+            .and_then(GgufValue::as_u64)
+        {
             if !eos_ids.contains(&(id as u32)) {
                 eos_ids.push(id as u32);
             }
@@ -453,7 +485,8 @@ impl Tokenizer {
                 path: tc_path.clone(),
                 source,
             })?;
-            serde_json::from_str(&text).map_err(|e| tok_err(&tc_path, format!("invalid JSON: {e}")))?
+            serde_json::from_str(&text)
+                .map_err(|e| tok_err(&tc_path, format!("invalid JSON: {e}")))?
         } else {
             Json::Object(Map::new())
         };
@@ -499,7 +532,10 @@ impl Tokenizer {
     /// Encode text without adding special tokens (special-token strings in the text
     /// are still recognised, as in transformers).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| tok_err(&self.source, e))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -512,7 +548,11 @@ impl Tokenizer {
 
     /// Render the chat template like transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let t = self.template.as_ref().ok_or_else(|| Error::ChatTemplate {
             path: self.source.clone(),
             reason: "the tokenizer has no chat template".into(),
@@ -521,7 +561,11 @@ impl Tokenizer {
     }
 
     /// The token ids of the rendered chat template.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, add_generation_prompt)?;
         self.encode(&text)
     }

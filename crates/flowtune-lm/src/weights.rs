@@ -80,7 +80,11 @@ impl Weights {
 
     /// Total number of parameters.
     pub fn num_parameters(&self) -> i64 {
-        self.tensors.values().map(Tensor::numel).map(|n| n as i64).sum()
+        self.tensors
+            .values()
+            .map(Tensor::numel)
+            .map(|n| n as i64)
+            .sum()
     }
 
     /// Consume into the underlying map.

@@ -402,9 +402,15 @@ fn linear_bf16_small_matches_exact_and_libtorch() {
     use flowtune_lm::cpu_kernels::linear_bf16_small;
     let _serial = require_kernels();
     let bf = (Kind::BFloat16, Device::Cpu);
-    for (seed, &(n, k)) in [(7i64, 16i64), (50, 64), (961, 576), (49152, 576), (576, 1536)]
-        .iter()
-        .enumerate()
+    for (seed, &(n, k)) in [
+        (7i64, 16i64),
+        (50, 64),
+        (961, 576),
+        (49152, 576),
+        (576, 1536),
+    ]
+    .iter()
+    .enumerate()
     {
         tch::manual_seed(seed as i64);
         let w = Tensor::randn([n, k], bf);
@@ -412,12 +418,15 @@ fn linear_bf16_small_matches_exact_and_libtorch() {
         for rows in 1i64..=8 {
             for bias in [None, Some(&b)] {
                 let x = Tensor::randn([rows, 1, k], bf);
-                let ours = linear_bf16_small(&x, &w, bias).unwrap().expect("kernel applies");
+                let ours = linear_bf16_small(&x, &w, bias)
+                    .unwrap()
+                    .expect("kernel applies");
                 assert_eq!(ours.kind(), Kind::BFloat16);
                 assert_eq!(ours.size(), [rows, 1, n]);
                 let d = |t: &Tensor| t.to_kind(Kind::Double);
                 let exact = d(&x).linear(&d(&w), bias.map(d).as_ref());
-                let bound = exact.abs() / 256.0 + d(&x).abs().linear::<Tensor>(&d(&w).abs(), None) * 1e-5;
+                let bound =
+                    exact.abs() / 256.0 + d(&x).abs().linear::<Tensor>(&d(&w).abs(), None) * 1e-5;
                 let theirs = x.linear(&w, bias);
                 for (name, y) in [("kernel", &ours), ("libtorch", &theirs)] {
                     let worst = ((d(y) - &exact).abs() - &bound).max().double_value(&[]);
@@ -431,18 +440,28 @@ fn linear_bf16_small_matches_exact_and_libtorch() {
         }
         // Not taken: nine rows, float32, a transposed (non-contiguous) weight, K not a multiple
         // of 16, an input that requires gradients.
-        assert!(linear_bf16_small(&Tensor::randn([9, k], bf), &w, None).unwrap().is_none());
-        let f = (Kind::Float, Device::Cpu);
-        assert!(linear_bf16_small(&Tensor::randn([2, k], f), &w.to_kind(Kind::Float), None)
+        assert!(linear_bf16_small(&Tensor::randn([9, k], bf), &w, None)
             .unwrap()
             .is_none());
+        let f = (Kind::Float, Device::Cpu);
+        assert!(
+            linear_bf16_small(&Tensor::randn([2, k], f), &w.to_kind(Kind::Float), None)
+                .unwrap()
+                .is_none()
+        );
         let wt = Tensor::randn([k, n], bf).transpose(0, 1);
-        assert!(linear_bf16_small(&Tensor::randn([2, k], bf), &wt, None).unwrap().is_none());
-        let xg = Tensor::randn([1, k], f).set_requires_grad(true).to_kind(Kind::BFloat16);
+        assert!(linear_bf16_small(&Tensor::randn([2, k], bf), &wt, None)
+            .unwrap()
+            .is_none());
+        let xg = Tensor::randn([1, k], f)
+            .set_requires_grad(true)
+            .to_kind(Kind::BFloat16);
         assert!(linear_bf16_small(&xg, &w, None).unwrap().is_none());
     }
     let w12 = Tensor::randn([4, 12], bf);
-    assert!(linear_bf16_small(&Tensor::randn([1, 12], bf), &w12, None).unwrap().is_none());
+    assert!(linear_bf16_small(&Tensor::randn([1, 12], bf), &w12, None)
+        .unwrap()
+        .is_none());
 }
 
 /// bf16 prefill through float32 products (`Bf16Gemm::ViaF32`) against libtorch's bf16 products
@@ -476,7 +495,12 @@ fn smollm2_bf16_prefill_via_f32_is_as_close_to_f32_as_native() {
     let (wide, _) = build(Kind::BFloat16, Bf16Gemm::ViaF32);
     let text = "The Seine flows through Paris and Rouen before reaching the sea at Le Havre. \
                 Which river flows through the capital of France, and where does it end?";
-    let ids: Vec<i64> = tokenizer.encode(text).unwrap().iter().map(|&t| t as i64).collect();
+    let ids: Vec<i64> = tokenizer
+        .encode(text)
+        .unwrap()
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
     let n = ids.len() as i64;
     let batch = Tensor::from_slice(&ids).view([1, n]).repeat([3, 1]);
     let logits = |m: &Model| {
@@ -488,7 +512,10 @@ fn smollm2_bf16_prefill_via_f32_is_as_close_to_f32_as_native() {
     let r = logits(&reference);
     let stats = |x: &Tensor| {
         let d = (x - &r).abs();
-        (d.mean(Kind::Float).double_value(&[]), d.max().double_value(&[]))
+        (
+            d.mean(Kind::Float).double_value(&[]),
+            d.max().double_value(&[]),
+        )
     };
     let (ln, lw) = (logits(&native), logits(&wide));
     let ((mean_n, max_n), (mean_w, max_w)) = (stats(&ln), stats(&lw));
@@ -498,8 +525,19 @@ fn smollm2_bf16_prefill_via_f32_is_as_close_to_f32_as_native() {
         "via f32: mean {mean_w} max {max_w}; native: mean {mean_n} max {max_n}"
     );
     let top = |t: &Tensor| t.argmax(-1, false);
-    let agree = top(&lw).eq_tensor(&top(&ln)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-    let agree_f32 = top(&lw).eq_tensor(&top(&r)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let agree = top(&lw)
+        .eq_tensor(&top(&ln))
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    let agree_f32 = top(&lw)
+        .eq_tensor(&top(&r))
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
     eprintln!("argmax agreement: via f32 vs native {agree:.3}, via f32 vs f32 {agree_f32:.3}");
-    assert!(agree >= 0.9 && agree_f32 >= 0.9, "argmax agreement {agree} / {agree_f32}");
+    assert!(
+        agree >= 0.9 && agree_f32 >= 0.9,
+        "argmax agreement {agree} / {agree_f32}"
+    );
 }

@@ -213,14 +213,19 @@ fn classify_reuses_stored_prefixes_across_calls() {
     };
     let first = with.classify(&round(&with, "tower designer")).unwrap();
     let (hits_before, _) = with.prefix_store_stats();
-    let second = with.classify(&round(&with, "architect of the iron tower")).unwrap();
+    let second = with
+        .classify(&round(&with, "architect of the iron tower"))
+        .unwrap();
     let (hits_after, looked_up) = with.prefix_store_stats();
     assert!(
         hits_after - hits_before >= 6 * 20,
         "second round reused only {} tokens (of {looked_up} looked up)",
         hits_after - hits_before
     );
-    for (query, got) in [("tower designer", &first), ("architect of the iron tower", &second)] {
+    for (query, got) in [
+        ("tower designer", &first),
+        ("architect of the iron tower", &second),
+    ] {
         let want = without.classify(&round(&without, query)).unwrap();
         for (a, b) in got.iter().zip(&want) {
             for (x, y) in a.raw_logprobs.iter().zip(&b.raw_logprobs) {
@@ -275,7 +280,10 @@ fn generate_reuses_stored_prompts_across_rounds() {
     for (found, fresh, got) in [(1, false, &first), (2, true, &second)] {
         let want = without.generate(&round(&without, found, fresh)).unwrap();
         for (a, b) in got.iter().zip(&want) {
-            assert_eq!(a.sequences[0].ids, b.sequences[0].ids, "round with {found} found");
+            assert_eq!(
+                a.sequences[0].ids, b.sequences[0].ids,
+                "round with {found} found"
+            );
             assert!((a.sequences[0].logprob - b.sequences[0].logprob).abs() < 1e-4);
         }
     }

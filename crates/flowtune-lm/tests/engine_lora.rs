@@ -225,12 +225,22 @@ fn mixed_adapter_generation_equals_unbatched_and_cli_loads_peft() {
         ])
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let got = read_golden(&out);
     let d = max_abs_diff(&got["logits.0"], &want);
     assert!(d < 1e-4, "CLI --adapters (named) logits differ by {d}");
     let base = e.last_logits(&prompt, None).unwrap();
     let d = max_abs_diff(&got["logits.1"], &base);
-    assert!(d < 1e-4, "CLI line without adapter differs from the base by {d}");
-    assert!(max_abs_diff(&base, &want) > 1e-2, "the adapter does not change the logits");
+    assert!(
+        d < 1e-4,
+        "CLI line without adapter differs from the base by {d}"
+    );
+    assert!(
+        max_abs_diff(&base, &want) > 1e-2,
+        "the adapter does not change the logits"
+    );
 }

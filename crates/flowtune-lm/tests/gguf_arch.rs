@@ -91,29 +91,51 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
         (k("embedding_length"), GgufValue::U32(HIDDEN as u32)),
         (k("feed_forward_length"), GgufValue::U32(FF as u32)),
         (k("attention.head_count"), GgufValue::U32(HEADS as u32)),
-        (k("attention.head_count_kv"), GgufValue::U32(KV_HEADS as u32)),
+        (
+            k("attention.head_count_kv"),
+            GgufValue::U32(KV_HEADS as u32),
+        ),
         (
             k("rope.freq_base"),
-            GgufValue::F32(if arch == "qwen2" { 1_000_000.0 } else { 10_000.0 }),
+            GgufValue::F32(if arch == "qwen2" {
+                1_000_000.0
+            } else {
+                10_000.0
+            }),
         ),
         (k("attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6)),
-        (k("rope.dimension_count"), GgufValue::U32((HIDDEN / HEADS) as u32)),
+        (
+            k("rope.dimension_count"),
+            GgufValue::U32((HIDDEN / HEADS) as u32),
+        ),
     ];
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
     tokens.extend([s("t"), s("1"), s("t1")]);
     tokens.extend((6..VOCAB).map(|i| s(&format!("t{i}"))));
-    let types: Vec<GgufValue> = (0..VOCAB).map(|i| GgufValue::I32(if i < 3 { 3 } else { 1 })).collect();
+    let types: Vec<GgufValue> = (0..VOCAB)
+        .map(|i| GgufValue::I32(if i < 3 { 3 } else { 1 }))
+        .collect();
     md.extend([
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), GgufValue::Array(types)),
-        ("tokenizer.ggml.merges".into(), GgufValue::Array(vec![s("t 1")])),
+        (
+            "tokenizer.ggml.merges".into(),
+            GgufValue::Array(vec![s("t 1")]),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(2)),
         ("tokenizer.ggml.padding_token_id".into(), GgufValue::U32(0)),
     ]);
     let mut ts = Vec::new();
-    fn push_to(ts: &mut Vec<GgufTensorData>, rng: &mut Rng, name: String, dims: Vec<u64>, ty: u32, scale: f32) {
+    fn push_to(
+        ts: &mut Vec<GgufTensorData>,
+        rng: &mut Rng,
+        name: String,
+        dims: Vec<u64>,
+        ty: u32,
+        scale: f32,
+    ) {
         let n: u64 = dims.iter().product();
         ts.push(GgufTensorData {
             name,
@@ -144,7 +166,14 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
         data,
     });
     if arch == "llama" {
-        push_to(&mut ts, &mut rng, "output.weight".into(), vec![HIDDEN, VOCAB], 1, 0.5);
+        push_to(
+            &mut ts,
+            &mut rng,
+            "output.weight".into(),
+            vec![HIDDEN, VOCAB],
+            1,
+            0.5,
+        );
     }
     for l in 0..LAYERS {
         let b = |m: &str| format!("blk.{l}.{m}");
@@ -167,9 +196,23 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
                 8,
                 w,
             );
-            push_to(&mut ts, &mut rng, b("ffn_up.weight"), vec![HIDDEN, 2 * FF], 3, w);
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("ffn_up.weight"),
+                vec![HIDDEN, 2 * FF],
+                3,
+                w,
+            );
         } else {
-            push_to(&mut ts, &mut rng, b("attn_q.weight"), vec![HIDDEN, HEADS * hd], 1, w);
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_q.weight"),
+                vec![HIDDEN, HEADS * hd],
+                1,
+                w,
+            );
             push_to(
                 &mut ts,
                 &mut rng,
@@ -178,14 +221,56 @@ fn tiny_model(arch: &str, seed: u64) -> Vec<u8> {
                 30,
                 w,
             );
-            push_to(&mut ts, &mut rng, b("attn_v.weight"), vec![HIDDEN, KV_HEADS * hd], 8, w);
-            push_to(&mut ts, &mut rng, b("ffn_gate.weight"), vec![HIDDEN, FF], 3, w);
-            push_to(&mut ts, &mut rng, b("ffn_up.weight"), vec![HIDDEN, FF], 2, w);
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_v.weight"),
+                vec![HIDDEN, KV_HEADS * hd],
+                8,
+                w,
+            );
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("ffn_gate.weight"),
+                vec![HIDDEN, FF],
+                3,
+                w,
+            );
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("ffn_up.weight"),
+                vec![HIDDEN, FF],
+                2,
+                w,
+            );
         }
         if arch == "qwen2" {
-            push_to(&mut ts, &mut rng, b("attn_q.bias"), vec![HEADS * hd], 0, 0.2);
-            push_to(&mut ts, &mut rng, b("attn_k.bias"), vec![KV_HEADS * hd], 0, 0.2);
-            push_to(&mut ts, &mut rng, b("attn_v.bias"), vec![KV_HEADS * hd], 0, 0.2);
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_q.bias"),
+                vec![HEADS * hd],
+                0,
+                0.2,
+            );
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_k.bias"),
+                vec![KV_HEADS * hd],
+                0,
+                0.2,
+            );
+            push_to(
+                &mut ts,
+                &mut rng,
+                b("attn_v.bias"),
+                vec![KV_HEADS * hd],
+                0,
+                0.2,
+            );
         }
         push_to(
             &mut ts,
@@ -232,11 +317,13 @@ fn tiny_gguf_models_of_each_architecture_match_transformers() {
 
     for (arch, path) in archs.iter().zip(&paths) {
         let stem = format!("tiny-{arch}");
-        let bytes = std::fs::read(out.join(format!("{stem}.safetensors"))).expect("reference tensors");
+        let bytes =
+            std::fs::read(out.join(format!("{stem}.safetensors"))).expect("reference tensors");
         let st = SafeTensors::deserialize(&bytes).expect("safetensors");
         let meta = read_json(&out.join(format!("{stem}.json")));
         let cfg = &meta["config"];
-        let m = load(Path::new(path), &LoadOptions::default()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let m = load(Path::new(path), &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
 
         // Tensors.
         let mut n = 0;
@@ -245,11 +332,17 @@ fn tiny_gguf_models_of_each_architecture_match_transformers() {
                 continue;
             }
             if name == "lm_head.weight" && m.config.tie_word_embeddings() {
-                assert!(!m.weights.contains(name), "{arch}: tied model has an lm_head");
+                assert!(
+                    !m.weights.contains(name),
+                    "{arch}: tied model has an lm_head"
+                );
                 continue;
             }
             let theirs = f32s(&view);
-            let ours = m.weights.get(name).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let ours = m
+                .weights
+                .get(name)
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
             assert_eq!(ours.size(), theirs.size(), "{arch} {name}: shape");
             assert!(
                 ours.equal(&theirs),
@@ -312,7 +405,10 @@ fn tiny_gguf_models_of_each_architecture_match_transformers() {
             .expect("forward")
             .squeeze_dim(0);
         let theirs = f32s(&st.tensor("__logits__").expect("logits"));
-        let d = (&ours.to_kind(Kind::Float) - &theirs).abs().max().double_value(&[]);
+        let d = (&ours.to_kind(Kind::Float) - &theirs)
+            .abs()
+            .max()
+            .double_value(&[]);
         eprintln!("{arch}: {n} tensors identical, logits max |Δ| = {d:.2e}");
         assert!(d <= 1e-4, "{arch}: logits max |Δ| = {d}");
     }

@@ -36,7 +36,10 @@ fn dequantisation_matches_gguf_python_exactly_and_config_matches_transformers() 
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         assert_eq!(ours.len(), theirs.len(), "{}", info.name);
-        let mismatch = ours.iter().zip(&theirs).position(|(a, b)| a.to_bits() != b.to_bits());
+        let mismatch = ours
+            .iter()
+            .zip(&theirs)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
         if let Some(i) = mismatch {
             panic!(
                 "{} ({}): element {i}: ours {} vs gguf {}",
@@ -55,7 +58,9 @@ fn dequantisation_matches_gguf_python_exactly_and_config_matches_transformers() 
         *by_type.entry(ggml_type_name(info.type_id)).or_default() += 1;
     }
     eprintln!("tensors compared exactly, by type: {by_type:?}");
-    assert!(by_type.contains_key("Q4_1") && by_type.contains_key("Q8_0") && by_type.contains_key("F32"));
+    assert!(
+        by_type.contains_key("Q4_1") && by_type.contains_key("Q8_0") && by_type.contains_key("F32")
+    );
 
     // The config transformers builds from the same metadata.
     let ours = file.hf_config_json().expect("config json");

@@ -24,7 +24,10 @@ fn tiny_gguf(up_type: u32, drop: Option<&str>) -> Vec<u8> {
         ("llama.attention.head_count".into(), GgufValue::U32(2)),
         ("llama.attention.head_count_kv".into(), GgufValue::U32(1)),
         ("llama.rope.freq_base".into(), GgufValue::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), GgufValue::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            GgufValue::F32(1e-5),
+        ),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         (
             "tokenizer.ggml.tokens".into(),
@@ -39,7 +42,10 @@ fn tiny_gguf(up_type: u32, drop: Option<&str>) -> Vec<u8> {
                 GgufValue::I32(3),
             ]),
         ),
-        ("tokenizer.ggml.merges".into(), GgufValue::Array(vec![s("a b")])),
+        (
+            "tokenizer.ggml.merges".into(),
+            GgufValue::Array(vec![s("a b")]),
+        ),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(3)),
         (
             "tokenizer.chat_template".into(),
@@ -52,7 +58,9 @@ fn tiny_gguf(up_type: u32, drop: Option<&str>) -> Vec<u8> {
             name: name.into(),
             dims,
             type_id: 0,
-            data: (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect(),
+            data: (0..n)
+                .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+                .collect(),
         }
     };
     let mut ts = vec![
@@ -103,7 +111,10 @@ fn tiny_gguf_loads_and_renames() {
         "tied: no output.weight in the file"
     );
     assert_eq!(
-        m.weights.get("model.layers.0.self_attn.k_proj.weight").unwrap().size(),
+        m.weights
+            .get("model.layers.0.self_attn.k_proj.weight")
+            .unwrap()
+            .size(),
         vec![4, 8]
     );
     assert_eq!(m.config.num_hidden_layers, 1);
@@ -128,7 +139,10 @@ fn truncated_gguf_is_a_typed_error_naming_file() {
         match &err {
             Error::GgufFormat { .. } => {}
             Error::GgufTensor { tensor, reason, .. } => {
-                assert!(!tensor.is_empty() && reason.contains("past the end"), "{msg}")
+                assert!(
+                    !tensor.is_empty() && reason.contains("past the end"),
+                    "{msg}"
+                )
             }
             other => panic!("unexpected error kind for cut {cut}: {other:?}"),
         }
@@ -158,13 +172,20 @@ fn unknown_quant_type_names_tensor_and_type() {
         &LoadOptions::default(),
     )
     .unwrap_err();
-    assert!(matches!(err, Error::GgufUnsupportedType { type_id: 99, .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::GgufUnsupportedType { type_id: 99, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn missing_tensor_names_tensor_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(dir.path(), "noembd.gguf", &tiny_gguf(0, Some("token_embd.weight")));
+    let p = write(
+        dir.path(),
+        "noembd.gguf",
+        &tiny_gguf(0, Some("token_embd.weight")),
+    );
     let err = load(&p, &LoadOptions::default()).expect_err("no embedding");
     match &err {
         Error::MissingTensor { path, tensor } => {
@@ -174,9 +195,16 @@ fn missing_tensor_names_tensor_and_file() {
         other => panic!("expected MissingTensor, got {other:?}"),
     }
     // A tensor the model asks for that the file lacks.
-    let p = write(dir.path(), "noq.gguf", &tiny_gguf(0, Some("blk.0.attn_q.weight")));
+    let p = write(
+        dir.path(),
+        "noq.gguf",
+        &tiny_gguf(0, Some("blk.0.attn_q.weight")),
+    );
     let m = load(&p, &LoadOptions::default()).unwrap();
-    let err = m.weights.get("model.layers.0.self_attn.q_proj.weight").unwrap_err();
+    let err = m
+        .weights
+        .get("model.layers.0.self_attn.q_proj.weight")
+        .unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("noq.gguf") && msg.contains("model.layers.0.self_attn.q_proj.weight"),
@@ -207,7 +235,8 @@ fn hf_folder(dir: &Path, config: &str, template: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("config.json"), config).unwrap();
     let data: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &data).unwrap();
     safetensors::serialize_to_file(
         [("model.embed_tokens.weight", view)],
         None,
@@ -235,7 +264,10 @@ fn hf_folder_loads() {
     let dir = tempfile::tempdir().unwrap();
     let d = hf_folder(dir.path(), GOOD_CONFIG, "{{ messages[0]['content'] }}");
     let m = load(&d, &LoadOptions::default()).unwrap();
-    assert_eq!(m.weights.get("model.embed_tokens.weight").unwrap().size(), vec![2, 4]);
+    assert_eq!(
+        m.weights.get("model.embed_tokens.weight").unwrap().size(),
+        vec![2, 4]
+    );
     assert_eq!(m.tokenizer.encode("ab").unwrap(), vec![2]);
     assert_eq!(m.tokenizer.eos_token_ids(), &[1]);
 }
@@ -246,32 +278,72 @@ fn sharded_hf_folder_loads_every_shard() {
     let d = hf_folder(dir.path(), GOOD_CONFIG, "{{ messages[0]['content'] }}");
     std::fs::remove_file(d.join("model.safetensors")).unwrap();
     let a: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
-    let b: Vec<u8> = (0..4).flat_map(|i| half::bf16::from_f32(i as f32 + 0.5).to_le_bytes()).collect();
+    let b: Vec<u8> = (0..4)
+        .flat_map(|i| half::bf16::from_f32(i as f32 + 0.5).to_le_bytes())
+        .collect();
     let va = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &a).unwrap();
     let vb = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![4], &b).unwrap();
-    safetensors::serialize_to_file([("model.embed_tokens.weight", va)], None, &d.join("model-00001-of-00002.safetensors")).unwrap();
-    safetensors::serialize_to_file([("model.norm.weight", vb)], None, &d.join("model-00002-of-00002.safetensors")).unwrap();
+    safetensors::serialize_to_file(
+        [("model.embed_tokens.weight", va)],
+        None,
+        &d.join("model-00001-of-00002.safetensors"),
+    )
+    .unwrap();
+    safetensors::serialize_to_file(
+        [("model.norm.weight", vb)],
+        None,
+        &d.join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
     let index = serde_json::json!({"metadata": {"total_size": 40}, "weight_map": {
         "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
         "model.norm.weight": "model-00002-of-00002.safetensors"}});
     std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let m = load(&d, &LoadOptions::default()).unwrap();
-    assert_eq!(m.weights.names(), vec!["model.embed_tokens.weight", "model.norm.weight"]);
+    assert_eq!(
+        m.weights.names(),
+        vec!["model.embed_tokens.weight", "model.norm.weight"]
+    );
     let norm = m.weights.get("model.norm.weight").unwrap();
-    assert_eq!(norm.kind(), tch::Kind::Float, "bf16 on disk cast to the requested f32");
-    assert_eq!(Vec::<f32>::try_from(norm).unwrap(), vec![0.5, 1.5, 2.5, 3.5]);
-    let m16 = load(&d, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Half, ..Default::default() }).unwrap();
-    assert_eq!(m16.weights.get("model.embed_tokens.weight").unwrap().kind(), tch::Kind::Half);
+    assert_eq!(
+        norm.kind(),
+        tch::Kind::Float,
+        "bf16 on disk cast to the requested f32"
+    );
+    assert_eq!(
+        Vec::<f32>::try_from(norm).unwrap(),
+        vec![0.5, 1.5, 2.5, 3.5]
+    );
+    let m16 = load(
+        &d,
+        &LoadOptions {
+            device: tch::Device::Cpu,
+            dtype: tch::Kind::Half,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        m16.weights.get("model.embed_tokens.weight").unwrap().kind(),
+        tch::Kind::Half
+    );
     // A shard named by the index but absent is an error naming it.
     std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
     let err = load(&d, &LoadOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("model-00002-of-00002.safetensors"), "{err}");
+    assert!(
+        err.to_string().contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
 fn malformed_config_names_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let d = hf_folder(dir.path(), "{\"model_type\": \"llama\", \"vocab_size\": 3,", "x");
+    let d = hf_folder(
+        dir.path(),
+        "{\"model_type\": \"llama\", \"vocab_size\": 3,",
+        "x",
+    );
     let err = load(&d, &LoadOptions::default()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Config { .. }), "{err:?}");
@@ -285,9 +357,16 @@ fn malformed_config_names_file_and_field() {
     let msg = load(&d, &LoadOptions::default()).unwrap_err().to_string();
     assert!(msg.contains("config.json") && msg.contains("line"), "{msg}");
 
-    let d = hf_folder(dir.path(), &GOOD_CONFIG.replace("\"hidden_size\": 4,", ""), "x");
+    let d = hf_folder(
+        dir.path(),
+        &GOOD_CONFIG.replace("\"hidden_size\": 4,", ""),
+        "x",
+    );
     let msg = load(&d, &LoadOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("config.json") && msg.contains("hidden_size"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("hidden_size"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -39,7 +39,10 @@ fn gguf_q4_blocks_reproduce_the_files_dequantisation_exactly() {
     let mut checked = 0;
     for name in dense.weights.names() {
         if !flowtune_lm::int4::is_int4_target(name) {
-            assert!(int4.weights.int4(name).is_none(), "{name} should stay dense");
+            assert!(
+                int4.weights.int4(name).is_none(),
+                "{name} should stay dense"
+            );
             continue;
         }
         let blocks = int4
@@ -67,7 +70,10 @@ fn quantize_is_within_half_a_step_and_exact_on_representable_weights() {
     let half_step = (g.amax([-1i64].as_slice(), true) - g.amin([-1i64].as_slice(), true)) / 30.0;
     let err = (d.reshape([48, 3, 32]) - &g).abs();
     let excess = (err - half_step - 1e-6).max().double_value(&[]);
-    assert!(excess <= 0.0, "an element is more than half a step off ({excess})");
+    assert!(
+        excess <= 0.0,
+        "an element is more than half a step off ({excess})"
+    );
 
     // Weights already on a Q4_1 grid (f16 scale and minimum, codes 0..=15 with 0 and 15 in
     // every group, as llama.cpp's quantiser produces) come back to within float rounding.
@@ -84,7 +90,10 @@ fn quantize_is_within_half_a_step_and_exact_on_representable_weights() {
         .to_kind(Kind::Float);
     let exact = Int4Blocks::new("grid", q.to_kind(Kind::Uint8), scale, min).unwrap();
     let w = exact.dequantize().unwrap();
-    let again = Int4Blocks::quantize("grid", &w).unwrap().dequantize().unwrap();
+    let again = Int4Blocks::quantize("grid", &w)
+        .unwrap()
+        .dequantize()
+        .unwrap();
     let diff = (again - &w).abs().max().double_value(&[]);
     assert!(diff <= 1e-6, "re-quantised grid weights moved by {diff}");
 }
@@ -93,7 +102,10 @@ fn quantize_is_within_half_a_step_and_exact_on_representable_weights() {
 fn bad_block_shapes_are_typed_errors() {
     let w = Tensor::zeros([4, 40], (Kind::Float, Device::Cpu));
     let e = Int4Blocks::quantize("layers.0.q_proj", &w).unwrap_err();
-    assert!(matches!(e, Error::TensorShape { ref tensor, .. } if tensor == "layers.0.q_proj"), "{e}");
+    assert!(
+        matches!(e, Error::TensorShape { ref tensor, .. } if tensor == "layers.0.q_proj"),
+        "{e}"
+    );
     let q = Tensor::zeros([4, 64], (Kind::Uint8, Device::Cpu));
     let s = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu));
     let e = Int4Blocks::new("x", q, s.shallow_clone(), s).unwrap_err();
@@ -134,7 +146,10 @@ fn int4_f32_decode_equals_dense_f32() {
     let prompt = d
         .tokenizer
         .encode_chat(
-            &[ChatMessage::new("user", "Which river flows through Paris? Answer in one sentence.")],
+            &[ChatMessage::new(
+                "user",
+                "Which river flows through Paris? Answer in one sentence.",
+            )],
             true,
         )
         .unwrap();
@@ -165,7 +180,10 @@ fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
     let prompt = f32m
         .tokenizer
         .encode_chat(
-            &[ChatMessage::new("user", "Name the capital of France and one river that flows through it.")],
+            &[ChatMessage::new(
+                "user",
+                "Name the capital of France and one river that flows through it.",
+            )],
             true,
         )
         .unwrap();
@@ -184,7 +202,12 @@ fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
     let dense_err = max_diff(&r, &d, 1);
     let int4_err = max_diff(&r, &q, 1);
     let mean_diff = |a: &[Tensor], b: &[Tensor]| -> f64 {
-        let v: Vec<f64> = a.iter().zip(b).skip(1).map(|(x, y)| (x - y).abs().mean(Kind::Float).double_value(&[])).collect();
+        let v: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .skip(1)
+            .map(|(x, y)| (x - y).abs().mean(Kind::Float).double_value(&[]))
+            .collect();
         v.iter().sum::<f64>() / v.len() as f64
     };
     eprintln!(

@@ -73,8 +73,14 @@ fn gguf_and_exported_hf_folder_are_the_same_model() {
         ChatMessage::new("user", "Quelle est la capitale du Japon ? 東京？"),
     ];
     for gen in [false, true] {
-        let a = g.tokenizer.apply_chat_template(&conv, gen).expect("gguf template");
-        let b = h.tokenizer.apply_chat_template(&conv, gen).expect("hf template");
+        let a = g
+            .tokenizer
+            .apply_chat_template(&conv, gen)
+            .expect("gguf template");
+        let b = h
+            .tokenizer
+            .apply_chat_template(&conv, gen)
+            .expect("hf template");
         assert_eq!(a, b, "chat template output differs (gen={gen})");
         assert_eq!(
             g.tokenizer.encode(&a).expect("ids"),
@@ -130,11 +136,21 @@ fn bf16_load_casts_every_float_tensor() {
     )
     .expect("load bf16");
     for name in m.weights.names() {
-        assert_eq!(m.weights.get(name).expect("tensor").kind(), Kind::BFloat16, "{name}");
+        assert_eq!(
+            m.weights.get(name).expect("tensor").kind(),
+            Kind::BFloat16,
+            "{name}"
+        );
     }
     let f = load(&model, &LoadOptions::default()).expect("load f32");
-    let a = f.weights.get("model.layers.3.mlp.down_proj.weight").expect("f32");
-    let b = m.weights.get("model.layers.3.mlp.down_proj.weight").expect("bf16");
+    let a = f
+        .weights
+        .get("model.layers.3.mlp.down_proj.weight")
+        .expect("f32");
+    let b = m
+        .weights
+        .get("model.layers.3.mlp.down_proj.weight")
+        .expect("bf16");
     assert!(
         a.to_kind(Kind::BFloat16).equal(&b),
         "bf16 weights are the f32 ones rounded"

@@ -13,7 +13,9 @@ struct BankDelta<'a>(flowtune_lora::SelectedAdapters<'a>);
 
 impl LinearDelta for BankDelta<'_> {
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> flowtune_lm::Result<Option<Tensor>> {
-        self.0.delta(layer, module, x).map_err(|e| flowtune_lm::Error::ModelInput(e.to_string()))
+        self.0
+            .delta(layer, module, x)
+            .map_err(|e| flowtune_lm::Error::ModelInput(e.to_string()))
     }
 }
 
@@ -24,7 +26,15 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn merge_matches_delta_and_unmerge_restores_the_base() {
     let path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
-    let loaded = load(&path, &LoadOptions { device: Device::Cpu, dtype: Kind::Float, ..Default::default() }).unwrap();
+    let loaded = load(
+        &path,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let c = loaded.config.clone();
     let mut model = Model::new(&loaded.config, &loaded.weights).unwrap();
     let shapes = llama_base_shapes(
@@ -47,7 +57,9 @@ fn merge_matches_delta_and_unmerge_restores_the_base() {
         Module::UpProj,
         Module::DownProj,
     ];
-    let id = bank.add("node", &LoraConfig::rslora(8, 16.0, &all), 5).unwrap();
+    let id = bank
+        .add("node", &LoraConfig::rslora(8, 16.0, &all), 5)
+        .unwrap();
     tch::manual_seed(9);
     bank.modify("node", |a| {
         let sites: Vec<_> = a.sites().copied().collect();
@@ -61,9 +73,16 @@ fn merge_matches_delta_and_unmerge_restores_the_base() {
 
     let prompt = loaded
         .tokenizer
-        .encode_chat(&[flowtune_lm::tokenizer::ChatMessage::new("user", "Which river flows through Vienna?")], true)
+        .encode_chat(
+            &[flowtune_lm::tokenizer::ChatMessage::new(
+                "user",
+                "Which river flows through Vienna?",
+            )],
+            true,
+        )
         .unwrap();
-    let ids = Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    let ids =
+        Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mask = Tensor::ones_like(&ids);
     let last = |t: Tensor| t.select(1, -1);
 
@@ -72,7 +91,10 @@ fn merge_matches_delta_and_unmerge_restores_the_base() {
     let delta = BankDelta(bank.select(&sel));
     let adapted = tch::no_grad(|| last(model.forward(&ids, &mask, Some(&delta)).unwrap()));
     let shift = max_abs_diff(&adapted, &base);
-    assert!(shift > 0.1, "the adapter barely changes the logits ({shift}); the test could not fail");
+    assert!(
+        shift > 0.1,
+        "the adapter barely changes the logits ({shift}); the test could not fail"
+    );
 
     bank.merge_into("node", &mut model).unwrap();
     let merged = tch::no_grad(|| last(model.forward(&ids, &mask, None).unwrap()));

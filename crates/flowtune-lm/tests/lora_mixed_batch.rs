@@ -42,10 +42,7 @@ fn run(
     for r in rows {
         let pad = t - r.len();
         flat.extend(std::iter::repeat_n(0i64, pad).chain(r.iter().copied()));
-        valid.extend(
-            std::iter::repeat_n(false, pad)
-                .chain(std::iter::repeat_n(true, r.len())),
-        );
+        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, r.len())));
     }
     let b = rows.len() as i64;
     let delta = BankDelta(bank.select(sel));

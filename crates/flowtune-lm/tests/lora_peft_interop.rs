@@ -215,14 +215,9 @@ fn peft_adapters_round_trip_with_python_peft() {
     let mut valid = vec![];
     for &r in &rows {
         let pad = t - ids[r].len();
-        flat.extend(
-            std::iter::repeat_n(0i64, pad)
-                .chain(ids[r].iter().copied()),
-        );
-        valid.extend(
-            std::iter::repeat_n(false, pad)
-                .chain(std::iter::repeat_n(true, ids[r].len())),
-        );
+        flat.extend(std::iter::repeat_n(0i64, pad).chain(ids[r].iter().copied()));
+        valid
+            .extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, ids[r].len())));
     }
     let sel = AdapterSelection::PerRow(
         choice

@@ -117,7 +117,12 @@ fn chat_templates_render_like_transformers() {
             .collect::<serde_json::Map<_, _>>()),
     );
     std::fs::write(&inp, spec).expect("write");
-    run_reference(&["template".as_ref(), model.as_os_str(), inp.as_os_str(), out.as_os_str()]);
+    run_reference(&[
+        "template".as_ref(),
+        model.as_os_str(),
+        inp.as_os_str(),
+        out.as_os_str(),
+    ]);
     let reference = read_json(&out);
 
     let specials: Vec<(String, String)> = {
@@ -138,7 +143,8 @@ fn chat_templates_render_like_transformers() {
         let rendered_by = |conv: &[ChatMessage], gen: bool| -> flowtune_lm::Result<String> {
             match source {
                 None => tok.apply_chat_template(conv, gen),
-                Some(src) => ChatTemplate::new(src, std::path::Path::new(name), specials.clone())?.render(conv, gen),
+                Some(src) => ChatTemplate::new(src, std::path::Path::new(name), specials.clone())?
+                    .render(conv, gen),
             }
         };
         for (ci, conv) in convs.iter().enumerate().take(base) {
@@ -147,7 +153,8 @@ fn chat_templates_render_like_transformers() {
                 let ours = rendered_by(conv, gen);
                 match theirs {
                     Value::String(s) => {
-                        let ours = ours.unwrap_or_else(|e| panic!("{name} conv {ci} gen {gen}: {e}"));
+                        let ours =
+                            ours.unwrap_or_else(|e| panic!("{name} conv {ci} gen {gen}: {e}"));
                         assert_eq!(
                             &ours, s,
                             "template {name}, conversation {ci}, add_generation_prompt={gen}"
@@ -163,7 +170,10 @@ fn chat_templates_render_like_transformers() {
                                     panic!("{name}: merged conversation {ci} also raises in Jinja2: {again}")
                                 });
                                 let ours = ours.unwrap_or_else(|e| panic!("{name} conv {ci}: {e}"));
-                                assert_eq!(&ours, s, "template {name}, merged conversation {ci}, gen={gen}");
+                                assert_eq!(
+                                    &ours, s,
+                                    "template {name}, merged conversation {ci}, gen={gen}"
+                                );
                                 merged_checked += 1;
                             }
                             None => assert!(
@@ -176,6 +186,11 @@ fn chat_templates_render_like_transformers() {
             }
         }
     }
-    eprintln!("{compared} renderings identical, {merged_checked} system-merged renderings identical");
-    assert!(compared >= 50 && merged_checked >= 4, "{compared} / {merged_checked}");
+    eprintln!(
+        "{compared} renderings identical, {merged_checked} system-merged renderings identical"
+    );
+    assert!(
+        compared >= 50 && merged_checked >= 4,
+        "{compared} / {merged_checked}"
+    );
 }

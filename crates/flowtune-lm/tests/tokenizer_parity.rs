@@ -82,7 +82,12 @@ fn gguf_tokenizer_ids_match_transformers() {
     let inp = dir.path().join("in.json");
     let out = dir.path().join("out.json");
     std::fs::write(&inp, serde_json::to_string(&texts).expect("json")).expect("write");
-    run_reference(&["tokenize".as_ref(), model.as_os_str(), inp.as_os_str(), out.as_os_str()]);
+    run_reference(&[
+        "tokenize".as_ref(),
+        model.as_os_str(),
+        inp.as_os_str(),
+        out.as_os_str(),
+    ]);
     let reference = read_json(&out);
     let mut total = 0;
     for (i, text) in texts.iter().enumerate() {
@@ -102,10 +107,18 @@ fn gguf_tokenizer_ids_match_transformers() {
     let loaded = load_gguf(&model, &LoadOptions::default()).expect("load");
     let conv = [ChatMessage::new("user", "Hi!")];
     assert_eq!(
-        loaded.tokenizer.encode_chat(&conv, true).expect("encode_chat"),
         loaded
             .tokenizer
-            .encode(&loaded.tokenizer.apply_chat_template(&conv, true).expect("render"))
+            .encode_chat(&conv, true)
+            .expect("encode_chat"),
+        loaded
+            .tokenizer
+            .encode(
+                &loaded
+                    .tokenizer
+                    .apply_chat_template(&conv, true)
+                    .expect("render")
+            )
             .expect("encode")
     );
     assert_eq!(loaded.tokenizer.token_to_id("<|im_end|>"), Some(2));

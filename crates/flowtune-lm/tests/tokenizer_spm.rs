@@ -56,7 +56,10 @@ fn spm_gguf(arch: &str) -> Vec<u8> {
         (format!("{arch}.feed_forward_length"), GgufValue::U32(128)),
         (format!("{arch}.attention.head_count"), GgufValue::U32(4)),
         (format!("{arch}.attention.head_count_kv"), GgufValue::U32(4)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-5)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(1e-5),
+        ),
         (format!("{arch}.vocab_size"), GgufValue::U32(n)),
         ("tokenizer.ggml.model".into(), s("llama")),
         ("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)),
@@ -95,13 +98,19 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
         let gguf = dir.path().join(format!("spm-{arch}.gguf"));
         std::fs::write(&gguf, &bytes).expect("write gguf");
         let out = dir.path().join(format!("out-{arch}.json"));
-        run_reference(&["tokenize".as_ref(), gguf.as_os_str(), inp.as_os_str(), out.as_os_str()]);
+        run_reference(&[
+            "tokenize".as_ref(),
+            gguf.as_os_str(),
+            inp.as_os_str(),
+            out.as_os_str(),
+        ]);
         let reference = read_json(&out);
         let header = parse_header(&bytes, &gguf).expect("parse");
         let tok = Tokenizer::from_gguf(&header, &gguf).expect("tokenizer");
         for (i, text) in texts.iter().enumerate() {
             let ours = tok.encode(text).expect("encode");
-            let theirs: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).expect("ids");
+            let theirs: Vec<u32> =
+                serde_json::from_value(reference["ids"][i].clone()).expect("ids");
             assert_eq!(ours, theirs, "{arch}: ids differ for {text:?}");
             if i < 3 {
                 eprintln!("{arch} {text:?} -> {ours:?}");
@@ -116,7 +125,10 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
         }
         // Merges really apply: "the quick brown fox" (19 characters) is at most 10 tokens.
         let few = tok.encode("the quick brown fox").expect("encode").len();
-        assert!(few <= 10, "{arch}: {few} tokens for 19 characters, merges not applied?");
+        assert!(
+            few <= 10,
+            "{arch}: {few} tokens for 19 characters, merges not applied?"
+        );
     }
     // The two variants differ on leading spaces (Metaspace vs normalizer).
     assert!(

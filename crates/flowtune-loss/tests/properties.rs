@@ -1,6 +1,7 @@
 //! Properties of the losses (proptest): zero weight gives zero gradient, swapping
 //! chosen and rejected flips the gradient's sign, losses stay finite at extreme inputs,
 //! and the half-precision path equals the f32 path on upcast logits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flowtune_loss::{completion_logprobs, dpo_loss, label_nll, nll_loss, Error};
 use proptest::prelude::*;

@@ -2,6 +2,7 @@
 //! (TRL 1.16's sigmoid DPO formula from `DPOTrainer._compute_loss` with pair weights,
 //! TRL's `selective_log_softmax` for log-probs, torch autograd for gradients; all f64).
 //! Tolerance: 1e-6 absolute (relative for values above 1) on losses, log-probs, grads.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flowtune_loss::{completion_logprobs, dpo_loss, label_logprobs, label_nll, nll_loss};
 use std::collections::HashMap;

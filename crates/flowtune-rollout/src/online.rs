@@ -195,7 +195,10 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
                 ),
             });
         }
-        if !state.episodes_done.is_multiple_of(this.config.minibatch_episodes as u64) {
+        if !state
+            .episodes_done
+            .is_multiple_of(this.config.minibatch_episodes as u64)
+        {
             return Err(Error::Checkpoint {
                 path: dir.to_owned(),
                 reason: format!(

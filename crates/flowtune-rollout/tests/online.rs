@@ -161,13 +161,15 @@ fn final_checkpoint_covers_a_stream_ending_between_intervals() {
         .expect("run");
     let latest = || std::fs::read_to_string(dir.path().join("latest")).expect("latest");
     assert_eq!(latest(), "episode-0000000016");
-    let written = run.checkpoint_final(&policy).expect("final").expect("written");
+    let written = run
+        .checkpoint_final(&policy)
+        .expect("final")
+        .expect("written");
     assert_eq!(written, dir.path().join("episode-0000000020"));
     assert_eq!(latest(), "episode-0000000020");
-    let saved: OnlineState = serde_json::from_slice(
-        &std::fs::read(written.join("state.json")).expect("state"),
-    )
-    .expect("state json");
+    let saved: OnlineState =
+        serde_json::from_slice(&std::fs::read(written.join("state.json")).expect("state"))
+            .expect("state json");
     assert_eq!(saved, *run.state());
     // On an interval: nothing more to write.
     let dir2 = tempfile::tempdir().expect("tempdir");

@@ -325,7 +325,7 @@ pub fn completion_logprobs(
                 .unwrap_or(0);
             let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
             let (first, mut cache) = prefill(model, delta, &prompts, tc, &LogitsAt::Last)?; // [P, V]
-            // Repeat each prompt's cache row once per completion.
+                                                                                            // Repeat each prompt's cache row once per completion.
             let mut rows = Vec::new();
             let mut c_rows = Vec::new();
             let mut c_valid = Vec::new();
@@ -721,7 +721,12 @@ impl NodeLearner {
 
     /// The records with nonzero weight (zero-weight ones are dropped; a negative or
     /// non-finite weight is an error), with the counts recorded in `stats`.
-    fn kept<'r, R>(&self, records: &'r [R], weight: impl Fn(&R) -> f64, stats: &mut StepStats) -> Result<Vec<&'r R>> {
+    fn kept<'r, R>(
+        &self,
+        records: &'r [R],
+        weight: impl Fn(&R) -> f64,
+        stats: &mut StepStats,
+    ) -> Result<Vec<&'r R>> {
         let mut kept = Vec::new();
         for (i, r) in records.iter().enumerate() {
             if self.check_weight(i, weight(r))? {
@@ -896,14 +901,17 @@ impl NodeLearner {
                 LabelSharing::PrefixGroups => {
                     let (bare, grouped) = grouped_label_batches(&prompts, mb);
                     for chunk in bare.chunks(mb) {
-                        let chunk_prompts: Vec<&[u32]> = chunk.iter().map(|&m| prompts[m]).collect();
-                        let chunk_recs: Vec<&LabelRecord> = chunk.iter().map(|&m| recs[m]).collect();
+                        let chunk_prompts: Vec<&[u32]> =
+                            chunk.iter().map(|&m| prompts[m]).collect();
+                        let chunk_recs: Vec<&LabelRecord> =
+                            chunk.iter().map(|&m| recs[m]).collect();
                         let logits = next_token_logits(model, Some(&policy), &chunk_prompts)?;
                         Self::label_batch(&logits, &chunk_recs, &ids, n, train, &mut agg)?;
                     }
                     for batch in &grouped {
                         let batch: Vec<&PrefixGroup> = batch.iter().collect();
-                        let logits = grouped_next_token_logits(model, Some(&policy), &prompts, &batch)?;
+                        let logits =
+                            grouped_next_token_logits(model, Some(&policy), &prompts, &batch)?;
                         let chunk_recs: Vec<&LabelRecord> = batch
                             .iter()
                             .flat_map(|g| g.members.iter().map(|&m| recs[m]))

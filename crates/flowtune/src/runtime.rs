@@ -12,7 +12,8 @@ use std::rc::Rc;
 
 use flowtune_graph::{Backend, CallSpec, Candidate, Decoding, NodeId, NodeRequest, NodeResponse};
 use flowtune_lm::engine::{
-    ClassifyRequest, Decoding as LmDecoding, Engine, GenerateRequest, GenerationParams, ScoreRequest,
+    ClassifyRequest, Decoding as LmDecoding, Engine, GenerateRequest, GenerationParams,
+    ScoreRequest,
 };
 use flowtune_lm::tokenizer::ChatMessage;
 use flowtune_lora::LoraConfig;
@@ -77,7 +78,12 @@ pub struct LmRuntime {
 impl LmRuntime {
     /// Wraps `engine`, creating (when missing) one LoRA adapter per trainable node,
     /// named after the node, seeded from `seed` and the node's position.
-    pub fn new(mut engine: Engine, trainable: &[NodeId], lora: &LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(
+        mut engine: Engine,
+        trainable: &[NodeId],
+        lora: &LoraConfig,
+        seed: u64,
+    ) -> Result<Self> {
         if engine.adapter_bank().is_none() {
             let bank = engine.new_adapter_bank();
             engine.set_adapter_bank(Some(bank));
@@ -90,7 +96,9 @@ impl LmRuntime {
                 }
             }
         }
-        Ok(Self { engine: Rc::new(RefCell::new(engine)) })
+        Ok(Self {
+            engine: Rc::new(RefCell::new(engine)),
+        })
     }
 
     /// The shared engine.
@@ -100,13 +108,20 @@ impl LmRuntime {
 
     /// A flow backend over the engine.
     pub fn backend(&self) -> LmBackend {
-        LmBackend { engine: Rc::clone(&self.engine), label_ids: BTreeMap::new() }
+        LmBackend {
+            engine: Rc::clone(&self.engine),
+            label_ids: BTreeMap::new(),
+        }
     }
 
     /// A learner over the engine's adapters: node `n` trains adapter `n` against
     /// `n.ref` (created as a copy on first use).
     pub fn learner(&self, config: LearnerConfig) -> AdapterLearner {
-        AdapterLearner { engine: Rc::clone(&self.engine), config, learners: BTreeMap::new() }
+        AdapterLearner {
+            engine: Rc::clone(&self.engine),
+            config,
+            learners: BTreeMap::new(),
+        }
     }
 }
 
@@ -118,13 +133,21 @@ pub struct LmBackend {
 }
 
 fn to_chat(messages: &[flowtune_graph::Message]) -> Vec<ChatMessage> {
-    messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect()
+    messages
+        .iter()
+        .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+        .collect()
 }
 
 fn to_lm_decoding(d: &Decoding) -> LmDecoding {
     match d {
         Decoding::Greedy => LmDecoding::Greedy,
-        Decoding::Sample { temperature, top_p, top_k, seed } => LmDecoding::Sample {
+        Decoding::Sample {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        } => LmDecoding::Sample {
             temperature: *temperature,
             top_k: *top_k,
             top_p: *top_p,
@@ -136,7 +159,11 @@ fn to_lm_decoding(d: &Decoding) -> LmDecoding {
             diversity_penalty: 0.0,
             length_penalty: 1.0,
         },
-        Decoding::DiverseBeam { num_beams, num_beam_groups, diversity_penalty } => LmDecoding::Beam {
+        Decoding::DiverseBeam {
+            num_beams,
+            num_beam_groups,
+            diversity_penalty,
+        } => LmDecoding::Beam {
             num_beams: *num_beams,
             num_beam_groups: *num_beam_groups,
             diversity_penalty: *diversity_penalty,
@@ -167,7 +194,11 @@ impl LmBackend {
         let _span = tracing::debug_span!("engine_step", requests = requests.len()).entered();
         let mut prompts = Vec::with_capacity(requests.len());
         for r in requests {
-            prompts.push(engine.tokenizer().encode_chat(&to_chat(&r.messages), true)?);
+            prompts.push(
+                engine
+                    .tokenizer()
+                    .encode_chat(&to_chat(&r.messages), true)?,
+            );
         }
         let mut responses: Vec<Option<NodeResponse>> = vec![None; requests.len()];
 
@@ -184,7 +215,12 @@ impl LmBackend {
         let mut choose_cands: BTreeMap<usize, Vec<(String, Vec<u32>)>> = BTreeMap::new();
         for (i, r) in requests.iter().enumerate() {
             match &r.call {
-                CallSpec::Generate { max_new_tokens, decoding, num_return_sequences, stop } => {
+                CallSpec::Generate {
+                    max_new_tokens,
+                    decoding,
+                    num_return_sequences,
+                    stop,
+                } => {
                     gen_idx.push(i);
                     gen.push(GenerateRequest {
                         prompt: prompts[i].clone(),
@@ -204,7 +240,11 @@ impl LmBackend {
                         ids.push(self.label_id(&engine, &r.node, l)?);
                     }
                     cls_idx.push(i);
-                    cls.push(ClassifyRequest { prompt: prompts[i].clone(), adapter: r.adapter.clone(), labels: ids });
+                    cls.push(ClassifyRequest {
+                        prompt: prompts[i].clone(),
+                        adapter: r.adapter.clone(),
+                        labels: ids,
+                    });
                     cls_labels.push(labels.clone());
                 }
                 CallSpec::Choose { candidates } => {
@@ -236,21 +276,37 @@ impl LmBackend {
                 let outputs = out
                     .sequences
                     .into_iter()
-                    .map(|s| Candidate { ids: s.ids, text: s.text, logprob: s.logprob })
+                    .map(|s| Candidate {
+                        ids: s.ids,
+                        text: s.text,
+                        logprob: s.logprob,
+                    })
                     .collect();
-                responses[i] = Some(NodeResponse { prompt_ids: prompts[i].clone(), outputs });
+                responses[i] = Some(NodeResponse {
+                    prompt_ids: prompts[i].clone(),
+                    outputs,
+                });
             }
         }
         if !cls.is_empty() {
             let outs = engine.classify(&cls)?;
-            for ((&i, out), (labels, req)) in cls_idx.iter().zip(outs).zip(cls_labels.iter().zip(&cls)) {
+            for ((&i, out), (labels, req)) in
+                cls_idx.iter().zip(outs).zip(cls_labels.iter().zip(&cls))
+            {
                 let outputs = labels
                     .iter()
                     .zip(&req.labels)
                     .zip(&out.label_logprobs)
-                    .map(|((l, id), lp)| Candidate { ids: vec![*id], text: l.clone(), logprob: *lp })
+                    .map(|((l, id), lp)| Candidate {
+                        ids: vec![*id],
+                        text: l.clone(),
+                        logprob: *lp,
+                    })
                     .collect();
-                responses[i] = Some(NodeResponse { prompt_ids: prompts[i].clone(), outputs });
+                responses[i] = Some(NodeResponse {
+                    prompt_ids: prompts[i].clone(),
+                    outputs,
+                });
             }
         }
         if !scores.is_empty() {
@@ -266,22 +322,40 @@ impl LmBackend {
                     .zip(lps)
                     .map(|((text, ids), logprob)| Candidate { ids, text, logprob })
                     .collect();
-                responses[i] = Some(NodeResponse { prompt_ids: prompts[i].clone(), outputs });
+                responses[i] = Some(NodeResponse {
+                    prompt_ids: prompts[i].clone(),
+                    outputs,
+                });
             }
         }
         // Every request matched exactly one arm above, so every slot is filled.
-        Ok(responses.into_iter().map(|r| r.unwrap_or(NodeResponse { prompt_ids: Vec::new(), outputs: Vec::new() })).collect())
+        Ok(responses
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(NodeResponse {
+                    prompt_ids: Vec::new(),
+                    outputs: Vec::new(),
+                })
+            })
+            .collect())
     }
 }
 
 impl Backend for LmBackend {
-    fn run_batch(&mut self, requests: &[NodeRequest]) -> std::result::Result<Vec<NodeResponse>, BoxError> {
+    fn run_batch(
+        &mut self,
+        requests: &[NodeRequest],
+    ) -> std::result::Result<Vec<NodeResponse>, BoxError> {
         Ok(self.run(requests)?)
     }
 
     /// Gold completions as the node would emit them: the text's tokens followed by
     /// the end-of-turn token (as TRL counts a completion).
-    fn tokenize(&mut self, _node: &NodeId, texts: &[String]) -> std::result::Result<Vec<Vec<u32>>, BoxError> {
+    fn tokenize(
+        &mut self,
+        _node: &NodeId,
+        texts: &[String],
+    ) -> std::result::Result<Vec<Vec<u32>>, BoxError> {
         let engine = self.engine.borrow();
         let eot = engine.eos_token_ids().first().copied();
         let mut out = Vec::with_capacity(texts.len());
@@ -307,12 +381,18 @@ impl AdapterLearner {
         if !self.learners.contains_key(node) {
             let bank = engine.adapter_bank_mut().ok_or(RuntimeError::NoBank)?;
             if bank.id(node).is_err() {
-                return Err(RuntimeError::UnknownNode { node: node.to_string() });
+                return Err(RuntimeError::UnknownNode {
+                    node: node.to_string(),
+                });
             }
             let l = NodeLearner::new(bank, node, self.config)?;
             self.learners.insert(node.to_string(), l);
         }
-        self.learners.get_mut(node).ok_or_else(|| RuntimeError::UnknownNode { node: node.to_string() })
+        self.learners
+            .get_mut(node)
+            .ok_or_else(|| RuntimeError::UnknownNode {
+                node: node.to_string(),
+            })
     }
 
     fn step(&mut self, node: &NodeId, batch: NodeRecords) -> Result<StepStats> {
@@ -350,7 +430,12 @@ impl AdapterLearner {
                             text: text.clone(),
                         })?);
                     }
-                    labels.push(LabelRecord { prompt: l.prompt_ids.clone(), labels: ids, label: l.label, weight: l.weight })
+                    labels.push(LabelRecord {
+                        prompt: l.prompt_ids.clone(),
+                        labels: ids,
+                        label: l.label,
+                        weight: l.weight,
+                    })
                 }
             }
         }
@@ -377,7 +462,9 @@ impl AdapterLearner {
             total.extra.insert(format!("{kind}_grad_norm"), s.grad_norm);
             if let Some(d) = &s.dpo {
                 total.extra.insert("dpo_pair_accuracy".into(), d.accuracy);
-                total.extra.insert("dpo_reward_margin".into(), d.reward_margin);
+                total
+                    .extra
+                    .insert("dpo_reward_margin".into(), d.reward_margin);
             }
         }
         if n > 0 {
@@ -388,11 +475,19 @@ impl AdapterLearner {
 }
 
 impl Learner for AdapterLearner {
-    fn learn(&mut self, node: &NodeId, records: &[Feedback]) -> std::result::Result<LearnStats, BoxError> {
+    fn learn(
+        &mut self,
+        node: &NodeId,
+        records: &[Feedback],
+    ) -> std::result::Result<LearnStats, BoxError> {
         Ok(self.learn_records(node, records)?)
     }
 
-    fn update_reference(&mut self, node: &NodeId, weight: f64) -> std::result::Result<(), BoxError> {
+    fn update_reference(
+        &mut self,
+        node: &NodeId,
+        weight: f64,
+    ) -> std::result::Result<(), BoxError> {
         let mut engine = self.engine.borrow_mut();
         let bank = engine.adapter_bank_mut().ok_or(RuntimeError::NoBank)?;
         let reference = crate::learner::reference_name(node.as_str());
@@ -400,7 +495,8 @@ impl Learner for AdapterLearner {
             // No learning step yet: the reference is created (as a copy) on first use.
             return Ok(());
         }
-        bank.lerp(&reference, node.as_str(), weight).map_err(RuntimeError::from)?;
+        bank.lerp(&reference, node.as_str(), weight)
+            .map_err(RuntimeError::from)?;
         Ok(())
     }
 
@@ -417,8 +513,15 @@ impl Learner for AdapterLearner {
         let mut engine = self.engine.borrow_mut();
         let bank = engine.adapter_bank_mut().ok_or(RuntimeError::NoBank)?;
         self.learners.clear();
-        let entries = std::fs::read_dir(dir).map_err(|source| RuntimeError::Io { path: dir.to_path_buf(), source })?;
-        let mut dirs: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.join("learner.json").is_file()).collect();
+        let entries = std::fs::read_dir(dir).map_err(|source| RuntimeError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut dirs: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("learner.json").is_file())
+            .collect();
         dirs.sort();
         for d in dirs {
             let l = NodeLearner::load(bank, &d).map_err(RuntimeError::from)?;

@@ -8,6 +8,7 @@
 //! - 20 learner steps: DPO margin from 0 to clearly positive, NLL falls, p(label)
 //!   rises; the reference adapter and the base stay bit-identical; every trainable
 //!   tensor changes. Exact resume through save/load.
+//!
 //! These tests FAIL (never skip) when the model or the Python reference is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -113,8 +114,7 @@ fn trainable_node_with_random_b(loaded: &LoadedModel) -> AdapterBank {
         let sites: Vec<_> = a.sites().copied().collect();
         for s in sites {
             if let Some(w) = a.weights_mut(&s) {
-                let _ =
-                    w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
+                w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
             }
         }
     })
@@ -505,7 +505,11 @@ fn prefix_grouped_labels_equal_unshared() {
         "The Rhine rises in the Swiss Alps and flows into the North Sea near Rotterdam.",
         "Mount Kilimanjaro, a dormant volcano in Tanzania, is the highest mountain in Africa.",
     ];
-    let queries = ["Where does the Rhine end?", "highest mountain Africa", "Swiss rivers"];
+    let queries = [
+        "Where does the Rhine end?",
+        "highest mountain Africa",
+        "Swiss rivers",
+    ];
     let mut prompts = Vec::new();
     for q in queries {
         for p in paragraphs {
@@ -527,7 +531,9 @@ fn prefix_grouped_labels_equal_unshared() {
     let ordered: Vec<&[u32]> = order.iter().map(|&i| refs[i]).collect();
     let yes = loaded.tokenizer.encode("Yes").expect("Yes")[0] as i64;
     let weights = Tensor::from_slice(
-        &(0..order.len()).map(|i| 0.3 + 0.1 * i as f32).collect::<Vec<_>>(),
+        &(0..order.len())
+            .map(|i| 0.3 + 0.1 * i as f32)
+            .collect::<Vec<_>>(),
     );
     let params = bank.get("node").expect("node").named_tensors();
     let run = |grouped: bool| -> (Tensor, Vec<Tensor>) {
@@ -543,7 +549,10 @@ fn prefix_grouped_labels_equal_unshared() {
         }
         .expect("logits");
         (logits.select(1, yes) * &weights).sum(None).backward();
-        (logits.detach(), params.iter().map(|(_, p)| p.grad().copy()).collect())
+        (
+            logits.detach(),
+            params.iter().map(|(_, p)| p.grad().copy()).collect(),
+        )
     };
     let (l_grouped, g_grouped) = run(true);
     let (l_whole, g_whole) = run(false);
@@ -554,7 +563,10 @@ fn prefix_grouped_labels_equal_unshared() {
         let norm = b.norm().double_value(&[]);
         assert!(norm > 0.0, "no gradient on {k}");
         let rel = (a - b).norm().double_value(&[]) / norm;
-        assert!(rel <= 1e-3, "{k}: grouped gradient differs by {rel:e} (relative)");
+        assert!(
+            rel <= 1e-3,
+            "{k}: grouped gradient differs by {rel:e} (relative)"
+        );
     }
     // Through the learner: same label statistics under both settings.
     let records = NodeRecords::Labels(
@@ -563,10 +575,7 @@ fn prefix_grouped_labels_equal_unshared() {
             .enumerate()
             .map(|(i, p)| LabelRecord {
                 prompt: p.clone(),
-                labels: vec![
-                    yes as u32,
-                    loaded.tokenizer.encode("No").expect("No")[0],
-                ],
+                labels: vec![yes as u32, loaded.tokenizer.encode("No").expect("No")[0]],
                 label: i % 2,
                 weight: 1.0 + (i % 3) as f64,
             })
@@ -583,7 +592,10 @@ fn prefix_grouped_labels_equal_unshared() {
         let learner = NodeLearner::new(&mut b, "node", config).expect("learner");
         learner.evaluate(&model, &b, &records).expect("eval")
     };
-    let (a, b) = (stats(LabelSharing::PrefixGroups), stats(LabelSharing::Unshared));
+    let (a, b) = (
+        stats(LabelSharing::PrefixGroups),
+        stats(LabelSharing::Unshared),
+    );
     assert_eq!(a.records, b.records);
     let (la, lb) = (a.label.expect("label"), b.label.expect("label"));
     approx::assert_abs_diff_eq!(a.loss, b.loss, epsilon = 1e-5);

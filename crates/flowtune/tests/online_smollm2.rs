@@ -11,11 +11,15 @@ use flowtune::learner::LearnerConfig;
 use flowtune::lm::engine::{Engine, EngineConfig};
 use flowtune::lm::loader::{load, LoadOptions};
 use flowtune::lora::{LoraConfig, Module};
-use flowtune::rollout::{CheckpointConfig, CreditConfig, NodeDeviation, OnlineConfig, OnlineLoop, OnlineState};
 use flowtune::rollout::{CallSelection, GenerateAlternatives};
+use flowtune::rollout::{
+    CheckpointConfig, CreditConfig, NodeDeviation, OnlineConfig, OnlineLoop, OnlineState,
+};
 use flowtune::runtime::LmRuntime;
 
-const COLORS: &[&str] = &["red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "gray", "pink"];
+const COLORS: &[&str] = &[
+    "red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "gray", "pink",
+];
 
 /// Name a color for a thing; then say whether the answer is a color.
 struct ColorFlow;
@@ -27,7 +31,10 @@ impl Flow for ColorFlow {
     fn spec(&self) -> FlowSpec {
         FlowSpec {
             name: "color".into(),
-            nodes: vec![NodeSpec::generate("answer", 4), NodeSpec::classify("check", &["Yes", "No"])],
+            nodes: vec![
+                NodeSpec::generate("answer", 4),
+                NodeSpec::classify("check", &["Yes", "No"]),
+            ],
             edges: vec![],
         }
     }
@@ -36,7 +43,10 @@ impl Flow for ColorFlow {
         let a = cx
             .generate(
                 "answer",
-                vec![Message::system("Answer with one word."), Message::user(format!("What color is {thing}?"))],
+                vec![
+                    Message::system("Answer with one word."),
+                    Message::user(format!("What color is {thing}?")),
+                ],
             )
             .await?;
         let text = a.text().to_lowercase();
@@ -45,20 +55,37 @@ impl Flow for ColorFlow {
         let c = cx
             .classify(
                 "check",
-                vec![Message::user(format!("Is \"{}\" the name of a color? Answer Yes or No.", a.text().trim()))],
+                vec![Message::user(format!(
+                    "Is \"{}\" the name of a color? Answer Yes or No.",
+                    a.text().trim()
+                ))],
             )
             .await?;
         let is_color = COLORS.iter().any(|k| text.contains(k));
         cx.gold_label(&c, if is_color { 0 } else { 1 });
-        cx.reward("check", if (c.choice() == 0) == is_color { 1.0 } else { 0.0 });
+        cx.reward(
+            "check",
+            if (c.choice() == 0) == is_color {
+                1.0
+            } else {
+                0.0
+            },
+        );
         Ok(r)
     }
 }
 
 fn runtime() -> LmRuntime {
     let path = flowtune::lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
-    let loaded = load(&path, &LoadOptions { device: tch::Device::Cpu, dtype: tch::Kind::Float, ..Default::default() })
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let loaded = load(
+        &path,
+        &LoadOptions {
+            device: tch::Device::Cpu,
+            dtype: tch::Kind::Float,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let engine = Engine::new(loaded, EngineConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     let lora = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);
     let nodes = [NodeId::from("answer"), NodeId::from("check")];
@@ -75,26 +102,46 @@ fn config(dir: &Path, max_episodes: u64) -> OnlineConfig {
                 enabled: true,
                 max_alternatives: 1,
                 calls: CallSelection::All,
-                generate: GenerateAlternatives::DiverseBeam { num_beams: 4, num_beam_groups: 4, diversity_penalty: 1.0 },
+                generate: GenerateAlternatives::DiverseBeam {
+                    num_beams: 4,
+                    num_beam_groups: 4,
+                    diversity_penalty: 1.0,
+                },
             },
             ..CreditConfig::default()
         }
         .route("answer", "answer")
         .route("check", "check")
-        .with_deviation("check", NodeDeviation { enabled: false, ..NodeDeviation::default() }),
-        checkpoint: Some(CheckpointConfig { every_episodes: 4, dir: dir.to_path_buf() }),
+        .with_deviation(
+            "check",
+            NodeDeviation {
+                enabled: false,
+                ..NodeDeviation::default()
+            },
+        ),
+        checkpoint: Some(CheckpointConfig {
+            every_episodes: 4,
+            dir: dir.to_path_buf(),
+        }),
         max_episodes: Some(max_episodes),
         ..OnlineConfig::default()
     }
 }
 
 fn stream() -> Vec<String> {
-    ["the sky", "the sea", "a sapphire", "a blueberry", "a clear sky", "the ocean"]
-        .iter()
-        .cycle()
-        .take(64)
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "the sky",
+        "the sea",
+        "a sapphire",
+        "a blueberry",
+        "a clear sky",
+        "the ocean",
+    ]
+    .iter()
+    .cycle()
+    .take(64)
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn adapter_b_norm(rt: &LmRuntime, name: &str) -> f64 {
@@ -128,16 +175,32 @@ fn online_run_learns_and_resumes_exactly() {
     // Uninterrupted: 8 episodes (two minibatches, a checkpoint after each).
     let rt = runtime();
     assert_eq!(adapter_b_norm(&rt, "answer"), 0.0, "PEFT init: B is zero");
-    let mut run = OnlineLoop::new(&flow, config(&tmp.path().join("a"), 8)).unwrap_or_else(|e| panic!("{e}"));
+    let mut run =
+        OnlineLoop::new(&flow, config(&tmp.path().join("a"), 8)).unwrap_or_else(|e| panic!("{e}"));
     let full = run
-        .run(stream(), &mut rt.backend(), &mut rt.learner(LearnerConfig::default()), None)
+        .run(
+            stream(),
+            &mut rt.backend(),
+            &mut rt.learner(LearnerConfig::default()),
+            None,
+        )
         .unwrap_or_else(|e| panic!("{e}"))
         .clone();
     assert_eq!(full.episodes_done, 8);
-    assert!(!full.learn_log.is_empty(), "no learner steps: {:?}", full.totals);
-    assert!(adapter_b_norm(&rt, "check") > 0.0, "the supervised node's adapter did not change");
+    assert!(
+        !full.learn_log.is_empty(),
+        "no learner steps: {:?}",
+        full.totals
+    );
+    assert!(
+        adapter_b_norm(&rt, "check") > 0.0,
+        "the supervised node's adapter did not change"
+    );
     if full.totals.preferences > 0 {
-        assert!(adapter_b_norm(&rt, "answer") > 0.0, "the DPO node's adapter did not change");
+        assert!(
+            adapter_b_norm(&rt, "answer") > 0.0,
+            "the DPO node's adapter did not change"
+        );
     }
     drop(rt);
 
@@ -146,14 +209,23 @@ fn online_run_learns_and_resumes_exactly() {
     {
         let rt = runtime();
         let mut run = OnlineLoop::new(&flow, config(&dir_b, 4)).unwrap_or_else(|e| panic!("{e}"));
-        run.run(stream(), &mut rt.backend(), &mut rt.learner(LearnerConfig::default()), None)
-            .unwrap_or_else(|e| panic!("{e}"));
+        run.run(
+            stream(),
+            &mut rt.backend(),
+            &mut rt.learner(LearnerConfig::default()),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     }
     let rt = runtime();
     let mut learner = rt.learner(LearnerConfig::default());
-    let mut run = OnlineLoop::resume(&flow, config(&dir_b, 8), &mut learner).unwrap_or_else(|e| panic!("{e}"));
+    let mut run = OnlineLoop::resume(&flow, config(&dir_b, 8), &mut learner)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(run.state().episodes_done, 4);
-    let resumed = run.run(stream(), &mut rt.backend(), &mut learner, None).unwrap_or_else(|e| panic!("{e}")).clone();
+    let resumed = run
+        .run(stream(), &mut rt.backend(), &mut learner, None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .clone();
     assert_eq!(resumed.episodes_done, 8);
     assert_eq!(comparable(&resumed), comparable(&full));
 }

@@ -18,10 +18,17 @@ fn check_invariants(prompts: &[Vec<u32>], groups: &[PrefixGroup]) {
                 p.len(),
                 g.prefix_len
             );
-            assert_eq!(&p[..g.prefix_len], &first[..g.prefix_len], "prefix not shared by {m}");
+            assert_eq!(
+                &p[..g.prefix_len],
+                &first[..g.prefix_len],
+                "prefix not shared by {m}"
+            );
         }
     }
-    assert!(seen.iter().all(|&c| c == 1), "each prompt in exactly one group: {seen:?}");
+    assert!(
+        seen.iter().all(|&c| c == 1),
+        "each prompt in exactly one group: {seen:?}"
+    );
 }
 
 proptest! {
@@ -105,7 +112,10 @@ fn learner_config_round_trips_and_defaults_label_sharing() {
         ..LearnerConfig::default()
     };
     let json = serde_json::to_value(config).unwrap();
-    assert_eq!(serde_json::from_value::<LearnerConfig>(json.clone()).unwrap(), config);
+    assert_eq!(
+        serde_json::from_value::<LearnerConfig>(json.clone()).unwrap(),
+        config
+    );
     let mut old = json;
     old.as_object_mut().unwrap().remove("label_sharing");
     let loaded: LearnerConfig = serde_json::from_value(old).unwrap();

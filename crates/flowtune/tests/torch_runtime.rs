@@ -8,7 +8,10 @@ fn bf16_matmul_agrees_with_f32() {
     let a = Tensor::randn([64, 128], (Kind::Float, Device::Cpu));
     let b = Tensor::randn([128, 32], (Kind::Float, Device::Cpu));
     let exact = a.matmul(&b);
-    let bf16 = a.to_kind(Kind::BFloat16).matmul(&b.to_kind(Kind::BFloat16)).to_kind(Kind::Float);
+    let bf16 = a
+        .to_kind(Kind::BFloat16)
+        .matmul(&b.to_kind(Kind::BFloat16))
+        .to_kind(Kind::Float);
     // bf16 has an 8-bit mantissa: relative error per product ~2^-8; over a
     // 128-term sum of unit normals (|sum| ~ 11) an absolute error below 0.5 is generous
     // but still catches a wrong kernel (a transposed operand gives O(10) errors).
@@ -26,7 +29,11 @@ fn cuda_detection_matches_runtime() {
     assert_eq!(tch::Cuda::is_available(), n > 0);
     if n > 0 {
         let x = Tensor::ones([4, 4], (Kind::BFloat16, Device::Cuda(0)));
-        let y = x.matmul(&x).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+        let y = x
+            .matmul(&x)
+            .to_kind(Kind::Float)
+            .sum(Kind::Float)
+            .double_value(&[]);
         assert_eq!(y, 64.0);
     }
 }

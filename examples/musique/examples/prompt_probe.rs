@@ -6,7 +6,9 @@
 use std::error::Error;
 use std::time::Instant;
 
-use flowtune::lm::engine::{ClassifyRequest, Decoding, Engine, EngineConfig, GenerateRequest, GenerationParams};
+use flowtune::lm::engine::{
+    ClassifyRequest, Decoding, Engine, EngineConfig, GenerateRequest, GenerationParams,
+};
 use flowtune::lm::{load, locate_test_model, ChatMessage, LoadOptions};
 use musique::flow::{default_prompt_dir, ground_answer};
 use musique::metrics::answer_scores;
@@ -76,7 +78,11 @@ fn relevance(
     let out = engine.classify(&requests)?;
     let secs = t.elapsed().as_secs_f64();
     let p_yes: Vec<f64> = out.iter().map(|o| o.label_logprobs[0].exp()).collect();
-    let correct = p_yes.iter().zip(&gold).filter(|(p, g)| (**p > 0.5) == **g).count();
+    let correct = p_yes
+        .iter()
+        .zip(&gold)
+        .filter(|(p, g)| (**p > 0.5) == **g)
+        .count();
     let mean = |f: bool| {
         let v: Vec<f64> = p_yes
             .iter()
@@ -108,7 +114,11 @@ fn relevance(
     Ok(())
 }
 
-fn answers(engine: &Engine, records: &[musique::data::Record], encode: &Encode<'_>) -> Result<(), Box<dyn Error>> {
+fn answers(
+    engine: &Engine,
+    records: &[musique::data::Record],
+    encode: &Encode<'_>,
+) -> Result<(), Box<dyn Error>> {
     // Verbose then concise, with the gold support retrieved.
     let params = |max_new_tokens: usize, stop: Vec<String>| GenerationParams {
         max_new_tokens,
@@ -157,7 +167,13 @@ fn answers(engine: &Engine, records: &[musique::data::Record], encode: &Encode<'
     let csecs = t.elapsed().as_secs_f64();
     let (mut f1_raw, mut f1_grounded) = (0.0, 0.0);
     for (i, ((r, v), c)) in records.iter().zip(&verbose).zip(&concise).enumerate() {
-        let raw = c.sequences[0].text.lines().next().unwrap_or("").trim().to_string();
+        let raw = c.sequences[0]
+            .text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
         let texts: Vec<&str> = r
             .paragraphs
             .iter()

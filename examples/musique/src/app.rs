@@ -5,14 +5,23 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use flowtune_graph::{derive_seed, play, Backend, EpisodeSetup, Executor, Flow, NodeTable, ReplayPlan};
-use flowtune_rollout::{CheckpointConfig, EpisodeMetrics, Learner, OnlineConfig, OnlineLoop, ReferenceUpdateConfig};
+use flowtune_graph::{
+    derive_seed, play, Backend, EpisodeSetup, Executor, Flow, NodeTable, ReplayPlan,
+};
+use flowtune_rollout::{
+    CheckpointConfig, EpisodeMetrics, Learner, OnlineConfig, OnlineLoop, ReferenceUpdateConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Record;
 use crate::error::{Error, Result};
-use crate::flow::{credit_config_with_alternatives, pairwise_sufficiency, rewards, FlowOutput, MusiqueFlow, Variant};
-use crate::metrics::{evaluate, write_metrics_json, write_predictions_jsonl, MetricsReport, Prediction};
+use crate::flow::{
+    credit_config_with_alternatives, pairwise_sufficiency, rewards, FlowOutput, MusiqueFlow,
+    Variant,
+};
+use crate::metrics::{
+    evaluate, write_metrics_json, write_predictions_jsonl, MetricsReport, Prediction,
+};
 
 fn flow_error(e: impl std::fmt::Display) -> Error {
     Error::Flow(e.to_string())
@@ -88,7 +97,11 @@ pub fn predictions(outputs: &[FlowOutput], pairwise: bool) -> Vec<Prediction> {
 }
 
 /// Evaluate and write `dir/predictions.jsonl` and `dir/metrics.json` (atomically).
-pub fn write_eval(dir: &Path, records: &[Record], predictions: &[Prediction]) -> Result<MetricsReport> {
+pub fn write_eval(
+    dir: &Path,
+    records: &[Record],
+    predictions: &[Prediction],
+) -> Result<MetricsReport> {
     let report = evaluate(records, predictions)?;
     write_predictions_jsonl(&dir.join("predictions.jsonl"), predictions)?;
     write_metrics_json(&dir.join("metrics.json"), &report)?;
@@ -146,7 +159,11 @@ pub fn online_config(variant: Variant, options: &TrainOptions) -> OnlineConfig {
         seed: options.seed,
         minibatch_episodes: mb as usize,
         episodes_in_flight: options.episodes_in_flight.clamp(1, mb as usize),
-        credit: credit_config_with_alternatives(variant, options.query_alternatives, options.answer_alternatives),
+        credit: credit_config_with_alternatives(
+            variant,
+            options.query_alternatives,
+            options.answer_alternatives,
+        ),
         reference_update: (options.reference_every > 0).then(|| ReferenceUpdateConfig {
             every_episodes: round(options.reference_every),
             weight: 0.5,
@@ -172,7 +189,9 @@ pub fn window_means(metrics: &[EpisodeMetrics]) -> BTreeMap<String, f64> {
             e.1 += 1;
         }
     }
-    sums.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect()
+    sums.into_iter()
+        .map(|(k, (s, n))| (k, s / n as f64))
+        .collect()
 }
 
 /// What a training run ends with.
@@ -240,7 +259,11 @@ pub fn train(
         episodes: state.episodes_done,
         first_window: window_means(&state.metrics[..k]),
         last_window: window_means(&state.metrics[n - k..]),
-        progressive: state.metrics.last().map(|m| m.progressive.clone()).unwrap_or_default(),
+        progressive: state
+            .metrics
+            .last()
+            .map(|m| m.progressive.clone())
+            .unwrap_or_default(),
         metrics_path: options.out_dir.join("metrics.jsonl"),
         plot_path,
         wall_seconds: started.elapsed().as_secs_f64(),

@@ -173,7 +173,13 @@ fn require<'a>(
     })
 }
 
-fn array_of_objects(value: &Value, field: &str, keys: &[&str], path: &Path, line: usize) -> Result<()> {
+fn array_of_objects(
+    value: &Value,
+    field: &str,
+    keys: &[&str],
+    path: &Path,
+    line: usize,
+) -> Result<()> {
     let items = value.as_array().ok_or_else(|| Error::InvalidField {
         path: path.to_path_buf(),
         line,
@@ -216,7 +222,11 @@ fn parse_line(raw: &str, path: &Path, line: usize, policy: ParagraphPolicy) -> R
     ] {
         require(obj, key, "", path, line)?;
     }
-    let id_text = obj.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    let id_text = obj
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     match obj.get("paragraphs") {
         None if policy == ParagraphPolicy::Required => {
             return Err(Error::QuestionOnlyRecord {
@@ -241,12 +251,13 @@ fn parse_line(raw: &str, path: &Path, line: usize, policy: ParagraphPolicy) -> R
         path,
         line,
     )?;
-    let record: Record = serde_json::from_value(value.clone()).map_err(|e| Error::InvalidField {
-        path: path.to_path_buf(),
-        line,
-        field: locate_bad_field(&value),
-        reason: e.to_string(),
-    })?;
+    let record: Record =
+        serde_json::from_value(value.clone()).map_err(|e| Error::InvalidField {
+            path: path.to_path_buf(),
+            line,
+            field: locate_bad_field(&value),
+            reason: e.to_string(),
+        })?;
     validate(&record, path, line)?;
     Ok(record)
 }
@@ -277,15 +288,24 @@ fn locate_bad_field(value: &Value) -> String {
             let checks: [(&str, bool); 4] = [
                 ("idx", p.get("idx").is_some_and(nonneg)),
                 ("title", p.get("title").is_some_and(Value::is_string)),
-                ("paragraph_text", p.get("paragraph_text").is_some_and(Value::is_string)),
-                ("is_supporting", p.get("is_supporting").is_some_and(Value::is_boolean)),
+                (
+                    "paragraph_text",
+                    p.get("paragraph_text").is_some_and(Value::is_string),
+                ),
+                (
+                    "is_supporting",
+                    p.get("is_supporting").is_some_and(Value::is_boolean),
+                ),
             ];
             if let Some((name, _)) = checks.iter().find(|(_, ok)| !ok) {
                 return format!("paragraphs[{k}].{name}");
             }
         }
     }
-    if let Some(steps) = value.get("question_decomposition").and_then(Value::as_array) {
+    if let Some(steps) = value
+        .get("question_decomposition")
+        .and_then(Value::as_array)
+    {
         for (k, s) in steps.iter().enumerate() {
             let checks: [(&str, bool); 4] = [
                 ("id", s.get("id").is_some_and(nonneg)),
@@ -293,7 +313,8 @@ fn locate_bad_field(value: &Value) -> String {
                 ("answer", s.get("answer").is_some_and(Value::is_string)),
                 (
                     "paragraph_support_idx",
-                    s.get("paragraph_support_idx").is_some_and(|v| v.is_null() || nonneg(v)),
+                    s.get("paragraph_support_idx")
+                        .is_some_and(|v| v.is_null() || nonneg(v)),
                 ),
             ];
             if let Some((name, _)) = checks.iter().find(|(_, ok)| !ok) {
@@ -350,7 +371,13 @@ fn validate(record: &Record, path: &Path, line: usize) -> Result<()> {
                 }
                 decomposition.insert(idx);
             }
-            None if record.answerable => return Err(Error::MissingSupport { path: p(), line, step }),
+            None if record.answerable => {
+                return Err(Error::MissingSupport {
+                    path: p(),
+                    line,
+                    step,
+                })
+            }
             None => {}
         }
     }
@@ -486,7 +513,12 @@ pub fn hop_quotas(
 
 /// Sample `n` records from `pool` whose hop distribution matches `target`'s (seeded,
 /// deterministic; the result is shuffled). Records without a hop count are never drawn.
-pub fn sample_matching_hops(pool: &[Record], target: &[Record], n: usize, seed: u64) -> Result<Vec<Record>> {
+pub fn sample_matching_hops(
+    pool: &[Record],
+    target: &[Record],
+    n: usize,
+    seed: u64,
+) -> Result<Vec<Record>> {
     let quotas = hop_quotas(&hop_distribution(target), &hop_distribution(pool), n)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut chosen = Vec::with_capacity(n);

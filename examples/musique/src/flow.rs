@@ -14,7 +14,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use flowtune_graph::{join_all, Called, Edge, EpisodeContext, Flow, FlowSpec, NodeKind, NodeSpec, PromptSet};
+use flowtune_graph::{
+    join_all, Called, Edge, EpisodeContext, Flow, FlowSpec, NodeKind, NodeSpec, PromptSet,
+};
 use flowtune_rollout::{CallSelection, CreditConfig, GenerateAlternatives, NodeDeviation};
 use serde::{Deserialize, Serialize};
 
@@ -217,13 +219,18 @@ impl Flow for MusiqueFlow {
         let [q, v, c] = self.options.max_new_tokens;
         let mut nodes = vec![
             generate_spec(nodes::QUERY, q, &["\n"], "search query for the next fact"),
-            NodeSpec::classify(nodes::RELEVANCE, &YES_NO).describe("is this paragraph needed? (each unused one)"),
+            NodeSpec::classify(nodes::RELEVANCE, &YES_NO)
+                .describe("is this paragraph needed? (each unused one)"),
             NodeSpec::classify(nodes::STOP, &YES_NO).describe("all facts retrieved?"),
             generate_spec(nodes::VERBOSE, v, &[], "step-by-step answer"),
             generate_spec(nodes::CONCISE, c, &["\n"], "final short answer"),
         ];
         let mut edges = vec![
-            Edge::new(nodes::QUERY, nodes::RELEVANCE, Some("each unused paragraph")),
+            Edge::new(
+                nodes::QUERY,
+                nodes::RELEVANCE,
+                Some("each unused paragraph"),
+            ),
             Edge::new(nodes::RELEVANCE, nodes::STOP, Some("retrieve best")),
             Edge::new(nodes::STOP, nodes::QUERY, Some("No, < max retrievals")),
             Edge::new(nodes::VERBOSE, nodes::CONCISE, None),
@@ -250,7 +257,11 @@ impl Flow for MusiqueFlow {
         }
     }
 
-    async fn run(&self, cx: &EpisodeContext, record: &Record) -> flowtune_graph::Result<FlowOutput> {
+    async fn run(
+        &self,
+        cx: &EpisodeContext,
+        record: &Record,
+    ) -> flowtune_graph::Result<FlowOutput> {
         let gold: BTreeSet<usize> = record.gold_support().into_iter().collect();
         let mut retrieved: Vec<usize> = Vec::new();
         let mut queries = Vec::new();
@@ -275,7 +286,10 @@ impl Flow for MusiqueFlow {
                     "query": query,
                     "paragraph": Shown { title: &p.title, text: &p.paragraph_text },
                 });
-                calls.push(cx.classify(nodes::RELEVANCE, self.prompts.render(nodes::RELEVANCE, vars)?));
+                calls.push(cx.classify(
+                    nodes::RELEVANCE,
+                    self.prompts.render(nodes::RELEVANCE, vars)?,
+                ));
             }
             let scored = join_all(calls).await;
             let mut best: Option<(usize, f64)> = None;
@@ -308,7 +322,10 @@ impl Flow for MusiqueFlow {
         let mut support = retrieved.clone();
         support.sort_unstable();
         if record.answerable {
-            cx.reward(rewards::SUPPORT_F1, support_scores(&support, &record.gold_support()).1);
+            cx.reward(
+                rewards::SUPPORT_F1,
+                support_scores(&support, &record.gold_support()).1,
+            );
         }
         let shown = Self::shown(record, &retrieved);
 
@@ -337,7 +354,12 @@ impl Flow for MusiqueFlow {
             nodes::VERBOSE,
             serde_json::json!({"question": record.question, "retrieved": shown}),
         )?;
-        let verbose = cx.generate(nodes::VERBOSE, messages).await?.text().trim().to_string();
+        let verbose = cx
+            .generate(nodes::VERBOSE, messages)
+            .await?
+            .text()
+            .trim()
+            .to_string();
         let messages = self.prompts.render(
             nodes::CONCISE,
             serde_json::json!({"question": record.question, "reasoning": verbose}),
@@ -403,7 +425,9 @@ pub fn ground_answer(answer: &str, paragraphs: &[&str]) -> Option<String> {
                 }
                 let mut s = span.join(" ");
                 // Drop edge punctuation ("Viko." → "Viko") but keep inner text.
-                s = s.trim_matches(|c: char| c.is_ascii_punctuation()).to_string();
+                s = s
+                    .trim_matches(|c: char| c.is_ascii_punctuation())
+                    .to_string();
                 let f1 = token_f1(&s, answer);
                 let better = match &best {
                     None => f1 > 0.0,
@@ -448,7 +472,11 @@ pub fn credit_config(variant: Variant) -> CreditConfig {
 /// [`credit_config`] with `query` and `answer` diverse-beam deviations per call of the
 /// query and verbose-answer nodes (diverse beam search with `n + 1` beams in as many
 /// groups; 0 turns that node's deviations off; the paper: 3 and 3).
-pub fn credit_config_with_alternatives(variant: Variant, query: usize, answer: usize) -> CreditConfig {
+pub fn credit_config_with_alternatives(
+    variant: Variant,
+    query: usize,
+    answer: usize,
+) -> CreditConfig {
     let diverse = |n: usize| NodeDeviation {
         enabled: n > 0,
         max_alternatives: n.max(1),

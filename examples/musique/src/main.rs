@@ -245,7 +245,8 @@ fn locate_model() -> Result<PathBuf> {
 #[cfg(not(feature = "lm"))]
 fn locate_model() -> Result<PathBuf> {
     Err(Error::Flow(
-        "built without the `lm` feature: pass --model (and rebuild with --features lm to run it)".into(),
+        "built without the `lm` feature: pass --model (and rebuild with --features lm to run it)"
+            .into(),
     ))
 }
 
@@ -258,7 +259,10 @@ fn lm_backend(
     flow: &MusiqueFlow,
     c: &Common,
     cocob_alpha: f64,
-) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
+) -> Result<(
+    Box<dyn flowtune_graph::Backend>,
+    Box<dyn flowtune_rollout::Learner>,
+)> {
     use flowtune::cocob::CocobConfig;
     use flowtune::learner::LearnerConfig;
     use flowtune::lm::engine::{Engine, EngineConfig};
@@ -276,13 +280,23 @@ fn lm_backend(
         DtypeArg::Bf16 => flowtune::tch::Kind::BFloat16,
         DtypeArg::F16 => flowtune::tch::Kind::Half,
     };
-    let opts = LoadOptions { device, dtype, linear_weights: c.weights };
+    let opts = LoadOptions {
+        device,
+        dtype,
+        linear_weights: c.weights,
+    };
     let loaded = load(model, &opts).map_err(|e| lm(&e))?;
     let engine = Engine::new(loaded, EngineConfig::default()).map_err(|e| lm(&e))?;
-    let nodes: Vec<flowtune_graph::NodeId> =
-        flow.spec().nodes.iter().filter(|n| n.adapter.is_some()).map(|n| n.id.clone()).collect();
+    let nodes: Vec<flowtune_graph::NodeId> = flow
+        .spec()
+        .nodes
+        .iter()
+        .filter(|n| n.adapter.is_some())
+        .map(|n| n.id.clone())
+        .collect();
     let lora = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);
-    let rt = flowtune::runtime::LmRuntime::new(engine, &nodes, &lora, c.seed).map_err(|e| lm(&e))?;
+    let rt =
+        flowtune::runtime::LmRuntime::new(engine, &nodes, &lora, c.seed).map_err(|e| lm(&e))?;
     let learner = LearnerConfig {
         cocob: CocobConfig {
             alpha: cocob_alpha,
@@ -299,8 +313,14 @@ fn lm_backend(
     _flow: &MusiqueFlow,
     _c: &Common,
     _cocob_alpha: f64,
-) -> Result<(Box<dyn flowtune_graph::Backend>, Box<dyn flowtune_rollout::Learner>)> {
-    Err(Error::Flow(format!("cannot run {}: built without the `lm` feature", model.display())))
+) -> Result<(
+    Box<dyn flowtune_graph::Backend>,
+    Box<dyn flowtune_rollout::Learner>,
+)> {
+    Err(Error::Flow(format!(
+        "cannot run {}: built without the `lm` feature",
+        model.display()
+    )))
 }
 
 /// A progress bar on a terminal; on a pipe or a log file (where the bar hides) a plain line
@@ -332,7 +352,11 @@ impl Progress {
     fn update(&self, pos: u64, msg: String) {
         self.bar.set_position(pos);
         if self.plain && pos > 0 && (pos.is_multiple_of(10) || pos == self.len) {
-            eprintln!("{:.0}s {pos}/{} {msg}", self.started.elapsed().as_secs_f64(), self.len);
+            eprintln!(
+                "{:.0}s {pos}/{} {msg}",
+                self.started.elapsed().as_secs_f64(),
+                self.len
+            );
         }
         self.bar.set_message(msg);
     }
@@ -373,7 +397,8 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
     }
     let pb = Progress::new(records.len());
     let mut sums = [0.0; 3];
-    let gold: std::collections::HashMap<&str, &Record> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+    let gold: std::collections::HashMap<&str, &Record> =
+        records.iter().map(|r| (r.id.as_str(), r)).collect();
     let outputs = app::predict(
         &flow,
         &records,
@@ -390,7 +415,10 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
         },
     )?;
     pb.finish();
-    let preds = app::predictions(&outputs, matches!(c.variant, VariantArg::Full) && !c.no_pairwise);
+    let preds = app::predictions(
+        &outputs,
+        matches!(c.variant, VariantArg::Full) && !c.no_pairwise,
+    );
     if score {
         let report = app::write_eval(&c.out, &records, &preds)?;
         print_metrics(&report, &c.out.join("metrics.json"))?;
@@ -428,11 +456,18 @@ fn train(t: &TrainArgs) -> Result<()> {
         None
     };
     let pairwise = matches!(c.variant, VariantArg::Full) && !c.no_pairwise;
-    let mut before = None;
-    if let Some(h) = &heldout {
-        let out = app::predict(&flow, h, backend.as_mut(), c.in_flight, c.seed, &mut |_, _| {})?;
-        before = Some(musique::metrics::evaluate(h, &app::predictions(&out, pairwise))?);
-    }
+    // The held-out questions' metrics under the adapters as they are now.
+    let evaluate_heldout = |h: &[Record], backend: &mut dyn flowtune_graph::Backend| -> Result<_> {
+        let out = app::predict(&flow, h, backend, c.in_flight, c.seed, &mut |_, _| {})?;
+        Ok(musique::metrics::evaluate(
+            h,
+            &app::predictions(&out, pairwise),
+        )?)
+    };
+    let before = match &heldout {
+        Some(h) => Some(evaluate_heldout(h, backend.as_mut())?),
+        None => None,
+    };
     let pb = Progress::new(records.len());
     let summary = app::train(
         &flow,
@@ -444,22 +479,34 @@ fn train(t: &TrainArgs) -> Result<()> {
             let msg = last
                 .map(|m| {
                     let get = |k: &str| m.progressive.get(k).copied().unwrap_or(f64::NAN);
-                    format!("AnsF1 {:.3} SuppF1 {:.3}", get(rewards::ANSWER_F1), get(rewards::SUPPORT_F1))
+                    format!(
+                        "AnsF1 {:.3} SuppF1 {:.3}",
+                        get(rewards::ANSWER_F1),
+                        get(rewards::SUPPORT_F1)
+                    )
                 })
                 .unwrap_or_default();
             pb.update(done, msg);
         },
     )?;
     pb.finish();
-    println!("episodes: {}  wall: {:.1}s", summary.episodes, summary.wall_seconds);
-    println!("{:<14} {:>12} {:>12}", "progressive", "first 20%", "last 20%");
+    println!(
+        "episodes: {}  wall: {:.1}s",
+        summary.episodes, summary.wall_seconds
+    );
+    println!(
+        "{:<14} {:>12} {:>12}",
+        "progressive", "first 20%", "last 20%"
+    );
     for key in summary.first_window.keys() {
         let last = summary.last_window.get(key).copied().unwrap_or(f64::NAN);
-        println!("{:<14} {:>12.4} {:>12.4}", key, summary.first_window[key], last);
+        println!(
+            "{:<14} {:>12.4} {:>12.4}",
+            key, summary.first_window[key], last
+        );
     }
     if let (Some(h), Some(before)) = (&heldout, before) {
-        let out = app::predict(&flow, h, backend.as_mut(), c.in_flight, c.seed, &mut |_, _| {})?;
-        let after = musique::metrics::evaluate(h, &app::predictions(&out, pairwise))?;
+        let after = evaluate_heldout(h, backend.as_mut())?;
         musique::io::write_json_atomic(
             &c.out.join("heldout.json"),
             &serde_json::json!({ "untrained": before, "trained": after }),

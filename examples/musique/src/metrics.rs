@@ -41,7 +41,10 @@ fn is_word_char(c: char) -> bool {
 /// SQuAD answer normalisation as the official evaluator applies it.
 pub fn normalize_answer(text: &str) -> String {
     let lowered = text.to_lowercase();
-    let no_punct: String = lowered.chars().filter(|c| !PUNCTUATION.contains(*c)).collect();
+    let no_punct: String = lowered
+        .chars()
+        .filter(|c| !PUNCTUATION.contains(*c))
+        .collect();
     // `\b(a|an|the)\b` -> " ": a maximal run of word characters equal to an article.
     let mut no_articles = String::with_capacity(no_punct.len());
     let mut run = String::new();
@@ -121,7 +124,10 @@ pub fn answer_scores(prediction: &str, golds: &[String]) -> (f64, f64) {
         .iter()
         .map(|g| if exact_match(prediction, g) { 1.0 } else { 0.0 })
         .fold(0.0, f64::max);
-    let f1 = golds.iter().map(|g| token_f1(prediction, g)).fold(0.0, f64::max);
+    let f1 = golds
+        .iter()
+        .map(|g| token_f1(prediction, g))
+        .fold(0.0, f64::max);
     (em, f1)
 }
 
@@ -222,7 +228,11 @@ pub fn evaluate(gold: &[Record], predictions: &[Prediction]) -> Result<MetricsRe
     if gold.len() != predictions.len() {
         return Err(Error::PredictionMismatch {
             position: gold.len().min(predictions.len()),
-            reason: format!("{} predictions for {} gold records", predictions.len(), gold.len()),
+            reason: format!(
+                "{} predictions for {} gold records",
+                predictions.len(),
+                gold.len()
+            ),
         });
     }
     let (mut f1_sum, mut em_sum, mut sp_sum, mut answerable) = (0.0, 0.0, 0.0, 0usize);
@@ -310,11 +320,13 @@ pub fn read_predictions_jsonl(path: &Path) -> Result<Vec<Prediction>> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(line).map_err(|e| Error::MalformedJson {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message: e.to_string(),
-        })?);
+        out.push(
+            serde_json::from_str(line).map_err(|e| Error::MalformedJson {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
+            })?,
+        );
     }
     Ok(out)
 }

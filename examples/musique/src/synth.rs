@@ -137,16 +137,18 @@ struct World {
 }
 
 const ONSETS: &[&str] = &[
-    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr",
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st",
+    "th", "tr",
 ];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ou"];
 const CODAS: &[&str] = &["", "", "n", "r", "l", "s", "th", "m"];
 const NOUNS: &[&str] = &[
-    "Orchard", "Harbor", "Lantern", "River", "Meadow", "Comet", "Garden", "Tower", "Mirror", "Winter", "Falcon",
-    "Ember",
+    "Orchard", "Harbor", "Lantern", "River", "Meadow", "Comet", "Garden", "Tower", "Mirror",
+    "Winter", "Falcon", "Ember",
 ];
 const ADJECTIVES: &[&str] = &[
-    "Silver", "Quiet", "Golden", "Hidden", "Last", "Crimson", "Distant", "Broken", "Gentle", "Northern",
+    "Silver", "Quiet", "Golden", "Hidden", "Last", "Crimson", "Distant", "Broken", "Gentle",
+    "Northern",
 ];
 const COMPANY_SUFFIX: &[&str] = &["Pictures", "Studios", "Films", "Media"];
 
@@ -165,7 +167,11 @@ fn word(rng: &mut ChaCha8Rng, syllables: usize) -> String {
 }
 
 /// A fresh name (and aliases) of `kind`, unique in `used`.
-fn fresh_name(rng: &mut ChaCha8Rng, kind: Kind, used: &mut HashSet<String>) -> (String, Vec<String>) {
+fn fresh_name(
+    rng: &mut ChaCha8Rng,
+    kind: Kind,
+    used: &mut HashSet<String>,
+) -> (String, Vec<String>) {
     loop {
         let (name, aliases) = match kind {
             Kind::Person => {
@@ -180,7 +186,10 @@ fn fresh_name(rng: &mut ChaCha8Rng, kind: Kind, used: &mut HashSet<String>) -> (
             Kind::Company => {
                 let stem = word(rng, 2);
                 (
-                    format!("{stem} {}", COMPANY_SUFFIX.choose(rng).unwrap_or(&"Pictures")),
+                    format!(
+                        "{stem} {}",
+                        COMPANY_SUFFIX.choose(rng).unwrap_or(&"Pictures")
+                    ),
                     vec![stem],
                 )
             }
@@ -208,13 +217,22 @@ fn filler_sentence(kind: Kind, name: &str, choice: usize, year: u32) -> String {
             format!("It was released in {year}."),
             "It won a small festival prize.".into(),
         ],
-        Kind::Album => [format!("It came out in {year}."), "It has eleven songs.".into()],
-        Kind::Company => [format!("It opened in {year}."), "It employs about 300 people.".into()],
+        Kind::Album => [
+            format!("It came out in {year}."),
+            "It has eleven songs.".into(),
+        ],
+        Kind::Company => [
+            format!("It opened in {year}."),
+            "It employs about 300 people.".into(),
+        ],
         Kind::Person => [
             format!("{name} wrote two novels."),
             format!("{name} worked as a teacher until {year}."),
         ],
-        Kind::City => ["It lies on a wide river.".into(), format!("It was settled in {year}.")],
+        Kind::City => [
+            "It lies on a wide river.".into(),
+            format!("It was settled in {year}."),
+        ],
         Kind::Country => [
             "It has a mild climate.".into(),
             format!("It became independent in {year}."),
@@ -243,7 +261,8 @@ impl World {
                 kinds.push(kind);
             }
         }
-        let of_kind = |k: Kind| -> Vec<usize> { (0..kinds.len()).filter(|i| kinds[*i] == k).collect() };
+        let of_kind =
+            |k: Kind| -> Vec<usize> { (0..kinds.len()).filter(|i| kinds[*i] == k).collect() };
         let mut facts = Vec::new();
         let mut ids = HashSet::new();
         let mut fact_id = |rng: &mut ChaCha8Rng| loop {
@@ -386,10 +405,18 @@ pub fn generate(config: &SynthConfig) -> Result<Vec<Record>> {
             reason: format!("{} < 4 (the longest chain)", config.paragraphs),
         });
     }
-    if config.hop_weights.iter().any(|w| !w.is_finite() || *w < 0.0) || config.hop_weights.iter().sum::<f64>() <= 0.0 {
+    if config
+        .hop_weights
+        .iter()
+        .any(|w| !w.is_finite() || *w < 0.0)
+        || config.hop_weights.iter().sum::<f64>() <= 0.0
+    {
         return Err(Error::SynthConfig {
             field: "hop_weights",
-            reason: format!("{:?}: need non-negative weights, not all 0", config.hop_weights),
+            reason: format!(
+                "{:?}: need non-negative weights, not all 0",
+                config.hop_weights
+            ),
         });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -449,12 +476,19 @@ pub fn generate(config: &SynthConfig) -> Result<Vec<Record>> {
 
 /// Distractor facts for a chain: hard ones (same relations, or other facts of chain entities)
 /// first, then random ones; never a chain fact, never the same (subject, relation) twice.
-fn distractors(world: &World, chain: &[usize], n: usize, rng: &mut ChaCha8Rng, exclude: &HashSet<usize>) -> Vec<usize> {
+fn distractors(
+    world: &World,
+    chain: &[usize],
+    n: usize,
+    rng: &mut ChaCha8Rng,
+    exclude: &HashSet<usize>,
+) -> Vec<usize> {
     let chain_facts: HashSet<usize> = chain.iter().copied().collect();
     // A fact linking the same two entities as a chain fact (the reverse of a spouse fact)
     // would state that hop again: never a distractor.
     let pair = |f: &Fact| (f.subject.min(f.object), f.subject.max(f.object));
-    let chain_pairs: HashSet<(usize, usize)> = chain.iter().map(|f| pair(&world.facts[*f])).collect();
+    let chain_pairs: HashSet<(usize, usize)> =
+        chain.iter().map(|f| pair(&world.facts[*f])).collect();
     let exclude: HashSet<usize> = exclude
         .iter()
         .copied()
@@ -487,7 +521,13 @@ fn distractors(world: &World, chain: &[usize], n: usize, rng: &mut ChaCha8Rng, e
     picked
 }
 
-fn compose(world: &World, chain: &[usize], id: String, paragraphs: usize, rng: &mut ChaCha8Rng) -> Record {
+fn compose(
+    world: &World,
+    chain: &[usize],
+    id: String,
+    paragraphs: usize,
+    rng: &mut ChaCha8Rng,
+) -> Record {
     let facts: Vec<&Fact> = chain.iter().map(|f| &world.facts[*f]).collect();
     // Question: innermost noun phrase first.
     let mut phrase = world.names[facts[0].subject].clone();
@@ -543,7 +583,12 @@ fn compose(world: &World, chain: &[usize], id: String, paragraphs: usize, rng: &
 }
 
 /// The unanswerable twin: one supporting paragraph replaced by a fresh distractor.
-fn unanswerable_twin(world: &World, chain: &[usize], record: &Record, rng: &mut ChaCha8Rng) -> Record {
+fn unanswerable_twin(
+    world: &World,
+    chain: &[usize],
+    record: &Record,
+    rng: &mut ChaCha8Rng,
+) -> Record {
     let mut twin = record.clone();
     twin.answerable = false;
     let removed_step = rng.random_range(0..chain.len());
@@ -558,7 +603,10 @@ fn unanswerable_twin(world: &World, chain: &[usize], record: &Record, rng: &mut 
         })
         .collect();
     let replacement = distractors(world, chain, 1, rng, &used);
-    if let (Some(step), Some(f)) = (twin.question_decomposition.get_mut(removed_step), replacement.first()) {
+    if let (Some(step), Some(f)) = (
+        twin.question_decomposition.get_mut(removed_step),
+        replacement.first(),
+    ) {
         if let Some(idx) = step.paragraph_support_idx.take() {
             let fact = &world.facts[*f];
             twin.paragraphs[idx] = Paragraph {

@@ -49,7 +49,8 @@ impl Learner for CountingLearner {
         Ok(())
     }
     fn load(&mut self, dir: &Path) -> Result<(), BoxError> {
-        (self.counts, self.reference_updates) = serde_json::from_slice(&std::fs::read(dir.join("counts.json"))?)?;
+        (self.counts, self.reference_updates) =
+            serde_json::from_slice(&std::fs::read(dir.join("counts.json"))?)?;
         Ok(())
     }
 }
@@ -77,7 +78,10 @@ fn eval_writes_leaderboard_files_in_input_order() {
     let flow = flow(Variant::Full);
     let mut oracle = Oracle::new(&records, false);
     let mut seen = 0;
-    let outputs = predict(&flow, &records, &mut oracle, 5, 0, &mut |done, _| seen = done).unwrap();
+    let outputs = predict(&flow, &records, &mut oracle, 5, 0, &mut |done, _| {
+        seen = done
+    })
+    .unwrap();
     assert_eq!(seen, records.len());
     let preds = predictions(&outputs, true);
     let dir = tempfile::tempdir().unwrap();
@@ -88,7 +92,8 @@ fn eval_writes_leaderboard_files_in_input_order() {
         back.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
         records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>()
     );
-    let m: MetricsReport = serde_json::from_slice(&std::fs::read(dir.path().join("metrics.json")).unwrap()).unwrap();
+    let m: MetricsReport =
+        serde_json::from_slice(&std::fs::read(dir.path().join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m, report);
     assert_eq!((m.answer_f1, m.support_f1), (1.0, 1.0));
     assert_eq!(m.full.unwrap().group_answer_sufficiency_f1, Some(1.0));
@@ -148,7 +153,9 @@ fn train_writes_metrics_curve_checkpoints_and_resumes_exactly() {
         .all(|m| m.rewards[rewards::ANSWER_F1] == 1.0 && m.rewards[rewards::SUPPORT_F1] == 1.0));
     assert_eq!(summary.first_window[rewards::ANSWER_F1], 1.0);
     assert!(
-        learner.counts["relevance"][2] > 0 && learner.counts["concise"][1] == 16 && learner.counts["verbose"][0] > 0
+        learner.counts["relevance"][2] > 0
+            && learner.counts["concise"][1] == 16
+            && learner.counts["verbose"][0] > 0
     );
     assert!(learner.reference_updates > 0);
     let svg = std::fs::read_to_string(&summary.plot_path).unwrap();
@@ -156,7 +163,10 @@ fn train_writes_metrics_curve_checkpoints_and_resumes_exactly() {
     assert!(full_dir.path().join("checkpoints/latest").is_file());
     assert!(full_dir.path().join("summary.json").is_file());
     assert!(
-        std::fs::read_dir(full_dir.path().join("traces")).unwrap().count() >= 4,
+        std::fs::read_dir(full_dir.path().join("traces"))
+            .unwrap()
+            .count()
+            >= 4,
         "one trace file per minibatch"
     );
 
@@ -199,7 +209,11 @@ fn learning_curve_has_one_point_per_episode() {
     };
     let svg = learning_curve_svg(&[m(0, 0.0), m(1, 0.5), m(2, 1.0)], &[rewards::ANSWER_F1]);
     let line = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
-    let points = line.split("points=\"").nth(1).unwrap().trim_end_matches("\"/>");
+    let points = line
+        .split("points=\"")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("\"/>");
     assert_eq!(points.split(' ').count(), 3);
     // y runs from the bottom (0) to the top (1) of the plot area.
     assert_eq!(points, "48.0,312.0 360.0,180.0 672.0,48.0");

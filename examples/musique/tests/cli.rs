@@ -45,9 +45,18 @@ fn bad_data_fails_with_file_and_line() {
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"id\": \"2hop__1_2\"}\n").unwrap();
     let out = dir.path().join("out");
-    let (ok, _, stderr) = musique(&["eval", "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, _, stderr) = musique(&[
+        "eval",
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
-    assert!(stderr.contains("bad.jsonl:1: missing field `question`"), "{stderr}");
+    assert!(
+        stderr.contains("bad.jsonl:1: missing field `question`"),
+        "{stderr}"
+    );
 
     let question_only = official_data_dir().join("musique_ans_v1.0_dev.no_paragraphs.jsonl");
     assert!(
@@ -77,8 +86,21 @@ fn eval_starts_from_a_train_checkpoint() {
     let run = dir.path().join("run");
     let run_s = run.to_str().unwrap();
     let (ok, _, stderr) = musique(&[
-        "train", "--limit", "1", "--minibatch", "1", "--checkpoint-every", "1", "--max-new-tokens",
-        "4,4,4", "--device", "cpu", "--heldout", "2", "--out", run_s,
+        "train",
+        "--limit",
+        "1",
+        "--minibatch",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--max-new-tokens",
+        "4,4,4",
+        "--device",
+        "cpu",
+        "--heldout",
+        "2",
+        "--out",
+        run_s,
     ]);
     assert!(ok, "{stderr}");
     // The held-out synthetic questions, scored before and after training.
@@ -93,23 +115,51 @@ fn eval_starts_from_a_train_checkpoint() {
     let latest = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
     let out = dir.path().join("eval");
     let (ok, _, stderr) = musique(&[
-        "eval", "--limit", "1", "--max-new-tokens", "4,4,4", "--device", "cpu", "--checkpoint",
-        checkpoints.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "eval",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4,4,4",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        checkpoints.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     let expected = checkpoints.join(latest.trim()).join("learner");
-    assert!(stderr.contains(&format!("adapters from {}", expected.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("adapters from {}", expected.display())),
+        "{stderr}"
+    );
     assert!(out.join("metrics.json").is_file());
 
-    let (ok, _, stderr) = musique(&["eval", "--max-new-tokens", "4,4", "--out", out.to_str().unwrap()]);
+    let (ok, _, stderr) = musique(&[
+        "eval",
+        "--max-new-tokens",
+        "4,4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
-    assert!(stderr.contains("--max-new-tokens needs 3 values"), "{stderr}");
+    assert!(
+        stderr.contains("--max-new-tokens needs 3 values"),
+        "{stderr}"
+    );
 
     let missing = dir.path().join("no-such-run");
     let out2 = dir.path().join("eval2");
     let (ok, _, stderr) = musique(&[
-        "eval", "--limit", "1", "--device", "cpu", "--checkpoint", missing.to_str().unwrap(),
-        "--out", out2.to_str().unwrap(),
+        "eval",
+        "--limit",
+        "1",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        missing.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
     ]);
     assert!(!ok);
     assert!(stderr.contains("no-such-run"), "{stderr}");
@@ -122,7 +172,11 @@ fn eval_starts_from_a_train_checkpoint() {
 #[test]
 fn score_recomputes_metrics_of_a_prediction_file() {
     let data = official_data_dir().join("musique_ans_v1.0_dev.subset200.jsonl");
-    assert!(data.is_file(), "official file {} is missing (shared data folder)", data.display());
+    assert!(
+        data.is_file(),
+        "official file {} is missing (shared data folder)",
+        data.display()
+    );
     let gold = musique::data::load_jsonl(&data).unwrap();
     let perfect = musique::metrics::Prediction {
         id: gold[0].id.clone(),
@@ -141,8 +195,15 @@ fn score_recomputes_metrics_of_a_prediction_file() {
     musique::metrics::write_predictions_jsonl(&preds, &[perfect.clone(), empty.clone()]).unwrap();
     let metrics = dir.path().join("m.json");
     let (ok, stdout, stderr) = musique(&[
-        "score", "--data", data.to_str().unwrap(), "--predictions", preds.to_str().unwrap(),
-        "--limit", "2", "--out", metrics.to_str().unwrap(),
+        "score",
+        "--data",
+        data.to_str().unwrap(),
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--out",
+        metrics.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -155,8 +216,13 @@ fn score_recomputes_metrics_of_a_prediction_file() {
     }
     musique::metrics::write_predictions_jsonl(&preds, &[empty, perfect]).unwrap();
     let (ok, _, stderr) = musique(&[
-        "score", "--data", data.to_str().unwrap(), "--predictions", preds.to_str().unwrap(),
-        "--limit", "2",
+        "score",
+        "--data",
+        data.to_str().unwrap(),
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--limit",
+        "2",
     ]);
     assert!(!ok);
     assert!(stderr.contains("p.jsonl:1: id"), "{stderr}");

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use musique::data::{
-    hop_distribution, hop_quotas, hops_from_id, load_jsonl, load_questions_jsonl, official_data_dir, parse_records,
-    sample_matching_hops, to_jsonl, Record,
+    hop_distribution, hop_quotas, hops_from_id, load_jsonl, load_questions_jsonl,
+    official_data_dir, parse_records, sample_matching_hops, to_jsonl, Record,
 };
 use musique::Error;
 use proptest::prelude::*;
@@ -46,7 +46,12 @@ fn every_official_file_loads_without_errors_and_round_trips() {
         // Field-for-field: every line re-serialises to the same JSON value it was read from.
         for (line, record) in text.lines().zip(&records) {
             let original: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert_eq!(serde_json::to_value(record).unwrap(), original, "{name}: {}", record.id);
+            assert_eq!(
+                serde_json::to_value(record).unwrap(),
+                original,
+                "{name}: {}",
+                record.id
+            );
         }
         let again = parse_records(&to_jsonl(&records).unwrap(), "roundtrip").unwrap();
         assert_eq!(again, records, "{name}");
@@ -58,7 +63,9 @@ fn question_only_file_loads_with_its_loader_and_is_rejected_by_the_strict_one() 
     let path = official(QUESTION_ONLY);
     let records = load_questions_jsonl(&path).unwrap();
     assert_eq!(records.len(), 2417);
-    assert!(records.iter().all(|r| r.paragraphs.is_empty() && r.answerable));
+    assert!(records
+        .iter()
+        .all(|r| r.paragraphs.is_empty() && r.answerable));
     let hops = hop_distribution(&records);
     assert_eq!(hops.values().sum::<usize>(), 2417);
     assert_eq!(hops.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4]);
@@ -124,14 +131,19 @@ fn good_record_parses() {
     let records = parse_with(|_| {}).unwrap();
     assert_eq!(records.len(), 2);
     assert_eq!(records[0].gold_support(), vec![0, 1]);
-    assert_eq!(records[0].gold_answers(), vec!["C".to_string(), "Mr C".to_string()]);
+    assert_eq!(
+        records[0].gold_answers(),
+        vec!["C".to_string(), "Mr C".to_string()]
+    );
 }
 
 #[test]
 fn malformed_json_names_the_line() {
     let text = format!("{}\n{{\"id\": oops}}\n", good_line());
     match parse_records(&text, "t.jsonl") {
-        Err(e @ Error::MalformedJson { line: 2, .. }) => assert!(e.to_string().starts_with("t.jsonl:2:")),
+        Err(e @ Error::MalformedJson { line: 2, .. }) => {
+            assert!(e.to_string().starts_with("t.jsonl:2:"))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -156,7 +168,9 @@ fn missing_fields_are_named() {
             .unwrap()
             .remove("paragraph_support_idx");
     }) {
-        Err(Error::MissingField { field, .. }) => assert_eq!(field, "question_decomposition[0].paragraph_support_idx"),
+        Err(Error::MissingField { field, .. }) => {
+            assert_eq!(field, "question_decomposition[0].paragraph_support_idx")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -164,22 +178,30 @@ fn missing_fields_are_named() {
 #[test]
 fn wrong_types_are_named() {
     match parse_with(|v| v["paragraphs"][2]["is_supporting"] = serde_json::json!("no")) {
-        Err(Error::InvalidField { line: 2, field, .. }) => assert_eq!(field, "paragraphs[2].is_supporting"),
+        Err(Error::InvalidField { line: 2, field, .. }) => {
+            assert_eq!(field, "paragraphs[2].is_supporting")
+        }
         other => panic!("{other:?}"),
     }
     match parse_with(|v| v["answerable"] = serde_json::json!(1)) {
         Err(Error::InvalidField { field, .. }) => assert_eq!(field, "answerable"),
         other => panic!("{other:?}"),
     }
-    match parse_with(|v| v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::json!(-1)) {
-        Err(Error::InvalidField { field, .. }) => assert_eq!(field, "question_decomposition[1].paragraph_support_idx"),
+    match parse_with(|v| {
+        v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::json!(-1)
+    }) {
+        Err(Error::InvalidField { field, .. }) => {
+            assert_eq!(field, "question_decomposition[1].paragraph_support_idx")
+        }
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn semantic_errors_are_typed() {
-    match parse_with(|v| v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::json!(7)) {
+    match parse_with(|v| {
+        v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::json!(7)
+    }) {
         Err(Error::SupportOutOfRange {
             line: 2,
             step: 1,
@@ -200,15 +222,21 @@ fn semantic_errors_are_typed() {
     }
     match parse_with(|v| v["paragraphs"][2]["is_supporting"] = serde_json::json!(true)) {
         Err(Error::SupportMismatch {
-            flagged, decomposition, ..
+            flagged,
+            decomposition,
+            ..
         }) => {
             assert_eq!(flagged, vec![0, 1, 2]);
             assert_eq!(decomposition, vec![0, 1]);
         }
         other => panic!("{other:?}"),
     }
-    match parse_with(|v| v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::Value::Null) {
-        Err(Error::MissingSupport { line: 2, step: 1, .. }) => {}
+    match parse_with(|v| {
+        v["question_decomposition"][1]["paragraph_support_idx"] = serde_json::Value::Null
+    }) {
+        Err(Error::MissingSupport {
+            line: 2, step: 1, ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     match parse_with(|v| v["id"] = serde_json::json!("3hop1__1_2")) {
@@ -271,7 +299,11 @@ fn subsampling_matches_the_target_hop_distribution() {
     assert_eq!(got[&4], 5);
     for h in [2usize, 3] {
         let ideal = 40.0 * t[&h] as f64 / total as f64;
-        assert!((got[&h] as f64 - ideal).abs() <= 2.0, "hop {h}: {} vs {ideal}", got[&h]);
+        assert!(
+            (got[&h] as f64 - ideal).abs() <= 2.0,
+            "hop {h}: {} vs {ideal}",
+            got[&h]
+        );
     }
     // Seeded and deterministic; no record drawn twice.
     assert_eq!(sample, sample_matching_hops(&pool, &target, 40, 7).unwrap());

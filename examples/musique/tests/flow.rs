@@ -8,14 +8,14 @@ mod common;
 
 use common::{Oracle, Refuse};
 use flowtune_graph::{
-    run_episode, Backend, BoxError, EpisodeSetup, Flow, Message, NodeId, NodeRequest, NodeResponse, NodeTable,
-    ReplayPlan,
+    run_episode, Backend, BoxError, EpisodeSetup, Flow, Message, NodeId, NodeRequest, NodeResponse,
+    NodeTable, ReplayPlan,
 };
 use flowtune_rollout::{EpisodeJob, Feedback, Scheduler};
 use musique::data::Record;
 use musique::flow::{
-    credit_config, default_prompt_dir, ground_answer, nodes, pairwise_sufficiency, rewards, FlowOptions, FlowOutput,
-    MusiqueFlow, Variant,
+    credit_config, default_prompt_dir, ground_answer, nodes, pairwise_sufficiency, rewards,
+    FlowOptions, FlowOutput, MusiqueFlow, Variant,
 };
 use musique::metrics::{evaluate, Prediction};
 use musique::synth::{generate, SynthConfig};
@@ -42,12 +42,17 @@ fn setup(flow: &MusiqueFlow, episode: u64, replay: ReplayPlan) -> EpisodeSetup {
     }
 }
 
-fn run_all(flow: &MusiqueFlow, records: &[Record], backend: &mut Oracle) -> Vec<(FlowOutput, flowtune_graph::Trace)> {
+fn run_all(
+    flow: &MusiqueFlow,
+    records: &[Record],
+    backend: &mut Oracle,
+) -> Vec<(FlowOutput, flowtune_graph::Trace)> {
     records
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let out = run_episode(flow, r, setup(flow, i as u64, ReplayPlan::live()), backend).unwrap();
+            let out =
+                run_episode(flow, r, setup(flow, i as u64, ReplayPlan::live()), backend).unwrap();
             (out.output.unwrap(), out.trace)
         })
         .collect()
@@ -100,7 +105,10 @@ fn oracle_retrieves_the_support_and_answers_exactly() {
         // Relevance scores every unused paragraph each round: 6 + 5 (+ 4 + 3).
         let relevance = calls.iter().filter(|n| **n == nodes::RELEVANCE).count();
         let h = r.hops().unwrap();
-        assert_eq!(relevance, (0..h).map(|k| r.paragraphs.len() - k).sum::<usize>());
+        assert_eq!(
+            relevance,
+            (0..h).map(|k| r.paragraphs.len() - k).sum::<usize>()
+        );
         assert!(!calls.contains(&nodes::SUFFICIENCY));
     }
     // Relevance calls of a round reach the backend in one batch.
@@ -130,7 +138,13 @@ fn relevance_calls_of_a_round_are_batched() {
         }
     }
     let mut b = Counting(Oracle::new(&records, false), Vec::new());
-    run_episode(&flow, &records[0], setup(&flow, 0, ReplayPlan::live()), &mut b).unwrap();
+    run_episode(
+        &flow,
+        &records[0],
+        setup(&flow, 0, ReplayPlan::live()),
+        &mut b,
+    )
+    .unwrap();
     // First round: query (1), then all 6 relevance calls at once.
     assert_eq!(&b.1[..2], &[1, 6]);
 }
@@ -161,7 +175,10 @@ fn full_flow_predicts_answerability() {
             r.answerable
         );
         // Unanswerable records report no answer / support reward (official metrics skip them).
-        assert_eq!(trace.final_rewards().contains_key(rewards::ANSWER_F1), r.answerable);
+        assert_eq!(
+            trace.final_rewards().contains_key(rewards::ANSWER_F1),
+            r.answerable
+        );
     }
 }
 
@@ -201,9 +218,21 @@ fn replay_is_exact() {
     let flow = flow(Variant::Full);
     let mut oracle = Oracle::new(&records, false);
     for (i, r) in records.iter().enumerate() {
-        let live = run_episode(&flow, r, setup(&flow, i as u64, ReplayPlan::live()), &mut oracle).unwrap();
+        let live = run_episode(
+            &flow,
+            r,
+            setup(&flow, i as u64, ReplayPlan::live()),
+            &mut oracle,
+        )
+        .unwrap();
         let trace = Rc::new(live.trace.clone());
-        let again = run_episode(&flow, r, setup(&flow, i as u64, ReplayPlan::full(trace)), &mut Refuse).unwrap();
+        let again = run_episode(
+            &flow,
+            r,
+            setup(&flow, i as u64, ReplayPlan::full(trace)),
+            &mut Refuse,
+        )
+        .unwrap();
         assert_eq!(again.output, live.output);
         assert_eq!(again.trace.without_replay_marks(), live.trace);
         assert!(again.trace.steps.iter().all(|s| s.forced));
@@ -228,19 +257,29 @@ fn a_deviated_stop_changes_retrieval_and_stops_at_the_support_reward() {
         .steps
         .iter()
         .find_map(|s| match &s.event {
-            flowtune_graph::Event::Call(c) if c.node.as_str() == nodes::STOP => Some((s.index, c.clone())),
+            flowtune_graph::Event::Call(c) if c.node.as_str() == nodes::STOP => {
+                Some((s.index, c.clone()))
+            }
             _ => None,
         })
         .unwrap();
     assert_eq!(call.output.text, "No");
     let yes = flowtune_graph::Output::from_candidate(&call.alternatives[0], Some(0));
-    let plan = ReplayPlan::deviate(Rc::new(live.trace.clone()), step, yes, Some(rewards::SUPPORT_F1.into()));
+    let plan = ReplayPlan::deviate(
+        Rc::new(live.trace.clone()),
+        step,
+        yes,
+        Some(rewards::SUPPORT_F1.into()),
+    );
     let rollout = run_episode(&flow, r, setup(&flow, 0, plan), &mut oracle).unwrap();
     assert!(
         rollout.output.is_none() && rollout.trace.stopped_early,
         "stops once support F1 is known"
     );
-    let f1 = rollout.trace.reward_after(rewards::SUPPORT_F1, Some(step)).unwrap();
+    let f1 = rollout
+        .trace
+        .reward_after(rewards::SUPPORT_F1, Some(step))
+        .unwrap();
     assert!(
         (f1 - 2.0 / 3.0).abs() < 1e-12,
         "one of two gold paragraphs: F1 2/3, got {f1}"
@@ -333,7 +372,13 @@ fn pairwise_inference_makes_exactly_one_twin_answerable() {
         predicted_support_idxs: vec![],
         predicted_answerable: a,
     };
-    let mut preds = vec![p("x", true), p("y", true), p("x", true), p("z", false), p("y", true)];
+    let mut preds = vec![
+        p("x", true),
+        p("y", true),
+        p("x", true),
+        p("z", false),
+        p("y", true),
+    ];
     pairwise_sufficiency(
         &mut preds,
         &[Some(-0.1), Some(-3.0), Some(-0.5), Some(-0.2), Some(-1.0)],

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use musique::data::{load_jsonl, official_data_dir, write_jsonl, Record};
 use musique::metrics::{
-    answer_scores, evaluate, normalize_answer, read_predictions_jsonl, support_scores, token_f1, write_metrics_json,
-    write_predictions_jsonl, MetricsReport, Prediction,
+    answer_scores, evaluate, normalize_answer, read_predictions_jsonl, support_scores, token_f1,
+    write_metrics_json, write_predictions_jsonl, MetricsReport, Prediction,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,11 +20,17 @@ const TOL: f64 = 1e-12;
 fn normalisation_matches_squad() {
     assert_eq!(normalize_answer("The  Beatles!"), "beatles");
     assert_eq!(normalize_answer("An apple, a day."), "apple day");
-    assert_eq!(normalize_answer("Theatre of the Absurd"), "theatre of absurd");
+    assert_eq!(
+        normalize_answer("Theatre of the Absurd"),
+        "theatre of absurd"
+    );
     // Punctuation goes first, so "a-n" becomes the article "an" and is dropped.
     assert_eq!(normalize_answer("a-n b"), "b");
     assert_eq!(normalize_answer("U.S.A."), "usa");
-    assert_eq!(normalize_answer("\tMiquette\u{a0}Giraudy \n"), "miquette giraudy");
+    assert_eq!(
+        normalize_answer("\tMiquette\u{a0}Giraudy \n"),
+        "miquette giraudy"
+    );
     assert_eq!(normalize_answer("Éclair Ñ"), "éclair ñ");
     // Non-ASCII punctuation is kept, as in Python's string.punctuation.
     assert_eq!(normalize_answer("“quoted”"), "“quoted”");
@@ -125,7 +131,10 @@ fn unpaired_full_records_are_counted_not_scored() {
         record("2hop__1_2", false, "x", &[0]),
         record("2hop__5_6", true, "y", &[1, 2]),
     ];
-    let preds = vec![pred("2hop__1_2", "", &[], false), pred("2hop__5_6", "y", &[1, 2], true)];
+    let preds = vec![
+        pred("2hop__1_2", "", &[], false),
+        pred("2hop__5_6", "y", &[1, 2], true),
+    ];
     let full = evaluate(&gold, &preds).unwrap().full.unwrap();
     assert_eq!(full.group_answer_sufficiency_f1, None);
     assert_eq!((full.complete_pairs, full.unpaired_records), (0, 2));
@@ -173,9 +182,11 @@ fn prediction_and_metrics_files_round_trip() {
     let m = evaluate(&gold, &preds).unwrap();
     let mpath = dir.path().join("metrics.json");
     write_metrics_json(&mpath, &m).unwrap();
-    let back: MetricsReport = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    let back: MetricsReport =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     assert_eq!(back, m);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
     for key in [
         "answer_f1",
         "answer_em",
@@ -194,8 +205,8 @@ fn prediction_and_metrics_files_round_trip() {
 // Python reference
 
 fn python() -> PathBuf {
-    let root =
-        std::env::var("FLOWTUNE_ROOT").expect("FLOWTUNE_ROOT must be set (the workspace's .cargo/config.toml sets it)");
+    let root = std::env::var("FLOWTUNE_ROOT")
+        .expect("FLOWTUNE_ROOT must be set (the workspace's .cargo/config.toml sets it)");
     let py = PathBuf::from(root).join(".venv/bin/python");
     assert!(
         py.is_file(),
@@ -341,7 +352,10 @@ fn agrees_with_the_python_reference() {
     let mut evaluations = Vec::new();
     let mut ours = Vec::new();
     let full_paired = paired_full(&full);
-    for (k, gold) in [ans.clone(), full.clone(), full_paired].into_iter().enumerate() {
+    for (k, gold) in [ans.clone(), full.clone(), full_paired]
+        .into_iter()
+        .enumerate()
+    {
         let preds = random_predictions(&gold, &mut rng);
         let gpath = dir.path().join(format!("gold{k}.jsonl"));
         let ppath = dir.path().join(format!("pred{k}.jsonl"));
@@ -354,7 +368,8 @@ fn agrees_with_the_python_reference() {
     let input = dir.path().join("in.json");
     let output = dir.path().join("out.json");
     std::fs::write(&input, serde_json::to_vec(&job).unwrap()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/musique_metrics.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/musique_metrics.py");
     let status = Command::new(python())
         .arg(&script)
         .arg(&input)
@@ -362,10 +377,18 @@ fn agrees_with_the_python_reference() {
         .status()
         .expect("running the Python reference");
     assert!(status.success(), "Python reference failed: {status}");
-    let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
 
-    for (s, want) in strings.iter().zip(reference["normalized"].as_array().unwrap()) {
-        assert_eq!(normalize_answer(s), want.as_str().unwrap(), "normalising {s:?}");
+    for (s, want) in strings
+        .iter()
+        .zip(reference["normalized"].as_array().unwrap())
+    {
+        assert_eq!(
+            normalize_answer(s),
+            want.as_str().unwrap(),
+            "normalising {s:?}"
+        );
     }
     for (k, (p, g)) in pairs.iter().enumerate() {
         let (em, _) = answer_scores(p, std::slice::from_ref(g));
@@ -374,9 +397,16 @@ fn agrees_with_the_python_reference() {
             (f1 - reference["f1"][k].as_f64().unwrap()).abs() < TOL,
             "F1 {p:?} vs {g:?}"
         );
-        assert_eq!(em, reference["em"][k].as_f64().unwrap(), "EM {p:?} vs {g:?}");
+        assert_eq!(
+            em,
+            reference["em"][k].as_f64().unwrap(),
+            "EM {p:?} vs {g:?}"
+        );
     }
-    for (m, want) in ours.iter().zip(reference["evaluations"].as_array().unwrap()) {
+    for (m, want) in ours
+        .iter()
+        .zip(reference["evaluations"].as_array().unwrap())
+    {
         let close = |a: f64, key: &str| {
             assert!(
                 (a - want[key].as_f64().unwrap()).abs() < TOL,
@@ -390,8 +420,14 @@ fn agrees_with_the_python_reference() {
         match &m.full {
             Some(f) => {
                 close(f.sufficiency_accuracy, "sufficiency_accuracy");
-                assert_eq!(f.complete_pairs as u64, want["complete_pairs"].as_u64().unwrap());
-                match (f.group_answer_sufficiency_f1, f.group_support_sufficiency_f1) {
+                assert_eq!(
+                    f.complete_pairs as u64,
+                    want["complete_pairs"].as_u64().unwrap()
+                );
+                match (
+                    f.group_answer_sufficiency_f1,
+                    f.group_support_sufficiency_f1,
+                ) {
                     (Some(a), Some(s)) => {
                         close(a, "group_answer_sufficiency_f1");
                         close(s, "group_support_sufficiency_f1");

@@ -40,7 +40,14 @@ fn questions_look_like_musique() {
     for r in &records {
         let h = r.hops().unwrap();
         let prefix = r.id.split("__").next().unwrap();
-        assert_eq!(prefix, if h == 2 { "2hop".to_string() } else { format!("{h}hop1") });
+        assert_eq!(
+            prefix,
+            if h == 2 {
+                "2hop".to_string()
+            } else {
+                format!("{h}hop1")
+            }
+        );
         assert_eq!(r.id.split("__").nth(1).unwrap().split('_').count(), h);
         assert_eq!(r.paragraphs.len(), 6);
         assert!(r.question.ends_with('?'));
@@ -61,7 +68,11 @@ fn questions_look_like_musique() {
                 assert_eq!(step.question.split(" >> ").next().unwrap(), format!("#{k}"));
                 assert_eq!(p.title, r.question_decomposition[k - 1].answer);
             } else {
-                assert!(r.question.contains(&p.title), "{}: first entity in the question", r.id);
+                assert!(
+                    r.question.contains(&p.title),
+                    "{}: first entity in the question",
+                    r.id
+                );
             }
             support.push(idx);
         }
@@ -96,9 +107,13 @@ fn distractors_never_restate_a_hop() {
             let subject = &r.paragraphs[idx].title;
             for p in r.paragraphs.iter().filter(|p| !p.is_supporting) {
                 // A distractor about the hop's object must not name the hop's subject (spouse reversal).
-                let states =
-                    p.paragraph_text.contains(subject.as_str()) && p.paragraph_text.contains(step.answer.as_str());
-                assert!(!states, "{}: distractor restates hop: {}", r.id, p.paragraph_text);
+                let states = p.paragraph_text.contains(subject.as_str())
+                    && p.paragraph_text.contains(step.answer.as_str());
+                assert!(
+                    !states,
+                    "{}: distractor restates hop: {}",
+                    r.id, p.paragraph_text
+                );
             }
         }
     }
@@ -126,12 +141,16 @@ fn unanswerable_twins_lack_exactly_one_support() {
             .iter()
             .position(|s| s.paragraph_support_idx.is_none())
             .unwrap();
-        let original = &yes.paragraphs[yes.question_decomposition[k].paragraph_support_idx.unwrap()].paragraph_text;
+        let original = &yes.paragraphs
+            [yes.question_decomposition[k].paragraph_support_idx.unwrap()]
+        .paragraph_text;
         assert!(no.paragraphs.iter().all(|p| &p.paragraph_text != original));
         assert_eq!(no.paragraphs.len(), yes.paragraphs.len());
     }
     // Both orders occur within pairs.
-    assert!(records.chunks(2).any(|p| p[0].answerable) && records.chunks(2).any(|p| !p[0].answerable));
+    assert!(
+        records.chunks(2).any(|p| p[0].answerable) && records.chunks(2).any(|p| !p[0].answerable)
+    );
 }
 
 #[test]
@@ -156,7 +175,8 @@ fn bad_configs_are_typed_errors() {
             ..
         })
     ));
-    let back: SynthConfig = serde_json::from_str(&serde_json::to_string(&SynthConfig::default()).unwrap()).unwrap();
+    let back: SynthConfig =
+        serde_json::from_str(&serde_json::to_string(&SynthConfig::default()).unwrap()).unwrap();
     assert_eq!(back, SynthConfig::default());
 }
 

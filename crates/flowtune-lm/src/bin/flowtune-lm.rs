@@ -229,7 +229,10 @@ fn run() -> CliResult<()> {
             let mut tensors: Vec<(String, Tensor)> = Vec::new();
             for (i, line) in input.iter().enumerate() {
                 let prompt = e.tokenizer().encode_chat(&line.messages, true)?;
-                let logits = e.last_logits(&prompt, line.adapter.as_deref().or(default_adapter.as_deref()))?;
+                let logits = e.last_logits(
+                    &prompt,
+                    line.adapter.as_deref().or(default_adapter.as_deref()),
+                )?;
                 let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
                 tensors.push((format!("ids.{i}"), Tensor::f_from_slice(&ids)?));
                 tensors.push((

@@ -302,7 +302,10 @@ impl ChatTemplate {
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
         ctx.push(("messages".into(), Value::from_serialize(messages)));
-        ctx.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
+        ctx.push((
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        ));
         ctx.push(("tools".into(), Value::from(())));
         ctx.push(("documents".into(), Value::from(())));
         let ctx: Value = ctx.into_iter().collect();
@@ -316,8 +319,8 @@ impl ChatTemplate {
         match self.render_once(messages, add_generation_prompt) {
             Ok(s) => Ok(s),
             Err(e) => {
-                let raised =
-                    e.kind() == ErrorKind::InvalidOperation && e.detail().is_some_and(|d| d.starts_with(RAISED));
+                let raised = e.kind() == ErrorKind::InvalidOperation
+                    && e.detail().is_some_and(|d| d.starts_with(RAISED));
                 match (raised, merge_system(messages)) {
                     (true, Some(merged)) => self
                         .render_once(&merged, add_generation_prompt)
@@ -341,7 +344,11 @@ pub fn merge_system(messages: &[ChatMessage]) -> Option<Vec<ChatMessage>> {
         return None;
     }
     let sys = system.join("\n\n");
-    let mut out: Vec<ChatMessage> = messages.iter().filter(|m| m.role != "system").cloned().collect();
+    let mut out: Vec<ChatMessage> = messages
+        .iter()
+        .filter(|m| m.role != "system")
+        .cloned()
+        .collect();
     match out.iter_mut().find(|m| m.role == "user") {
         Some(u) => u.content = format!("{sys}\n\n{}", u.content),
         None => out.insert(

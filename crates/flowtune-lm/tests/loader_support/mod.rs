@@ -13,7 +13,8 @@ pub fn root() -> PathBuf {
 
 /// The test model (fails with a clear message when it is missing).
 pub fn test_model() -> PathBuf {
-    flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("this test needs the test model: {e}"))
+    flowtune_lm::locate_test_model()
+        .unwrap_or_else(|e| panic!("this test needs the test model: {e}"))
 }
 
 /// Run the reference script with `args`; panics with its stderr when it fails or
@@ -26,7 +27,11 @@ pub fn run_reference(args: &[&std::ffi::OsStr]) {
         py.display()
     );
     let script = root().join("tests/reference/lm_load_ref.py");
-    assert!(script.exists(), "reference script {} is missing", script.display());
+    assert!(
+        script.exists(),
+        "reference script {} is missing",
+        script.display()
+    );
     let out = Command::new(&py)
         .arg(&script)
         .args(args)

@@ -33,7 +33,10 @@ impl Oracle {
     pub fn new(records: &[Record], contrarian: bool) -> Self {
         let mut by_question: HashMap<String, Vec<Record>> = HashMap::new();
         for r in records {
-            by_question.entry(r.question.clone()).or_default().push(r.clone());
+            by_question
+                .entry(r.question.clone())
+                .or_default()
+                .push(r.clone());
         }
         Oracle {
             by_question,
@@ -54,7 +57,10 @@ impl Oracle {
             .find_map(|l| l.strip_prefix("Question: "))
             .ok_or("oracle: prompt has no `Question:` line")?
             .to_string();
-        let records = self.by_question.get(&question).ok_or("oracle: unknown question")?;
+        let records = self
+            .by_question
+            .get(&question)
+            .ok_or("oracle: unknown question")?;
         let answerable = records
             .iter()
             .find(|r| r.answerable)
@@ -85,11 +91,14 @@ impl Oracle {
             (nodes::STOP, CallSpec::Classify { .. }) => {
                 yes_no(!self.contrarian && support.iter().all(|s| text.contains(s)))
             }
-            (nodes::SUFFICIENCY, CallSpec::Classify { .. }) => yes_no(support.iter().all(|s| text.contains(s))),
+            (nodes::SUFFICIENCY, CallSpec::Classify { .. }) => {
+                yes_no(support.iter().all(|s| text.contains(s)))
+            }
             (
                 nodes::QUERY,
                 CallSpec::Generate {
-                    num_return_sequences, ..
+                    num_return_sequences,
+                    ..
                 },
             ) => (0..*num_return_sequences)
                 .map(|k| candidate(&format!("query {k}"), -(k as f64) - 1.0))
@@ -97,7 +106,8 @@ impl Oracle {
             (
                 nodes::VERBOSE,
                 CallSpec::Generate {
-                    num_return_sequences, ..
+                    num_return_sequences,
+                    ..
                 },
             ) => {
                 let options = [
@@ -119,7 +129,9 @@ impl Oracle {
                     .unwrap_or("?");
                 vec![candidate(&format!("{answer}\n"), -0.5)]
             }
-            (node, call) => return Err(format!("oracle: unexpected {} call to {node}", call.name()).into()),
+            (node, call) => {
+                return Err(format!("oracle: unexpected {} call to {node}", call.name()).into())
+            }
         };
         Ok(NodeResponse {
             prompt_ids: ids(&text),

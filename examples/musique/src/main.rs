@@ -459,10 +459,7 @@ fn train(t: &TrainArgs) -> Result<()> {
     // The held-out questions' metrics under the adapters as they are now.
     let evaluate_heldout = |h: &[Record], backend: &mut dyn flowtune_graph::Backend| -> Result<_> {
         let out = app::predict(&flow, h, backend, c.in_flight, c.seed, &mut |_, _| {})?;
-        Ok(musique::metrics::evaluate(
-            h,
-            &app::predictions(&out, pairwise),
-        )?)
+        musique::metrics::evaluate(h, &app::predictions(&out, pairwise))
     };
     let before = match &heldout {
         Some(h) => Some(evaluate_heldout(h, backend.as_mut())?),

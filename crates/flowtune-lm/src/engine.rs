@@ -501,29 +501,16 @@ impl Engine {
         // flow's next-round prompt extends this round's), else from the rows' common prefix.
         let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names, max_new)?;
         let base = cache.len();
-        let t = prompts
-            .iter()
-            .zip(&starts)
-            .map(|(p, s)| p.len() - s)
-            .max()
-            .unwrap_or(0);
         // The rest of each prompt goes right-padded when rows start at different slots (their
         // last-position logits are picked per row), left-padded otherwise.
         let ragged = starts.iter().any(|&s| s != base);
-        let mut ids = vec![0i64; b * t];
-        let mut valid = vec![false; b * t];
-        let mut last = Vec::with_capacity(b);
-        let mut rest_at = Vec::with_capacity(b);
-        for (r, p) in prompts.iter().enumerate() {
-            let rest = &p[starts[r]..];
-            let pad = if ragged { 0 } else { t - rest.len() };
-            for (c, &tok) in rest.iter().enumerate() {
-                ids[r * t + pad + c] = tok as i64;
-                valid[r * t + pad + c] = true;
-            }
-            last.push(pad + rest.len() - 1);
-            rest_at.push(base + pad);
-        }
+        let PromptRests {
+            t,
+            ids,
+            valid,
+            last,
+            rest_at,
+        } = PromptRests::new(&prompts, &starts, base, ragged);
         let at = if ragged {
             LogitsAt::PerRow(last)
         } else {
@@ -874,6 +861,10 @@ impl Engine {
             return Ok(());
         }
         for (r, p) in prompts.iter().enumerate() {
+            // Copying a row's keys and values costs a pass over its cache; skip known prompts.
+            if store.covers(names[r], p) {
+                continue;
+            }
             let slots: Vec<i64> = (0..starts[r] as i64)
                 .chain(rest[r] as i64..(rest[r] + p.len() - starts[r]) as i64)
                 .collect();
@@ -895,22 +886,13 @@ impl Engine {
         let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names, 0)?;
         let base = cache.len();
-        let t = prompts
-            .iter()
-            .zip(&starts)
-            .map(|(p, s)| p.len() - s)
-            .max()
-            .unwrap_or(0);
-        let mut ids = vec![0i64; b * t];
-        let mut valid = vec![false; b * t];
-        let mut last = Vec::with_capacity(b);
-        for (r, p) in prompts.iter().enumerate() {
-            for (c, &tok) in p[starts[r]..].iter().enumerate() {
-                ids[r * t + c] = tok as i64;
-                valid[r * t + c] = true;
-            }
-            last.push(p.len() - starts[r] - 1);
-        }
+        let PromptRests {
+            t,
+            ids,
+            valid,
+            last,
+            rest_at,
+        } = PromptRests::new(&prompts, &starts, base, true);
         let logits = self.with_adapters(&names, |d| {
             self.model.forward_cached(
                 &self.ids_tensor(&ids, b, t)?,
@@ -921,14 +903,7 @@ impl Engine {
             )
         })?;
         // Row r's tokens sit at slots 0..starts[r] and base..base + (len - starts[r]).
-        self.store_prompts(
-            &mut store,
-            &cache,
-            &prompts,
-            &names,
-            &starts,
-            &vec![base; b],
-        )?;
+        self.store_prompts(&mut store, &cache, &prompts, &names, &starts, &rest_at)?;
         let logp = logits
             .f_to_kind(Kind::Float)?
             .f_log_softmax(-1, Kind::Float)?;
@@ -1154,6 +1129,48 @@ impl Engine {
             });
         }
         Ok(GenerateOutput { sequences })
+    }
+}
+
+/// The part of each prompt not served from a cache (row `r` from token `starts[r]` on), laid out
+/// as one `[B, t]` batch: right-padded, or left-padded so that every row ends in the last column.
+struct PromptRests {
+    t: usize,
+    ids: Vec<i64>,
+    valid: Vec<bool>,
+    /// Column of each row's last prompt token.
+    last: Vec<usize>,
+    /// Cache slot of each row's first rest token (`base` plus its left padding).
+    rest_at: Vec<usize>,
+}
+
+impl PromptRests {
+    fn new(prompts: &[&[u32]], starts: &[usize], base: usize, right_pad: bool) -> Self {
+        let b = prompts.len();
+        let t = prompts
+            .iter()
+            .zip(starts)
+            .map(|(p, s)| p.len() - s)
+            .max()
+            .unwrap_or(0);
+        let mut out = Self {
+            t,
+            ids: vec![0; b * t],
+            valid: vec![false; b * t],
+            last: Vec::with_capacity(b),
+            rest_at: Vec::with_capacity(b),
+        };
+        for (r, p) in prompts.iter().enumerate() {
+            let rest = &p[starts[r]..];
+            let pad = if right_pad { 0 } else { t - rest.len() };
+            for (c, &tok) in rest.iter().enumerate() {
+                out.ids[r * t + pad + c] = tok as i64;
+                out.valid[r * t + pad + c] = true;
+            }
+            out.last.push(pad + rest.len() - 1);
+            out.rest_at.push(base + pad);
+        }
+        out
     }
 }
 

@@ -98,6 +98,16 @@ impl PrefixStore {
         self.entries.get(i)
     }
 
+    /// Whether an entry under `adapter` already holds all of `ids` (as itself or a prefix), so
+    /// that storing `ids` would change nothing.
+    pub(crate) fn covers(&self, adapter: Option<&str>, ids: &[u32]) -> bool {
+        self.entries.iter().any(|e| {
+            e.adapter.as_deref() == adapter
+                && e.ids.len() >= ids.len()
+                && e.ids[..ids.len()] == *ids
+        })
+    }
+
     /// Keep `ids`' keys and values (per layer `[kv_heads, len, head_dim]`). An entry that is a
     /// prefix of `ids` is replaced; when `ids` is a prefix of an entry nothing changes.
     pub(crate) fn insert(
@@ -110,14 +120,10 @@ impl PrefixStore {
         if !self.enabled() {
             return Ok(());
         }
-        let same = |e: &StoredPrefix| e.adapter.as_deref() == adapter;
-        if self
-            .entries
-            .iter()
-            .any(|e| same(e) && e.ids.len() >= ids.len() && e.ids[..ids.len()] == *ids)
-        {
+        if self.covers(adapter, ids) {
             return Ok(());
         }
+        let same = |e: &StoredPrefix| e.adapter.as_deref() == adapter;
         // `ids` replaces every entry it extends, and every entry it leaves only after more than
         // half of that entry's tokens: the shared head, which `ids` holds too, is what later
         // prompts reuse (a paragraph and question before a changing query; the found paragraphs

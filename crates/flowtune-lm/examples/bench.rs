@@ -107,12 +107,14 @@ fn main() -> R<()> {
     drop(loaded);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let _g = tch::no_grad_guard();
-    // `--only decode_b1` (or `prefill`, `decode_b8`) runs one measurement, e.g. under `perf`.
+    // `--only decode_b1` (or `prefill`, `decode_b8`) runs one measurement, e.g. under `perf`;
+    // `--new N` decodes N tokens instead of 64 there (a profile then is mostly decoding).
     if let Some(only) = arg("--only") {
+        let new: usize = arg("--new").map(|t| t.parse()).transpose()?.unwrap_or(64);
         let v = match only.as_str() {
             "prefill" => prefill(&model, &mut rng, 512, repeats)?,
-            "decode_b1" => decode(&model, &mut rng, 1, 200, 64, repeats)?,
-            "decode_b8" => decode(&model, &mut rng, 8, 200, 64, repeats)?,
+            "decode_b1" => decode(&model, &mut rng, 1, 200, new, repeats)?,
+            "decode_b8" => decode(&model, &mut rng, 8, 200, new, repeats)?,
             other => return Err(format!("--only {other}: prefill, decode_b1 or decode_b8").into()),
         };
         println!(

@@ -467,13 +467,18 @@ mod avx512 {
     /// `y` points at `M * n` writable floats; outputs `from..to` of every row are written.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
-    pub(super) unsafe fn int4_f32<const M: usize>(
+    pub(super) unsafe fn int4_f32<const M: usize, const A: usize>(
         w: &super::Int4F32Weight,
         x: &[f32],
         y: *mut f32,
         from: usize,
         to: usize,
     ) {
+        // `A` accumulator sets per row (1, 2 or 4): the low and high halves of a group (and
+        // with 4, even and odd groups) add into separate registers, summed at the end, so few
+        // rows do not wait on one chain of dependent FMAs.
+        let pair = if A >= 2 { 1 } else { 0 };
+        let sets = (A / 2).max(1);
         const G: usize = super::GROUP;
         let (n, k) = (w.n, w.k);
         let groups = k / G;
@@ -482,7 +487,7 @@ mod avx512 {
         // `M * k` and `y` `M * n` (checked by the caller's shapes); `from..to` lies in `0..n`.
         unsafe {
             for o in from..to {
-                let mut acc = [_mm512_setzero_ps(); M];
+                let mut acc = [[_mm512_setzero_ps(); M]; A];
                 let codes = w.packed.as_ptr().add(o * k / 2);
                 let ahead = (o + PREFETCH_ROWS < to).then(|| codes.add(PREFETCH_ROWS * k / 2));
                 for g in 0..groups {
@@ -498,14 +503,20 @@ mod avx512 {
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(wide, low)), s, mn);
                     let hi =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(wide)), s, mn);
+                    let a = (g % sets) * 2 * pair;
                     for m in 0..M {
                         let xp = x.as_ptr().add(m * k + g * G);
-                        acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[m]);
-                        acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), acc[m]);
+                        acc[a][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[a][m]);
+                        acc[a + pair][m] =
+                            _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), acc[a + pair][m]);
                     }
                 }
                 for m in 0..M {
-                    *y.add(m * n + o) = _mm512_reduce_add_ps(acc[m]);
+                    let mut sum = acc[0][m];
+                    for set in acc.iter().skip(1) {
+                        sum = _mm512_add_ps(sum, set[m]);
+                    }
+                    *y.add(m * n + o) = _mm512_reduce_add_ps(sum);
                 }
             }
         }
@@ -937,7 +948,7 @@ impl Int4F32Weight {
     pub fn applies(&self, x: &Tensor) -> bool {
         int4_f32_available()
             && plain_cpu(x)
-            && x.kind() == Kind::Float
+            && matches!(x.kind(), Kind::Float | Kind::BFloat16)
             && x.size().last().copied() == Some(self.k as i64)
             && x.numel() / self.k.max(1) <= INT4_F32_MAX_ROWS
     }
@@ -949,22 +960,44 @@ impl Int4F32Weight {
         }
         let x = x.f_contiguous()?;
         let rows = x.numel() / self.k;
-        let out = output_for(&x, self.n, Kind::Float)?;
-        // SAFETY: `x` is a contiguous f32 CPU tensor of `rows * k` values; `out` is fresh and
-        // holds `rows * n`; the kernel's AVX-512F requirement is part of `applies`.
+        let bf16 = x.kind() == Kind::BFloat16;
+        let out = output_for(&x, self.n, x.kind())?;
+        // SAFETY: `x` is a contiguous f32 or bf16 CPU tensor of `rows * k` values; `out` is
+        // fresh, of the same kind, and holds `rows * n`; bf16 inputs and outputs go through
+        // float32 buffers of those sizes; the kernel's AVX-512F requirement is part of `applies`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let xs = elements::<f32>(&x);
-            let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
+            let (mut xf, mut yf) = (Vec::new(), Vec::new());
+            let (xs, yp) = if bf16 {
+                xf.resize(rows * self.k, 0f32);
+                widen(elements::<u16>(&x), &mut xf);
+                yf.resize(rows * self.n, 0f32);
+                (xf.as_slice(), yf.as_mut_ptr())
+            } else {
+                (elements::<f32>(&x), elements_mut::<f32>(&out).as_mut_ptr())
+            };
+            let ys = OutPtr(yp);
             let run = |r: std::ops::Range<usize>| {
                 // Capture the whole `OutPtr` (Send), not its raw-pointer field (edition 2021
                 // closures capture disjoint fields).
                 #[allow(clippy::redundant_locals)]
                 let ys = ys;
-                with_rows!(rows, M => avx512::int4_f32::<M>(self, xs, ys.0, r.start, r.end))
+                with_rows!(rows, M => if M <= 2 {
+                    avx512::int4_f32::<M, 4>(self, xs, ys.0, r.start, r.end)
+                } else if M <= 4 {
+                    avx512::int4_f32::<M, 2>(self, xs, ys.0, r.start, r.end)
+                } else {
+                    avx512::int4_f32::<M, 1>(self, xs, ys.0, r.start, r.end)
+                })
             };
             // Outputs split in blocks of 16 (disjoint columns of `out`).
             omp::split(self.n, 16, rows * self.n * self.k, &run);
+            if bf16 {
+                // One rounding of each float32 sum to bf16, as libtorch's bf16 products do.
+                for (d, v) in elements_mut::<u16>(&out).iter_mut().zip(&yf) {
+                    *d = bf16_bits(*v);
+                }
+            }
         }
         Ok(Some(out))
     }

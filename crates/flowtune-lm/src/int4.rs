@@ -7,13 +7,15 @@
 //! group ([`Int4Blocks::quantize`], the Q4_1 rule).
 //!
 //! Batch-1 and small-batch decoding on a CPU is bound by reading the weights; 4-bit codes read
-//! about a quarter of the bytes of bf16. The product runs through libtorch's
-//! `_weight_int4pack_mm_for_cpu`, whose dequantisation is `(q - 8) * scale + zero`, so the model
-//! passes `zero = min + 8 * scale`. Scales and zeros are rounded to the activation dtype (bf16 or
-//! f16); the kernel accumulates in float32. Float32 activations go through flowtune's own kernel
-//! ([`crate::cpu_kernels::Int4F32Weight`], x86-64 with AVX-512F), which keeps the scales and
-//! minima in float32. Forwards with more than [`INT4_MAX_ROWS`] rows (prefill, training) use the
-//! dense weight, which the model keeps as well.
+//! about a quarter of the bytes of bf16. Two kernels take the codes: flowtune's own
+//! ([`crate::cpu_kernels::Int4F32Weight`], x86-64 with AVX-512F; float32 scales and minima,
+//! float32 or bf16 activations, float32 accumulation) and libtorch's
+//! `_weight_int4pack_mm_for_cpu` (bf16/f16 activations), whose dequantisation is
+//! `(q - 8) * scale + zero`, so the model passes `zero = min + 8 * scale`, rounded with the scale
+//! to the activation dtype. Float32 models take flowtune's, bf16 ones libtorch's (or flowtune's
+//! with `FLOWTUNE_INT4_BF16=own`, faster at batch 8 and slower at batch 1 on the development
+//! CPU; docs/lm-running.md). Forwards with more than [`INT4_MAX_ROWS`] rows (prefill, training)
+//! use the dense weight, which the model keeps as well.
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
@@ -140,37 +142,21 @@ impl Int4Blocks {
     }
 }
 
-/// A linear's weight packed for a CPU int4 kernel: libtorch's for bf16/f16 activations,
-/// flowtune's own ([`crate::cpu_kernels::Int4F32Weight`]) for float32 ones.
+/// libtorch's int4 product for bf16/f16 activations: its packed codes and `[K / 32, N, 2]`
+/// (scale, min + 8 * scale) in the activation dtype.
 #[derive(Debug)]
-pub(crate) enum Int4Linear {
-    Libtorch {
-        packed: Tensor,
-        /// `[K / 32, N, 2]`: (scale, min + 8 * scale) in the activation dtype.
-        scales_zeros: Tensor,
-        out: i64,
-        inp: i64,
-    },
-    F32(crate::cpu_kernels::Int4F32Weight),
+pub(crate) struct LibtorchInt4 {
+    packed: Tensor,
+    scales_zeros: Tensor,
+    out: i64,
+    inp: i64,
 }
 
-impl Int4Linear {
-    /// Pack `blocks` for activations of `kind` on the CPU, or `None` when no kernel takes this
-    /// kind and shape (libtorch's needs `N` a multiple of 16 and bf16/f16; float32 needs a CPU
-    /// with AVX-512F).
-    pub(crate) fn new(blocks: &Int4Blocks, kind: Kind) -> Result<Option<Self>> {
+impl LibtorchInt4 {
+    /// `None` where libtorch's kernel does not take this kind and shape (`N` a multiple of 16,
+    /// bf16/f16 activations).
+    fn new(blocks: &Int4Blocks, kind: Kind) -> Result<Option<Self>> {
         let (n, k) = blocks.shape();
-        if kind == Kind::Float {
-            if !crate::cpu_kernels::int4_f32_available() {
-                return Ok(None);
-            }
-            return Ok(crate::cpu_kernels::Int4F32Weight::new(
-                &blocks.q,
-                &blocks.scale,
-                &blocks.min,
-            )?
-            .map(Self::F32));
-        }
         if n % 16 != 0 || k % INT4_GROUP != 0 || !matches!(kind, Kind::BFloat16 | Kind::Half) {
             return Ok(None);
         }
@@ -183,7 +169,7 @@ impl Int4Linear {
             .f_transpose(0, 1)?
             .f_contiguous()?
             .f_to_kind(kind)?;
-        Ok(Some(Self::Libtorch {
+        Ok(Some(Self {
             packed,
             scales_zeros,
             out: n,
@@ -191,37 +177,74 @@ impl Int4Linear {
         }))
     }
 
+    fn applies(&self, x: &Tensor) -> bool {
+        let rows = x.numel() as i64 / self.inp.max(1);
+        rows <= INT4_MAX_ROWS
+            && !x.requires_grad()
+            && x.device() == Device::Cpu
+            && x.kind() == self.scales_zeros.kind()
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut shape = x.size();
+        let x2 = x.f_reshape([-1, self.inp])?.f_contiguous()?;
+        let y = x2.f_internal_weight_int4pack_mm_for_cpu(
+            &self.packed,
+            INT4_GROUP,
+            &self.scales_zeros,
+        )?;
+        if let Some(last) = shape.last_mut() {
+            *last = self.out;
+        }
+        Ok(y.f_reshape(shape.as_slice())?)
+    }
+}
+
+/// A linear's weight packed for one CPU int4 kernel: flowtune's own
+/// ([`crate::cpu_kernels::Int4F32Weight`]: float32 scales and minima, float32 or bf16
+/// activations, x86-64 with AVX-512F) or libtorch's (bf16/f16 activations).
+///
+/// Float32 models take flowtune's. bf16 models take libtorch's unless `FLOWTUNE_INT4_BF16=own`.
+/// Measured on the session-7 Intel Xeon (SmolLM2-135M, `bench --weights int4`, tok/s, two runs
+/// each): libtorch's 97-98 at batch 1 and 299-303 at batch 8, flowtune's 89-92 and 326-333.
+/// Keeping both and picking by rows ran 94-98 and 286-295 (slower at batch 8 than either
+/// alone, reproducibly; not understood), so one kernel is chosen at load.
+#[derive(Debug)]
+pub(crate) enum Int4Linear {
+    Own(crate::cpu_kernels::Int4F32Weight),
+    Libtorch(LibtorchInt4),
+}
+
+impl Int4Linear {
+    /// Pack `blocks` for activations of `kind` on the CPU, or `None` when no kernel takes this
+    /// kind and shape.
+    pub(crate) fn new(blocks: &Int4Blocks, kind: Kind) -> Result<Option<Self>> {
+        let own_bf16 = std::env::var("FLOWTUNE_INT4_BF16").is_ok_and(|v| v == "own");
+        if crate::cpu_kernels::int4_f32_available()
+            && (kind == Kind::Float || (kind == Kind::BFloat16 && own_bf16))
+        {
+            return Ok(
+                crate::cpu_kernels::Int4F32Weight::new(&blocks.q, &blocks.scale, &blocks.min)?
+                    .map(Self::Own),
+            );
+        }
+        Ok(LibtorchInt4::new(blocks, kind)?.map(Self::Libtorch))
+    }
+
     /// Whether a forward over `x` should take the 4-bit path.
     pub(crate) fn applies(&self, x: &Tensor) -> bool {
         match self {
-            Self::Libtorch { inp, .. } => {
-                let rows = x.numel() as i64 / (*inp).max(1);
-                rows <= INT4_MAX_ROWS && !x.requires_grad() && x.device() == Device::Cpu
-            }
-            Self::F32(w) => w.applies(x),
+            Self::Own(w) => w.applies(x),
+            Self::Libtorch(l) => l.applies(x),
         }
     }
 
     /// `x @ w.T` for `x` `[..., K]` (where [`Self::applies`]).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Libtorch {
-                packed,
-                scales_zeros,
-                out,
-                inp,
-            } => {
-                let mut shape = x.size();
-                let x2 = x.f_reshape([-1, *inp])?.f_contiguous()?;
-                let y =
-                    x2.f_internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP, scales_zeros)?;
-                if let Some(last) = shape.last_mut() {
-                    *last = *out;
-                }
-                Ok(y.f_reshape(shape.as_slice())?)
-            }
-            Self::F32(w) => w.matmul(x)?.ok_or_else(|| {
-                Error::ModelInput("int4 float32 kernel called on an input it does not take".into())
+            Self::Libtorch(l) => l.forward(x),
+            Self::Own(w) => w.matmul(x)?.ok_or_else(|| {
+                Error::ModelInput("int4 kernel called on an input it does not take".into())
             }),
         }
     }

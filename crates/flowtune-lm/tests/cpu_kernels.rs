@@ -314,7 +314,8 @@ fn int4_f32_matmul_matches_its_dequantised_weight() {
             * scale.to_kind(Kind::Double).unsqueeze(-1)
             + min.to_kind(Kind::Double).unsqueeze(-1))
         .reshape([n, k]);
-        for rows in [1i64, 2, 5, 8] {
+        // 1-2 rows use four accumulator sets, 3-4 two, 5-8 one.
+        for rows in [1i64, 2, 3, 4, 5, 8] {
             let x = Tensor::randn([rows, 1, k], (Kind::Float, cpu));
             let ours = w.matmul(&x).unwrap().expect("kernel applies");
             assert_eq!(ours.size(), vec![rows, 1, n]);
@@ -328,13 +329,27 @@ fn int4_f32_matmul_matches_its_dequantised_weight() {
                 "n {n} k {k} rows {rows}: error exceeds its bound by {worst}"
             );
         }
-        // Not taken: 9 rows, bf16 input, a wrong width.
+        // bf16 rows: widened exactly, summed in float32, each output rounded once to bf16, so
+        // within half a bf16 ulp (2^-8 relative) of the float32 kernel's sum, plus its bound.
+        for rows in [1i64, 3, 8] {
+            let x = Tensor::randn([rows, k], (Kind::Float, cpu)).to_kind(Kind::BFloat16);
+            let ours = w.matmul(&x).unwrap().expect("kernel applies to bf16");
+            assert_eq!(ours.kind(), Kind::BFloat16);
+            let xd = x.to_kind(Kind::Double);
+            let exact = xd.matmul(&dense.transpose(0, 1));
+            let bound = xd.abs().matmul(&dense.abs().transpose(0, 1)) * 1e-5
+                + exact.abs() * (1.0 / 256.0);
+            let err = (ours.to_kind(Kind::Double) - &exact).abs();
+            let worst = (&err - &bound).max().double_value(&[]);
+            assert!(worst <= 0.0, "bf16 n {n} k {k} rows {rows}: over by {worst}");
+        }
+        // Not taken: 9 rows, a half-precision input, a wrong width.
         assert!(w
             .matmul(&Tensor::randn([9, k], (Kind::Float, cpu)))
             .unwrap()
             .is_none());
         assert!(w
-            .matmul(&Tensor::randn([1, k], (Kind::BFloat16, cpu)))
+            .matmul(&Tensor::randn([1, k], (Kind::Half, cpu)))
             .unwrap()
             .is_none());
         assert!(w

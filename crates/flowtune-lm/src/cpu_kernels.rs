@@ -522,6 +522,65 @@ mod avx512 {
         }
     }
 
+    /// `y = x @ w.T` for `M` rows over Q8_0 blocks (see `super::Int8F32Weight`): per output
+    /// and group, the 32 codes widened and scaled once (shared by all rows), then 16-lane fused
+    /// multiply-adds; `A` (1 or 2) accumulator sets per row as in `int4_f32`.
+    ///
+    /// # Safety
+    /// `x` holds `M * k` floats, `y` points at `M * n` writable floats; `from..to` lies in
+    /// `0..n`.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
+    pub(super) unsafe fn int8_f32<const M: usize, const A: usize>(
+        w: &super::Int8F32Weight,
+        x: &[f32],
+        y: *mut f32,
+        from: usize,
+        to: usize,
+    ) {
+        const G: usize = super::GROUP;
+        let (n, k) = (w.n, w.k);
+        let groups = k / G;
+        let hi = if A >= 2 { 1 } else { 0 };
+        // SAFETY: `codes` holds `n * k` bytes and `scale` `n * groups` values (checked at
+        // construction); `x`, `y` and `from..to` as the caller guarantees.
+        unsafe {
+            for o in from..to {
+                let mut acc = [[_mm512_setzero_ps(); M]; A];
+                let codes = w.codes.as_ptr().add(o * k);
+                let ahead = (o + PREFETCH_ROWS < to).then(|| codes.add(PREFETCH_ROWS * k));
+                for g in 0..groups {
+                    // Two groups per cache line.
+                    if let Some(a) = ahead.filter(|_| g % 2 == 0) {
+                        _mm_prefetch::<_MM_HINT_T0>(a.add(g * G));
+                    }
+                    let s = _mm512_set1_ps(*w.scale.get_unchecked(o * groups + g));
+                    let c = codes.add(g * G) as *const __m128i;
+                    let w0 = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))),
+                        s,
+                    );
+                    let w1 = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c.add(1)))),
+                        s,
+                    );
+                    for m in 0..M {
+                        let xp = x.as_ptr().add(m * k + g * G);
+                        acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0][m]);
+                        acc[hi][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[hi][m]);
+                    }
+                }
+                for m in 0..M {
+                    let mut sum = acc[0][m];
+                    for set in acc.iter().skip(1) {
+                        sum = _mm512_add_ps(sum, set[m]);
+                    }
+                    *y.add(m * n + o) = _mm512_reduce_add_ps(sum);
+                }
+            }
+        }
+    }
+
     /// `y[m, j] = Σ_k x[m, k] * wt[k, j]` for columns `from..to` (see
     /// `super::linear_f32_small`), in tiles of 32 columns with masked edges.
     ///
@@ -953,53 +1012,139 @@ impl Int4F32Weight {
             && x.numel() / self.k.max(1) <= INT4_F32_MAX_ROWS
     }
 
-    /// `x @ w.T` for float32 `x` `[..., K]` (see [`Self::applies`]; `None` where it does not).
+    /// `x @ w.T` for float32 or bf16 `x` `[..., K]` (see [`Self::applies`]; `None` where it
+    /// does not).
     pub fn matmul(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if !self.applies(x) {
             return Ok(None);
         }
-        let x = x.f_contiguous()?;
-        let rows = x.numel() / self.k;
-        let bf16 = x.kind() == Kind::BFloat16;
-        let out = output_for(&x, self.n, x.kind())?;
-        // SAFETY: `x` is a contiguous f32 or bf16 CPU tensor of `rows * k` values; `out` is
-        // fresh, of the same kind, and holds `rows * n`; bf16 inputs and outputs go through
-        // float32 buffers of those sizes; the kernel's AVX-512F requirement is part of `applies`.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            let (mut xf, mut yf) = (Vec::new(), Vec::new());
-            let (xs, yp) = if bf16 {
-                xf.resize(rows * self.k, 0f32);
-                widen(elements::<u16>(&x), &mut xf);
-                yf.resize(rows * self.n, 0f32);
-                (xf.as_slice(), yf.as_mut_ptr())
+        small_product(x, self.n, self.k, &|xs, y, rows, r| {
+            // SAFETY: `small_product` hands over `rows * k` inputs and `rows * n` outputs, and
+            // `applies` checked the CPU.
+            #[cfg(target_arch = "x86_64")]
+            with_rows!(rows, M => if M <= 2 {
+                unsafe { avx512::int4_f32::<M, 4>(self, xs, y, r.start, r.end) }
+            } else if M <= 4 {
+                unsafe { avx512::int4_f32::<M, 2>(self, xs, y, r.start, r.end) }
             } else {
-                (elements::<f32>(&x), elements_mut::<f32>(&out).as_mut_ptr())
-            };
-            let ys = OutPtr(yp);
-            let run = |r: std::ops::Range<usize>| {
-                // Capture the whole `OutPtr` (Send), not its raw-pointer field (edition 2021
-                // closures capture disjoint fields).
-                #[allow(clippy::redundant_locals)]
-                let ys = ys;
-                with_rows!(rows, M => if M <= 2 {
-                    avx512::int4_f32::<M, 4>(self, xs, ys.0, r.start, r.end)
-                } else if M <= 4 {
-                    avx512::int4_f32::<M, 2>(self, xs, ys.0, r.start, r.end)
-                } else {
-                    avx512::int4_f32::<M, 1>(self, xs, ys.0, r.start, r.end)
-                })
-            };
-            // Outputs split in blocks of 16 (disjoint columns of `out`).
-            omp::split(self.n, 16, rows * self.n * self.k, &run);
-            if bf16 {
-                // One rounding of each float32 sum to bf16, as libtorch's bf16 products do.
-                for (d, v) in elements_mut::<u16>(&out).iter_mut().zip(&yf) {
-                    *d = bf16_bits(*v);
-                }
+                unsafe { avx512::int4_f32::<M, 1>(self, xs, y, r.start, r.end) }
+            })
+        })
+        .map(Some)
+    }
+}
+
+/// One product kernel call, `kernel(x, y, rows, outputs)`: reads `rows * k` floats at `x`,
+/// writes outputs `outputs` of every row into `y` (`rows * n` floats).
+type SmallKernel<'a> = dyn Fn(&[f32], *mut f32, usize, std::ops::Range<usize>) + Sync + 'a;
+
+/// Run a quantised-weight product kernel over `x` `[..., k]` (float32 or bf16, contiguous CPU,
+/// at most [`INT4_F32_MAX_ROWS`] rows, checked by the caller) into a fresh `[..., n]` of `x`'s
+/// kind: bf16 inputs are widened to float32 and each float32 sum rounded once to bf16, as
+/// libtorch's bf16 products do. Outputs are split across the OpenMP team in blocks of 16.
+fn small_product(x: &Tensor, n: usize, k: usize, kernel: &SmallKernel<'_>) -> Result<Tensor> {
+    let x = x.f_contiguous()?;
+    let rows = x.numel() / k.max(1);
+    let bf16 = x.kind() == Kind::BFloat16;
+    let out = output_for(&x, n, x.kind())?;
+    // SAFETY: `x` is a contiguous f32 or bf16 CPU tensor of `rows * k` values; `out` is fresh,
+    // of the same kind, and holds `rows * n`; bf16 inputs and outputs go through float32
+    // buffers of those sizes; threads write disjoint output ranges and are joined (the end of
+    // the parallel region) before `out` is read or returned.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        let (mut xf, mut yf) = (Vec::new(), Vec::new());
+        let (xs, yp) = if bf16 {
+            xf.resize(rows * k, 0f32);
+            widen(elements::<u16>(&x), &mut xf);
+            yf.resize(rows * n, 0f32);
+            (xf.as_slice(), yf.as_mut_ptr())
+        } else {
+            (elements::<f32>(&x), elements_mut::<f32>(&out).as_mut_ptr())
+        };
+        let ys = OutPtr(yp);
+        let run = |r: std::ops::Range<usize>| {
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field (edition 2021
+            // closures capture disjoint fields).
+            #[allow(clippy::redundant_locals)]
+            let ys = ys;
+            kernel(xs, ys.0, rows, r)
+        };
+        omp::split(n, 16, rows * n * k, &run);
+        if bf16 {
+            for (d, v) in elements_mut::<u16>(&out).iter_mut().zip(&yf) {
+                *d = bf16_bits(*v);
             }
         }
-        Ok(Some(out))
+    }
+    Ok(out)
+}
+
+/// A linear weight `[N, K]` in ggml's Q8_0 blocks: signed 8-bit codes with a float32 scale per
+/// group of 32 inputs (`w = scale * q`), for float32 or bf16 activations of a few rows. A
+/// Q8_0 GGUF's `lm_head` (or tied token embeddings) keeps its own blocks this way in int4 mode:
+/// the values are the file's exactly, and the head reads a bit over half the bytes of bf16.
+#[derive(Debug)]
+pub struct Int8F32Weight {
+    codes: Vec<i8>,
+    scale: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl Int8F32Weight {
+    /// Codes (`n * k`, row-major) and scales (`n * k / 32`); `None` when the sizes do not fit
+    /// or the CPU lacks the kernel.
+    pub fn new(codes: Vec<i8>, scale: Vec<f32>, n: usize, k: usize) -> Option<Self> {
+        let fits = k > 0
+            && k.is_multiple_of(GROUP)
+            && codes.len() == n * k
+            && scale.len() == n * k / GROUP;
+        (fits && int4_f32_available()).then_some(Self { codes, scale, n, k })
+    }
+
+    /// Output and input sizes `(N, K)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The weight these blocks represent, float32 `[N, K]` (`scale * q`, exact).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let w: Vec<f32> = self
+            .codes
+            .chunks_exact(GROUP)
+            .zip(&self.scale)
+            .flat_map(|(q, &s)| q.iter().map(move |&c| s * f32::from(c)))
+            .collect();
+        Ok(Tensor::f_from_slice(&w)?.f_reshape([self.n as i64, self.k as i64])?)
+    }
+
+    /// Whether `x @ w.T` takes the kernel: a float32 or bf16 CPU tensor without gradient,
+    /// `[..., K]` with at most [`INT4_F32_MAX_ROWS`] rows.
+    pub fn applies(&self, x: &Tensor) -> bool {
+        int4_f32_available()
+            && plain_cpu(x)
+            && matches!(x.kind(), Kind::Float | Kind::BFloat16)
+            && x.size().last().copied() == Some(self.k as i64)
+            && x.numel() / self.k.max(1) <= INT4_F32_MAX_ROWS
+    }
+
+    /// `x @ w.T` (see [`Self::applies`]; `None` where it does not).
+    pub fn matmul(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.applies(x) {
+            return Ok(None);
+        }
+        small_product(x, self.n, self.k, &|xs, y, rows, r| {
+            // SAFETY: `small_product` hands over `rows * k` inputs and `rows * n` outputs, and
+            // `applies` checked the CPU.
+            #[cfg(target_arch = "x86_64")]
+            with_rows!(rows, M => if M <= 2 {
+                unsafe { avx512::int8_f32::<M, 2>(self, xs, y, r.start, r.end) }
+            } else {
+                unsafe { avx512::int8_f32::<M, 1>(self, xs, y, r.start, r.end) }
+            })
+        })
+        .map(Some)
     }
 }
 

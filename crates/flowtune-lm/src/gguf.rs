@@ -626,6 +626,35 @@ pub fn q4_blocks(
     Ok(Some((q, scale, min)))
 }
 
+/// A Q8_0 tensor's signed 8-bit codes (one per element, file order) and float32 scales (one
+/// per 32 elements): element `i` is `scale[i / 32] * q[i]`, exactly ggml's dequantisation.
+pub type Q8Blocks = (Vec<i8>, Vec<f32>);
+
+/// The codes and scales of Q8_0 data of `n` elements; `None` for other types.
+pub fn q8_0_blocks(
+    ty: GgmlType,
+    data: &[u8],
+    n: usize,
+) -> std::result::Result<Option<Q8Blocks>, String> {
+    if ty != GgmlType::Q8_0 {
+        return Ok(None);
+    }
+    let bb = ty.block_bytes() as usize;
+    if !n.is_multiple_of(32) || data.len() != n / 32 * bb {
+        return Err(format!(
+            "{ty:?}: {} bytes for {n} elements (expected {})",
+            data.len(),
+            n / 32 * bb
+        ));
+    }
+    let (mut q, mut scale) = (Vec::with_capacity(n), Vec::with_capacity(n / 32));
+    for b in data.chunks_exact(bb) {
+        scale.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+        q.extend(b[2..34].iter().map(|&x| x as i8));
+    }
+    Ok(Some((q, scale)))
+}
+
 /// A memory-mapped GGUF file with its parsed header.
 pub struct GgufFile {
     path: PathBuf,
@@ -728,6 +757,23 @@ impl GgufFile {
             tensor: t.name.clone(),
             reason,
         })?;
+        Ok(blocks.map(|b| (b, t.shape())))
+    }
+
+    /// A Q8_0 tensor's codes and scales (see [`q8_0_blocks`]) with its row-major shape; `None`
+    /// for other types.
+    pub fn q8_0_tensor(&self, t: &GgufTensorInfo) -> Result<Option<(Q8Blocks, Vec<i64>)>> {
+        let Some(ty) = GgmlType::from_id(t.type_id) else {
+            return Ok(None);
+        };
+        let bytes = self.tensor_bytes(t)?;
+        let err = |reason: String| Error::GgufTensor {
+            path: self.path.clone(),
+            tensor: t.name.clone(),
+            reason,
+        };
+        let n = usize::try_from(t.n_elements()).map_err(|_| err("too many elements".into()))?;
+        let blocks = q8_0_blocks(ty, bytes, n).map_err(err)?;
         Ok(blocks.map(|b| (b, t.shape())))
     }
 

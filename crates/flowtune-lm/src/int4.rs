@@ -188,11 +188,8 @@ impl LibtorchInt4 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut shape = x.size();
         let x2 = x.f_reshape([-1, self.inp])?.f_contiguous()?;
-        let y = x2.f_internal_weight_int4pack_mm_for_cpu(
-            &self.packed,
-            INT4_GROUP,
-            &self.scales_zeros,
-        )?;
+        let y =
+            x2.f_internal_weight_int4pack_mm_for_cpu(&self.packed, INT4_GROUP, &self.scales_zeros)?;
         if let Some(last) = shape.last_mut() {
             *last = self.out;
         }
@@ -223,10 +220,12 @@ impl Int4Linear {
         if crate::cpu_kernels::int4_f32_available()
             && (kind == Kind::Float || (kind == Kind::BFloat16 && own_bf16))
         {
-            return Ok(
-                crate::cpu_kernels::Int4F32Weight::new(&blocks.q, &blocks.scale, &blocks.min)?
-                    .map(Self::Own),
-            );
+            return Ok(crate::cpu_kernels::Int4F32Weight::new(
+                &blocks.q,
+                &blocks.scale,
+                &blocks.min,
+            )?
+            .map(Self::Own));
         }
         Ok(LibtorchInt4::new(blocks, kind)?.map(Self::Libtorch))
     }

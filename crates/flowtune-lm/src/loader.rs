@@ -331,7 +331,40 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
     for (name, b) in blocks {
         weights.set_int4(&name, b);
     }
+    if opts.linear_weights == LinearWeights::Int4 && opts.device == Device::Cpu {
+        if let Some(head) = gguf_q8_0_head(file)? {
+            weights.set_int8("lm_head.weight", head);
+        }
+    }
     Ok(weights)
+}
+
+/// The output head's own Q8_0 blocks (`output.weight`, or `token_embd.weight` when the
+/// embeddings are tied), for the 8-bit CPU kernel; `None` when it is stored otherwise or the
+/// CPU lacks the kernel.
+fn gguf_q8_0_head(file: &GgufFile) -> Result<Option<crate::cpu_kernels::Int8F32Weight>> {
+    let infos = &file.header.tensors;
+    let info = infos
+        .iter()
+        .find(|t| t.name == "output.weight")
+        .or_else(|| infos.iter().find(|t| t.name == "token_embd.weight"));
+    let Some(info) = info else {
+        return Ok(None);
+    };
+    let Some(((q, scale), shape)) = file.q8_0_tensor(info)? else {
+        return Ok(None);
+    };
+    let (rows, cols) = match shape[..] {
+        [r, c] => (r as usize, c as usize),
+        _ => {
+            return Err(Error::GgufTensor {
+                path: file.path().to_path_buf(),
+                tensor: info.name.clone(),
+                reason: format!("expected a 2-d head, found shape {shape:?}"),
+            })
+        }
+    };
+    Ok(crate::cpu_kernels::Int8F32Weight::new(q, scale, rows, cols))
 }
 
 /// Load a GGUF file: weights dequantised (then cast to the requested dtype),

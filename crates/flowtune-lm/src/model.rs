@@ -55,6 +55,8 @@ struct Linear {
     bias: Option<Tensor>,
     /// The same weight in 4 bits, for forwards of a few rows (see [`crate::int4`]).
     int4: Option<Int4Linear>,
+    /// The same weight in 8 bits (a Q8_0 GGUF's head in int4 mode), for forwards of a few rows.
+    int8: Option<std::sync::Arc<crate::cpu_kernels::Int8F32Weight>>,
     /// A float32 copy of a bf16 CPU weight, for products of many rows where the CPU's float32
     /// GEMM is faster than its bf16 one ([`crate::cpu_kernels::Bf16Gemm::ViaF32`]).
     wide: Option<Tensor>,
@@ -83,11 +85,24 @@ impl Linear {
             weight: fast_weight_layout(weight)?,
             bias,
             int4,
+            int8: None,
             wide,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self
+            .int8
+            .as_ref()
+            .map(|q| q.matmul(x))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(match &self.bias {
+                Some(b) => y.f_add(b)?,
+                None => y,
+            });
+        }
         if let Some(q) = self.int4.as_ref().filter(|q| q.applies(x)) {
             let y = q.forward(x)?;
             return Ok(match &self.bias {
@@ -102,6 +117,7 @@ impl Linear {
     /// float32 copies would go stale, so they are dropped.
     fn drop_copies(&mut self) {
         self.int4 = None;
+        self.int8 = None;
         self.wide = None;
     }
 }
@@ -293,12 +309,26 @@ impl Model {
     /// Build from a config and weights by HF parameter name.
     /// Linears whose weights carry 4-bit blocks ([`crate::Weights::int4`]) get the int4 path.
     pub fn new(config: &ModelConfig, weights: &crate::weights::Weights) -> Result<Self> {
-        Self::from_source(
+        let mut model = Self::from_source(
             config,
             |n| weights.get(n),
             |n| weights.contains(n),
             |n| weights.int4(n).map(Int4Blocks::shallow_clone),
-        )
+        )?;
+        if let Some(head) = weights.int8("lm_head.weight") {
+            let (n, k) = head.shape();
+            if (n, k) != (config.vocab_size, config.hidden_size) {
+                return Err(Error::TensorShape {
+                    tensor: "lm_head.weight (8-bit blocks)".into(),
+                    expected: vec![config.vocab_size as i64, config.hidden_size as i64],
+                    actual: vec![n as i64, k as i64],
+                });
+            }
+            if model.device == Device::Cpu {
+                model.lm_head.int8 = Some(head);
+            }
+        }
+        Ok(model)
     }
 
     /// Build from a map of HF parameter names to tensors (tests, random weights).
@@ -560,6 +590,12 @@ impl Model {
             .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
             .filter(|lin| lin.int4.is_some())
             .count()
+    }
+
+    /// Whether the output head runs from 8-bit blocks for forwards of a few rows (a Q8_0
+    /// GGUF's own head, loaded in int4 mode on the CPU).
+    pub fn int8_head(&self) -> bool {
+        self.lm_head.int8.is_some()
     }
 
     /// The configuration.

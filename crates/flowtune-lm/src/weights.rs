@@ -1,9 +1,11 @@
 //! Model weights by HF parameter name, already on the requested device and dtype.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tch::Tensor;
 
+use crate::cpu_kernels::Int8F32Weight;
 use crate::int4::Int4Blocks;
 use crate::{Error, Result};
 
@@ -14,6 +16,7 @@ use crate::{Error, Result};
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
     int4: HashMap<String, Int4Blocks>,
+    int8: HashMap<String, Arc<Int8F32Weight>>,
     source: PathBuf,
 }
 
@@ -24,6 +27,7 @@ impl Weights {
         Weights {
             tensors,
             int4: HashMap::new(),
+            int8: HashMap::new(),
             source: source.into(),
         }
     }
@@ -37,6 +41,17 @@ impl Weights {
     /// Attach 4-bit blocks to the linear weight `name` (its dense tensor stays).
     pub fn set_int4(&mut self, name: &str, blocks: Int4Blocks) {
         self.int4.insert(name.to_string(), blocks);
+    }
+
+    /// The 8-bit blocks of a weight (a Q8_0 GGUF's `lm_head.weight` in int4 mode; see
+    /// [`Int8F32Weight`]).
+    pub fn int8(&self, name: &str) -> Option<Arc<Int8F32Weight>> {
+        self.int8.get(name).cloned()
+    }
+
+    /// Attach 8-bit blocks to the weight `name` (its dense tensor stays).
+    pub fn set_int8(&mut self, name: &str, blocks: Int8F32Weight) {
+        self.int8.insert(name.to_string(), Arc::new(blocks));
     }
 
     /// The tensor by HF name (a shallow clone sharing storage), or

@@ -337,11 +337,14 @@ fn int4_f32_matmul_matches_its_dequantised_weight() {
             assert_eq!(ours.kind(), Kind::BFloat16);
             let xd = x.to_kind(Kind::Double);
             let exact = xd.matmul(&dense.transpose(0, 1));
-            let bound = xd.abs().matmul(&dense.abs().transpose(0, 1)) * 1e-5
-                + exact.abs() * (1.0 / 256.0);
+            let bound =
+                xd.abs().matmul(&dense.abs().transpose(0, 1)) * 1e-5 + exact.abs() * (1.0 / 256.0);
             let err = (ours.to_kind(Kind::Double) - &exact).abs();
             let worst = (&err - &bound).max().double_value(&[]);
-            assert!(worst <= 0.0, "bf16 n {n} k {k} rows {rows}: over by {worst}");
+            assert!(
+                worst <= 0.0,
+                "bf16 n {n} k {k} rows {rows}: over by {worst}"
+            );
         }
         // Not taken: 9 rows, a half-precision input, a wrong width.
         assert!(w
@@ -555,4 +558,82 @@ fn smollm2_bf16_prefill_via_f32_is_as_close_to_f32_as_native() {
         agree >= 0.9 && agree_f32 >= 0.9,
         "argmax agreement {agree} / {agree_f32}"
     );
+}
+
+/// The Q8_0 kernel against the dense product of its weight (`scale * q` in f64), float32 and
+/// bf16 rows, 1 to 8 of them, output counts below, at and above the threaded split.
+/// Tolerance: 1e-5 of `Σ |w| |x|` (float32 summation order), plus half a bf16 ulp of the
+/// result for bf16 (one rounding of the float32 sum).
+#[test]
+fn int8_f32_matmul_matches_its_dequantised_weight() {
+    use flowtune_lm::cpu_kernels::Int8F32Weight;
+    let _serial = require_kernels();
+    let cpu = Device::Cpu;
+    for (seed, &(n, k)) in [(8usize, 64usize), (40, 96), (576, 576), (3000, 576)]
+        .iter()
+        .enumerate()
+    {
+        tch::manual_seed(seed as i64 + 100);
+        let codes: Vec<i8> = Vec::<i64>::try_from(Tensor::randint_low(
+            -128,
+            128,
+            [(n * k) as i64],
+            (Kind::Int64, cpu),
+        ))
+        .unwrap()
+        .into_iter()
+        .map(|c| c as i8)
+        .collect();
+        // Half-precision scales, as Q8_0 stores them: `scale * q` is then exact in float32.
+        let scale: Vec<f32> = Vec::try_from(
+            (Tensor::rand([(n * k / 32) as i64], (Kind::Float, cpu)) * 1e-3)
+                .to_kind(Kind::Half)
+                .to_kind(Kind::Float),
+        )
+        .unwrap();
+        let w = Int8F32Weight::new(codes.clone(), scale.clone(), n, k).expect("fits");
+        let dense: Vec<f64> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| f64::from(scale[i / 32]) * f64::from(c))
+            .collect();
+        let dense = Tensor::from_slice(&dense).reshape([n as i64, k as i64]);
+        assert_eq!(
+            (w.dequantize().unwrap().to_kind(Kind::Double) - &dense)
+                .abs()
+                .max()
+                .double_value(&[]),
+            0.0
+        );
+        for (kind, rows) in [
+            (Kind::Float, 1i64),
+            (Kind::Float, 2),
+            (Kind::Float, 3),
+            (Kind::Float, 8),
+            (Kind::BFloat16, 1),
+            (Kind::BFloat16, 5),
+        ] {
+            let x = Tensor::randn([rows, 1, k as i64], (Kind::Float, cpu)).to_kind(kind);
+            let ours = w.matmul(&x).unwrap().expect("kernel applies");
+            assert_eq!(ours.size(), vec![rows, 1, n as i64]);
+            assert_eq!(ours.kind(), kind);
+            let xd = x.to_kind(Kind::Double).reshape([rows, k as i64]);
+            let exact = xd.matmul(&dense.transpose(0, 1));
+            let mut bound = xd.abs().matmul(&dense.abs().transpose(0, 1)) * 1e-5;
+            if kind == Kind::BFloat16 {
+                bound += exact.abs() * (1.0 / 256.0);
+            }
+            let err = (ours.reshape([rows, n as i64]).to_kind(Kind::Double) - &exact).abs();
+            let worst = (&err - &bound).max().double_value(&[]);
+            assert!(
+                worst <= 0.0,
+                "{kind:?} n {n} k {k} rows {rows}: over by {worst}"
+            );
+        }
+        assert!(w
+            .matmul(&Tensor::randn([9, k as i64], (Kind::Float, cpu)))
+            .unwrap()
+            .is_none());
+    }
+    assert!(Int8F32Weight::new(vec![0; 64], vec![1.0; 1], 1, 64).is_none());
 }

@@ -60,6 +60,29 @@ fn gguf_q4_blocks_reproduce_the_files_dequantisation_exactly() {
     assert_eq!(checked, 210);
 }
 
+/// In int4 mode the test GGUF's Q8_0 head (its tied `token_embd.weight`) keeps the file's own
+/// 8-bit blocks: `scale * q` equals the dense load's dequantised embeddings exactly, and the
+/// model runs its head from them; dense loads have none.
+#[test]
+fn gguf_q8_0_head_reproduces_the_files_dequantisation_exactly() {
+    let dense = load_as(Kind::Float, LinearWeights::Dense);
+    let int4 = load_as(Kind::Float, LinearWeights::Int4);
+    assert!(dense.weights.int8("lm_head.weight").is_none());
+    let head = int4
+        .weights
+        .int8("lm_head.weight")
+        .expect("the test model's Q8_0 head is kept in int4 mode");
+    let w = dense.weights.get("model.embed_tokens.weight").unwrap();
+    let d = head.dequantize().unwrap();
+    assert_eq!(d.size(), w.size());
+    assert_eq!(d.f_sub(&w).unwrap().abs().max().double_value(&[]), 0.0);
+    let model = Model::new(&int4.config, &int4.weights).unwrap();
+    assert!(model.int8_head());
+    assert!(!Model::new(&dense.config, &dense.weights)
+        .unwrap()
+        .int8_head());
+}
+
 #[test]
 fn quantize_is_within_half_a_step_and_exact_on_representable_weights() {
     tch::manual_seed(7);

@@ -705,18 +705,66 @@ mod avx512 {
         }
     }
 
+    /// An element type of the decode-attention kernel: bf16 (`u16` bits; scores and
+    /// probabilities rounded to bf16 as the reference's bf16 products do) or float32.
+    pub(super) trait AttnElem: Copy {
+        /// Whether scores and probabilities are rounded to bf16.
+        const ROUND: bool;
+        /// 16 values from `p` as float32.
+        ///
+        /// # Safety
+        /// `p` points at 16 readable values; AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
+        fn to_f32(self) -> f32;
+        fn from_f32(x: f32) -> Self;
+    }
+
+    impl AttnElem for u16 {
+        const ROUND: bool = true;
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: as the caller guarantees.
+            unsafe { load_bf16(p) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            super::bf16_value(self)
+        }
+        #[inline(always)]
+        fn from_f32(x: f32) -> Self {
+            super::bf16_bits(x)
+        }
+    }
+
+    impl AttnElem for f32 {
+        const ROUND: bool = false;
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: as the caller guarantees.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+        #[inline(always)]
+        fn from_f32(x: f32) -> Self {
+            x
+        }
+    }
+
     /// The kernel (see `super::decode_attention`) for (row, kv head) pairs `pairs` (pair
     /// `b * nkv + h`); `hd` is a multiple of 16.
     ///
     /// # Safety
     /// `out` points at `B * nq * hd` writable values; each pair writes only its own heads.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn attention_bf16(
-        q: &[u16],
-        k: &[u16],
-        v: &[u16],
+    pub(super) unsafe fn attention<E: AttnElem>(
+        q: &[E],
+        k: &[E],
+        v: &[E],
         mask: Option<&[bool]>,
-        out: *mut u16,
+        out: *mut E,
         s: AttnShape,
         pairs: std::ops::Range<usize>,
     ) {
@@ -737,7 +785,7 @@ mod avx512 {
                     scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
                     let at = s.q.at(b, kvh * group + g, 0);
                     for (d, x) in qf[g * hd..(g + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
-                        *d = super::bf16_value(*x);
+                        *d = x.to_f32();
                     }
                 }
                 for j in 0..l {
@@ -754,7 +802,7 @@ mod avx512 {
                         for c in 0..chunks {
                             a = _mm512_fmadd_ps(
                                 _mm512_loadu_ps(qp.add(c * 16)),
-                                load_bf16(kp.add(c * 16)),
+                                E::load16(kp.add(c * 16)),
                                 a,
                             );
                         }
@@ -763,11 +811,12 @@ mod avx512 {
                 }
                 for g in 0..group {
                     let row = &mut scores[g * padded..(g + 1) * padded];
-                    // Scores rounded to bf16 (the reference's bf16 product), then scaled.
+                    // bf16: scores rounded to bf16 (the reference's bf16 product), then scaled.
                     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
                     for c in 0..padded / 16 {
                         let p = row.as_mut_ptr().add(c * 16);
-                        let x = _mm512_mul_ps(round_bf16(_mm512_loadu_ps(p)), scale);
+                        let raw = _mm512_loadu_ps(p);
+                        let x = _mm512_mul_ps(if E::ROUND { round_bf16(raw) } else { raw }, scale);
                         _mm512_storeu_ps(p, x);
                         mx = _mm512_max_ps(mx, x);
                     }
@@ -782,7 +831,8 @@ mod avx512 {
                     let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
                     for c in 0..padded / 16 {
                         let p = row.as_mut_ptr().add(c * 16);
-                        _mm512_storeu_ps(p, round_bf16(_mm512_mul_ps(_mm512_loadu_ps(p), inv)));
+                        let x = _mm512_mul_ps(_mm512_loadu_ps(p), inv);
+                        _mm512_storeu_ps(p, if E::ROUND { round_bf16(x) } else { x });
                     }
                 }
                 acc.iter_mut().for_each(|a| *a = 0.0);
@@ -799,7 +849,7 @@ mod avx512 {
                             let a = ap.add(c * 16);
                             _mm512_storeu_ps(
                                 a,
-                                _mm512_fmadd_ps(pv, load_bf16(vp.add(c * 16)), _mm512_loadu_ps(a)),
+                                _mm512_fmadd_ps(pv, E::load16(vp.add(c * 16)), _mm512_loadu_ps(a)),
                             );
                         }
                     }
@@ -807,7 +857,7 @@ mod avx512 {
                 for g in 0..group {
                     let at = (b * s.q.h + kvh * group + g) * hd;
                     for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
-                        *out.add(at + i) = super::bf16_bits(*a);
+                        *out.add(at + i) = E::from_f32(*a);
                     }
                 }
             }
@@ -815,9 +865,11 @@ mod avx512 {
     }
 }
 
-/// Attention for one query per row in bf16 on the CPU, with the rounding points of HF's eager
-/// attention (scores `q·k` rounded to bf16, scaled and soft-maxed in f32, probabilities rounded
-/// to bf16, the product with `v` accumulated in f32). `q` is `[B, nq, 1, hd]`, `k`/`v` are
+/// Attention for one query per row in bf16 or float32 on the CPU. bf16 keeps the rounding
+/// points of HF's eager attention (scores `q·k` rounded to bf16, scaled and soft-maxed in f32,
+/// probabilities rounded to bf16, the product with `v` accumulated in f32); float32 rounds
+/// nowhere in between (libtorch's SDPA runs one MKL GEMV per row and head there, 12 % of a
+/// batch-8 float32 decode step on the development CPU). `q` is `[B, nq, 1, hd]`, `k`/`v` are
 /// `[B, nkv, L, hd]` views (e.g. of a KV cache) whose rows of `hd` are contiguous, `mask`
 /// `[B, 1, 1, L]` bool (true = visible) or `None`. Query head `h` reads key/value head
 /// `h / (nq / nkv)`. Returns `[B, nq, 1, hd]`, or `None` where the kernel does not apply.
@@ -828,10 +880,10 @@ pub fn decode_attention(
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let all = [q, k, v];
+    let kind = q.kind();
     if !int4_f32_available()
-        || all
-            .iter()
-            .any(|t| !plain_cpu(t) || t.kind() != Kind::BFloat16)
+        || !matches!(kind, Kind::BFloat16 | Kind::Float)
+        || all.iter().any(|t| !plain_cpu(t) || t.kind() != kind)
     {
         return Ok(None);
     }
@@ -872,32 +924,59 @@ pub fn decode_attention(
     };
     let out = Tensor::f_empty(
         [qv.b as i64, qv.h as i64, 1, hd as i64],
-        (Kind::BFloat16, Device::Cpu),
+        (kind, Device::Cpu),
     )?;
-    // SAFETY: q, k and v are CPU bf16 tensors (u16 bits); the slices start at each tensor's
-    // first element and span its furthest element (`View4::extent`), which lies inside its
-    // storage because the view's sizes and non-negative strides describe elements of it. The
-    // mask is a contiguous bool tensor (one byte per element, 0 or 1) and `out` is fresh.
+    let ms = mask.as_ref().map(|m| {
+        // SAFETY: a contiguous CPU bool tensor: one byte per element, 0 or 1.
+        unsafe { elements::<bool>(m) }
+    });
     #[cfg(target_arch = "x86_64")]
+    match kind {
+        // SAFETY: q, k and v are CPU tensors of the element type (bf16 as u16 bits).
+        Kind::BFloat16 => unsafe { attention_views::<u16>([q, k, v], ms, &out, shape) },
+        // SAFETY: as above, float32.
+        _ => unsafe { attention_views::<f32>([q, k, v], ms, &out, shape) },
+    }
+    Ok(Some(out))
+}
+
+/// Run the decode-attention kernel over `qkv` (views described by `shape`) into `out`.
+///
+/// # Safety
+/// The tensors hold elements of type `E`, `out` is a fresh contiguous `[B, nq, 1, hd]` tensor
+/// of that type, and `shape` describes the views (checked by `decode_attention`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn attention_views<E: avx512::AttnElem + Sync>(
+    qkv: [&Tensor; 3],
+    mask: Option<&[bool]>,
+    out: &Tensor,
+    shape: AttnShape,
+) {
+    let hd = shape.hd;
+    // SAFETY: the slices start at each tensor's first element and span its furthest element
+    // (`View4::extent`), which lies inside its storage because the view's sizes and
+    // non-negative strides describe elements of it; `out` is fresh.
     unsafe {
-        let span = |t: &Tensor, view: &View4| -> &[u16] {
-            std::slice::from_raw_parts(t.data_ptr() as *const u16, view.extent(hd))
+        let span = |t: &Tensor, view: &View4| -> &[E] {
+            std::slice::from_raw_parts(t.data_ptr() as *const E, view.extent(hd))
         };
-        let (qs, ks, vs) = (span(q, &qv), span(k, &kv), span(v, &vv));
-        let ms = mask.as_ref().map(|m| elements::<bool>(m));
-        let os = OutPtr(elements_mut::<u16>(&out).as_mut_ptr());
-        let pairs = kv.b * kv.h;
+        let (qs, ks, vs) = (
+            span(qkv[0], &shape.q),
+            span(qkv[1], &shape.k),
+            span(qkv[2], &shape.v),
+        );
+        let os = OutPtr(elements_mut::<E>(out).as_mut_ptr());
+        let pairs = shape.k.b * shape.k.h;
         let run = |range: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let os = os;
-            avx512::attention_bf16(qs, ks, vs, ms, os.0, shape, range)
+            avx512::attention(qs, ks, vs, mask, os.0, shape, range)
         };
         // (Row, kv head) pairs split across threads when there is enough work (batch 8 at
         // SmolLM2 shapes: 137 µs on one thread).
-        omp::split(pairs, 1, pairs * kv.l * qv.h / kv.h * hd, &run);
+        omp::split(pairs, 1, pairs * shape.k.l * shape.group * hd, &run);
     }
-    Ok(Some(out))
 }
 
 /// Whether the AVX-512 kernels (float32 int4 and small-batch products, bf16 decode attention)

@@ -824,10 +824,11 @@ impl Model {
         let decode_no_pad = t == 1 && !cache.has_padding();
         let any_window = self.layers.iter().any(|l| l.sliding_window.is_some());
         let needs_masks = any_window || !(use_causal_flag || decode_no_pad);
-        // One new token per row on the CPU in bf16/f16: libtorch's flash-attention kernel runs
-        // one tiny GEMV per (row, head) through MKL, which is several times slower than the
-        // whole step's weight GEMVs at batch 8 (see `decode_attention`).
-        let reduced_cpu_decode = t == 1 && self.device == Device::Cpu && self.kind != Kind::Float;
+        // One new token per row on the CPU: libtorch's flash-attention kernel runs one tiny
+        // GEMV per (row, head) through MKL, which in bf16 is several times slower than the
+        // whole step's weight GEMVs at batch 8 (see `decode_attention`; float32 too since
+        // session 7).
+        let reduced_cpu_decode = t == 1 && self.device == Device::Cpu;
 
         // Masks [B, 1, T, total]: key j visible to query slot start+i iff it is a real token at or
         // before it (and inside the sliding window); the query's own slot is always visible so

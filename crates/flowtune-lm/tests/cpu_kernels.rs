@@ -162,6 +162,38 @@ fn decode_attention_matches_eager_formulation() {
     }
 }
 
+/// The float32 kernel on the same cases against the f64 formulation: no intermediate
+/// rounding, so within 1e-5 of `max |v|` (float32 sums of up to 300 terms).
+#[test]
+fn decode_attention_f32_matches_exact_formulation() {
+    let _serial = require_kernels();
+    for (ci, &(b, nq, nkv, hd, l, cap, masked)) in CASES.iter().enumerate() {
+        tch::manual_seed(ci as i64 + 50);
+        let fl = (Kind::Float, Device::Cpu);
+        let qk = Tensor::randn([b, nq + nkv, 1, hd], fl);
+        let q = qk.narrow(1, 0, nq);
+        let k_cache = Tensor::randn([b, nkv, cap, hd], fl) * 2.0;
+        let v_cache = Tensor::randn([b, nkv, cap, hd], fl);
+        let (k, v) = (k_cache.narrow(2, 0, l), v_cache.narrow(2, 0, l));
+        let mask = masked.then(|| {
+            let m = Tensor::rand([b, 1, 1, l], fl).gt(0.4);
+            let _ = m.narrow(3, l - 1, 1).fill_(1);
+            m
+        });
+        let ours = decode_attention(&q, &k, &v, mask.as_ref())
+            .unwrap()
+            .expect("kernel applies to float32");
+        assert_eq!(ours.kind(), Kind::Float);
+        let exact = exact_attention(&q, &k, &v, mask.as_ref());
+        let vmax = v.abs().max().double_value(&[]);
+        let d = max_abs_diff(&ours, &exact);
+        assert!(
+            d <= 1e-5 * vmax,
+            "case {ci}: float32 kernel vs f64 max |Δ| {d}"
+        );
+    }
+}
+
 #[test]
 fn kernels_decline_what_they_do_not_cover() {
     let _serial = require_kernels();
@@ -174,11 +206,14 @@ fn kernels_decline_what_they_do_not_cover() {
         .set_requires_grad(true)
         .to_kind(Kind::BFloat16);
     assert!(decode_attention(&qg, &k, &k, None).unwrap().is_none());
-    // f32, a head dim that is not a multiple of 16, more than one query position.
+    // Half precision, mixed kinds, a head dim that is not a multiple of 16, more than one
+    // query position.
     let f = |t: &Tensor| t.to_kind(Kind::Float);
-    assert!(decode_attention(&f(&q), &f(&k), &f(&k), None)
+    let h16 = |t: &Tensor| t.to_kind(Kind::Half);
+    assert!(decode_attention(&h16(&q), &h16(&k), &h16(&k), None)
         .unwrap()
         .is_none());
+    assert!(decode_attention(&f(&q), &k, &k, None).unwrap().is_none());
     let q40 = Tensor::randn([1, 4, 1, 40], bf);
     let k40 = Tensor::randn([1, 2, 10, 40], bf);
     assert!(decode_attention(&q40, &k40, &k40, None).unwrap().is_none());

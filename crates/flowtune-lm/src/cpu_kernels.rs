@@ -1084,11 +1084,7 @@ impl Int4F32Weight {
     /// Whether `x @ w.T` for this input takes the kernel: a float32 CPU tensor without
     /// gradient, `[..., K]` with at most [`INT4_F32_MAX_ROWS`] rows, on a CPU that has it.
     pub fn applies(&self, x: &Tensor) -> bool {
-        int4_f32_available()
-            && plain_cpu(x)
-            && matches!(x.kind(), Kind::Float | Kind::BFloat16)
-            && x.size().last().copied() == Some(self.k as i64)
-            && x.numel() / self.k.max(1) <= INT4_F32_MAX_ROWS
+        takes_small_rows(x, self.k)
     }
 
     /// `x @ w.T` for float32 or bf16 `x` `[..., K]` (see [`Self::applies`]; `None` where it
@@ -1111,6 +1107,17 @@ impl Int4F32Weight {
         })
         .map(Some)
     }
+}
+
+/// Whether a quantised-weight kernel over `k` inputs takes `x`: a float32 or bf16 CPU tensor
+/// without gradient, `[..., k]` with at most [`INT4_F32_MAX_ROWS`] rows, on a CPU that has the
+/// kernels.
+fn takes_small_rows(x: &Tensor, k: usize) -> bool {
+    int4_f32_available()
+        && plain_cpu(x)
+        && matches!(x.kind(), Kind::Float | Kind::BFloat16)
+        && x.size().last().copied() == Some(k as i64)
+        && x.numel() / k.max(1) <= INT4_F32_MAX_ROWS
 }
 
 /// One product kernel call, `kernel(x, y, rows, outputs)`: reads `rows * k` floats at `x`,
@@ -1201,11 +1208,7 @@ impl Int8F32Weight {
     /// Whether `x @ w.T` takes the kernel: a float32 or bf16 CPU tensor without gradient,
     /// `[..., K]` with at most [`INT4_F32_MAX_ROWS`] rows.
     pub fn applies(&self, x: &Tensor) -> bool {
-        int4_f32_available()
-            && plain_cpu(x)
-            && matches!(x.kind(), Kind::Float | Kind::BFloat16)
-            && x.size().last().copied() == Some(self.k as i64)
-            && x.numel() / self.k.max(1) <= INT4_F32_MAX_ROWS
+        takes_small_rows(x, self.k)
     }
 
     /// `x @ w.T` (see [`Self::applies`]; `None` where it does not).

@@ -584,6 +584,20 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Ve
     Ok(out)
 }
 
+/// The block size of `ty` after checking that `data` holds exactly the blocks of `n` elements
+/// (32 per block).
+fn block_bytes_for(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<usize, String> {
+    let bb = ty.block_bytes() as usize;
+    if !n.is_multiple_of(32) || data.len() != n / 32 * bb {
+        return Err(format!(
+            "{ty:?}: {} bytes for {n} elements (expected {})",
+            data.len(),
+            n / 32 * bb
+        ));
+    }
+    Ok(bb)
+}
+
 /// 4-bit codes with one scale and one minimum per 32-element block.
 pub type Q4Blocks = (Vec<u8>, Vec<f32>, Vec<f32>);
 
@@ -598,14 +612,7 @@ pub fn q4_blocks(
     if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
         return Ok(None);
     }
-    let bb = ty.block_bytes() as usize;
-    if !n.is_multiple_of(32) || data.len() != n / 32 * bb {
-        return Err(format!(
-            "{ty:?}: {} bytes for {n} elements (expected {})",
-            data.len(),
-            n / 32 * bb
-        ));
-    }
+    let bb = block_bytes_for(ty, data, n)?;
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     let (mut q, mut scale, mut min) = (
         Vec::with_capacity(n),
@@ -639,14 +646,7 @@ pub fn q8_0_blocks(
     if ty != GgmlType::Q8_0 {
         return Ok(None);
     }
-    let bb = ty.block_bytes() as usize;
-    if !n.is_multiple_of(32) || data.len() != n / 32 * bb {
-        return Err(format!(
-            "{ty:?}: {} bytes for {n} elements (expected {})",
-            data.len(),
-            n / 32 * bb
-        ));
-    }
+    let bb = block_bytes_for(ty, data, n)?;
     let (mut q, mut scale) = (Vec::with_capacity(n), Vec::with_capacity(n / 32));
     for b in data.chunks_exact(bb) {
         scale.push(f16::from_le_bytes([b[0], b[1]]).to_f32());

@@ -333,6 +333,67 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
     Ok(Some(out))
 }
 
+multiversion!(add_bf16, fn(a: &[u16], b: &[u16], out: &mut [u16]) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = bf16_bits(bf16_value(x) + bf16_value(y));
+    }
+});
+
+multiversion!(add_f32, fn(a: &[f32], b: &[f32], out: &mut [f32]) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = x + y;
+    }
+});
+
+/// The residual step of a decoder layer in one call: `sum = x + delta` (rounded to the dtype,
+/// as libtorch's `add` rounds) and [`rms_norm`]`(sum, weight)`, returned as `(sum, normed)`.
+/// Bit-identical to the two ops; saves one op dispatch per residual when decoding. The same
+/// inputs as [`rms_norm`] take it (bf16 or f32 CPU tensors of at most [`RMS_NORM_MAX_ROWS`]
+/// rows), with `delta` of `x`'s shape and kind; `None` otherwise.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let kind = x.kind();
+    if !plain_cpu(delta) || delta.kind() != kind || delta.size() != x.size() {
+        return Ok(None);
+    }
+    let h = x.size().last().copied().unwrap_or(0);
+    // The same conditions as `rms_norm`'s, checked before anything is computed.
+    if !available()
+        || !plain_cpu(x)
+        || !plain_cpu(weight)
+        || weight.kind() != kind
+        || !matches!(kind, Kind::BFloat16 | Kind::Float)
+        || h == 0
+        || weight.size() != [h]
+        || x.numel() as i64 / h > RMS_NORM_MAX_ROWS
+    {
+        return Ok(None);
+    }
+    let (x, delta) = (x.f_contiguous()?, delta.f_contiguous()?);
+    let sum = Tensor::f_empty(x.size(), (kind, Device::Cpu))?;
+    // SAFETY: `x`, `delta` and the fresh `sum` are contiguous CPU tensors of `kind` with the
+    // same number of elements (bf16 = u16 bits).
+    unsafe {
+        match kind {
+            Kind::BFloat16 => add_bf16(
+                elements::<u16>(&x),
+                elements::<u16>(&delta),
+                elements_mut::<u16>(&sum),
+            ),
+            _ => add_f32(
+                elements::<f32>(&x),
+                elements::<f32>(&delta),
+                elements_mut::<f32>(&sum),
+            ),
+        }
+    }
+    Ok(rms_norm(&sum, weight, eps)?.map(|normed| (sum, normed)))
+}
+
 /// Strides and sizes of a `[B, heads, L, hd]` view whose rows of `hd` are contiguous.
 #[derive(Clone, Copy)]
 struct View4 {
@@ -377,6 +438,9 @@ struct AttnShape {
     v: View4,
     hd: usize,
     group: usize,
+    /// Work units per (row, kv head) pair: 1, or `group` (one query head each) when there are
+    /// too few pairs to keep every thread busy (batch 1).
+    parts: usize,
     scale: f32,
 }
 
@@ -753,11 +817,67 @@ mod avx512 {
         }
     }
 
-    /// The kernel (see `super::decode_attention`) for (row, kv head) pairs `pairs` (pair
-    /// `b * nkv + h`); `hd` is a multiple of 16.
+    /// `out = silu(g) * u` over float32 lanes, as libtorch computes `silu(g).mul(u)`:
+    /// `silu(g) = g / (1 + e^-g)`, written for either sign through `e^-|g|` (so nothing
+    /// overflows); with `round` the `silu` value and the product are rounded to bf16, as the
+    /// two bf16 ops round them. The tail past a multiple of 16, and chunks with an input below
+    /// -87, run in scalar code.
     ///
     /// # Safety
-    /// `out` points at `B * nq * hd` writable values; each pair writes only its own heads.
+    /// AVX-512F and FMA; the three slices have the same length.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32], round: bool) {
+        let n = out.len().min(g.len()).min(u.len());
+        let body = n / 16 * 16;
+        let one = _mm512_set1_ps(1.0);
+        let sign = _mm512_set1_ps(-0.0);
+        let tiny = _mm512_set1_ps(-87.0);
+        let r = |v: f32| {
+            if round {
+                super::bf16_value(super::bf16_bits(v))
+            } else {
+                v
+            }
+        };
+        let scalar = |out: &mut [f32], i: usize| {
+            let x = g[i];
+            out[i] = r(r(x / (1.0 + (-x).exp())) * u[i]);
+        };
+        // SAFETY: every 16-lane access lies below `body <= n`, inside all three slices.
+        unsafe {
+            for c in (0..body).step_by(16) {
+                let x = _mm512_loadu_ps(g.as_ptr().add(c));
+                // Below -87, `e^x` leaves the range of `exp_nonpositive` (it flushes to 0 where
+                // float32's subnormals still hold silu's value): those chunks run in scalar code.
+                if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, tiny) != 0 {
+                    (c..c + 16).for_each(|i| scalar(out, i));
+                    continue;
+                }
+                // t = e^-|x| in (0, 1]; silu = x / (1 + t) for x >= 0, x t / (1 + t) below.
+                let neg_abs = _mm512_or_ps(x, sign);
+                let t = exp_nonpositive(neg_abs);
+                let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+                let num = _mm512_mask_mul_ps(x, below, x, t);
+                let mut sv = _mm512_div_ps(num, _mm512_add_ps(one, t));
+                if round {
+                    sv = round_bf16(sv);
+                }
+                let mut y = _mm512_mul_ps(sv, _mm512_loadu_ps(u.as_ptr().add(c)));
+                if round {
+                    y = round_bf16(y);
+                }
+                _mm512_storeu_ps(out.as_mut_ptr().add(c), y);
+            }
+        }
+        (body..n).for_each(|i| scalar(out, i));
+    }
+
+    /// The kernel (see `super::decode_attention`) for work units `units`: unit
+    /// `(b * nkv + h) * parts + p` is part `p` of the query heads that read kv head `h` of row
+    /// `b` (all of them when `parts` is 1); `hd` is a multiple of 16.
+    ///
+    /// # Safety
+    /// `out` points at `B * nq * hd` writable values; each unit writes only its own heads.
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn attention<E: AttnElem>(
         q: &[E],
@@ -766,9 +886,11 @@ mod avx512 {
         mask: Option<&[bool]>,
         out: *mut E,
         s: AttnShape,
-        pairs: std::ops::Range<usize>,
+        units: std::ops::Range<usize>,
     ) {
-        let (hd, group, l) = (s.hd, s.group, s.k.l);
+        let (hd, l) = (s.hd, s.k.l);
+        // Query heads per unit.
+        let group = s.group / s.parts;
         let chunks = hd / 16;
         let padded = l.div_ceil(16) * 16;
         let mut qf = vec![0f32; group * hd];
@@ -778,12 +900,15 @@ mod avx512 {
         // SAFETY: every offset below comes from the views' sizes and strides, which
         // `decode_attention` checked against the slices' extents; rows have `hd` elements.
         unsafe {
-            for pair in pairs {
+            for unit in units {
+                let (pair, part) = (unit / s.parts, unit % s.parts);
                 let (b, kvh) = (pair / s.k.h, pair % s.k.h);
+                // The first query head of this unit.
+                let head0 = kvh * s.group + part * group;
                 for g in 0..group {
                     // Lanes past the last key take no part in the soft-max.
                     scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
-                    let at = s.q.at(b, kvh * group + g, 0);
+                    let at = s.q.at(b, head0 + g, 0);
                     for (d, x) in qf[g * hd..(g + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
                         *d = x.to_f32();
                     }
@@ -855,7 +980,7 @@ mod avx512 {
                     }
                 }
                 for g in 0..group {
-                    let at = (b * s.q.h + kvh * group + g) * hd;
+                    let at = (b * s.q.h + head0 + g) * hd;
                     for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
                         *out.add(at + i) = E::from_f32(*a);
                     }
@@ -863,6 +988,234 @@ mod avx512 {
             }
         }
     }
+}
+
+/// A float element the elementwise kernels read and write: bf16 (`u16` bits; every op's
+/// result rounded to bf16, as libtorch's bf16 ops round) or float32.
+trait Element: Copy {
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+    /// `v` rounded to this type's precision (identity for float32).
+    fn round(v: f32) -> f32;
+}
+
+impl Element for u16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        bf16_value(self)
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        bf16_bits(v)
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        bf16_value(bf16_bits(v))
+    }
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
+}
+
+/// The rotation of [`rope`] for every (row, position, head) of `view`, written `[B, T, H, hd]`
+/// into `out`: `x * cos + roll(x, rot / 2) * sin` over the first `rot` values (each product
+/// and the sum rounded as the element type's ops round), the rest copied.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rope_rows<E: Element>(
+    x: &[E],
+    view: View4,
+    cos: &[E],
+    sin: &[E],
+    out: &mut [E],
+    hd: usize,
+    rot: usize,
+) {
+    let half = rot / 2;
+    for b in 0..view.b {
+        for t in 0..view.l {
+            let table = (b * view.l + t) * rot;
+            let (c, s) = (&cos[table..table + rot], &sin[table..table + rot]);
+            for h in 0..view.h {
+                let src = &x[view.at(b, h, t)..view.at(b, h, t) + hd];
+                let at = ((b * view.l + t) * view.h + h) * hd;
+                let dst = &mut out[at..at + hd];
+                for d in 0..rot {
+                    let rolled = src[(d + half) % rot].get();
+                    let a = E::round(src[d].get() * c[d].get());
+                    let r = E::round(rolled * s[d].get());
+                    dst[d] = E::put(a + r);
+                }
+                dst[rot..].copy_from_slice(&src[rot..]);
+            }
+        }
+    }
+}
+
+multiversion!(rope_bf16, fn(x: &[u16], view: View4, cos: &[u16], sin: &[u16], out: &mut [u16], hd: usize, rot: usize) {
+    rope_rows(x, view, cos, sin, out, hd, rot)
+});
+
+multiversion!(rope_f32, fn(x: &[f32], view: View4, cos: &[f32], sin: &[f32], out: &mut [f32], hd: usize, rot: usize) {
+    rope_rows(x, view, cos, sin, out, hd, rot)
+});
+
+/// Rotary position embedding of `x` `[B, H, T, hd]` (a view whose rows of `hd` are contiguous,
+/// e.g. heads transposed out of a projection) with `cos`/`sin` `[B, 1, T, rot]` in `x`'s
+/// dtype, the first half of `sin` negated: exactly the model's libtorch formulation
+/// `x * cos + roll(x, rot / 2) * sin` on the first `rot` values, the rest passed through, in one
+/// pass instead of four ops (bit-identical: the same products and sums, rounded at the same
+/// points). For decoding: at most [`RMS_NORM_MAX_ROWS`] (row, position) pairs of bf16 or float32
+/// CPU tensors; `None` otherwise. The result is `[B, H, T, hd]`, laid out `[B, T, H, hd]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Option<Tensor>> {
+    let kind = x.kind();
+    let Some(view) = View4::of(x) else {
+        return Ok(None);
+    };
+    let hd = x.size()[3] as usize;
+    let table = [view.b as i64, 1, view.l as i64, rot as i64];
+    if !available()
+        || !matches!(kind, Kind::BFloat16 | Kind::Float)
+        || [x, cos, sin]
+            .iter()
+            .any(|t| !plain_cpu(t) || t.kind() != kind)
+        || rot == 0
+        || !rot.is_multiple_of(2)
+        || rot > hd
+        || cos.size() != table
+        || sin.size() != table
+        || (view.b * view.l) as i64 > RMS_NORM_MAX_ROWS
+        || view.h == 0
+    {
+        return Ok(None);
+    }
+    let (cos, sin) = (cos.f_contiguous()?, sin.f_contiguous()?);
+    let out = Tensor::f_empty(
+        [view.b as i64, view.l as i64, view.h as i64, hd as i64],
+        (kind, Device::Cpu),
+    )?;
+    // SAFETY: `x`'s slice starts at its first element and spans its furthest one (the view's
+    // sizes and non-negative strides describe elements of its storage); `cos`/`sin` are
+    // contiguous `[B, 1, T, rot]` and `out` fresh `[B, T, H, hd]`, all of `kind` (bf16 = u16
+    // bits).
+    unsafe {
+        match kind {
+            Kind::BFloat16 => rope_bf16(
+                std::slice::from_raw_parts(x.data_ptr() as *const u16, view.extent(hd)),
+                view,
+                elements::<u16>(&cos),
+                elements::<u16>(&sin),
+                elements_mut::<u16>(&out),
+                hd,
+                rot,
+            ),
+            _ => rope_f32(
+                std::slice::from_raw_parts(x.data_ptr() as *const f32, view.extent(hd)),
+                view,
+                elements::<f32>(&cos),
+                elements::<f32>(&sin),
+                elements_mut::<f32>(&out),
+                hd,
+                rot,
+            ),
+        }
+    }
+    Ok(Some(out.f_transpose(1, 2)?))
+}
+
+/// `(rows, width, row stride)` of a tensor whose last dimension is contiguous and whose
+/// leading dimensions collapse into one evenly strided row index (e.g. a `narrow` of the
+/// last dimension of a contiguous tensor).
+fn strided_rows(t: &Tensor) -> Option<(usize, usize, usize)> {
+    let (size, stride) = (t.size(), t.stride());
+    let (&width, lead) = size.split_last()?;
+    if stride.last() != Some(&1) || width <= 0 {
+        return None;
+    }
+    let rows: i64 = lead.iter().product();
+    // The innermost leading dimension's stride, or the width for a single row.
+    let step = if lead.is_empty() {
+        width
+    } else {
+        stride[lead.len() - 1]
+    };
+    let mut expect = step;
+    for d in (0..lead.len()).rev() {
+        if size[d] > 1 && stride[d] != expect {
+            return None;
+        }
+        expect *= size[d];
+    }
+    (step >= width).then_some((rows as usize, width as usize, step as usize))
+}
+
+/// `silu(gate) * up` (SwiGLU's product) in one pass for at most [`RMS_NORM_MAX_ROWS`] rows
+/// of bf16 or float32 CPU tensors of one shape, e.g. the two halves of a fused `gate_up`
+/// output; `None` otherwise. libtorch's `silu(gate).mul(up)` rounds at the same points (bf16:
+/// the `silu` value, then the product); the exponential is Cephes' `expf` (relative error
+/// ~1e-7), so float32 results agree with libtorch's to a few units in the last place.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    let kind = gate.kind();
+    let (Some(gs), Some(us)) = (strided_rows(gate), strided_rows(up)) else {
+        return Ok(None);
+    };
+    if !int4_f32_available()
+        || !matches!(kind, Kind::BFloat16 | Kind::Float)
+        || [gate, up].iter().any(|t| !plain_cpu(t) || t.kind() != kind)
+        || gate.size() != up.size()
+        || gs.0 as i64 > RMS_NORM_MAX_ROWS
+    {
+        return Ok(None);
+    }
+    let (rows, width) = (gs.0, gs.1);
+    let out = Tensor::f_empty(gate.size(), (kind, Device::Cpu))?;
+    let extent = |(r, w, step): (usize, usize, usize)| if r == 0 { 0 } else { (r - 1) * step + w };
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: each input's slice spans its rows (`strided_rows` checked the layout against
+    // its sizes and strides); `out` is fresh and contiguous `[rows, width]`; the CPU has
+    // AVX-512F and FMA (`int4_f32_available`).
+    unsafe {
+        let bf16 = kind == Kind::BFloat16;
+        let (mut gf, mut uf, mut of) = (vec![0f32; width], vec![0f32; width], vec![0f32; width]);
+        for row in 0..rows {
+            let (ga, ua) = (row * gs.2, row * us.2);
+            if bf16 {
+                let g = std::slice::from_raw_parts(gate.data_ptr() as *const u16, extent(gs));
+                let u = std::slice::from_raw_parts(up.data_ptr() as *const u16, extent(us));
+                widen(&g[ga..ga + width], &mut gf);
+                widen(&u[ua..ua + width], &mut uf);
+                avx512::silu_mul(&gf, &uf, &mut of, true);
+                for (d, v) in elements_mut::<u16>(&out)[row * width..(row + 1) * width]
+                    .iter_mut()
+                    .zip(&of)
+                {
+                    *d = bf16_bits(*v);
+                }
+            } else {
+                let g = std::slice::from_raw_parts(gate.data_ptr() as *const f32, extent(gs));
+                let u = std::slice::from_raw_parts(up.data_ptr() as *const f32, extent(us));
+                avx512::silu_mul(
+                    &g[ga..ga + width],
+                    &u[ua..ua + width],
+                    &mut elements_mut::<f32>(&out)[row * width..(row + 1) * width],
+                    false,
+                );
+            }
+        }
+    }
+    Ok(Some(out))
 }
 
 /// Attention for one query per row in bf16 or float32 on the CPU. bf16 keeps the rounding
@@ -920,6 +1273,9 @@ pub fn decode_attention(
         v: vv,
         hd,
         group: qv.h / kv.h,
+        // Fewer (row, kv head) pairs than 4 (batch 1 of a GQA model with 3 kv heads) leave a
+        // thread idle or unevenly loaded: split them by query head.
+        parts: if qv.b * kv.h < 4 { qv.h / kv.h } else { 1 },
         scale: 1.0 / (hd as f32).sqrt(),
     };
     let out = Tensor::f_empty(
@@ -966,16 +1322,20 @@ unsafe fn attention_views<E: avx512::AttnElem + Sync>(
             span(qkv[2], &shape.v),
         );
         let os = OutPtr(elements_mut::<E>(out).as_mut_ptr());
-        let pairs = shape.k.b * shape.k.h;
+        let units = shape.k.b * shape.k.h * shape.parts;
         let run = |range: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let os = os;
             avx512::attention(qs, ks, vs, mask, os.0, shape, range)
         };
-        // (Row, kv head) pairs split across threads when there is enough work (batch 8 at
-        // SmolLM2 shapes: 137 µs on one thread).
-        omp::split(pairs, 1, pairs * shape.k.l * shape.group * hd, &run);
+        // Units split across threads when there is enough work (batch 8 at SmolLM2 shapes:
+        // 137 µs on one thread). Reading the keys and values is the cost that counts at batch
+        // 1: one thread streams a layer's cache (356 KB at SmolLM2's 232-token context, in
+        // float32) at about 10 GB/s, so count four units of work per cached element read.
+        let macs = shape.k.b * shape.k.h * shape.k.l * shape.group * hd;
+        let cached = shape.k.b * shape.k.h * shape.k.l * hd * 2;
+        omp::split(units, 1, macs.max(4 * cached), &run);
     }
 }
 

@@ -636,6 +636,23 @@ impl Model {
         Ok(x.f_rms_norm([h], Some(weight), self.config.rms_norm_eps())?)
     }
 
+    /// `(x + delta, rms_norm(x + delta))`: one kernel call when decoding on the CPU, else the
+    /// two ops.
+    fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        delta: &Tensor,
+        weight: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let eps = self.config.rms_norm_eps();
+        if let Some(pair) = crate::cpu_kernels::add_rms_norm(x, delta, weight, eps)? {
+            return Ok(pair);
+        }
+        let sum = x.f_add(delta)?;
+        let normed = self.rms_norm(&sum, weight)?;
+        Ok((sum, normed))
+    }
+
     /// cos/sin `[B, 1, T, rot]` for positions `[B, T]`, as HF computes them (float32, then cast);
     /// the first half of `sin` is negated (see [`Self::apply_rope`]).
     fn rope_tables(&self, positions: &Tensor, max_len: i64) -> Result<(Tensor, Tensor)> {
@@ -694,6 +711,10 @@ impl Model {
     fn apply_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let rot = self.config.rotary_dim() as i64;
         let hd = self.config.head_dim() as i64;
+        // Decoding on the CPU: the same products and sums in one pass (bit-identical).
+        if let Some(y) = crate::cpu_kernels::rope(x, cos, sin, rot as usize)? {
+            return Ok(y);
+        }
         let (xr, pass) = if rot < hd {
             (
                 x.f_narrow(-1, 0, rot)?,
@@ -868,8 +889,17 @@ impl Model {
         let hd = self.config.head_dim() as i64;
         let inter = self.config.intermediate_size as i64;
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        // The previous layer's MLP output, added to `x` together with the next RMSNorm.
+        let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &layer.input_norm)?;
+            let h = match pending.take() {
+                Some(d) => {
+                    let (sum, h) = self.add_rms_norm(&x, &d, &layer.input_norm)?;
+                    x = sum;
+                    h
+                }
+                None => self.rms_norm(&x, &layer.input_norm)?,
+            };
             let (qk, v) = if delta.is_none() {
                 // No adapter: q and k are the leading columns of the fused output, so RoPE runs
                 // on a view of it (no split, no concatenation).
@@ -962,8 +992,8 @@ impl Model {
                 None,
                 delta,
             )?;
-            x = x.f_add(&o[0])?;
-            let h = self.rms_norm(&x, &layer.post_norm)?;
+            let (sum, h) = self.add_rms_norm(&x, &o[0], &layer.post_norm)?;
+            x = sum;
             let gu = self.project(
                 li,
                 &h,
@@ -976,7 +1006,11 @@ impl Model {
                 },
                 delta,
             )?;
-            let act = gu[0].f_silu()?.f_mul(&gu[1])?;
+            // Decoding on the CPU: `silu(gate) * up` in one pass, rounded at the same points.
+            let act = match crate::cpu_kernels::silu_mul(&gu[0], &gu[1])? {
+                Some(act) => act,
+                None => gu[0].f_silu()?.f_mul(&gu[1])?,
+            };
             let d = self.project(
                 li,
                 &act,
@@ -985,7 +1019,10 @@ impl Model {
                 None,
                 delta,
             )?;
-            x = x.f_add(&d[0])?;
+            pending = Some(d[0].shallow_clone());
+        }
+        if let Some(d) = pending {
+            x = x.f_add(&d)?;
         }
         cache.commit(t as usize);
         self.pick_logits(&x, at)

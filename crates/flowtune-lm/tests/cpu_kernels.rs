@@ -10,9 +10,15 @@
 //! largest |v| (one flipped probability rounding moves an output by at most that; observed: equal
 //! bits in 6 of 7 cases, 1 bf16 ulp in the last), and both kernel and libtorch within 2^-5 of the
 //! largest |v| from the f64 result (observed up to 0.021 with |v| ≤ 3.3).
+//! RoPE: the model's libtorch formulation (`x * cos + roll(x, rot / 2) * sin`, four ops),
+//! bit for bit (the kernel makes the same products and sums, rounded at the same points).
+//! SwiGLU's `silu(g) * u`: libtorch's `silu` then `mul`; float32 within 8 units in the last
+//! place of the larger of |result| and |u| · 2^-20 (the two `exp`s differ by an ulp or two,
+//! and `silu` near its zero loses relative precision in both); bf16 within one bf16 ulp (a
+//! different f32 `silu` can round to the neighbouring bf16 value).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use flowtune_lm::cpu_kernels::{self, decode_attention, rms_norm};
+use flowtune_lm::cpu_kernels::{self, add_rms_norm, decode_attention, rms_norm, rope, silu_mul};
 use std::sync::{Mutex, MutexGuard};
 
 use proptest::prelude::*;
@@ -240,6 +246,167 @@ fn kernels_decline_what_they_do_not_cover() {
     cpu_kernels::set_enabled(true);
     assert!(off);
     assert!(decode_attention(&q, &k, &k, None).unwrap().is_some());
+}
+
+/// The model's libtorch RoPE (`Model::apply_rope`): roll by half, sign folded into `sin`.
+fn libtorch_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: i64) -> Tensor {
+    let hd = x.size()[3];
+    let xr = x.narrow(-1, 0, rot);
+    let rotated = xr.roll([rot / 2], [-1]) * sin;
+    let out = xr * cos + rotated;
+    if rot < hd {
+        Tensor::cat(&[out, x.narrow(-1, rot, hd - rot)], -1)
+    } else {
+        out
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    #[test]
+    fn rope_equals_the_libtorch_formulation_bit_for_bit(
+        b in 1i64..=4, t in 1i64..=2, (nq, nkv) in prop::sample::select(vec![(9i64, 3i64), (4, 4), (6, 1)]),
+        (hd, rot) in prop::sample::select(vec![(64i64, 64i64), (96, 96), (64, 32), (128, 64)]),
+        seed in 0i64..1000, bf16 in any::<bool>(),
+    ) {
+        let _serial = require_kernels();
+        tch::manual_seed(seed);
+        let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+        let h = nq + nkv;
+        // As in the model: heads transposed out of a `[B, T, H, hd]` projection.
+        let x = (Tensor::randn([b, t, h, hd], (Kind::Float, Device::Cpu)) * 3.0)
+            .to_kind(kind)
+            .transpose(1, 2);
+        let pos = Tensor::randint(4000, [b, 1, t, 1], (Kind::Float, Device::Cpu));
+        let inv = Tensor::arange(rot / 2, (Kind::Float, Device::Cpu))
+            .multiply_scalar(-2.0 / rot as f64 * 10000f64.ln())
+            .exp();
+        let freqs = pos * inv;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let cos = emb.cos().to_kind(kind);
+        let sign = Tensor::cat(
+            &[Tensor::full([rot / 2], -1.0, (Kind::Float, Device::Cpu)),
+              Tensor::ones([rot / 2], (Kind::Float, Device::Cpu))], 0);
+        let sin = (emb.sin() * sign).to_kind(kind);
+        let ours = rope(&x, &cos, &sin, rot as usize).unwrap().expect("kernel applies");
+        let reference = libtorch_rope(&x, &cos, &sin, rot);
+        prop_assert_eq!(ours.size(), reference.size());
+        prop_assert_eq!(ours.kind(), kind);
+        let (a, r) = (values(&ours), values(&reference));
+        for (i, (o, e)) in a.iter().zip(&r).enumerate() {
+            prop_assert_eq!(o.to_bits(), e.to_bits(), "element {}: {} vs {}", i, o, e);
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_libtorch(
+        rows in 1i64..=8, width in prop::sample::select(vec![16i64, 40, 1536, 33]),
+        scale in prop::sample::select(vec![0.5f64, 4.0, 60.0]),
+        seed in 0i64..1000, bf16 in any::<bool>(), fused in any::<bool>(),
+    ) {
+        let _serial = require_kernels();
+        tch::manual_seed(seed);
+        let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+        let y = (Tensor::randn([rows, 1, 2 * width], (Kind::Float, Device::Cpu)) * scale)
+            .to_kind(kind);
+        // Fused: the two halves of one `gate_up` output (strided rows); else separate tensors.
+        let (g, u) = if fused {
+            (y.narrow(-1, 0, width), y.narrow(-1, width, width))
+        } else {
+            (y.narrow(-1, 0, width).contiguous(), y.narrow(-1, width, width).contiguous())
+        };
+        let ours = silu_mul(&g, &u).unwrap().expect("kernel applies");
+        let reference = g.silu() * &u;
+        prop_assert_eq!(ours.size(), reference.size());
+        prop_assert_eq!(ours.kind(), kind);
+        let (a, r, uv) = (values(&ours), values(&reference), values(&u));
+        for (i, ((o, e), uu)) in a.iter().zip(&r).zip(&uv).enumerate() {
+            let tol = if bf16 {
+                bf16_ulp(*e)
+            } else {
+                8.0 * f32::EPSILON * e.abs().max(uu.abs() * 2f32.powi(-20))
+            };
+            prop_assert!((o - e).abs() <= tol, "element {}: kernel {} vs libtorch {} (tol {})", i, o, e, tol);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// The residual step equals libtorch's `add` followed by the RMSNorm kernel, bit for bit.
+    #[test]
+    fn add_rms_norm_equals_add_then_rms_norm(rows in 1i64..=8, h in prop::sample::select(vec![16i64, 100, 576]),
+                                             seed in 0i64..1000, bf16 in any::<bool>()) {
+        let _serial = require_kernels();
+        tch::manual_seed(seed);
+        let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+        let x = (Tensor::randn([rows, 1, h], (Kind::Float, Device::Cpu)) * 4.0).to_kind(kind);
+        let d = Tensor::randn([rows, 1, h], (Kind::Float, Device::Cpu)).to_kind(kind);
+        let w = (Tensor::randn([h], (Kind::Float, Device::Cpu)) * 0.5 + 1.0).to_kind(kind);
+        let (sum, normed) = add_rms_norm(&x, &d, &w, 1e-5).unwrap().expect("kernel applies");
+        let sum_ref = &x + &d;
+        let normed_ref = rms_norm(&sum_ref, &w, 1e-5).unwrap().expect("kernel applies");
+        for (ours, reference) in [(&sum, &sum_ref), (&normed, &normed_ref)] {
+            prop_assert_eq!(ours.size(), reference.size());
+            let (a, r) = (values(ours), values(reference));
+            for (i, (o, e)) in a.iter().zip(&r).enumerate() {
+                prop_assert_eq!(o.to_bits(), e.to_bits(), "element {}: {} vs {}", i, o, e);
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_silu_mul_and_add_rms_norm_decline_what_they_do_not_cover() {
+    let _serial = require_kernels();
+    let bf = (Kind::BFloat16, Device::Cpu);
+    let x = Tensor::randn([1, 12, 1, 64], bf);
+    let table = Tensor::randn([1, 1, 1, 64], bf);
+    // Mixed kinds, half precision, an odd rotary width, tables of the wrong shape, gradients.
+    assert!(rope(&x, &table.to_kind(Kind::Float), &table, 64)
+        .unwrap()
+        .is_none());
+    let h = |t: &Tensor| t.to_kind(Kind::Half);
+    assert!(rope(&h(&x), &h(&table), &h(&table), 64).unwrap().is_none());
+    assert!(rope(&x, &table, &table, 63).unwrap().is_none());
+    assert!(rope(&x, &table.narrow(-1, 0, 32), &table, 64)
+        .unwrap()
+        .is_none());
+    let xg = x
+        .to_kind(Kind::Float)
+        .set_requires_grad(true)
+        .to_kind(Kind::BFloat16);
+    assert!(rope(&xg, &table, &table, 64).unwrap().is_none());
+    // More than 64 (row, position) pairs: prefill stays with libtorch.
+    let long = Tensor::randn([1, 12, 65, 64], bf);
+    let long_table = Tensor::randn([1, 1, 65, 64], bf);
+    assert!(rope(&long, &long_table, &long_table, 64).unwrap().is_none());
+    let g = Tensor::randn([2, 1, 32], bf);
+    assert!(silu_mul(&g, &g.to_kind(Kind::Float)).unwrap().is_none());
+    assert!(silu_mul(&g, &g.narrow(-1, 0, 16)).unwrap().is_none());
+    assert!(
+        silu_mul(&Tensor::randn([65, 32], bf), &Tensor::randn([65, 32], bf))
+            .unwrap()
+            .is_none()
+    );
+    // A transposed (non-row) layout.
+    let t = Tensor::randn([32, 2], bf).transpose(0, 1);
+    assert!(silu_mul(&t, &t).unwrap().is_none());
+    // The residual step: a delta of another shape or kind, too many rows.
+    let w = Tensor::ones([64], bf);
+    let r = Tensor::randn([2, 64], bf);
+    assert!(add_rms_norm(&r, &r.narrow(-1, 0, 32), &w, 1e-5)
+        .unwrap()
+        .is_none());
+    assert!(add_rms_norm(&r, &r.to_kind(Kind::Float), &w, 1e-5)
+        .unwrap()
+        .is_none());
+    let many = Tensor::randn([65, 64], bf);
+    assert!(add_rms_norm(&many, &many, &w, 1e-5).unwrap().is_none());
+    cpu_kernels::set_enabled(false);
+    let off = rope(&x, &table, &table, 64).unwrap().is_none();
+    cpu_kernels::set_enabled(true);
+    assert!(off);
 }
 
 mod model_support;

@@ -289,21 +289,28 @@ multiversion!(rms_norm_f32_rows, fn(x: &[f32], w: &[f32], out: &mut [f32], h: us
     }
 });
 
+/// Whether [`rms_norm`] takes `x` with `weight`: bf16 or f32 CPU tensors of one kind without
+/// gradients, `weight` `[h]` for `x` `[..., h]` of at most [`RMS_NORM_MAX_ROWS`] rows.
+fn rms_norm_takes(x: &Tensor, weight: &Tensor) -> bool {
+    let kind = x.kind();
+    let h = x.size().last().copied().unwrap_or(0);
+    available()
+        && plain_cpu(x)
+        && plain_cpu(weight)
+        && weight.kind() == kind
+        && matches!(kind, Kind::BFloat16 | Kind::Float)
+        && h > 0
+        && weight.size() == [h]
+        && x.numel() as i64 / h <= RMS_NORM_MAX_ROWS
+}
+
 /// RMSNorm over the last dimension as HF's `LlamaRMSNorm` computes it (mean of squares and
 /// the scaling in f32, the normalised value cast to the model dtype before the weight product),
 /// for bf16 or f32 CPU inputs of at most [`RMS_NORM_MAX_ROWS`] rows; `None` otherwise.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     let kind = x.kind();
     let h = x.size().last().copied().unwrap_or(0);
-    if !available()
-        || !plain_cpu(x)
-        || !plain_cpu(weight)
-        || weight.kind() != kind
-        || !matches!(kind, Kind::BFloat16 | Kind::Float)
-        || h == 0
-        || weight.size() != [h]
-        || x.numel() as i64 / h > RMS_NORM_MAX_ROWS
-    {
+    if !rms_norm_takes(x, weight) {
         return Ok(None);
     }
     let x = x.f_contiguous()?;
@@ -357,19 +364,11 @@ pub fn add_rms_norm(
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let kind = x.kind();
-    if !plain_cpu(delta) || delta.kind() != kind || delta.size() != x.size() {
-        return Ok(None);
-    }
-    let h = x.size().last().copied().unwrap_or(0);
-    // The same conditions as `rms_norm`'s, checked before anything is computed.
-    if !available()
-        || !plain_cpu(x)
-        || !plain_cpu(weight)
-        || weight.kind() != kind
-        || !matches!(kind, Kind::BFloat16 | Kind::Float)
-        || h == 0
-        || weight.size() != [h]
-        || x.numel() as i64 / h > RMS_NORM_MAX_ROWS
+    // `rms_norm`'s conditions, checked before anything is computed.
+    if !plain_cpu(delta)
+        || delta.kind() != kind
+        || delta.size() != x.size()
+        || !rms_norm_takes(x, weight)
     {
         return Ok(None);
     }
@@ -771,7 +770,7 @@ mod avx512 {
 
     /// An element type of the decode-attention kernel: bf16 (`u16` bits; scores and
     /// probabilities rounded to bf16 as the reference's bf16 products do) or float32.
-    pub(super) trait AttnElem: Copy {
+    pub(super) trait AttnElem: super::Element {
         /// Whether scores and probabilities are rounded to bf16.
         const ROUND: bool;
         /// 16 values from `p` as float32.
@@ -779,8 +778,6 @@ mod avx512 {
         /// # Safety
         /// `p` points at 16 readable values; AVX-512F.
         unsafe fn load16(p: *const Self) -> __m512;
-        fn to_f32(self) -> f32;
-        fn from_f32(x: f32) -> Self;
     }
 
     impl AttnElem for u16 {
@@ -790,14 +787,6 @@ mod avx512 {
             // SAFETY: as the caller guarantees.
             unsafe { load_bf16(p) }
         }
-        #[inline(always)]
-        fn to_f32(self) -> f32 {
-            super::bf16_value(self)
-        }
-        #[inline(always)]
-        fn from_f32(x: f32) -> Self {
-            super::bf16_bits(x)
-        }
     }
 
     impl AttnElem for f32 {
@@ -806,14 +795,6 @@ mod avx512 {
         unsafe fn load16(p: *const Self) -> __m512 {
             // SAFETY: as the caller guarantees.
             unsafe { _mm512_loadu_ps(p) }
-        }
-        #[inline(always)]
-        fn to_f32(self) -> f32 {
-            self
-        }
-        #[inline(always)]
-        fn from_f32(x: f32) -> Self {
-            x
         }
     }
 
@@ -910,7 +891,7 @@ mod avx512 {
                     scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
                     let at = s.q.at(b, head0 + g, 0);
                     for (d, x) in qf[g * hd..(g + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
-                        *d = x.to_f32();
+                        *d = x.get();
                     }
                 }
                 for j in 0..l {
@@ -982,7 +963,7 @@ mod avx512 {
                 for g in 0..group {
                     let at = (b * s.q.h + head0 + g) * hd;
                     for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
-                        *out.add(at + i) = E::from_f32(*a);
+                        *out.add(at + i) = E::put(*a);
                     }
                 }
             }

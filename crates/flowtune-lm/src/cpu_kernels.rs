@@ -88,6 +88,48 @@ fn widen(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// One cache line of float32s.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; LANES]);
+
+/// A float32 scratch buffer that starts on a cache-line boundary, so the kernels' 16-lane
+/// loads never straddle two lines (measured: the widened bf16 rows of the int4 and Q8_0
+/// products, in a plain `Vec` at malloc's 16-byte alignment, made those products ~20 % slower
+/// in bf16 than the same kernels over libtorch's aligned float32 tensors).
+struct AlignedF32 {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedF32 {
+    /// `len` copies of `value`.
+    fn filled(len: usize, value: f32) -> Self {
+        Self {
+            lines: vec![Line([value; LANES]); len.div_ceil(LANES)],
+            len,
+        }
+    }
+
+    /// `src` widened from bf16 to float32.
+    fn widened(src: &[u16]) -> Self {
+        let mut buf = Self::filled(src.len(), 0.0);
+        widen(src, buf.as_mut_slice());
+        buf
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: `Line` is `repr(C)` over `[f32; 16]` with size 64 = its alignment, so the
+        // lines are `16 * lines.len() >= len` contiguous, initialised float32s.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in `as_slice`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
+    }
+}
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Turn the kernels on or off for the whole process (on by default). Off, every entry point
@@ -268,12 +310,14 @@ unsafe fn elements_mut<E>(t: &Tensor) -> &mut [E] {
 }
 
 multiversion!(rms_norm_bf16_rows, fn(x: &[u16], w: &[u16], out: &mut [u16], h: usize, eps: f32) {
-    let mut row = vec![0f32; h];
-    let wf: Vec<f32> = w.iter().map(|&b| bf16_value(b)).collect();
+    let mut line = AlignedF32::filled(h, 0.0);
+    let row = line.as_mut_slice();
+    let wf = AlignedF32::widened(w);
+    let wf = wf.as_slice();
     for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-        widen(xr, &mut row);
-        let inv = 1.0 / (dot(&row, &row) / h as f32 + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(&row).zip(&wf) {
+        widen(xr, row);
+        let inv = 1.0 / (dot(row, row) / h as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(row.iter()).zip(wf) {
             // HF: `weight * (x * rsqrt(var + eps)).to(bf16)`, the product rounded to bf16.
             *o = bf16_bits(g * bf16_value(bf16_bits(v * inv)));
         }
@@ -874,9 +918,10 @@ mod avx512 {
         let group = s.group / s.parts;
         let chunks = hd / 16;
         let padded = l.div_ceil(16) * 16;
-        let mut qf = vec![0f32; group * hd];
-        let mut scores = vec![f32::NEG_INFINITY; group * padded];
-        let mut acc = vec![0f32; group * hd];
+        let mut qf = super::AlignedF32::filled(group * hd, 0.0);
+        let mut scores = super::AlignedF32::filled(group * padded, f32::NEG_INFINITY);
+        let mut acc = super::AlignedF32::filled(group * hd, 0.0);
+        let (qf, scores, acc) = (qf.as_mut_slice(), scores.as_mut_slice(), acc.as_mut_slice());
         let scale = _mm512_set1_ps(s.scale);
         // SAFETY: every offset below comes from the views' sizes and strides, which
         // `decode_attention` checked against the slices' extents; rows have `hd` elements.
@@ -1169,18 +1214,19 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     // AVX-512F and FMA (`int4_f32_available`).
     unsafe {
         let bf16 = kind == Kind::BFloat16;
-        let (mut gf, mut uf, mut of) = (vec![0f32; width], vec![0f32; width], vec![0f32; width]);
+        let mut bufs = [0; 3].map(|_| AlignedF32::filled(width, 0.0));
+        let [gf, uf, of] = bufs.each_mut().map(AlignedF32::as_mut_slice);
         for row in 0..rows {
             let (ga, ua) = (row * gs.2, row * us.2);
             if bf16 {
                 let g = std::slice::from_raw_parts(gate.data_ptr() as *const u16, extent(gs));
                 let u = std::slice::from_raw_parts(up.data_ptr() as *const u16, extent(us));
-                widen(&g[ga..ga + width], &mut gf);
-                widen(&u[ua..ua + width], &mut uf);
-                avx512::silu_mul(&gf, &uf, &mut of, true);
+                widen(&g[ga..ga + width], gf);
+                widen(&u[ua..ua + width], uf);
+                avx512::silu_mul(gf, uf, of, true);
                 for (d, v) in elements_mut::<u16>(&out)[row * width..(row + 1) * width]
                     .iter_mut()
-                    .zip(&of)
+                    .zip(of.iter())
                 {
                     *d = bf16_bits(*v);
                 }
@@ -1440,10 +1486,8 @@ impl Int4F32Weight {
             #[cfg(target_arch = "x86_64")]
             with_rows!(rows, M => if M <= 2 {
                 unsafe { avx512::int4_f32::<M, 4>(self, xs, y, r.start, r.end) }
-            } else if M <= 4 {
-                unsafe { avx512::int4_f32::<M, 2>(self, xs, y, r.start, r.end) }
             } else {
-                unsafe { avx512::int4_f32::<M, 1>(self, xs, y, r.start, r.end) }
+                unsafe { avx512::int4_f32::<M, 2>(self, xs, y, r.start, r.end) }
             })
         })
         .map(Some)
@@ -1476,33 +1520,47 @@ fn small_product(x: &Tensor, n: usize, k: usize, kernel: &SmallKernel<'_>) -> Re
     let out = output_for(&x, n, x.kind())?;
     // SAFETY: `x` is a contiguous f32 or bf16 CPU tensor of `rows * k` values; `out` is fresh,
     // of the same kind, and holds `rows * n`; bf16 inputs and outputs go through float32
-    // buffers of those sizes; threads write disjoint output ranges and are joined (the end of
-    // the parallel region) before `out` is read or returned.
+    // buffers of those sizes (the output one reserved, not initialised: each thread reads only
+    // the elements its own kernel call has just written); threads write disjoint output ranges
+    // and are joined (the end of the parallel region) before `out` is read or returned.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        let (mut xf, mut yf) = (Vec::new(), Vec::new());
+        let xf;
+        let mut yf: Vec<f32> = Vec::new();
         let (xs, yp) = if bf16 {
-            xf.resize(rows * k, 0f32);
-            widen(elements::<u16>(&x), &mut xf);
-            yf.resize(rows * n, 0f32);
-            (xf.as_slice(), yf.as_mut_ptr())
+            xf = AlignedF32::widened(elements::<u16>(&x));
+            let xs = xf.as_slice();
+            // Every element is written by the kernel before it is read (below).
+            yf.reserve_exact(rows * n);
+            (xs, yf.as_mut_ptr())
         } else {
             (elements::<f32>(&x), elements_mut::<f32>(&out).as_mut_ptr())
         };
         let ys = OutPtr(yp);
+        let dst = OutPtr(if bf16 {
+            elements_mut::<u16>(&out).as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        });
         let run = |r: std::ops::Range<usize>| {
-            // Capture the whole `OutPtr` (Send), not its raw-pointer field (edition 2021
+            // Capture the whole `OutPtr`s (Send), not their raw-pointer fields (edition 2021
             // closures capture disjoint fields).
             #[allow(clippy::redundant_locals)]
-            let ys = ys;
-            kernel(xs, ys.0, rows, r)
+            let (ys, dst) = (ys, dst);
+            kernel(xs, ys.0, rows, r.clone());
+            if bf16 {
+                // Each thread rounds the outputs it computed, row by row.
+                for m in 0..rows {
+                    let at = m * n + r.start;
+                    let src = std::slice::from_raw_parts(ys.0.add(at), r.len());
+                    let out = std::slice::from_raw_parts_mut(dst.0.add(at), r.len());
+                    for (d, v) in out.iter_mut().zip(src) {
+                        *d = bf16_bits(*v);
+                    }
+                }
+            }
         };
         omp::split(n, 16, rows * n * k, &run);
-        if bf16 {
-            for (d, v) in elements_mut::<u16>(&out).iter_mut().zip(&yf) {
-                *d = bf16_bits(*v);
-            }
-        }
     }
     Ok(out)
 }
@@ -1658,8 +1716,7 @@ pub fn linear_bf16_small(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
     // values, `x` holds `rows * k` bf16 values and `out`, fresh, `rows * n`; threads write
     // disjoint output ranges and are joined before `out` is returned.
     unsafe {
-        let mut xf = vec![0f32; rows * k];
-        widen(elements::<u16>(&x), &mut xf);
+        let xf = AlignedF32::widened(elements::<u16>(&x));
         let xs = xf.as_slice();
         let wb = elements::<u16>(w);
         let bs = bias.map(|b| elements::<u16>(b));
@@ -1781,5 +1838,27 @@ mod omp {
         // SAFETY: `GOMP_parallel(fn, data, 0 = the default team size, 0)` runs `fn(data)` on
         // each team thread and joins them before returning, so `job` outlives every use.
         unsafe { (gomp.parallel)(body, &job as *const Job<'_> as *mut c_void, 0, 0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffers_start_on_a_cache_line_and_keep_their_values() {
+        for len in [0, 1, 15, 16, 17, 577, 8 * 1536] {
+            let value = |i: usize| (i % 32) as f32 - 3.5; // exact in bf16
+            let bits: Vec<u16> = (0..len).map(|i| bf16_bits(value(i))).collect();
+            let buf = AlignedF32::widened(&bits);
+            let s = buf.as_slice();
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % 64, 0, "len {len}");
+            for (i, v) in s.iter().enumerate() {
+                assert_eq!(*v, value(i));
+            }
+            let filled = AlignedF32::filled(len, f32::NEG_INFINITY);
+            assert!(filled.as_slice().iter().all(|v| *v == f32::NEG_INFINITY));
+        }
     }
 }

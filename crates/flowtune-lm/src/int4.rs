@@ -12,9 +12,9 @@
 //! float32 or bf16 activations, float32 accumulation) and libtorch's
 //! `_weight_int4pack_mm_for_cpu` (bf16/f16 activations), whose dequantisation is
 //! `(q - 8) * scale + zero`, so the model passes `zero = min + 8 * scale`, rounded with the scale
-//! to the activation dtype. Float32 models take flowtune's, bf16 ones libtorch's (or flowtune's
-//! with `FLOWTUNE_INT4_BF16=own`, faster at batch 8 and slower at batch 1 on the development
-//! CPU; docs/lm-running.md). Forwards with more than [`INT4_MAX_ROWS`] rows (prefill, training)
+//! to the activation dtype. Float32 and bf16 models take flowtune's where the CPU has AVX-512F;
+//! `FLOWTUNE_INT4_BF16=libtorch` gives bf16 models libtorch's (slower at batch 8, a little
+//! faster at batch 1 on the development CPU; docs/lm-running.md). Forwards with more than [`INT4_MAX_ROWS`] rows (prefill, training)
 //! use the dense weight, which the model keeps as well.
 use tch::{Device, Kind, Tensor};
 
@@ -201,11 +201,11 @@ impl LibtorchInt4 {
 /// ([`crate::cpu_kernels::Int4F32Weight`]: float32 scales and minima, float32 or bf16
 /// activations, x86-64 with AVX-512F) or libtorch's (bf16/f16 activations).
 ///
-/// Float32 models take flowtune's. bf16 models take libtorch's unless `FLOWTUNE_INT4_BF16=own`.
-/// Measured on the session-7 Intel Xeon (SmolLM2-135M, `bench --weights int4`, tok/s, two runs
-/// each): libtorch's 97-98 at batch 1 and 299-303 at batch 8, flowtune's 89-92 and 326-333.
-/// Keeping both and picking by rows ran 94-98 and 286-295 (slower at batch 8 than either
-/// alone, reproducibly; not understood), so one kernel is chosen at load.
+/// Float32 and bf16 models take flowtune's (on AVX-512F CPUs); bf16 ones take libtorch's with
+/// `FLOWTUNE_INT4_BF16=libtorch`. Measured on the session-9 Intel Xeon (SmolLM2-135M,
+/// `bench --weights int4 --dtype bf16`, tok/s): flowtune's 117 at batch 1 and 366 at batch 8,
+/// libtorch's 127 and 326. (Session 7 measured flowtune's slower at batch 8 too: its bf16 rows
+/// were widened into a buffer at malloc's 16-byte alignment, fixed in session 9.)
 #[derive(Debug)]
 pub(crate) enum Int4Linear {
     Own(crate::cpu_kernels::Int4F32Weight),
@@ -216,7 +216,7 @@ impl Int4Linear {
     /// Pack `blocks` for activations of `kind` on the CPU, or `None` when no kernel takes this
     /// kind and shape.
     pub(crate) fn new(blocks: &Int4Blocks, kind: Kind) -> Result<Option<Self>> {
-        let own_bf16 = std::env::var("FLOWTUNE_INT4_BF16").is_ok_and(|v| v == "own");
+        let own_bf16 = !std::env::var("FLOWTUNE_INT4_BF16").is_ok_and(|v| v == "libtorch");
         if crate::cpu_kernels::int4_f32_available()
             && (kind == Kind::Float || (kind == Kind::BFloat16 && own_bf16))
         {

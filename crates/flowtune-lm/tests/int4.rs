@@ -248,21 +248,21 @@ fn int4_decode_is_as_close_to_f32_as_dense_bf16() {
     );
     assert_same_argmax(&r, &q, 1, "bf16 int4 vs f32");
 
-    // flowtune's own int4 kernel for bf16 activations (opt-in at load): the same bound. Other
-    // tests of this binary loading a bf16 int4 model meanwhile may pick it up too; both kernels
-    // are correct, so that only changes which one they exercise.
-    std::env::set_var("FLOWTUNE_INT4_BF16", "own");
+    // libtorch's int4 kernel for bf16 activations (opt-in at load; flowtune's is the default):
+    // the same bound. Other tests of this binary loading a bf16 int4 model meanwhile may pick
+    // it up too; both kernels are correct, so that only changes which one they exercise.
+    std::env::set_var("FLOWTUNE_INT4_BF16", "libtorch");
     let o = load_as(Kind::BFloat16, LinearWeights::Int4);
-    let own = Model::new(&o.config, &o.weights).unwrap();
+    let lt = Model::new(&o.config, &o.weights).unwrap();
     std::env::remove_var("FLOWTUNE_INT4_BF16");
     drop(o);
-    assert_eq!(own.int4_linears(), 30 * 4);
-    let ow = decode_logits(&own, &prompt, &steps);
-    let (own_err, own_mean) = (max_diff(&r, &ow, 1), mean_diff(&r, &ow));
-    eprintln!("own bf16 int4 kernel: max |Δ logit| {own_err:.4}, mean {own_mean:.4}");
+    assert_eq!(lt.int4_linears(), 30 * 4);
+    let lw = decode_logits(&lt, &prompt, &steps);
+    let (lt_err, lt_mean) = (max_diff(&r, &lw, 1), mean_diff(&r, &lw));
+    eprintln!("libtorch bf16 int4 kernel: max |Δ logit| {lt_err:.4}, mean {lt_mean:.4}");
     assert!(
-        own_mean <= 1.5 * dense_mean + 0.02 && own_err <= 2.0 * dense_err + 0.1,
-        "own-kernel int4 decode logits are off by {own_mean} on average (max {own_err})"
+        lt_mean <= 1.5 * dense_mean + 0.02 && lt_err <= 2.0 * dense_err + 0.1,
+        "libtorch-kernel int4 decode logits are off by {lt_mean} on average (max {lt_err})"
     );
-    assert_same_argmax(&r, &ow, 1, "bf16 int4 (own kernel) vs f32");
+    assert_same_argmax(&r, &lw, 1, "bf16 int4 (libtorch kernel) vs f32");
 }

@@ -957,6 +957,7 @@ mod avx512 {
     /// # Safety
     /// `out` points at `B * nq * hd` writable values; each unit writes only its own heads.
     #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::needless_range_loop)] // `c` indexes the query, the block and the registers alike
     pub(super) unsafe fn attention<E: AttnElem, const CH: usize>(
         q: &[E],
         k: &[E],

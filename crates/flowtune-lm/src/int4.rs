@@ -203,9 +203,10 @@ impl LibtorchInt4 {
 ///
 /// Float32 and bf16 models take flowtune's (on AVX-512F CPUs); bf16 ones take libtorch's with
 /// `FLOWTUNE_INT4_BF16=libtorch`. Measured on the session-9 Intel Xeon (SmolLM2-135M,
-/// `bench --weights int4 --dtype bf16`, tok/s): flowtune's 117 at batch 1 and 366 at batch 8,
-/// libtorch's 127 and 326. (Session 7 measured flowtune's slower at batch 8 too: its bf16 rows
-/// were widened into a buffer at malloc's 16-byte alignment, fixed in session 9.)
+/// `bench --weights int4 --dtype bf16`, tok/s): libtorch's 127 at batch 1 and 326 at batch 8;
+/// flowtune's 117 and 366 with the same surroundings, 120-125 and 375-393 with its table-lookup
+/// dequantisation. (Session 7 measured flowtune's slower at batch 8 too: its bf16 rows were
+/// widened into a buffer at malloc's 16-byte alignment, fixed in session 9.)
 #[derive(Debug)]
 pub(crate) enum Int4Linear {
     Own(crate::cpu_kernels::Int4F32Weight),

@@ -131,9 +131,19 @@ impl AlignedF32 {
 
     /// `src` widened from bf16 to float32.
     fn widened(src: &[u16]) -> Self {
-        let mut buf = Self::filled(src.len(), 0.0);
-        widen(src, buf.as_mut_slice());
-        buf
+        // Line by line, so the buffer is written once (no zeroing pass first).
+        let lines = src
+            .chunks(LANES)
+            .map(|chunk| {
+                let mut line = Line([0.0; LANES]);
+                widen(chunk, &mut line.0);
+                line
+            })
+            .collect();
+        Self {
+            lines,
+            len: src.len(),
+        }
     }
 
     fn as_slice(&self) -> &[f32] {
@@ -1179,11 +1189,18 @@ fn rope_rows<E: Element>(
                 let src = &x[view.at(b, h, t)..view.at(b, h, t) + hd];
                 let at = ((b * view.l + t) * view.h + h) * hd;
                 let dst = &mut out[at..at + hd];
-                for d in 0..rot {
-                    let rolled = src[(d + half) % rot].get();
-                    let a = E::round(src[d].get() * c[d].get());
-                    let r = E::round(rolled * s[d].get());
-                    dst[d] = E::put(a + r);
+                // `roll(x, half)` over the first `rot` values: the second half comes first. Two
+                // straight loops (no `%` per element) so that both vectorise.
+                let (lo, hi) = (&src[..half], &src[half..rot]);
+                for (rolled, from) in [(hi, 0), (lo, half)] {
+                    let to = from + rolled.len();
+                    let ins = src[from..to].iter().zip(rolled);
+                    let tables = c[from..to].iter().zip(&s[from..to]);
+                    for ((o, (x, r)), (cv, sv)) in dst[from..to].iter_mut().zip(ins).zip(tables) {
+                        let a = E::round(x.get() * cv.get());
+                        let r = E::round(r.get() * sv.get());
+                        *o = E::put(a + r);
+                    }
                 }
                 dst[rot..].copy_from_slice(&src[rot..]);
             }

@@ -595,7 +595,7 @@ mod avx512 {
     }
 
     /// `y = x @ w.T` for `M` rows (see `super::Int4F32Weight`): per output and group, the
-    /// dequantised weights `scale * q + min` (one fused multiply-add per 16 lanes, shared by
+    /// dequantised weights `scale * q + min` (looked up in the group's 16-value table, shared by
     /// all rows) times the inputs in 16-lane fused multiply-adds.
     ///
     /// # Safety
@@ -609,11 +609,11 @@ mod avx512 {
         from: usize,
         to: usize,
     ) {
-        // `A` accumulator sets per row (1, 2 or 4): the low and high halves of a group (and
-        // with 4, even and odd groups) add into separate registers, summed at the end, so few
-        // rows do not wait on one chain of dependent FMAs.
-        let pair = if A >= 2 { 1 } else { 0 };
-        let sets = (A / 2).max(1);
+        // `A` accumulator sets per row (2 or 4): the low and high halves of a group (and with
+        // 4, even and odd groups) add into separate registers, summed at the end, so no row
+        // waits on one chain of dependent FMAs (one set at 8 rows was measurably slower).
+        debug_assert!(A == 2 || A == 4);
+        let sets = A / 2;
         const G: usize = super::GROUP;
         let (n, k) = (w.n, w.k);
         let groups = k / G;
@@ -643,12 +643,12 @@ mod avx512 {
                     let table = _mm512_fmadd_ps(codes16, s, mn);
                     let lo = _mm512_permutexvar_ps(wide, table);
                     let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(wide), table);
-                    let a = (g % sets) * 2 * pair;
+                    let a = (g % sets) * 2;
                     for m in 0..M {
                         let xp = x.as_ptr().add(m * k + g * G);
                         acc[a][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[a][m]);
-                        acc[a + pair][m] =
-                            _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), acc[a + pair][m]);
+                        acc[a + 1][m] =
+                            _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), acc[a + 1][m]);
                     }
                 }
                 for m in 0..M {
@@ -664,7 +664,8 @@ mod avx512 {
 
     /// `y = x @ w.T` for `M` rows over Q8_0 blocks (see `super::Int8F32Weight`): per output
     /// and group, the 32 codes widened and scaled once (shared by all rows), then 16-lane fused
-    /// multiply-adds; `A` (1 or 2) accumulator sets per row as in `int4_f32`.
+    /// multiply-adds; `A` (1 or 2) accumulator sets per row, the low and high 16 inputs of a
+    /// group in separate registers with 2.
     ///
     /// # Safety
     /// `x` holds `M * k` floats, `y` points at `M * n` writable floats; `from..to` lies in
@@ -1334,7 +1335,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     unsafe {
         let bf16 = kind == Kind::BFloat16;
         let dst = OutPtr(out.data_ptr() as *mut u8);
-        let (gp, up_) = (gate.data_ptr() as usize, up.data_ptr() as usize);
+        // Addresses, not pointers, so that the closure below is `Sync`.
+        let (gate_at, up_at) = (gate.data_ptr() as usize, up.data_ptr() as usize);
         let run = |rows: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
@@ -1344,8 +1346,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
             for row in rows {
                 let (ga, ua) = (row * gs.2, row * us.2);
                 if bf16 {
-                    let g = std::slice::from_raw_parts(gp as *const u16, extent(gs));
-                    let u = std::slice::from_raw_parts(up_ as *const u16, extent(us));
+                    let g = std::slice::from_raw_parts(gate_at as *const u16, extent(gs));
+                    let u = std::slice::from_raw_parts(up_at as *const u16, extent(us));
                     widen(&g[ga..ga + width], gf);
                     widen(&u[ua..ua + width], uf);
                     avx512::silu_mul(gf, uf, of, true);
@@ -1355,8 +1357,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
                         *d = bf16_bits(*v);
                     }
                 } else {
-                    let g = std::slice::from_raw_parts(gp as *const f32, extent(gs));
-                    let u = std::slice::from_raw_parts(up_ as *const f32, extent(us));
+                    let g = std::slice::from_raw_parts(gate_at as *const f32, extent(gs));
+                    let u = std::slice::from_raw_parts(up_at as *const f32, extent(us));
                     let o =
                         std::slice::from_raw_parts_mut((dst.0 as *mut f32).add(row * width), width);
                     avx512::silu_mul(&g[ga..ga + width], &u[ua..ua + width], o, false);

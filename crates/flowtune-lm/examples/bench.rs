@@ -58,6 +58,8 @@ fn decode(
 }
 
 fn main() -> R<()> {
+    // As the flowtune-lm and musique binaries do (see `flowtune_lm::heap`).
+    flowtune_lm::heap::retain_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let arg = |k: &str| {
         args.iter()

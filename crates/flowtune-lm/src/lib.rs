@@ -11,6 +11,7 @@ pub mod cpu_kernels;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod heap;
 pub mod hf;
 pub mod int4;
 pub mod kv;

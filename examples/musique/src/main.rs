@@ -554,6 +554,10 @@ fn print_metrics(report: &musique::metrics::MetricsReport, path: &Path) -> Resul
 }
 
 fn main() -> ExitCode {
+    // CPU runs allocate and free large activations every layer: keep them in the heap
+    // (`flowtune_lm::heap`; 8-9 % of a MuSiQue eval's wall time, docs/benchmarks.md).
+    #[cfg(feature = "lm")]
+    flowtune::lm::heap::retain_freed_memory();
     // `RUST_LOG=flowtune_lm=info` (for example) also prints each enabled span's busy/idle time
     // when it closes: engine calls, episodes, learner steps.
     tracing_subscriber::fmt()

@@ -371,6 +371,8 @@ fn run() -> CliResult<()> {
 }
 
 fn main() {
+    // CPU runs allocate and free large activations every layer: keep them in the heap.
+    flowtune_lm::heap::retain_freed_memory();
     if let Err(e) = run() {
         eprintln!("flowtune-lm: {e}");
         std::process::exit(1);

@@ -206,6 +206,12 @@ pub struct OnlineConfig {
     /// `episodes-FIRST-LAST.jsonl` in this directory, one [`EpisodeTraces`](crate::online::EpisodeTraces) per line.
     #[serde(default)]
     pub traces_dir: Option<PathBuf>,
+    /// Keep going when an episode fails (its flow code, a rollout's replay or its feedback): the
+    /// episode is recorded in [`OnlineState::failures`](crate::OnlineState::failures), counted as
+    /// consumed, and left out of metrics and learning. Off by default: the first failure ends
+    /// the run. Backend errors end the run either way.
+    #[serde(default)]
+    pub skip_failed_episodes: bool,
 }
 
 impl Default for OnlineConfig {
@@ -220,6 +226,7 @@ impl Default for OnlineConfig {
             metrics_path: None,
             max_episodes: None,
             traces_dir: None,
+            skip_failed_episodes: false,
         }
     }
 }

@@ -9,6 +9,15 @@ pub enum Error {
     /// An error from the flow layer (flow code, replay, backend).
     #[error(transparent)]
     Graph(#[from] flowtune_graph::Error),
+    /// An episode failed (its flow code, a rollout or its feedback), as reported by
+    /// [`Scheduler::run_isolated`](crate::Scheduler::run_isolated).
+    #[error("episode {episode} failed: {message}")]
+    EpisodeFailed {
+        /// The episode id.
+        episode: u64,
+        /// The episode's error.
+        message: String,
+    },
     /// A configuration value that cannot be used.
     #[error("config field `{field}`: {reason}")]
     Config {

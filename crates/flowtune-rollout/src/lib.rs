@@ -29,4 +29,4 @@ pub use error::{BoxError, Error, Result};
 pub use feedback::{Feedback, Label, Preference, Target};
 pub use learner::{LearnStats, Learner};
 pub use online::{EpisodeMetrics, EpisodeTraces, GateState, LearnLog, OnlineLoop, OnlineState};
-pub use scheduler::{EpisodeJob, EpisodeResult, Scheduler};
+pub use scheduler::{EpisodeFailure, EpisodeJob, EpisodeOutcome, EpisodeResult, Scheduler};

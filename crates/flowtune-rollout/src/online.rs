@@ -17,6 +17,7 @@ use crate::credit::{Accounting, EpisodeJudge, Rollout};
 use crate::error::{Error, Result};
 use crate::feedback::Feedback;
 use crate::learner::{LearnStats, Learner};
+use crate::scheduler::EpisodeFailure;
 use crate::scheduler::{EpisodeJob, Scheduler};
 
 /// Metrics of one episode: its rewards (the prediction made before learning on the record) and
@@ -91,6 +92,9 @@ pub struct OnlineState {
     pub batch: BatchStats,
     /// Learning steps.
     pub learn_log: Vec<LearnLog>,
+    /// Episodes that failed and were skipped ([`OnlineConfig::skip_failed_episodes`]).
+    #[serde(default)]
+    pub failures: Vec<EpisodeFailure>,
 }
 
 /// The online learning loop over one flow.
@@ -150,6 +154,7 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
             totals: Accounting::default(),
             batch: BatchStats::default(),
             learn_log: Vec::new(),
+            failures: Vec::new(),
         };
         Ok(OnlineLoop {
             config,
@@ -262,7 +267,19 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
                 input,
             })
             .collect();
-        let (results, batch) = self.scheduler.run(&jobs, backend, judge)?;
+        let (results, batch) = if self.config.skip_failed_episodes {
+            let (outcomes, batch) = self.scheduler.run_isolated(&jobs, backend, judge)?;
+            let mut results = Vec::with_capacity(outcomes.len());
+            for outcome in outcomes {
+                match outcome {
+                    Ok(r) => results.push(r),
+                    Err(f) => self.state.failures.push(f),
+                }
+            }
+            (results, batch)
+        } else {
+            self.scheduler.run(&jobs, backend, judge)?
+        };
         self.state.batch.merge(&batch);
 
         if let Some(dir) = &self.config.traces_dir {
@@ -282,7 +299,7 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
             )?;
         }
         let mut by_node: BTreeMap<NodeId, Vec<Feedback>> = BTreeMap::new();
-        for (i, result) in results.into_iter().enumerate() {
+        for result in results {
             let rewards = result.trace.final_rewards();
             for (name, value) in &rewards {
                 let entry = self
@@ -302,7 +319,7 @@ impl<'f, F: Flow> OnlineLoop<'f, F> {
             self.state.totals.add(&result.accounting);
             self.state.metrics.push(EpisodeMetrics {
                 episode: result.episode,
-                position: self.state.stream_position + i as u64,
+                position: self.state.stream_position + (result.episode - first),
                 rewards,
                 progressive,
                 accounting: result.accounting,

@@ -60,6 +60,20 @@ pub struct EpisodeResult<O> {
     pub accounting: Accounting,
 }
 
+/// An episode that failed, with the error's message: flow code, a replay divergence in one of
+/// its rollouts, or its feedback. Backend errors are shared by the episodes of a batch and
+/// still end the whole run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodeFailure {
+    /// The episode id.
+    pub episode: u64,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// What became of one episode of [`Scheduler::run_isolated`].
+pub type EpisodeOutcome<O> = std::result::Result<EpisodeResult<O>, EpisodeFailure>;
+
 /// The backend usage of one scheduler run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleStats {
@@ -101,18 +115,66 @@ impl<'f, F: Flow> Scheduler<'f, F> {
         &self.setup.nodes
     }
 
-    /// Runs `jobs`; results come back in job order, with the backend usage of the run.
+    /// Runs `jobs`; results come back in job order, with the backend usage of the run. The first
+    /// error of any episode ends the run (see [`Scheduler::run_isolated`] to keep going).
     pub fn run(
         &mut self,
         jobs: &[EpisodeJob<'_, F::Input>],
         backend: &mut dyn Backend,
         judge: Option<&mut dyn EpisodeJudge>,
     ) -> Result<(Vec<EpisodeResult<F::Output>>, BatchStats)> {
+        let (outcomes, batch) = self.run_jobs(jobs, backend, judge, false)?;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome {
+                Ok(r) => results.push(r),
+                // Unreachable with `isolate = false`: the first error returned early.
+                Err(f) => {
+                    return Err(Error::EpisodeFailed {
+                        episode: f.episode,
+                        message: f.error,
+                    })
+                }
+            }
+        }
+        Ok((results, batch))
+    }
+
+    /// Runs `jobs` like [`Scheduler::run`], but an episode whose flow code, rollouts or feedback
+    /// fail becomes an [`EpisodeFailure`] and the others go on. Backend errors still end the
+    /// run. Outcomes come back in job order.
+    pub fn run_isolated(
+        &mut self,
+        jobs: &[EpisodeJob<'_, F::Input>],
+        backend: &mut dyn Backend,
+        judge: Option<&mut dyn EpisodeJudge>,
+    ) -> Result<(Vec<EpisodeOutcome<F::Output>>, BatchStats)> {
+        self.run_jobs(jobs, backend, judge, true)
+    }
+
+    fn run_jobs(
+        &mut self,
+        jobs: &[EpisodeJob<'_, F::Input>],
+        backend: &mut dyn Backend,
+        judge: Option<&mut dyn EpisodeJudge>,
+        isolate: bool,
+    ) -> Result<(Vec<EpisodeOutcome<F::Output>>, BatchStats)> {
         let _span = tracing::info_span!("rollouts", episodes = jobs.len()).entered();
         self.setup.judged = judge.is_some();
         let setup = &self.setup;
         let flow = self.flow;
-        let mut runs: Vec<Option<EpisodeRun<F::Output>>> = jobs.iter().map(|_| None).collect();
+        let fail = |job: &EpisodeJob<'_, F::Input>, e: Error| -> Result<EpisodeFailure> {
+            if !isolate {
+                return Err(e);
+            }
+            tracing::warn!(episode = job.episode, error = %e, "episode failed");
+            Ok(EpisodeFailure {
+                episode: job.episode,
+                error: e.to_string(),
+            })
+        };
+        let mut runs: Vec<Option<std::result::Result<EpisodeRun<F::Output>, EpisodeFailure>>> =
+            jobs.iter().map(|_| None).collect();
         let batch = {
             let mut executor = Executor::new();
             let mut next = 0;
@@ -122,7 +184,10 @@ impl<'f, F: Flow> Scheduler<'f, F> {
             }
             while !executor.is_empty() {
                 for (_, (i, run)) in executor.step(backend)? {
-                    runs[i] = Some(run?);
+                    runs[i] = Some(match run {
+                        Ok(run) => Ok(run),
+                        Err(e) => Err(fail(&jobs[i], e)?),
+                    });
                     if next < jobs.len() {
                         spawn_job(&mut executor, flow, setup, jobs, next);
                         next += 1;
@@ -132,28 +197,39 @@ impl<'f, F: Flow> Scheduler<'f, F> {
             executor.stats()
         };
         let mut judge = judge;
-        let mut results = Vec::with_capacity(jobs.len());
+        let mut outcomes = Vec::with_capacity(jobs.len());
         for (job, run) in jobs.iter().zip(runs) {
-            let Some(run) = run else {
-                return Err(Error::Graph(flowtune_graph::Error::Stalled { tasks: 1 }));
+            let run = match run {
+                Some(Ok(run)) => run,
+                Some(Err(failure)) => {
+                    outcomes.push(Err(failure));
+                    continue;
+                }
+                None => return Err(Error::Graph(flowtune_graph::Error::Stalled { tasks: 1 })),
             };
             let mut accounting = account(&run);
-            let feedback = build_feedback(
+            let feedback = match build_feedback(
                 &run,
                 &setup.config,
                 crate::online::reborrow(&mut judge),
                 backend,
                 &mut accounting,
-            )?;
-            results.push(EpisodeResult {
+            ) {
+                Ok(f) => f,
+                Err(e) => {
+                    outcomes.push(Err(fail(job, e)?));
+                    continue;
+                }
+            };
+            outcomes.push(Ok(EpisodeResult {
                 episode: job.episode,
                 output: run.output,
                 trace: run.trace,
                 rollouts: run.rollouts,
                 feedback,
                 accounting,
-            });
+            }));
         }
-        Ok((results, batch))
+        Ok((outcomes, batch))
     }
 }

@@ -42,6 +42,7 @@ fn config(dir: Option<&std::path::Path>) -> OnlineConfig {
         metrics_path: dir.map(|d| d.join("metrics.jsonl")),
         max_episodes: None,
         traces_dir: dir.map(|d| d.join("traces")),
+        skip_failed_episodes: false,
     }
 }
 
@@ -381,4 +382,105 @@ fn reference_update_is_gated_on_progressive_improvement() {
         vec![("c".to_owned(), 0.5), ("c".to_owned(), 0.5)]
     );
     assert_eq!(state.gate.previous, Some(0.5));
+}
+
+/// [`TwoStepFlow`], except that its code fails on context `boom`, and on `c1` whenever the first
+/// node answers `y` (which only a rollout deviating from the greedy `x` does).
+struct FlakyFlow;
+
+impl flowtune_graph::Flow for FlakyFlow {
+    type Input = String;
+    type Output = f64;
+
+    fn spec(&self) -> flowtune_graph::FlowSpec {
+        TwoStepFlow.spec()
+    }
+
+    async fn run(
+        &self,
+        cx: &flowtune_graph::EpisodeContext,
+        context: &String,
+    ) -> flowtune_graph::Result<f64> {
+        let fail = |message: &str| flowtune_graph::Error::Flow {
+            flow: "flaky".into(),
+            message: message.into(),
+        };
+        if context == "boom" {
+            return Err(fail("boom"));
+        }
+        let first = cx
+            .classify("first", vec![Message::user(context.clone())])
+            .await?;
+        if context == "c1" && first.text() == "y" {
+            return Err(fail("c1 then y"));
+        }
+        let second = cx
+            .classify(
+                "second",
+                vec![Message::user(format!("{context} {}", first.text()))],
+            )
+            .await?;
+        let r = two_step_reward(context, first.text(), second.text());
+        cx.reward("reward", r);
+        Ok(r)
+    }
+}
+
+#[test]
+fn failed_episodes_are_skipped_and_recorded_when_asked() {
+    // Episodes 2 and 5 fail in their own code; every c1 episode fails in a rollout (the
+    // deviation to `y`). c0 episodes 0, 3, 7 are the only ones left.
+    let stream: Vec<String> = ["c0", "c1", "boom", "c0", "c1", "boom", "c1", "c0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cfg = OnlineConfig {
+        reference_update: None,
+        skip_failed_episodes: true,
+        ..config(None)
+    };
+    let mut policy = two_step_policy();
+    let mut run = OnlineLoop::new(&FlakyFlow, cfg.clone()).expect("loop");
+    let state = run
+        .run(stream.clone(), &mut policy.clone(), &mut policy, None)
+        .expect("run goes on past failures")
+        .clone();
+    let failed: Vec<u64> = state.failures.iter().map(|f| f.episode).collect();
+    assert_eq!(failed, vec![1, 2, 4, 5, 6]);
+    assert!(
+        state.failures[1].error.contains("boom"),
+        "{:?}",
+        state.failures
+    );
+    assert!(
+        state.failures[0].error.contains("c1 then y"),
+        "{:?}",
+        state.failures
+    );
+    let kept: Vec<(u64, u64)> = state
+        .metrics
+        .iter()
+        .map(|m| (m.episode, m.position))
+        .collect();
+    assert_eq!(kept, vec![(0, 0), (3, 3), (7, 7)]);
+    assert_eq!(state.episodes_done, 8);
+    assert_eq!(state.stream_position, 8);
+    // The state (with its failures) round-trips through serde, as checkpoints store it.
+    let json = serde_json::to_string(&state).expect("ser");
+    assert_eq!(
+        serde_json::from_str::<OnlineState>(&json).expect("de"),
+        state
+    );
+
+    // Without the option the first failure ends the run.
+    let cfg = OnlineConfig {
+        skip_failed_episodes: false,
+        ..cfg
+    };
+    let mut policy = two_step_policy();
+    let mut run = OnlineLoop::new(&FlakyFlow, cfg).expect("loop");
+    let err = run
+        .run(stream, &mut policy.clone(), &mut policy, None)
+        .expect_err("a failure ends the run");
+    assert!(err.to_string().contains("flaky"), "{err}");
 }

@@ -127,6 +127,9 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Write every minibatch's traces (episodes and rollouts) under `out_dir/traces/`.
     pub save_traces: bool,
+    /// Skip (and record in the checkpoint state) episodes whose flow code, rollouts or feedback
+    /// fail, instead of ending the run.
+    pub skip_failed_episodes: bool,
     /// Diverse-beam alternatives per query-node call (the paper: 3; 0: no query DPO).
     pub query_alternatives: usize,
     /// Diverse-beam alternatives per verbose-answer call (the paper: 3, i.e. 4 candidates).
@@ -144,6 +147,7 @@ impl Default for TrainOptions {
             reference_every: 96,
             resume: false,
             save_traces: false,
+            skip_failed_episodes: false,
             query_alternatives: 3,
             answer_alternatives: 3,
         }
@@ -175,6 +179,7 @@ pub fn online_config(variant: Variant, options: &TrainOptions) -> OnlineConfig {
         }),
         metrics_path: Some(options.out_dir.join("metrics.jsonl")),
         traces_dir: options.save_traces.then(|| options.out_dir.join("traces")),
+        skip_failed_episodes: options.skip_failed_episodes,
         ..OnlineConfig::default()
     }
 }
@@ -211,6 +216,9 @@ pub struct TrainSummary {
     pub plot_path: PathBuf,
     /// Wall seconds of this invocation.
     pub wall_seconds: f64,
+    /// Episodes skipped because they failed (`skip_failed_episodes`), with their errors.
+    #[serde(default)]
+    pub failures: Vec<flowtune_rollout::EpisodeFailure>,
 }
 
 /// Train online over `records` (one pass), reporting after every minibatch through
@@ -267,6 +275,7 @@ pub fn train(
         metrics_path: options.out_dir.join("metrics.jsonl"),
         plot_path,
         wall_seconds: started.elapsed().as_secs_f64(),
+        failures: state.failures.clone(),
     };
     crate::io::write_json_atomic(&options.out_dir.join("summary.json"), &summary)?;
     Ok(summary)

@@ -161,6 +161,10 @@ struct TrainArgs {
     /// Write every minibatch's traces (episodes and rollouts) under DIR/traces/.
     #[arg(long)]
     save_traces: bool,
+    /// Skip an episode whose flow code, rollouts or feedback fail (it is listed under
+    /// `failures` in the checkpoint state and the summary) instead of ending the run.
+    #[arg(long)]
+    skip_failed_episodes: bool,
     /// Synthetic data only: also evaluate this many held-out synthetic questions (another
     /// seed's world) with the untrained adapters before training and the trained ones after,
     /// printed side by side and written to DIR/heldout.json (0: skip).
@@ -443,6 +447,7 @@ fn train(t: &TrainArgs) -> Result<()> {
         reference_every: t.reference_every,
         resume: t.resume,
         save_traces: t.save_traces,
+        skip_failed_episodes: t.skip_failed_episodes,
         query_alternatives: t.query_alternatives,
         answer_alternatives: t.answer_alternatives,
     };
@@ -517,6 +522,16 @@ fn train(t: &TrainArgs) -> Result<()> {
             "support_f1             {:>9.4} {:>9.4}",
             before.support_f1, after.support_f1
         );
+    }
+    if !summary.failures.is_empty() {
+        println!(
+            "{} episode(s) failed and were skipped (listed in {}):",
+            summary.failures.len(),
+            c.out.join("summary.json").display()
+        );
+        for f in &summary.failures {
+            println!("  episode {}: {}", f.episode, f.error);
+        }
     }
     println!("learning curve: {}", summary.plot_path.display());
     Ok(())

@@ -127,6 +127,7 @@ fn train_writes_metrics_curve_checkpoints_and_resumes_exactly() {
         reference_every: 8,
         resume,
         save_traces: !resume,
+        skip_failed_episodes: false,
         query_alternatives: 3,
         answer_alternatives: 3,
     };

@@ -17,8 +17,7 @@ use crate::credit::{Accounting, EpisodeJudge, Rollout};
 use crate::error::{Error, Result};
 use crate::feedback::Feedback;
 use crate::learner::{LearnStats, Learner};
-use crate::scheduler::EpisodeFailure;
-use crate::scheduler::{EpisodeJob, Scheduler};
+use crate::scheduler::{EpisodeFailure, EpisodeJob, Scheduler};
 
 /// Metrics of one episode: its rewards (the prediction made before learning on the record) and
 /// the progressive (running) means after it.

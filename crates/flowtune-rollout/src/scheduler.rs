@@ -123,20 +123,18 @@ impl<'f, F: Flow> Scheduler<'f, F> {
         backend: &mut dyn Backend,
         judge: Option<&mut dyn EpisodeJudge>,
     ) -> Result<(Vec<EpisodeResult<F::Output>>, BatchStats)> {
+        // Without isolation the first error has already been returned as it was raised, so
+        // no outcome is a failure here; the conversion only unwraps the type.
         let (outcomes, batch) = self.run_jobs(jobs, backend, judge, false)?;
-        let mut results = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes {
-            match outcome {
-                Ok(r) => results.push(r),
-                // Unreachable with `isolate = false`: the first error returned early.
-                Err(f) => {
-                    return Err(Error::EpisodeFailed {
-                        episode: f.episode,
-                        message: f.error,
-                    })
-                }
-            }
-        }
+        let results = outcomes
+            .into_iter()
+            .map(|o| {
+                o.map_err(|f| Error::EpisodeFailed {
+                    episode: f.episode,
+                    message: f.error,
+                })
+            })
+            .collect::<Result<_>>()?;
         Ok((results, batch))
     }
 

@@ -893,6 +893,13 @@ impl Engine {
             last,
             rest_at,
         } = PromptRests::new(&prompts, &starts, base, true);
+        tracing::debug!(
+            rows = b,
+            columns = t,
+            tokens = valid.iter().filter(|&&v| v).count(),
+            cached = base,
+            "classify chunk"
+        );
         let logits = self.with_adapters(&names, |d| {
             self.model.forward_cached(
                 &self.ids_tensor(&ids, b, t)?,

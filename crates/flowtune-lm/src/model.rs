@@ -21,6 +21,13 @@ pub trait LinearDelta {
     /// of layer `layer` given its input `x` `[B, T, in]`, or `None` when no
     /// adapter touches that site.
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// Whether the delta treats every input row alike (one adapter, or none, for the whole
+    /// batch), so the model may pass the real tokens of a padded batch packed as `[N, in]`
+    /// instead of `[B, T, in]`. The default `false` keeps the batch layout.
+    fn row_independent(&self) -> bool {
+        false
+    }
 }
 
 /// The LoRA bank with the batch's adapter selection bound in adds its deltas.
@@ -29,6 +36,10 @@ impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
         Ok(flowtune_lora::SelectedAdapters::delta(
             self, layer, module, x,
         )?)
+    }
+
+    fn row_independent(&self) -> bool {
+        !matches!(self.selection, flowtune_lora::AdapterSelection::PerRow(_))
     }
 }
 
@@ -167,6 +178,52 @@ struct Layer {
     gate_up: Linear,
     down: Linear,
     sliding_window: Option<usize>,
+}
+
+/// The real tokens of a padded `[B, T]` batch: row-major flat indices of its valid slots.
+/// Linears, norms and the MLP act on each token alone, so they run over the `[N, width]`
+/// packed tokens; attention and the KV cache keep the `[B, T]` layout.
+struct Packing {
+    index: Tensor,
+    b: i64,
+    t: i64,
+}
+
+impl Packing {
+    /// `None` when fewer than 1/32 of the slots are padding (packing would not pay).
+    fn new(valid: &[bool], b: i64, t: i64, device: Device) -> Result<Option<Self>> {
+        let index: Vec<i64> = (0..valid.len() as i64)
+            .filter(|&i| valid[i as usize])
+            .collect();
+        let slots = b * t;
+        if (slots - index.len() as i64) * 32 < slots {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            index: Tensor::f_from_slice(&index)?.f_to(device)?,
+            b,
+            t,
+        }))
+    }
+
+    /// `[B, T, ...]` (or `[B, T]`) to the real tokens `[N, ...]`.
+    fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let size = x.size();
+        let mut flat = vec![self.b * self.t];
+        flat.extend_from_slice(size.get(2..).unwrap_or(&[]));
+        Ok(x.f_reshape(flat.as_slice())?
+            .f_index_select(0, &self.index)?)
+    }
+
+    /// `[N, width]` back to `[B, T, width]`, zeros in the padding slots.
+    fn unpack(&self, y: &Tensor) -> Result<Tensor> {
+        let w = y.size().last().copied().unwrap_or(0);
+        Ok(
+            Tensor::f_zeros([self.b * self.t, w], (y.kind(), y.device()))?
+                .f_index_copy(0, &self.index, y)?
+                .f_view([self.b, self.t, w])?,
+        )
+    }
 }
 
 /// A Llama-family decoder ready to run.
@@ -888,7 +945,21 @@ impl Model {
         let nkv = self.config.num_key_value_heads() as i64;
         let hd = self.config.head_dim() as i64;
         let inter = self.config.intermediate_size as i64;
-        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        // A padded prompt batch: the linears, norms and the MLP run over its real tokens only.
+        let packing = (t > 1 && delta.is_none_or(|d| d.row_independent()))
+            .then(|| Packing::new(valid, b, t, self.device))
+            .transpose()?
+            .flatten();
+        let mut x = match &packing {
+            Some(p) => Tensor::f_embedding(&self.embed, &p.pack(ids)?, -1, false, false)?,
+            None => Tensor::f_embedding(&self.embed, ids, -1, false, false)?,
+        };
+        let unpack = |y: Tensor| -> Result<Tensor> {
+            match &packing {
+                Some(p) => p.unpack(&y),
+                None => Ok(y),
+            }
+        };
         // The previous layer's MLP output, added to `x` together with the next RMSNorm.
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -903,7 +974,7 @@ impl Model {
             let (qk, v) = if delta.is_none() {
                 // No adapter: q and k are the leading columns of the fused output, so RoPE runs
                 // on a view of it (no split, no concatenation).
-                let y = layer.qkv.forward(&h)?;
+                let y = unpack(layer.qkv.forward(&h)?)?;
                 (
                     y.f_narrow(-1, 0, (nq + nkv) * hd)?
                         .f_view([b, t, nq + nkv, hd])?
@@ -931,10 +1002,11 @@ impl Model {
                     delta,
                 )?;
                 // RoPE once over q and k heads together (fewer kernel launches per layer).
-                let qk = Tensor::f_cat(&[&qkv[0], &qkv[1]], -1)?
+                let qk = unpack(Tensor::f_cat(&[&qkv[0], &qkv[1]], -1)?)?
                     .f_view([b, t, nq + nkv, hd])?
                     .f_transpose(1, 2)?;
-                (qk, qkv[2].f_view([b, t, nkv, hd])?.f_transpose(1, 2)?)
+                let v = unpack(qkv[2].shallow_clone())?;
+                (qk, v.f_view([b, t, nkv, hd])?.f_transpose(1, 2)?)
             };
             let qk = self.apply_rope(&qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nq)?;
@@ -984,6 +1056,10 @@ impl Model {
                 )?
             };
             let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?;
+            let attn = match &packing {
+                Some(p) => p.pack(&attn)?,
+                None => attn,
+            };
             let o = self.project(
                 li,
                 &attn,
@@ -1024,6 +1100,7 @@ impl Model {
         if let Some(d) = pending {
             x = x.f_add(&d)?;
         }
+        let x = unpack(x)?;
         cache.commit(t as usize);
         self.pick_logits(&x, at)
     }
@@ -1092,5 +1169,39 @@ impl flowtune_lora::BaseLinears for Model {
             Module::DownProj => layer.down.weight.shallow_clone(),
         };
         Some(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packing keeps exactly the valid slots in row-major order and unpacking puts them back
+    /// (zeros elsewhere); a batch with under 1/32 padding is not packed.
+    #[test]
+    fn packing_round_trips_the_real_tokens() -> Result<()> {
+        let valid = [false, true, true, true, true, false, false, true];
+        let p = Packing::new(&valid, 2, 4, Device::Cpu)?.ok_or_else(|| {
+            Error::ModelInput("a batch with 3 padding slots of 8 must be packed".into())
+        })?;
+        let x = Tensor::f_arange(24, (Kind::Float, Device::Cpu))?.f_view([2, 4, 3])?;
+        let packed = p.pack(&x)?;
+        assert_eq!(packed.size(), [5, 3]);
+        let firsts: Vec<f32> = Vec::try_from(packed.f_select(1, 0)?)?;
+        assert_eq!(firsts, [3.0, 6.0, 9.0, 12.0, 21.0]);
+        let back = p.unpack(&packed)?;
+        let mask = Tensor::f_from_slice(&valid)?.f_view([2, 4, 1])?;
+        let expected = x.f_mul(&mask.f_to_kind(Kind::Float)?)?;
+        assert!(back.equal(&expected));
+        let ids = Tensor::f_arange(8, (Kind::Int64, Device::Cpu))?.f_view([2, 4])?;
+        let ids: Vec<i64> = Vec::try_from(p.pack(&ids)?)?;
+        assert_eq!(ids, [1, 2, 3, 4, 7]);
+
+        let mut mostly = vec![true; 64];
+        mostly[0] = false;
+        assert!(Packing::new(&mostly, 2, 32, Device::Cpu)?.is_none());
+        mostly[1] = false;
+        assert!(Packing::new(&mostly, 2, 32, Device::Cpu)?.is_some());
+        Ok(())
     }
 }

@@ -255,6 +255,10 @@ impl LinearDelta for BankDelta<'_> {
                 flowtune_lm::Error::ModelInput(format!("LoRA delta at layer {layer} {module}: {e}"))
             })
     }
+
+    fn row_independent(&self) -> bool {
+        !matches!(self.selection, AdapterSelection::PerRow(_))
+    }
 }
 
 fn ids_tensor(rows: &[Vec<i64>], device: tch::Device) -> Result<Tensor> {

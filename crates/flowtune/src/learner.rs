@@ -549,6 +549,15 @@ pub fn grouped_next_token_logits(
             last.push(rest.len() - 1);
         }
     }
+    tracing::debug!(
+        groups = prefixes.len(),
+        prefix_columns = prefixes.iter().map(|p| p.len()).max().unwrap_or(0),
+        prefix_tokens = prefixes.iter().map(|p| p.len()).sum::<usize>(),
+        rows = rows.len(),
+        rest_columns = ts,
+        rest_tokens = s_valid.iter().filter(|&&v| v).count(),
+        "prefix-grouped prompts"
+    );
     let (_none, mut cache) = prefill(model, delta, &prefixes, ts, &LogitsAt::None)?;
     cache.select_rows(&rows)?;
     Ok(model.forward_cached(

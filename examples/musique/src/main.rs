@@ -569,10 +569,16 @@ fn print_metrics(report: &musique::metrics::MetricsReport, path: &Path) -> Resul
 }
 
 fn main() -> ExitCode {
-    // CPU runs allocate and free large activations every layer: keep them in the heap
-    // (`flowtune_lm::heap`; 8-9 % of a MuSiQue eval's wall time, docs/benchmarks.md).
+    let cli = Cli::parse();
+    // Inference allocates and frees large activations every layer: keep them in the heap
+    // (`flowtune_lm::heap`; ~8 % of a MuSiQue eval's wall time). Training keeps activations
+    // for its backward passes, so the policy gains nothing there and costs resident memory
+    // (4 episodes: ~3 % slower, peak RSS 5.6 against 4.1-4.2 GB; docs/benchmarks.md).
+    // Nothing above has started a thread.
     #[cfg(feature = "lm")]
-    flowtune::lm::heap::retain_freed_memory();
+    if matches!(cli.command, Command::Eval(_) | Command::Predict(_)) {
+        flowtune::lm::heap::retain_freed_memory();
+    }
     // `RUST_LOG=flowtune_lm=info` (for example) also prints each enabled span's busy/idle time
     // when it closes: engine calls, episodes, learner steps.
     tracing_subscriber::fmt()
@@ -580,7 +586,6 @@ fn main() -> ExitCode {
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match &cli.command {
         Command::Train(t) => train(t),
         Command::Eval(c) => eval_or_predict(c, true),

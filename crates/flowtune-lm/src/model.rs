@@ -18,8 +18,9 @@ use crate::{Error, Result};
 /// the adapter selection for the rows of the current batch bound inside.
 pub trait LinearDelta {
     /// The delta for module `module` (PEFT name: `q_proj`, `gate_up_proj`, ...)
-    /// of layer `layer` given its input `x` `[B, T, in]`, or `None` when no
-    /// adapter touches that site.
+    /// of layer `layer` given its input `x` `[B, T, in]` (or `[N, in]`, the real tokens of a
+    /// padded batch, when [`Self::row_independent`]), or `None` when no adapter touches that
+    /// site.
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
 
     /// Whether the delta treats every input row alike (one adapter, or none, for the whole

@@ -40,7 +40,7 @@ impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
     }
 
     fn row_independent(&self) -> bool {
-        !matches!(self.selection, flowtune_lora::AdapterSelection::PerRow(_))
+        self.selection.is_uniform()
     }
 }
 
@@ -193,8 +193,10 @@ struct Packing {
 impl Packing {
     /// `None` when fewer than 1/32 of the slots are padding (packing would not pay).
     fn new(valid: &[bool], b: i64, t: i64, device: Device) -> Result<Option<Self>> {
-        let index: Vec<i64> = (0..valid.len() as i64)
-            .filter(|&i| valid[i as usize])
+        let index: Vec<i64> = valid
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &v)| v.then_some(i as i64))
             .collect();
         let slots = b * t;
         if (slots - index.len() as i64) * 32 < slots {
@@ -951,9 +953,11 @@ impl Model {
             .then(|| Packing::new(valid, b, t, self.device))
             .transpose()?
             .flatten();
-        let mut x = match &packing {
-            Some(p) => Tensor::f_embedding(&self.embed, &p.pack(ids)?, -1, false, false)?,
-            None => Tensor::f_embedding(&self.embed, ids, -1, false, false)?,
+        let pack = |x: &Tensor| -> Result<Tensor> {
+            match &packing {
+                Some(p) => p.pack(x),
+                None => Ok(x.shallow_clone()),
+            }
         };
         let unpack = |y: Tensor| -> Result<Tensor> {
             match &packing {
@@ -961,6 +965,7 @@ impl Model {
                 None => Ok(y),
             }
         };
+        let mut x = Tensor::f_embedding(&self.embed, &pack(ids)?, -1, false, false)?;
         // The previous layer's MLP output, added to `x` together with the next RMSNorm.
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -1056,11 +1061,7 @@ impl Model {
                     nkv != nq,
                 )?
             };
-            let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?;
-            let attn = match &packing {
-                Some(p) => p.pack(&attn)?,
-                None => attn,
-            };
+            let attn = pack(&attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?)?;
             let o = self.project(
                 li,
                 &attn,

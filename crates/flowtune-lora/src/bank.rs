@@ -33,6 +33,14 @@ pub enum AdapterSelection {
     PerRow(Vec<Option<AdapterId>>),
 }
 
+impl AdapterSelection {
+    /// Whether every row gets the same delta (no adapter, or one for all rows), so the delta
+    /// of a row does not depend on where it sits in the batch.
+    pub fn is_uniform(&self) -> bool {
+        !matches!(self, Self::PerRow(_))
+    }
+}
+
 /// How [`AdapterBank::delta`] computes a per-row (mixed-adapter) batch. Both give the same
 /// result; see `docs/lora.md` for which is faster where.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -257,7 +257,7 @@ impl LinearDelta for BankDelta<'_> {
     }
 
     fn row_independent(&self) -> bool {
-        !matches!(self.selection, AdapterSelection::PerRow(_))
+        self.selection.is_uniform()
     }
 }
 

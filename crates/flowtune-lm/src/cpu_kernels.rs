@@ -15,6 +15,10 @@
 //! 264 cached keys): RMSNorm of one row 1.1 µs against 16–25 µs, attention 17–19 µs against
 //! 100–140 µs at batch 1 and 137–141 µs against 230–360 µs at batch 8.
 //!
+//! [`attention`] also serves prompt batches (many query positions per row, causal over the
+//! cache), where libtorch's SDPA runs small per-block GEMMs (through MKL's generic bf16 path on
+//! AMD Zen 4).
+//!
 //! The products: [`linear_bf16_small`] and [`linear_f32_small`] for decoding a few rows,
 //! [`Int4F32Weight`] for 4-bit weights with float32 activations, and [`Bf16Gemm`], the choice of
 //! running bf16 products of many rows through float32 where that is faster on this CPU.
@@ -501,7 +505,7 @@ impl View4 {
     }
 }
 
-/// The shapes of one decode-attention call.
+/// The shapes of one attention call.
 #[derive(Clone, Copy)]
 struct AttnShape {
     q: View4,
@@ -509,9 +513,13 @@ struct AttnShape {
     v: View4,
     hd: usize,
     group: usize,
-    /// Work units per (row, kv head) pair: 1, or `group` (one query head each) when there are
-    /// too few pairs to keep every thread busy (batch 1).
+    /// Work units per (row, kv head) pair and block of positions: 1, or `group` (one query
+    /// head each) when there are too few to keep every thread busy (decoding at batch 1).
     parts: usize,
+    /// Query positions per work unit.
+    qb: usize,
+    /// Query position `i` sees keys `j <= start + i` (the cache held `start` keys before them).
+    start: usize,
     scale: f32,
 }
 
@@ -846,7 +854,7 @@ mod avx512 {
         }
     }
 
-    /// An element type of the decode-attention kernel: bf16 (`u16` bits; scores and
+    /// An element type of the attention kernel: bf16 (`u16` bits; scores and
     /// probabilities rounded to bf16 as the reference's bf16 products do) or float32.
     pub(super) trait AttnElem: super::Element {
         /// Whether scores and probabilities are rounded to bf16.
@@ -962,35 +970,41 @@ mod avx512 {
         halves(halves(x[0], x[1]), halves(x[2], x[3]))
     }
 
-    /// The kernel (see `super::decode_attention`) for work units `units`: unit
-    /// `(b * nkv + h) * parts + p` is part `p` of the query heads that read kv head `h` of row
-    /// `b` (all of them when `parts` is 1); `hd` is `16 * CH`.
+    /// The kernel (see `super::attention`) for work units `units`: unit
+    /// `((b * nkv + h) * parts + p) * blocks + i` is part `p` of the query heads that read kv
+    /// head `h` of row `b` (all of them when `parts` is 1), at query positions
+    /// `i * qb .. (i + 1) * qb` (`blocks` of them cover the `t` positions); `hd` is `16 * CH`.
     ///
     /// Keys and values are taken 16 at a time, widened once into a float32 block that every
-    /// query head of the unit reads: a head's 16 dot products stay in registers and are summed
-    /// by [`sum_lanes16`], and its output accumulates over the block in registers.
+    /// query (head and position) of the unit reads: a query's 16 dot products stay in
+    /// registers and are summed by [`sum_lanes16`], and its output accumulates over the block
+    /// in registers. Query position `i` sees keys `j <= start + i` (and, with a mask, those
+    /// the mask allows), so key blocks past the unit's last position are never read; padding
+    /// queries (`queries[b * t + i]` false) are skipped and get a zero output.
     ///
     /// # Safety
-    /// `out` points at `B * nq * hd` writable values; each unit writes only its own heads.
+    /// `out` points at `B * t * nq * hd` writable values (`[B, t, nq, hd]`); each unit writes
+    /// only its own queries.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::needless_range_loop)] // `c` indexes the query, the block and the registers alike
     pub(super) unsafe fn attention<E: AttnElem, const CH: usize>(
-        q: &[E],
-        k: &[E],
-        v: &[E],
+        [q, k, v]: [&[E]; 3],
         mask: Option<&[bool]>,
+        queries: Option<&[bool]>,
         out: *mut E,
         s: AttnShape,
         units: std::ops::Range<usize>,
     ) {
-        let (hd, l) = (s.hd, s.k.l);
+        let (hd, l, t) = (s.hd, s.k.l, s.q.l);
         debug_assert_eq!(hd, 16 * CH);
-        // Query heads per unit.
+        // Query heads per unit, and query rows (head, position) at most.
         let group = s.group / s.parts;
+        let blocks = t.div_ceil(s.qb);
+        let most = group * s.qb;
         let padded = l.div_ceil(16) * 16;
-        let mut qf = super::AlignedF32::filled(group * hd, 0.0);
-        let mut scores = super::AlignedF32::filled(group * padded, f32::NEG_INFINITY);
-        let mut acc = super::AlignedF32::filled(group * hd, 0.0);
+        let mut qf = super::AlignedF32::filled(most * hd, 0.0);
+        let mut scores = super::AlignedF32::filled(most * padded, f32::NEG_INFINITY);
+        let mut acc = super::AlignedF32::filled(most * hd, 0.0);
         let mut block = super::AlignedF32::filled(16 * hd, 0.0);
         let (qf, scores, acc, block) = (
             qf.as_mut_slice(),
@@ -1000,52 +1014,74 @@ mod avx512 {
         );
         let scale = _mm512_set1_ps(s.scale);
         // SAFETY: every offset below comes from the views' sizes and strides, which
-        // `decode_attention` checked against the slices' extents; rows have `hd` elements;
-        // `block` holds 16 rows of `hd` and `qf`/`acc` `group` rows.
+        // `attention` checked against the slices' extents; rows have `hd` elements; `block`
+        // holds 16 rows of `hd`, `qf`/`acc` `most` rows and `scores` `most` rows of `padded`.
         unsafe {
             // Rows `j0..j0 + n` of `src` (keys or values of one kv head), widened into `block`,
             // with the next block's rows prefetched (measured: without it the loads of the
             // cache stalled for two thirds of this kernel's samples).
             let line = 64 / std::mem::size_of::<E>();
-            let widen_block = |block: &mut [f32], src: &[E], view: &super::View4, b, kvh, j0, n| {
-                for i in 0..n {
-                    if j0 + 16 + i < l {
-                        let ahead = src.as_ptr().add(view.at(b, kvh, j0 + 16 + i));
-                        for e in (0..hd).step_by(line) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.add(e) as *const i8);
+            let widen_block =
+                |block: &mut [f32], src: &[E], view: &super::View4, b, kvh, j0, n, end| {
+                    for i in 0..n {
+                        if j0 + 16 + i < end {
+                            let ahead = src.as_ptr().add(view.at(b, kvh, j0 + 16 + i));
+                            for e in (0..hd).step_by(line) {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.add(e) as *const i8);
+                            }
+                        }
+                        let p = src.as_ptr().add(view.at(b, kvh, j0 + i));
+                        for c in 0..CH {
+                            _mm512_store_ps(
+                                block.as_mut_ptr().add(i * hd + c * 16),
+                                E::load16(p.add(c * 16)),
+                            );
                         }
                     }
-                    let p = src.as_ptr().add(view.at(b, kvh, j0 + i));
-                    for c in 0..CH {
-                        _mm512_store_ps(
-                            block.as_mut_ptr().add(i * hd + c * 16),
-                            E::load16(p.add(c * 16)),
-                        );
-                    }
-                }
-            };
+                };
             for unit in units {
-                let (pair, part) = (unit / s.parts, unit % s.parts);
+                let (rest, qblock) = (unit / blocks, unit % blocks);
+                let (pair, part) = (rest / s.parts, rest % s.parts);
                 let (b, kvh) = (pair / s.k.h, pair % s.k.h);
-                // The first query head of this unit.
+                // The first query head and position of this unit, and its positions.
                 let head0 = kvh * s.group + part * group;
-                for g in 0..group {
-                    // Lanes past the last key take no part in the soft-max.
-                    scores[g * padded + l..(g + 1) * padded].fill(f32::NEG_INFINITY);
-                    let at = s.q.at(b, head0 + g, 0);
-                    for (d, x) in qf[g * hd..(g + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
+                let i0 = qblock * s.qb;
+                let np = s.qb.min(t - i0);
+                let rows = group * np;
+                // Row `r = g * np + ii` (head `head0 + g`, position `i0 + ii`) sees keys
+                // below `limit(r)`; no row of the unit sees keys from `end` on.
+                // A padding query (`queries` false) sees nothing: its output is zero.
+                let limit = |r: usize| {
+                    let ii = i0 + r % np;
+                    if queries.is_some_and(|v| !v[b * t + ii]) {
+                        0
+                    } else {
+                        l.min(s.start + ii + 1)
+                    }
+                };
+                let end = l.min(s.start + i0 + np);
+                for r in 0..rows {
+                    // Keys past a row's limit (and lanes past the last key) take no part in
+                    // the soft-max.
+                    scores[r * padded + limit(r)..(r + 1) * padded].fill(f32::NEG_INFINITY);
+                    let at = s.q.at(b, head0 + r / np, i0 + r % np);
+                    for (d, x) in qf[r * hd..(r + 1) * hd].iter_mut().zip(&q[at..at + hd]) {
                         *d = x.get();
                     }
                 }
-                for j0 in (0..l).step_by(16) {
-                    let n = (l - j0).min(16);
-                    widen_block(block, k, &s.k, b, kvh, j0, n);
-                    for g in 0..group {
+                for j0 in (0..end).step_by(16) {
+                    let n = (end - j0).min(16);
+                    widen_block(block, k, &s.k, b, kvh, j0, n, end);
+                    for r in 0..rows {
+                        let seen = limit(r).saturating_sub(j0).min(n);
+                        if seen == 0 {
+                            continue;
+                        }
                         let qv: [__m512; CH] = std::array::from_fn(|c| {
-                            _mm512_load_ps(qf.as_ptr().add(g * hd + c * 16))
+                            _mm512_load_ps(qf.as_ptr().add(r * hd + c * 16))
                         });
                         let mut dots = [_mm512_setzero_ps(); 16];
-                        for (i, dot) in dots.iter_mut().enumerate().take(n) {
+                        for (i, dot) in dots.iter_mut().enumerate().take(seen) {
                             let kp = block.as_ptr().add(i * hd);
                             let mut a = _mm512_mul_ps(qv[0], _mm512_load_ps(kp));
                             for c in 1..CH {
@@ -1054,55 +1090,70 @@ mod avx512 {
                             *dot = a;
                         }
                         _mm512_mask_storeu_ps(
-                            scores.as_mut_ptr().add(g * padded + j0),
-                            ((1u32 << n) - 1) as u16,
+                            scores.as_mut_ptr().add(r * padded + j0),
+                            ((1u32 << seen) - 1) as u16,
                             sum_lanes16(&dots),
                         );
                     }
                     if let Some(m) = mask {
-                        for j in (j0..j0 + n).filter(|&j| !m[b * l + j]) {
-                            for g in 0..group {
-                                scores[g * padded + j] = f32::NEG_INFINITY;
+                        for ii in 0..np {
+                            let mrow = &m[(b * t + i0 + ii) * l..][..l];
+                            for j in (j0..j0 + n).filter(|&j| !mrow[j]) {
+                                for g in 0..group {
+                                    scores[(g * np + ii) * padded + j] = f32::NEG_INFINITY;
+                                }
                             }
                         }
                     }
                 }
-                for g in 0..group {
-                    let row = &mut scores[g * padded..(g + 1) * padded];
+                let lanes = end.div_ceil(16);
+                for r in 0..rows {
+                    let row = &mut scores[r * padded..(r + 1) * padded];
                     // bf16: scores rounded to bf16 (the reference's bf16 product), then scaled.
                     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-                    for c in 0..padded / 16 {
+                    for c in 0..lanes {
                         let p = row.as_mut_ptr().add(c * 16);
                         let raw = _mm512_loadu_ps(p);
                         let x = _mm512_mul_ps(if E::ROUND { round_bf16(raw) } else { raw }, scale);
                         _mm512_storeu_ps(p, x);
                         mx = _mm512_max_ps(mx, x);
                     }
-                    let max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                    let top = _mm512_reduce_max_ps(mx);
+                    if top == f32::NEG_INFINITY {
+                        // Nothing visible (a padding query, or a mask without the query's own
+                        // key): zero output.
+                        row[..lanes * 16].fill(0.0);
+                        continue;
+                    }
+                    let max = _mm512_set1_ps(top);
                     let mut sum = _mm512_setzero_ps();
-                    for c in 0..padded / 16 {
+                    for c in 0..lanes {
                         let p = row.as_mut_ptr().add(c * 16);
                         let e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), max));
                         _mm512_storeu_ps(p, e);
                         sum = _mm512_add_ps(sum, e);
                     }
                     let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-                    for c in 0..padded / 16 {
+                    for c in 0..lanes {
                         let p = row.as_mut_ptr().add(c * 16);
                         let x = _mm512_mul_ps(_mm512_loadu_ps(p), inv);
                         _mm512_storeu_ps(p, if E::ROUND { round_bf16(x) } else { x });
                     }
                 }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for j0 in (0..l).step_by(16) {
-                    let n = (l - j0).min(16);
-                    widen_block(block, v, &s.v, b, kvh, j0, n);
-                    for g in 0..group {
-                        let ap = acc.as_mut_ptr().add(g * hd);
+                acc[..rows * hd].iter_mut().for_each(|a| *a = 0.0);
+                for j0 in (0..end).step_by(16) {
+                    let n = (end - j0).min(16);
+                    widen_block(block, v, &s.v, b, kvh, j0, n, end);
+                    for r in 0..rows {
+                        let seen = limit(r).saturating_sub(j0).min(n);
+                        if seen == 0 {
+                            continue;
+                        }
+                        let ap = acc.as_mut_ptr().add(r * hd);
                         let mut a: [__m512; CH] =
                             std::array::from_fn(|c| _mm512_load_ps(ap.add(c * 16)));
-                        for i in 0..n {
-                            let p = scores[g * padded + j0 + i];
+                        for i in 0..seen {
+                            let p = scores[r * padded + j0 + i];
                             if p == 0.0 {
                                 continue;
                             }
@@ -1117,9 +1168,9 @@ mod avx512 {
                         }
                     }
                 }
-                for g in 0..group {
-                    let at = (b * s.q.h + head0 + g) * hd;
-                    for (i, a) in acc[g * hd..(g + 1) * hd].iter().enumerate() {
+                for r in 0..rows {
+                    let at = ((b * t + i0 + r % np) * s.q.h + head0 + r / np) * hd;
+                    for (i, a) in acc[r * hd..(r + 1) * hd].iter().enumerate() {
                         *out.add(at + i) = E::put(*a);
                     }
                 }
@@ -1373,20 +1424,33 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(out))
 }
 
-/// Attention for one query per row in bf16 or float32 on the CPU. bf16 keeps the rounding
-/// points of HF's eager attention (scores `q·k` rounded to bf16, scaled and soft-maxed in f32,
-/// probabilities rounded to bf16, the product with `v` accumulated in f32); float32 rounds
-/// nowhere in between (libtorch's SDPA runs one MKL GEMV per row and head there, 12 % of a
-/// batch-8 float32 decode step on the development CPU). `q` is `[B, nq, 1, hd]`, `k`/`v` are
-/// `[B, nkv, L, hd]` views (e.g. of a KV cache) whose rows of `hd` are contiguous, `mask`
-/// `[B, 1, 1, L]` bool (true = visible) or `None`. Query head `h` reads key/value head
-/// `h / (nq / nkv)`. Returns `[B, nq, 1, hd]`, or `None` where the kernel does not apply
-/// (head dimensions that are not a multiple of 16 or above `16 * ATTENTION_MAX_CHUNKS`).
-pub fn decode_attention(
+/// Attention of `t` new query positions per row over a KV cache, in bf16 or float32 on the
+/// CPU, without gradients. bf16 keeps the rounding points of HF's eager attention (scores `q·k`
+/// rounded to bf16, scaled and soft-maxed in f32, probabilities rounded to bf16, the product
+/// with `v` accumulated in f32); float32 rounds nowhere in between.
+///
+/// `q` is `[B, nq, t, hd]`, `k`/`v` are `[B, nkv, L, hd]` views (e.g. of a KV cache) whose rows
+/// of `hd` are contiguous. Query position `i` sees keys `j <= start + i` (causal, the cache
+/// holding `start` keys before the new ones), and of those, with `mask` (`[B, 1, t, L]` bool,
+/// true = visible), only the ones it allows. With `queries` (`[B * t]`, false = a padding
+/// slot whose output nobody reads) padding queries are skipped: their output is zero. Query
+/// head `h` reads key/value head
+/// `h / (nq / nkv)`. Returns `[B, nq, t, hd]` (a view of a contiguous `[B, t, nq, hd]`, so the
+/// usual transpose back is free), or `None` where the kernel does not apply (head dimensions
+/// that are not a multiple of 16 or above `16 * ATTENTION_MAX_CHUNKS`, tensors that need
+/// gradients, a query past the keys: `start + t > L`).
+///
+/// Why: libtorch's SDPA runs small GEMMs per (row, head, block) through MKL: for one new token
+/// per row that is one GEMV each (12 % of a batch-8 float32 decode step on the session-7
+/// CPU); for prompt batches on AMD Zen 4 its bf16 GEMMs go through MKL's generic path (bf16
+/// widened, then float32 GEMM), 22 % of a `musique eval` run there.
+pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    queries: Option<&[bool]>,
+    start: usize,
 ) -> Result<Option<Tensor>> {
     let all = [q, k, v];
     let kind = q.kind();
@@ -1400,7 +1464,7 @@ pub fn decode_attention(
         return Ok(None);
     };
     let hd = q.size()[3] as usize;
-    if qv.l != 1
+    if qv.l == 0
         || k.size()[3] as usize != hd
         || v.size()[3] as usize != hd
         || kv.b != qv.b
@@ -1409,6 +1473,8 @@ pub fn decode_attention(
         || vv.h != kv.h
         || vv.l != kv.l
         || kv.l == 0
+        || start + qv.l > kv.l
+        || queries.is_some_and(|v| v.len() != qv.b * qv.l)
         || qv.h % kv.h != 0
         || !hd.is_multiple_of(16)
         || hd > 16 * ATTENTION_MAX_CHUNKS
@@ -1417,26 +1483,33 @@ pub fn decode_attention(
     }
     let mask = match mask {
         Some(m) => {
-            if !plain_cpu(m) || m.kind() != Kind::Bool || m.numel() != qv.b * kv.l {
+            if !plain_cpu(m) || m.kind() != Kind::Bool || m.numel() != qv.b * qv.l * kv.l {
                 return Ok(None);
             }
             Some(m.f_contiguous()?)
         }
         None => None,
     };
+    let group = qv.h / kv.h;
+    // Positions per unit: enough query rows that a widened key block is read by many
+    // (16 rows of 64 values per block; 48 rows at SmolLM2's three heads per kv head).
+    let qb = qv.l.min(16);
+    let blocks = qv.l.div_ceil(qb);
     let shape = AttnShape {
         q: qv,
         k: kv,
         v: vv,
         hd,
-        group: qv.h / kv.h,
-        // Fewer (row, kv head) pairs than 4 (batch 1 of a GQA model with 3 kv heads) leave a
+        group,
+        // Fewer units than 4 (decoding at batch 1 of a GQA model with 3 kv heads) leave a
         // thread idle or unevenly loaded: split them by query head.
-        parts: if qv.b * kv.h < 4 { qv.h / kv.h } else { 1 },
+        parts: if qv.b * kv.h * blocks < 4 { group } else { 1 },
+        qb,
+        start,
         scale: 1.0 / (hd as f32).sqrt(),
     };
     let out = Tensor::f_empty(
-        [qv.b as i64, qv.h as i64, 1, hd as i64],
+        [qv.b as i64, qv.l as i64, qv.h as i64, hd as i64],
         (kind, Device::Cpu),
     )?;
     let ms = mask.as_ref().map(|m| {
@@ -1446,26 +1519,27 @@ pub fn decode_attention(
     #[cfg(target_arch = "x86_64")]
     match kind {
         // SAFETY: q, k and v are CPU tensors of the element type (bf16 as u16 bits).
-        Kind::BFloat16 => unsafe { attention_views::<u16>([q, k, v], ms, &out, shape) },
+        Kind::BFloat16 => unsafe { attention_views::<u16>([q, k, v], ms, queries, &out, shape) },
         // SAFETY: as above, float32.
-        _ => unsafe { attention_views::<f32>([q, k, v], ms, &out, shape) },
+        _ => unsafe { attention_views::<f32>([q, k, v], ms, queries, &out, shape) },
     }
-    Ok(Some(out))
+    Ok(Some(out.f_transpose(1, 2)?))
 }
 
-/// The decode-attention kernel keeps a head's output (`hd / 16` registers) and query in
+/// The attention kernel keeps a query's output (`hd / 16` registers) and the query itself in
 /// registers: head dimensions up to 128 (Llama, Mistral, Qwen2, Phi-3's 96, SmolLM2's 64).
 pub const ATTENTION_MAX_CHUNKS: usize = 8;
 
-/// Run the decode-attention kernel over `qkv` (views described by `shape`) into `out`.
+/// Run the attention kernel over `qkv` (views described by `shape`) into `out`.
 ///
 /// # Safety
-/// The tensors hold elements of type `E`, `out` is a fresh contiguous `[B, nq, 1, hd]` tensor
-/// of that type, and `shape` describes the views (checked by `decode_attention`).
+/// The tensors hold elements of type `E`, `out` is a fresh contiguous `[B, t, nq, hd]` tensor
+/// of that type, and `shape` describes the views (checked by `attention`).
 #[cfg(target_arch = "x86_64")]
 unsafe fn attention_views<E: avx512::AttnElem + Sync>(
     qkv: [&Tensor; 3],
     mask: Option<&[bool]>,
+    queries: Option<&[bool]>,
     out: &Tensor,
     shape: AttnShape,
 ) {
@@ -1483,25 +1557,25 @@ unsafe fn attention_views<E: avx512::AttnElem + Sync>(
             span(qkv[2], &shape.v),
         );
         let os = OutPtr(elements_mut::<E>(out).as_mut_ptr());
-        let units = shape.k.b * shape.k.h * shape.parts;
+        let units = shape.k.b * shape.k.h * shape.parts * shape.q.l.div_ceil(shape.qb);
         let run = |range: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let os = os;
-            // `decode_attention` checked `hd` = 16 * (1..=ATTENTION_MAX_CHUNKS).
-            with_rows!(hd / 16, CH => avx512::attention::<E, CH>(qs, ks, vs, mask, os.0, shape, range))
+            // `attention` checked `hd` = 16 * (1..=ATTENTION_MAX_CHUNKS).
+            with_rows!(hd / 16, CH => avx512::attention::<E, CH>([qs, ks, vs], mask, queries, os.0, shape, range))
         };
         // Units split across threads when there is enough work (batch 8 at SmolLM2 shapes:
         // 137 µs on one thread). Reading the keys and values is the cost that counts at batch
         // 1: one thread streams a layer's cache (356 KB at SmolLM2's 232-token context, in
         // float32) at about 10 GB/s, so count four units of work per cached element read.
-        let macs = shape.k.b * shape.k.h * shape.k.l * shape.group * hd;
+        let macs = shape.k.b * shape.k.h * shape.k.l * shape.group * shape.q.l * hd;
         let cached = shape.k.b * shape.k.h * shape.k.l * hd * 2;
         omp::split(units, 1, macs.max(4 * cached), &run);
     }
 }
 
-/// Whether the AVX-512 kernels (float32 int4 and small-batch products, bf16 decode attention)
+/// Whether the AVX-512 kernels (float32 int4 and small-batch products, attention)
 /// run on this CPU: x86-64 with AVX-512F and FMA, the kernels not switched off.
 pub fn int4_f32_available() -> bool {
     enabled_on_cpu(true)

@@ -336,7 +336,8 @@ fn decode_attention(
     mask: Option<&Tensor>,
     nkv: i64,
 ) -> Result<Tensor> {
-    if let Some(out) = crate::cpu_kernels::decode_attention(q, k, v, mask)? {
+    let keys = k.size().get(2).copied().unwrap_or(0).max(1) as usize;
+    if let Some(out) = crate::cpu_kernels::attention(q, k, v, mask, None, keys - 1)? {
         return Ok(out);
     }
     let size = q.size();
@@ -1019,9 +1020,16 @@ impl Model {
             let k = qk.f_narrow(1, nq, nkv)?;
             let (kk, vv) = cache.write_layer(li, start as usize, &k, &v)?;
             let windowed = layer.sliding_window.and_then(|w| window_masks.get(&w));
-            let attn = if reduced_cpu_decode {
-                // `None` only when `decode_no_pad` and no window: every cached key is visible.
-                let mask = windowed.or(base_mask.as_ref());
+            // `None` only without padding and window: causal visibility is all there is.
+            let mask = windowed.or(base_mask.as_ref());
+            let prompt_kernel = if t > 1 && self.device == Device::Cpu {
+                crate::cpu_kernels::attention(&q, &kk, &vv, mask, Some(valid), start as usize)?
+            } else {
+                None
+            };
+            let attn = if let Some(attn) = prompt_kernel {
+                attn
+            } else if reduced_cpu_decode {
                 decode_attention(&q, &kk, &vv, mask, nkv)?
             } else if windowed.is_none() && use_causal_flag {
                 Tensor::f_scaled_dot_product_attention::<Tensor>(

@@ -18,7 +18,7 @@
 //! different f32 `silu` can round to the neighbouring bf16 value).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use flowtune_lm::cpu_kernels::{self, add_rms_norm, decode_attention, rms_norm, rope, silu_mul};
+use flowtune_lm::cpu_kernels::{self, add_rms_norm, attention, rms_norm, rope, silu_mul};
 use std::sync::{Mutex, MutexGuard};
 
 use proptest::prelude::*;
@@ -79,34 +79,52 @@ proptest! {
     }
 }
 
-/// HF eager attention for one query position, as libtorch ops (see the module docs).
-fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
-    let (b, nq, hd) = (q.size()[0], q.size()[1], q.size()[3]);
-    let nkv = k.size()[1];
-    let qg = q.reshape([b, nkv, nq / nkv, hd]);
-    let mut scores =
-        qg.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) * (1.0 / (hd as f64).sqrt());
-    if let Some(m) = mask {
-        scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+/// Key `j` visible to query position `i` of `q` (`[B, nq, T, hd]`) over `l` keys: causal from
+/// `start` (`j <= start + i`) and, with `mask` (`[B, 1, T, L]`), where it allows.
+fn visible(q: &Tensor, l: i64, mask: Option<&Tensor>, start: i64) -> Tensor {
+    let t = q.size()[2];
+    let qi = Tensor::arange_start(start, start + t, (Kind::Int64, Device::Cpu)).view([1, 1, t, 1]);
+    let kj = Tensor::arange(l, (Kind::Int64, Device::Cpu)).view([1, 1, 1, l]);
+    let causal = kj.le_tensor(&qi);
+    match mask {
+        Some(m) => causal.logical_and(m),
+        None => causal,
     }
+}
+
+/// HF eager attention (`repeat_kv`, then the products), as libtorch ops (see the module docs).
+fn eager_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    start: i64,
+) -> Tensor {
+    let (nq, hd) = (q.size()[1], q.size()[3]);
+    let (nkv, l) = (k.size()[1], k.size()[2]);
+    let rep = |t: &Tensor| t.repeat_interleave_self_int(nq / nkv, 1, None);
+    let scores =
+        q.matmul(&rep(k).transpose(-1, -2)).to_kind(Kind::Float) * (1.0 / (hd as f64).sqrt());
+    let scores = scores.masked_fill(&visible(q, l, mask, start).logical_not(), f64::NEG_INFINITY);
     let p = scores.softmax(-1, Kind::Float).to_kind(v.kind());
-    p.matmul(v).reshape([b, nq, 1, hd])
+    p.matmul(&rep(v))
 }
 
 /// Exact attention in f64 from the same (bf16) inputs.
-fn exact_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+fn exact_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    start: i64,
+) -> Tensor {
     let d = |t: &Tensor| t.to_kind(Kind::Double);
-    let (b, nq, hd) = (q.size()[0], q.size()[1], q.size()[3]);
-    let nkv = k.size()[1];
-    let qg = d(q).reshape([b, nkv, nq / nkv, hd]);
-    let mut scores = qg.matmul(&d(k).transpose(-1, -2)) * (1.0 / (hd as f64).sqrt());
-    if let Some(m) = mask {
-        scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
-    }
-    scores
-        .softmax(-1, Kind::Double)
-        .matmul(&d(v))
-        .reshape([b, nq, 1, hd])
+    let (nq, hd) = (q.size()[1], q.size()[3]);
+    let (nkv, l) = (k.size()[1], k.size()[2]);
+    let rep = |t: &Tensor| d(t).repeat_interleave_self_int(nq / nkv, 1, None);
+    let scores = d(q).matmul(&rep(k).transpose(-1, -2)) * (1.0 / (hd as f64).sqrt());
+    let scores = scores.masked_fill(&visible(q, l, mask, start).logical_not(), f64::NEG_INFINITY);
+    scores.softmax(-1, Kind::Double).matmul(&rep(v))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -145,12 +163,12 @@ fn decode_attention_matches_eager_formulation() {
             let _ = m.narrow(3, l - 1, 1).fill_(1);
             m
         });
-        let ours = decode_attention(&q, &k, &v, mask.as_ref())
+        let ours = attention(&q, &k, &v, mask.as_ref(), None, l as usize - 1)
             .unwrap()
             .expect("kernel applies");
         assert_eq!(ours.size(), vec![b, nq, 1, hd]);
-        let eager = eager_attention(&q, &k, &v, mask.as_ref());
-        let exact = exact_attention(&q, &k, &v, mask.as_ref());
+        let eager = eager_attention(&q, &k, &v, mask.as_ref(), l - 1);
+        let exact = exact_attention(&q, &k, &v, mask.as_ref(), l - 1);
         let vmax = v.abs().max().to_kind(Kind::Double).double_value(&[]);
         let d_eager = max_abs_diff(&ours, &eager);
         let d_exact = max_abs_diff(&ours, &exact);
@@ -186,17 +204,107 @@ fn decode_attention_f32_matches_exact_formulation() {
             let _ = m.narrow(3, l - 1, 1).fill_(1);
             m
         });
-        let ours = decode_attention(&q, &k, &v, mask.as_ref())
+        let ours = attention(&q, &k, &v, mask.as_ref(), None, l as usize - 1)
             .unwrap()
             .expect("kernel applies to float32");
         assert_eq!(ours.kind(), Kind::Float);
-        let exact = exact_attention(&q, &k, &v, mask.as_ref());
+        let exact = exact_attention(&q, &k, &v, mask.as_ref(), l - 1);
         let vmax = v.abs().max().double_value(&[]);
         let d = max_abs_diff(&ours, &exact);
         assert!(
             d <= 1e-5 * vmax,
             "case {ci}: float32 kernel vs f64 max |Δ| {d}"
         );
+    }
+}
+
+/// `(batch, q heads, kv heads, head dim, new positions, cached keys before them, masked)`.
+const PROMPT_CASES: [(i64, i64, i64, i64, i64, i64, bool); 6] = [
+    (2, 9, 3, 64, 40, 0, false), // SmolLM2 causal prefill, no padding
+    (4, 9, 3, 64, 37, 21, true), // a padded batch after a shared prefix (relevance rounds)
+    (1, 9, 3, 64, 5, 300, true), // a short suffix on a long cached prefix
+    (3, 8, 2, 128, 33, 7, true), // positions not a multiple of the 16 per unit
+    (2, 12, 4, 96, 17, 0, true), // Phi-3's head dim
+    (1, 4, 4, 64, 2, 14, false), // two positions, no grouping, one unit
+];
+
+/// A random prompt-batch mask as the model builds one: padding keys hidden per row, each query
+/// position's own key always visible (`[B, 1, T, L]`).
+fn prompt_mask(b: i64, t: i64, start: i64) -> Tensor {
+    let l = start + t;
+    let keys = Tensor::rand([b, 1, 1, l], (Kind::Float, Device::Cpu)).gt(0.3);
+    let qi = Tensor::arange_start(start, l, (Kind::Int64, Device::Cpu)).view([1, 1, t, 1]);
+    let kj = Tensor::arange(l, (Kind::Int64, Device::Cpu)).view([1, 1, 1, l]);
+    keys.logical_or(&kj.eq_tensor(&qi))
+        .expand([b, 1, t, l], false)
+        .contiguous()
+}
+
+/// Several query positions per row, causal over a cache holding earlier keys: the bf16 kernel
+/// against the eager formulation and f64 (tolerances as in the module docs), the float32
+/// kernel against f64 within 1e-5 of max |v|.
+#[test]
+fn prompt_attention_matches_eager_formulation() {
+    let _serial = require_kernels();
+    for (ci, &(b, nq, nkv, hd, t, start, masked)) in PROMPT_CASES.iter().enumerate() {
+        for kind in [Kind::BFloat16, Kind::Float] {
+            tch::manual_seed(ci as i64 + 100);
+            let o = (kind, Device::Cpu);
+            let l = start + t;
+            // q as the model makes it: heads of a [B, T, heads, hd] projection, transposed.
+            let qk = Tensor::randn([b, t, nq + nkv, hd], o).transpose(1, 2);
+            let q = qk.narrow(1, 0, nq);
+            let k_cache = Tensor::randn([b, nkv, l + 9, hd], o) * 2.0;
+            let v_cache = Tensor::randn([b, nkv, l + 9, hd], o);
+            let (k, v) = (k_cache.narrow(2, 0, l), v_cache.narrow(2, 0, l));
+            let mask = masked.then(|| prompt_mask(b, t, start));
+            // Padded batches also name their padding queries: those come back zero.
+            let queries: Option<Vec<bool>> = masked.then(|| {
+                let keep = Tensor::rand([b * t], (Kind::Float, Device::Cpu)).gt(0.2);
+                Vec::<bool>::try_from(keep).unwrap()
+            });
+            let ours = attention(
+                &q,
+                &k,
+                &v,
+                mask.as_ref(),
+                queries.as_deref(),
+                start as usize,
+            )
+            .unwrap()
+            .expect("kernel applies");
+            assert_eq!(ours.size(), vec![b, nq, t, hd]);
+            assert_eq!(ours.kind(), kind);
+            let live = match &queries {
+                Some(qs) => Tensor::from_slice(qs)
+                    .view([b, 1, t, 1])
+                    .to_kind(Kind::Double),
+                None => Tensor::ones([1], (Kind::Double, Device::Cpu)),
+            };
+            let exact = exact_attention(&q, &k, &v, mask.as_ref(), start) * &live;
+            let vmax = v.abs().max().to_kind(Kind::Double).double_value(&[]);
+            let d_exact = max_abs_diff(&ours, &exact);
+            if kind == Kind::Float {
+                assert!(
+                    d_exact <= 1e-5 * vmax,
+                    "case {ci} f32: vs f64 max |Δ| {d_exact}"
+                );
+                continue;
+            }
+            let eager =
+                eager_attention(&q, &k, &v, mask.as_ref(), start).to_kind(Kind::Double) * &live;
+            let d_eager = max_abs_diff(&ours, &eager);
+            assert!(
+                d_eager <= vmax / 256.0,
+                "case {ci}: kernel vs eager max |Δ| {d_eager} > {}",
+                vmax / 256.0
+            );
+            assert!(
+                d_exact <= vmax / 32.0,
+                "case {ci}: kernel vs f64 {d_exact} (bound {})",
+                vmax / 32.0
+            );
+        }
     }
 }
 
@@ -211,20 +319,22 @@ fn kernels_decline_what_they_do_not_cover() {
         .to_kind(Kind::Float)
         .set_requires_grad(true)
         .to_kind(Kind::BFloat16);
-    assert!(decode_attention(&qg, &k, &k, None).unwrap().is_none());
-    // Half precision, mixed kinds, a head dim that is not a multiple of 16, more than one
-    // query position.
+    assert!(attention(&qg, &k, &k, None, None, 9).unwrap().is_none());
+    // Half precision, mixed kinds, a head dim that is not a multiple of 16, queries past the
+    // last key (two new positions after 9 cached keys need 11).
     let f = |t: &Tensor| t.to_kind(Kind::Float);
     let h16 = |t: &Tensor| t.to_kind(Kind::Half);
-    assert!(decode_attention(&h16(&q), &h16(&k), &h16(&k), None)
+    assert!(attention(&h16(&q), &h16(&k), &h16(&k), None, None, 9)
         .unwrap()
         .is_none());
-    assert!(decode_attention(&f(&q), &k, &k, None).unwrap().is_none());
+    assert!(attention(&f(&q), &k, &k, None, None, 9).unwrap().is_none());
     let q40 = Tensor::randn([1, 4, 1, 40], bf);
     let k40 = Tensor::randn([1, 2, 10, 40], bf);
-    assert!(decode_attention(&q40, &k40, &k40, None).unwrap().is_none());
+    assert!(attention(&q40, &k40, &k40, None, None, 9)
+        .unwrap()
+        .is_none());
     let q2 = Tensor::randn([1, 4, 2, 64], bf);
-    assert!(decode_attention(&q2, &k, &k, None).unwrap().is_none());
+    assert!(attention(&q2, &k, &k, None, None, 9).unwrap().is_none());
     // RMSNorm: too many rows, a weight of the wrong length, half precision.
     let w = Tensor::ones([64], bf);
     assert!(rms_norm(&Tensor::randn([65, 64], bf), &w, 1e-5)
@@ -242,10 +352,10 @@ fn kernels_decline_what_they_do_not_cover() {
     let off = rms_norm(&Tensor::randn([2, 64], bf), &w, 1e-5)
         .unwrap()
         .is_none()
-        && decode_attention(&q, &k, &k, None).unwrap().is_none();
+        && attention(&q, &k, &k, None, None, 9).unwrap().is_none();
     cpu_kernels::set_enabled(true);
     assert!(off);
-    assert!(decode_attention(&q, &k, &k, None).unwrap().is_some());
+    assert!(attention(&q, &k, &k, None, None, 9).unwrap().is_some());
 }
 
 /// The model's libtorch RoPE (`Model::apply_rope`): roll by half, sign folded into `sin`.

@@ -1685,6 +1685,130 @@ impl Int4F32Weight {
     }
 }
 
+multiversion!(lora_rows, fn(x: &[f32], a: &[f32], bt: &[f32], y: &mut [f32], inp: usize, out: usize, scale: f32) {
+    const R: usize = 8;
+    let rank = a.len() / inp.max(1);
+    let mut h = [0f32; LORA_MAX_RANK];
+    let full = inp / LANES * LANES;
+    for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+        // `x · A[r]` for eight ranks at once: each 16-input slice of x is loaded once and
+        // feeds eight independent accumulators.
+        for r0 in (0..rank).step_by(R) {
+            let n = R.min(rank - r0);
+            let mut acc = [[0f32; LANES]; R];
+            for c in (0..full).step_by(LANES) {
+                let xv = &xr[c..c + LANES];
+                for (k, acc) in acc.iter_mut().enumerate().take(n) {
+                    let av = &a[(r0 + k) * inp + c..][..LANES];
+                    for j in 0..LANES {
+                        acc[j] = xv[j].mul_add(av[j], acc[j]);
+                    }
+                }
+            }
+            for (k, acc) in acc.into_iter().enumerate().take(n) {
+                let mut tail = 0f32;
+                for c in full..inp {
+                    tail = xr[c].mul_add(a[(r0 + k) * inp + c], tail);
+                }
+                h[r0 + k] = reduce(acc) + tail;
+            }
+        }
+        // `Σ_r h[r] · Bᵀ[r]` sixteen outputs at a time, in registers, then scaled.
+        let (yc, yt) = yr.as_chunks_mut::<LANES>();
+        for (o, yv) in yc.iter_mut().enumerate() {
+            let mut v = [0f32; LANES];
+            for (r, &hr) in h[..rank].iter().enumerate() {
+                let bv = &bt[r * out + o * LANES..][..LANES];
+                for j in 0..LANES {
+                    v[j] = bv[j].mul_add(hr, v[j]);
+                }
+            }
+            for j in 0..LANES {
+                yv[j] = v[j] * scale;
+            }
+        }
+        let base = yc.len() * LANES;
+        for (i, yo) in yt.iter_mut().enumerate() {
+            let mut v = 0f32;
+            for (r, &hr) in h[..rank].iter().enumerate() {
+                v = bt[r * out + base + i].mul_add(hr, v);
+            }
+            *yo = v * scale;
+        }
+    }
+});
+
+/// Adapters of at most this rank take [`lora_delta`].
+pub const LORA_MAX_RANK: usize = 64;
+
+/// The LoRA delta `scale · (x Aᵀ) Bᵀ` of one site without gradients: `x` `[..., in]` bf16 or
+/// float32 on the CPU, `a` `[r, in]` and `b` `[out, r]` float32 (PEFT keeps adapters in float32
+/// over a bf16 base and casts the input up, as this does). Returns `[..., out]` in `x`'s kind,
+/// each value computed in float32 and rounded once; `None` where it does not apply (other
+/// kinds or shapes, rank above [`LORA_MAX_RANK`], tensors that need gradients).
+///
+/// Why: libtorch sends the two skinny products (`[N, 576] x [576, 8]`, then `[N, 8] x [8, 576]`)
+/// to MKL, which packs the whole input for an 8-column result; with the casts around them that
+/// was 8 % of a `musique eval` run on the session-12 AMD Zen 4 VM (its rank-8 q/v adapters).
+pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let (asz, bsz) = (a.size(), b.size());
+    let inp = x.size().last().copied().unwrap_or(0);
+    if !int4_f32_available()
+        || ![x, a, b].iter().all(|t| plain_cpu(t))
+        || !matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+        || a.kind() != Kind::Float
+        || b.kind() != Kind::Float
+        || asz.len() != 2
+        || bsz.len() != 2
+        || asz[1] != inp
+        || bsz[1] != asz[0]
+        || inp == 0
+        || asz[0] as usize > LORA_MAX_RANK
+    {
+        return Ok(None);
+    }
+    let (inp, out) = (inp as usize, bsz[0] as usize);
+    let x = x.f_contiguous()?;
+    let rows = x.numel() / inp;
+    let a = a.f_contiguous()?;
+    let bt = b.f_tr()?.f_contiguous()?;
+    let bf16 = x.kind() == Kind::BFloat16;
+    let y = output_for(&x, out, Kind::Float)?;
+    // SAFETY: `x`, `a` and `bt` are contiguous float32 (or bf16 for `x`) CPU tensors of the
+    // sizes checked above; `y` is fresh, `rows * out` float32s; threads write disjoint rows
+    // and are joined (the end of the parallel region) before `y` is read.
+    unsafe {
+        let (av, btv) = (elements::<f32>(&a), elements::<f32>(&bt));
+        let (x16, x32) = if bf16 {
+            (elements::<u16>(&x), &[][..])
+        } else {
+            (&[][..], elements::<f32>(&x))
+        };
+        let ys = OutPtr(elements_mut::<f32>(&y).as_mut_ptr());
+        let run = |r: std::ops::Range<usize>| {
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let ys = ys;
+            let yr = std::slice::from_raw_parts_mut(ys.0.add(r.start * out), r.len() * out);
+            // Each thread widens its own rows of a bf16 input.
+            let xf;
+            let xr = if bf16 {
+                xf = AlignedF32::widened(&x16[r.start * inp..r.end * inp]);
+                xf.as_slice()
+            } else {
+                &x32[r.start * inp..r.end * inp]
+            };
+            lora_rows(xr, av, btv, yr, inp, out, scale as f32);
+        };
+        omp::split(rows, 1, rows * av.len() * 2, &run);
+    }
+    Ok(Some(if bf16 {
+        y.f_to_kind(Kind::BFloat16)?
+    } else {
+        y
+    }))
+}
+
 /// Whether a quantised-weight kernel over `k` inputs takes `x`: a float32 or bf16 CPU tensor
 /// without gradient, `[..., k]` with at most [`INT4_F32_MAX_ROWS`] rows, on a CPU that has the
 /// kernels.

@@ -308,6 +308,66 @@ fn prompt_attention_matches_eager_formulation() {
     }
 }
 
+/// The fused LoRA delta against the bank's libtorch formulation (`flowtune_lora`'s `apply`:
+/// `((x as f32) Aᵀ) Bᵀ · scale`, cast to x's kind). float32: within 1e-5 of the largest
+/// |result| (other summation order); bf16: within one bf16 ulp of each reference value (a
+/// different float32 sum can round to the neighbouring bf16).
+#[test]
+fn lora_delta_matches_the_libtorch_formulation() {
+    let _serial = require_kernels();
+    // (rows, in, out, rank)
+    for (ci, &(rows, inp, out, r)) in [
+        (1, 576, 576, 8),
+        (37, 576, 192, 8),
+        (5, 100, 33, 3),
+        (300, 64, 80, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for kind in [Kind::BFloat16, Kind::Float] {
+            tch::manual_seed(ci as i64 + 200);
+            let f = (Kind::Float, Device::Cpu);
+            let x = Tensor::randn([rows, 1, inp], f).to_kind(kind);
+            let a = Tensor::randn([r, inp], f) * 0.1;
+            let b = Tensor::randn([out, r], f) * 0.1;
+            let scale = 16.0 / (r as f64).sqrt();
+            let ours = cpu_kernels::lora_delta(&x, &a, &b, scale)
+                .unwrap()
+                .expect("kernel applies");
+            assert_eq!(ours.size(), vec![rows, 1, out]);
+            assert_eq!(ours.kind(), kind);
+            let reference =
+                (x.to_kind(Kind::Float).matmul(&a.tr()).matmul(&b.tr()) * scale).to_kind(kind);
+            let (o, e) = (values(&ours), values(&reference));
+            let max = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (o, e)) in o.iter().zip(&e).enumerate() {
+                let tol = if kind == Kind::Float {
+                    1e-5 * max
+                } else {
+                    bf16_ulp(*e)
+                };
+                assert!(
+                    (o - e).abs() <= tol,
+                    "case {ci} {kind:?} value {i}: {o} vs {e}"
+                );
+            }
+        }
+    }
+    // Declines: gradients, half precision, a rank mismatch, a bf16 adapter.
+    let f = (Kind::Float, Device::Cpu);
+    let x = Tensor::randn([2, 64], f);
+    let (a, b) = (Tensor::randn([4, 64], f), Tensor::randn([8, 4], f));
+    let ag = a.copy().set_requires_grad(true);
+    assert!(cpu_kernels::lora_delta(&x, &ag, &b, 1.0).unwrap().is_none());
+    let xh = x.to_kind(Kind::Half);
+    assert!(cpu_kernels::lora_delta(&xh, &a, &b, 1.0).unwrap().is_none());
+    let b3 = Tensor::randn([8, 3], f);
+    assert!(cpu_kernels::lora_delta(&x, &a, &b3, 1.0).unwrap().is_none());
+    let ab = a.to_kind(Kind::BFloat16);
+    assert!(cpu_kernels::lora_delta(&x, &ab, &b, 1.0).unwrap().is_none());
+}
+
 #[test]
 fn kernels_decline_what_they_do_not_cover() {
     let _serial = require_kernels();

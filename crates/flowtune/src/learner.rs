@@ -623,6 +623,8 @@ impl NodeLearner {
         }
         bank.set_trainable(node)?;
         let optimizer = Cocob::new(bank.get(node)?.named_tensors(), config.cocob)?;
+        // Frozen between steps: inference then takes the fused no-gradient kernels.
+        bank.freeze_all()?;
         Ok(Self {
             node: node.to_string(),
             reference,
@@ -673,12 +675,15 @@ impl NodeLearner {
         };
         self.run(model, bank, records, true, &mut stats)?;
         if stats.records == 0 {
+            bank.freeze_all()?;
             return Ok(stats);
         }
         stats.grad_norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
         self.optimizer.step()?;
         self.optimizer.zero_grad();
         bank.mark_updated(&self.node)?;
+        // Frozen again until the next step (rollouts between steps need no gradients).
+        bank.freeze_all()?;
         self.steps += 1;
         tracing::debug!(
             loss = stats.loss,

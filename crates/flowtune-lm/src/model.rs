@@ -330,40 +330,66 @@ mod onednn_switch {
     }
 }
 
-/// Attention for one query position per row (`q` `[B, nq, 1, hd]`, `k`/`v` `[B, nkv, L, hd]`),
+/// Attention of `t` query positions per row (`q` `[B, nq, t, hd]`, `k`/`v` `[B, nkv, L, hd]`),
 /// written out as HF's eager attention does it: scores in the model dtype, softmax in float32,
 /// the probabilities cast back before the product with `v`. Query heads are grouped onto their
 /// key/value head by a reshape (head `h` reads kv head `h / (nq / nkv)`, as `repeat_kv`), so
-/// every product is one batched GEMM over `[B, nkv]` instead of `B * nq` GEMVs. `mask` is
-/// `[B, 1, 1, L]` (true = visible) or `None` when every key is visible.
+/// every product is one batched GEMM over `[B, nkv]`. `mask` is `[B, 1, t, L]` (true =
+/// visible); without one, query position `i` sees keys `j <= start + i`. The CPU kernel
+/// ([`crate::cpu_kernels::attention`]) takes the call when it applies (no gradients).
 ///
-/// On the 2-core development CPU in bf16 this takes 4.2 ms per step for 30 layers at B = 8
-/// (L = 264, SmolLM2-135M shapes) where libtorch's SDPA takes 33.7 ms, and 2.5 vs 4.8 ms at
-/// B = 1 (measured with torch 2.11 from Python, same shapes).
-fn decode_attention(
+/// Decoding on the 2-core development CPU in bf16 this took 4.2 ms per step for 30 layers at
+/// B = 8 (L = 264, SmolLM2-135M shapes) where libtorch's SDPA takes 33.7 ms, and 2.5 vs 4.8 ms
+/// at B = 1 (measured with torch 2.11 from Python, same shapes). With gradients (the learner)
+/// in bf16 on the session-12 AMD Zen 4 VM, forward and backward took 19.6 against SDPA's
+/// 30.8 ms at `[8, 9, 150, 64]` over 150 keys and 6.4 against 14.8 ms at `[16, 9, 30, 64]`
+/// over 180 (torch 2.11 from Python): SDPA's bf16 block products go through MKL's generic path
+/// there.
+fn eager_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    start: i64,
     nkv: i64,
 ) -> Result<Tensor> {
-    let keys = k.size().get(2).copied().unwrap_or(0).max(1) as usize;
-    if let Some(out) = crate::cpu_kernels::attention(q, k, v, mask, None, keys - 1)? {
+    if let Some(out) = crate::cpu_kernels::attention(q, k, v, mask, None, start as usize)? {
         return Ok(out);
     }
     let size = q.size();
-    let (b, nq, hd) = (size[0], size[1], size[3]);
+    let (b, nq, t, hd) = (size[0], size[1], size[2], size[3]);
+    let l = k.size().get(2).copied().unwrap_or(0);
     let group = nq / nkv;
-    let qg = q.f_reshape([b, nkv, group, hd])?;
+    let qg = q.f_reshape([b, nkv, group * t, hd])?;
     let mut scores = qg
         .f_matmul(&k.f_transpose(-1, -2)?)?
         .f_to_kind(Kind::Float)?
-        .f_mul_scalar(1.0 / (hd as f64).sqrt())?;
-    if let Some(m) = mask {
-        scores = scores.f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?;
+        .f_mul_scalar(1.0 / (hd as f64).sqrt())?
+        .f_view([b, nkv, group, t, l])?;
+    let causal;
+    let visible = match mask {
+        Some(m) => Some(m),
+        // One position after the whole cache sees every key.
+        None if start + t >= l && t == 1 => None,
+        None => {
+            let qi = Tensor::f_arange_start(start, start + t, (Kind::Int64, q.device()))?
+                .f_view([t, 1])?;
+            let kj = Tensor::f_arange(l, (Kind::Int64, q.device()))?.f_view([1, l])?;
+            causal = kj.f_le_tensor(&qi)?.f_view([1, 1, t, l])?;
+            Some(&causal)
+        }
+    };
+    if let Some(m) = visible {
+        scores = scores.f_masked_fill(
+            &m.f_logical_not()?.f_view([-1, 1, 1, t, l])?,
+            f64::NEG_INFINITY,
+        )?;
     }
-    let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(v.kind())?;
-    Ok(probs.f_matmul(v)?.f_reshape([b, nq, 1, hd])?)
+    let probs = scores
+        .f_softmax(-1, Kind::Float)?
+        .f_to_kind(v.kind())?
+        .f_view([b, nkv, group * t, l])?;
+    Ok(probs.f_matmul(v)?.f_view([b, nq, t, hd])?)
 }
 
 fn check_shape(name: &str, t: &Tensor, expected: &[i64]) -> Result<()> {
@@ -919,9 +945,12 @@ impl Model {
         let needs_masks = any_window || !(use_causal_flag || decode_no_pad);
         // One new token per row on the CPU: libtorch's flash-attention kernel runs one tiny
         // GEMV per (row, head) through MKL, which in bf16 is several times slower than the
-        // whole step's weight GEMVs at batch 8 (see `decode_attention`; float32 too since
+        // whole step's weight GEMVs at batch 8 (see `eager_attention`; float32 too since
         // session 7).
         let reduced_cpu_decode = t == 1 && self.device == Device::Cpu;
+        // Training in bf16 on the CPU: the eager products (oneDNN's bf16 GEMMs) with autograd
+        // beat SDPA's forward and backward (see `eager_attention`).
+        let eager_cpu_training = self.device == Device::Cpu && self.kind == Kind::BFloat16;
 
         // Masks [B, 1, T, total]: key j visible to query slot start+i iff it is a real token at or
         // before it (and inside the sliding window); the query's own slot is always visible so
@@ -1040,8 +1069,11 @@ impl Model {
             };
             let attn = if let Some(attn) = prompt_kernel {
                 attn
-            } else if reduced_cpu_decode {
-                decode_attention(&q, &kk, &vv, mask, nkv)?
+            } else if reduced_cpu_decode
+                || (eager_cpu_training
+                    && (q.requires_grad() || kk.requires_grad() || vv.requires_grad()))
+            {
+                eager_attention(&q, &kk, &vv, mask, start, nkv)?
             } else if windowed.is_none() && use_causal_flag {
                 Tensor::f_scaled_dot_product_attention::<Tensor>(
                     &q,

@@ -330,6 +330,11 @@ mod onednn_switch {
     }
 }
 
+/// Training forwards in bf16 on the CPU take [`eager_attention`] up to this many attention
+/// scores per layer (`B · heads · t · L`; SmolLM2's relevance label batches stay below it),
+/// SDPA above.
+const EAGER_TRAINING_MAX_SCORES: i64 = 1 << 22;
+
 /// Attention of `t` query positions per row (`q` `[B, nq, t, hd]`, `k`/`v` `[B, nkv, L, hd]`),
 /// written out as HF's eager attention does it: scores in the model dtype, softmax in float32,
 /// the probabilities cast back before the product with `v`. Query heads are grouped onto their
@@ -950,7 +955,13 @@ impl Model {
         let reduced_cpu_decode = t == 1 && self.device == Device::Cpu;
         // Training in bf16 on the CPU: the eager products (oneDNN's bf16 GEMMs) with autograd
         // beat SDPA's forward and backward (see `eager_attention`).
-        let eager_cpu_training = self.device == Device::Cpu && self.kind == Kind::BFloat16;
+        // Only up to `EAGER_TRAINING_MAX_SCORES` scores per layer: eager keeps its float32
+        // soft-max for the backward, and on long MuSiQue-Full prompts that doubled peak memory
+        // (12.0 against 6.7 GB) and ran slower (182.9 against 154.4 s for 6 episodes).
+        let eager_cpu_training = self.device == Device::Cpu
+            && self.kind == Kind::BFloat16
+            && b * self.config.num_attention_heads as i64 * t * (start + t)
+                <= EAGER_TRAINING_MAX_SCORES;
 
         // Masks [B, 1, T, total]: key j visible to query slot start+i iff it is a real token at or
         // before it (and inside the sliding window); the query's own slot is always visible so

@@ -1060,6 +1060,8 @@ mod avx512 {
                     }
                 };
                 let end = l.min(s.start + i0 + np);
+                // How many of the `n` keys from `j0` on row `r` sees (0: skip the block).
+                let seen = |r: usize, j0: usize, n: usize| limit(r).saturating_sub(j0).min(n);
                 for r in 0..rows {
                     // Keys past a row's limit (and lanes past the last key) take no part in
                     // the soft-max.
@@ -1073,7 +1075,7 @@ mod avx512 {
                     let n = (end - j0).min(16);
                     widen_block(block, k, &s.k, b, kvh, j0, n, end);
                     for r in 0..rows {
-                        let seen = limit(r).saturating_sub(j0).min(n);
+                        let seen = seen(r, j0, n);
                         if seen == 0 {
                             continue;
                         }
@@ -1145,7 +1147,7 @@ mod avx512 {
                     let n = (end - j0).min(16);
                     widen_block(block, v, &s.v, b, kvh, j0, n, end);
                     for r in 0..rows {
-                        let seen = limit(r).saturating_sub(j0).min(n);
+                        let seen = seen(r, j0, n);
                         if seen == 0 {
                             continue;
                         }

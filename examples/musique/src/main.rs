@@ -480,9 +480,9 @@ fn train(t: &TrainArgs) -> Result<()> {
         &mut |done, last| {
             let msg = last
                 .map(|m| {
-                    let get = |k: &str| m.progressive.get(k).copied().unwrap_or(f64::NAN);
+                    let get = |k: &str| shown_metric(m.progressive.get(k).copied(), 3);
                     format!(
-                        "AnsF1 {:.3} SuppF1 {:.3}",
+                        "AnsF1 {} SuppF1 {}",
                         get(rewards::ANSWER_F1),
                         get(rewards::SUPPORT_F1)
                     )
@@ -500,11 +500,19 @@ fn train(t: &TrainArgs) -> Result<()> {
         "{:<14} {:>12} {:>12}",
         "progressive", "first 20%", "last 20%"
     );
-    for key in summary.first_window.keys() {
-        let last = summary.last_window.get(key).copied().unwrap_or(f64::NAN);
+    // A window without a record that has the metric (e.g. no answerable question among
+    // MuSiQue-Full's first episodes) shows n/a.
+    let keys: std::collections::BTreeSet<&String> = summary
+        .first_window
+        .keys()
+        .chain(summary.last_window.keys())
+        .collect();
+    for key in keys {
         println!(
-            "{:<14} {:>12.4} {:>12.4}",
-            key, summary.first_window[key], last
+            "{:<14} {:>12} {:>12}",
+            key,
+            shown_metric(summary.first_window.get(key).copied(), 4),
+            shown_metric(summary.last_window.get(key).copied(), 4)
         );
     }
     if let (Some(h), Some(before)) = (&heldout, before) {
@@ -535,6 +543,14 @@ fn train(t: &TrainArgs) -> Result<()> {
     }
     println!("learning curve: {}", summary.plot_path.display());
     Ok(())
+}
+
+/// A metric with `digits` decimals, or `n/a` when there is none (or it is not a number).
+fn shown_metric(value: Option<f64>, digits: usize) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        _ => "n/a".to_string(),
+    }
 }
 
 fn score(s: &ScoreArgs) -> Result<()> {
@@ -598,5 +614,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_metric;
+
+    #[test]
+    fn a_missing_metric_shows_as_not_available() {
+        assert_eq!(shown_metric(Some(0.25), 4), "0.2500");
+        assert_eq!(shown_metric(Some(1.0), 3), "1.000");
+        assert_eq!(shown_metric(None, 4), "n/a");
+        assert_eq!(shown_metric(Some(f64::NAN), 3), "n/a");
     }
 }

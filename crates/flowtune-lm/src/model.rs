@@ -35,14 +35,9 @@ pub trait LinearDelta {
 impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
         // One adapter for the whole batch, no gradients, on the CPU: the fused kernel.
-        if let (flowtune_lora::AdapterSelection::All(id), Some(m)) =
-            (self.selection, flowtune_lora::Module::from_name(module))
-        {
-            let adapter = self.bank.get_by_id(*id)?;
-            if let Some(w) = adapter.weights(&flowtune_lora::Site::new(layer, m)) {
-                if let Some(d) = crate::cpu_kernels::lora_delta(x, &w.a, &w.b, adapter.scale())? {
-                    return Ok(Some(d));
-                }
+        if let Some((w, scale)) = self.uniform_weights(layer, module)? {
+            if let Some(d) = crate::cpu_kernels::lora_delta(x, &w.a, &w.b, scale)? {
+                return Ok(Some(d));
             }
         }
         Ok(flowtune_lora::SelectedAdapters::delta(

@@ -776,4 +776,25 @@ impl SelectedAdapters<'_> {
     pub fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
         self.bank.delta_at(layer, module, x, self.selection)
     }
+
+    /// The factors and scale that every row uses at `module` (PEFT name) of `layer`: `Some`
+    /// only when the selection is one adapter for the whole batch and that adapter adapts the
+    /// site. For callers with their own kernel for the one-adapter case; their delta must
+    /// equal [`Self::delta`]'s, `scale · (x Aᵀ) Bᵀ`.
+    pub fn uniform_weights(
+        &self,
+        layer: usize,
+        module: &str,
+    ) -> Result<Option<(&LoraWeights, f64)>> {
+        let (AdapterSelection::All(id), Some(m)) =
+            (self.selection, crate::site::Module::from_name(module))
+        else {
+            return Ok(None);
+        };
+        let adapter = self.bank.get_by_id(*id)?;
+        Ok(adapter
+            .weights
+            .get(&Site::new(layer, m))
+            .map(|w| (w, adapter.scale())))
+    }
 }

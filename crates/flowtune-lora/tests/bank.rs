@@ -64,6 +64,43 @@ fn delta_matches_hand_computed_linear_with_lora() {
         .is_none());
 }
 
+/// `SelectedAdapters::uniform_weights` hands out exactly the factors and scale `delta` uses,
+/// and only for a one-adapter selection at a site that adapter adapts. Tolerance 1e-6 (f32,
+/// the same products in the same association).
+#[test]
+fn uniform_weights_are_the_factors_the_delta_uses() {
+    let mut bank = AdapterBank::new(shapes(), Device::Cpu);
+    let cfg = LoraConfig::rslora(4, 16.0, &[Module::QProj, Module::VProj]);
+    let id = bank.add("q", &cfg, 7).unwrap();
+    randomize_b(&mut bank, "q", 2);
+    tch::manual_seed(4);
+    let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+    let all = AdapterSelection::All(id);
+    let selected = bank.select(&all);
+    let (w, scale) = selected.uniform_weights(1, "q_proj").unwrap().unwrap();
+    assert_eq!(scale, 8.0);
+    let by_hand = x.matmul(&w.a.tr()).matmul(&w.b.tr()) * scale;
+    let delta = selected.delta(1, "q_proj", &x).unwrap().unwrap();
+    assert!(max_abs_diff(&delta, &by_hand) < 1e-6);
+    // Not adapted, not a PEFT module name, or rows that may differ: none.
+    assert!(selected.uniform_weights(1, "k_proj").unwrap().is_none());
+    assert!(selected
+        .uniform_weights(1, "no_such_proj")
+        .unwrap()
+        .is_none());
+    let per_row = AdapterSelection::PerRow(vec![Some(id), Some(id)]);
+    assert!(bank
+        .select(&per_row)
+        .uniform_weights(1, "q_proj")
+        .unwrap()
+        .is_none());
+    assert!(bank
+        .select(&AdapterSelection::None)
+        .uniform_weights(1, "q_proj")
+        .unwrap()
+        .is_none());
+}
+
 #[test]
 fn plain_scale_is_alpha_over_r_and_rslora_alpha_over_sqrt_r() {
     let mut cfg = LoraConfig::rslora(16, 32.0, &[Module::QProj]);

@@ -171,6 +171,7 @@ pub struct AdapterBank {
     next_version: u64,
     trainable: Option<AdapterId>,
     strategy: DeltaStrategy,
+    training: bool,
 }
 
 /// Fills `[rows, cols]` with PEFT's default A init: Kaiming-uniform with a=√5, i.e.
@@ -200,6 +201,29 @@ impl AdapterBank {
             next_version: 1,
             trainable: None,
             strategy: DeltaStrategy::default(),
+            training: false,
+        }
+    }
+
+    /// Training mode (PEFT's `train()`): each adapter's deltas drop their input with its
+    /// `lora_dropout` probability (inverted dropout from libtorch's global generator, as
+    /// `torch.nn.Dropout`). Off by default and for inference (PEFT's `eval()`).
+    pub fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+
+    /// Whether the bank is in training mode ([`Self::set_training`]).
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The dropout probability `adapter`'s deltas apply now: its `lora_dropout` in training
+    /// mode, else 0.
+    fn dropout_of(&self, adapter: &Adapter) -> f64 {
+        if self.training {
+            adapter.config.lora_dropout
+        } else {
+            0.0
         }
     }
 
@@ -577,7 +601,12 @@ impl AdapterBank {
                     None => Ok(None),
                     Some(w) => {
                         self.check_input(site, x)?;
-                        Ok(Some(self.apply(w, adapter.scale(), x)?))
+                        Ok(Some(self.apply(
+                            w,
+                            adapter.scale(),
+                            self.dropout_of(adapter),
+                            x,
+                        )?))
                     }
                 }
             }
@@ -605,7 +634,13 @@ impl AdapterBank {
                     DeltaStrategy::Grouped => false,
                     DeltaStrategy::Auto => positions >= AUTO_GATHER_MIN_POSITIONS,
                 };
-                if gather && groups.len() > 1 {
+                // Gathering shares one input among the adapters; with dropout each adapter
+                // drops its own copy, as PEFT's per-adapter dropout modules do.
+                let dropping = self.training
+                    && groups
+                        .keys()
+                        .any(|id| self.get_by_id(*id).is_ok_and(|a| self.dropout_of(a) > 0.0));
+                if gather && !dropping && groups.len() > 1 {
                     return self.delta_gathered(site, x, rows, &groups);
                 }
                 let mut out: Option<Tensor> = None;
@@ -617,11 +652,16 @@ impl AdapterBank {
                     self.check_input(site, x)?;
                     if idx.len() as i64 == batch {
                         // Every row uses this adapter: no gather needed.
-                        return Ok(Some(self.apply(w, adapter.scale(), x)?));
+                        return Ok(Some(self.apply(
+                            w,
+                            adapter.scale(),
+                            self.dropout_of(adapter),
+                            x,
+                        )?));
                     }
                     let index = Tensor::f_from_slice(&idx)?.f_to_device(x.device())?;
                     let xs = x.f_index_select(0, &index)?;
-                    let d = self.apply(w, adapter.scale(), &xs)?;
+                    let d = self.apply(w, adapter.scale(), self.dropout_of(adapter), &xs)?;
                     let acc = match out.take() {
                         Some(acc) => acc,
                         None => {
@@ -734,11 +774,16 @@ impl AdapterBank {
         Ok(())
     }
 
-    fn apply(&self, w: &LoraWeights, scale: f64, x: &Tensor) -> Result<Tensor> {
+    fn apply(&self, w: &LoraWeights, scale: f64, dropout: f64, x: &Tensor) -> Result<Tensor> {
         let xk = if x.kind() == self.kind {
             x.shallow_clone()
         } else {
             x.f_to_kind(self.kind)?
+        };
+        let xk = if dropout > 0.0 {
+            xk.f_dropout(dropout, true)?
+        } else {
+            xk
         };
         let h = xk.f_matmul(&w.a.f_tr()?)?;
         let d = h.f_matmul(&w.b.f_tr()?)?.f_mul_scalar(scale)?;
@@ -778,9 +823,10 @@ impl SelectedAdapters<'_> {
     }
 
     /// The factors and scale that every row uses at `module` (PEFT name) of `layer`: `Some`
-    /// only when the selection is one adapter for the whole batch and that adapter adapts the
-    /// site. For callers with their own kernel for the one-adapter case; their delta must
-    /// equal [`Self::delta`]'s, `scale · (x Aᵀ) Bᵀ`.
+    /// only when the selection is one adapter for the whole batch, that adapter adapts the
+    /// site and drops nothing now (no training-mode dropout). For callers with their own
+    /// kernel for the one-adapter case; their delta must equal [`Self::delta`]'s,
+    /// `scale · (x Aᵀ) Bᵀ`.
     pub fn uniform_weights(
         &self,
         layer: usize,
@@ -792,6 +838,9 @@ impl SelectedAdapters<'_> {
             return Ok(None);
         };
         let adapter = self.bank.get_by_id(*id)?;
+        if self.bank.dropout_of(adapter) > 0.0 {
+            return Ok(None);
+        }
         Ok(adapter
             .weights
             .get(&Site::new(layer, m))

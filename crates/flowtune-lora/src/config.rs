@@ -62,8 +62,9 @@ fn default_true() -> bool {
 
 /// The LoRA hyper-parameters of one adapter, in PEFT's `adapter_config.json` layout.
 ///
-/// Unknown fields are kept in `extra` and written back on save. `lora_dropout` is recorded but
-/// not applied by this crate (the bank computes the deterministic LoRA delta).
+/// Unknown fields are kept in `extra` and written back on save. `lora_dropout` drops LoRA
+/// inputs while the bank is in training mode ([`crate::AdapterBank::set_training`]), as PEFT
+/// does in `train()` mode.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
     /// Always `"LORA"`.
@@ -87,7 +88,7 @@ pub struct LoraConfig {
     /// Restrict to these layers (all when `None`).
     #[serde(default)]
     pub layers_to_transform: Option<LayersToTransform>,
-    /// Dropout probability on the LoRA input (recorded, not applied).
+    /// Dropout probability on the LoRA input, applied only in the bank's training mode.
     #[serde(default)]
     pub lora_dropout: f64,
     /// Must be `"none"`.
@@ -163,6 +164,12 @@ impl LoraConfig {
         }
         if self.r == 0 {
             return bad("r", "rank must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(
+                "lora_dropout",
+                format!("{} is not a probability in [0, 1)", self.lora_dropout),
+            );
         }
         if !self.lora_alpha.is_finite() {
             return bad("lora_alpha", format!("{} is not finite", self.lora_alpha));

@@ -101,6 +101,77 @@ fn uniform_weights_are_the_factors_the_delta_uses() {
         .is_none());
 }
 
+/// `lora_dropout` in training mode is PEFT's `lora_B(lora_A(dropout(x))) · scale` with
+/// libtorch's inverted dropout (reproduced here from the same seed: exact equality); in
+/// inference mode, or at probability 0, the delta is the plain one. The fused-kernel
+/// accessor declines while dropout applies, and `validate` names a bad probability.
+#[test]
+fn lora_dropout_applies_in_training_mode_only() {
+    let mut bank = AdapterBank::new(shapes(), Device::Cpu);
+    let mut cfg = LoraConfig::rslora(4, 16.0, &[Module::QProj]);
+    cfg.lora_dropout = 0.5;
+    let id = bank.add("q", &cfg, 7).unwrap();
+    let plain_id = bank
+        .add("plain", &LoraConfig::rslora(4, 16.0, &[Module::QProj]), 8)
+        .unwrap();
+    randomize_b(&mut bank, "q", 5);
+    randomize_b(&mut bank, "plain", 6);
+    let site = Site::new(0, Module::QProj);
+    tch::manual_seed(9);
+    let x = Tensor::randn([2, 6, 16], (Kind::Float, Device::Cpu));
+    let all = AdapterSelection::All(id);
+    let eval = bank.delta(&site, &x, &all).unwrap().unwrap();
+    assert!(!bank.is_training());
+
+    bank.set_training(true);
+    tch::manual_seed(21);
+    let train = bank.delta(&site, &x, &all).unwrap().unwrap();
+    tch::manual_seed(21);
+    let dropped = x.dropout(0.5, true);
+    let w = bank.get("q").unwrap().weights(&site).unwrap();
+    let by_hand = dropped.matmul(&w.a.tr()).matmul(&w.b.tr()) * 8.0;
+    assert!(max_abs_diff(&train, &by_hand) < 1e-6);
+    assert!(
+        max_abs_diff(&train, &eval) > 1e-3,
+        "dropout changed nothing"
+    );
+    assert!(bank
+        .select(&all)
+        .uniform_weights(0, "q_proj")
+        .unwrap()
+        .is_none());
+    // Probability 0 drops nothing, also in training mode; per-row rows of such an adapter
+    // are untouched next to rows whose adapter drops.
+    let plain = AdapterSelection::All(plain_id);
+    let plain_eval = {
+        bank.set_training(false);
+        bank.delta(&site, &x, &plain).unwrap().unwrap()
+    };
+    bank.set_training(true);
+    assert!(
+        max_abs_diff(
+            &bank.delta(&site, &x, &plain).unwrap().unwrap(),
+            &plain_eval
+        ) == 0.0
+    );
+    let rows = AdapterSelection::PerRow(vec![Some(plain_id), Some(id)]);
+    let mixed = bank.delta(&site, &x, &rows).unwrap().unwrap();
+    assert!(max_abs_diff(&mixed.get(0), &plain_eval.get(0)) < 1e-6);
+    assert!(max_abs_diff(&mixed.get(1), &eval.get(1)) > 1e-3);
+
+    bank.set_training(false);
+    assert!(max_abs_diff(&bank.delta(&site, &x, &all).unwrap().unwrap(), &eval) == 0.0);
+
+    for bad in [1.0, -0.1, f64::NAN] {
+        let mut c = cfg.clone();
+        c.lora_dropout = bad;
+        match c.validate() {
+            Err(LoraError::ConfigField { field, .. }) => assert_eq!(field, "lora_dropout"),
+            other => panic!("lora_dropout {bad}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn plain_scale_is_alpha_over_r_and_rslora_alpha_over_sqrt_r() {
     let mut cfg = LoraConfig::rslora(16, 32.0, &[Module::QProj]);

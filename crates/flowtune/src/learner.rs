@@ -190,6 +190,11 @@ pub struct LearnerConfig {
     pub label_sharing: LabelSharing,
     /// The optimizer (the paper: COCOB α = 1000).
     pub cocob: CocobConfig,
+    /// Whether DPO steps drop LoRA inputs (each adapter's `lora_dropout`). Supervised steps
+    /// always do, as PEFT under TRL's `SFTTrainer`; DPO steps do not by default, as TRL's
+    /// `DPOConfig.disable_dropout = True`. Absent in older saved configs: false.
+    #[serde(default)]
+    pub dpo_dropout: bool,
 }
 
 impl Default for LearnerConfig {
@@ -201,6 +206,7 @@ impl Default for LearnerConfig {
             prompt_sharing: PromptSharing::Concatenate,
             label_sharing: LabelSharing::PrefixGroups,
             cocob: CocobConfig::paper(),
+            dpo_dropout: false,
         }
     }
 }
@@ -673,7 +679,14 @@ impl NodeLearner {
             node: self.node.clone(),
             ..StepStats::default()
         };
-        self.run(model, bank, records, true, &mut stats)?;
+        // Training mode (LoRA dropout) for this step's forward passes only.
+        bank.set_training(match records {
+            NodeRecords::Preferences(_) => self.config.dpo_dropout,
+            NodeRecords::Targets(_) | NodeRecords::Labels(_) => true,
+        });
+        let ran = self.run(model, bank, records, true, &mut stats);
+        bank.set_training(false);
+        ran?;
         if stats.records == 0 {
             bank.freeze_all()?;
             return Ok(stats);

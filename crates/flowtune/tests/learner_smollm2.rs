@@ -8,6 +8,7 @@
 //! - 20 learner steps: DPO margin from 0 to clearly positive, NLL falls, p(label)
 //!   rises; the reference adapter and the base stay bit-identical; every trainable
 //!   tensor changes. Exact resume through save/load.
+//! - LoRA dropout in supervised steps only (not DPO by default, never in evaluation).
 //!
 //! These tests FAIL (never skip) when the model or the Python reference is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -601,4 +602,65 @@ fn prefix_grouped_labels_equal_unshared() {
     approx::assert_abs_diff_eq!(a.loss, b.loss, epsilon = 1e-5);
     approx::assert_abs_diff_eq!(la.mean_target_prob, lb.mean_target_prob, epsilon = 1e-5);
     approx::assert_abs_diff_eq!(la.accuracy, lb.accuracy, epsilon = 1e-9);
+}
+
+/// LoRA dropout (`lora_dropout` 0.3): supervised (label) steps drop LoRA inputs, DPO steps
+/// do not by default (TRL's `disable_dropout`), evaluation never does, and each step leaves
+/// the bank out of training mode. Comparisons are exact: the same computation twice in one
+/// process, from the same libtorch seed.
+#[test]
+fn lora_dropout_in_supervised_steps_only() {
+    let (loaded, model) = load_model();
+    let after_step = |p: f64, records: &NodeRecords, seed: i64| -> Vec<(String, Tensor)> {
+        let mut bank = bank_for(&loaded);
+        let mut cfg = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);
+        cfg.lora_dropout = p;
+        bank.add("node", &cfg, 11).expect("add node");
+        let mut learner =
+            NodeLearner::new(&mut bank, "node", LearnerConfig::default()).expect("learner");
+        let first = learner.evaluate(&model, &bank, records).expect("eval").loss;
+        let second = learner.evaluate(&model, &bank, records).expect("eval").loss;
+        assert_eq!(first, second, "evaluation must not drop anything");
+        tch::manual_seed(seed);
+        learner.step(&model, &mut bank, records).expect("step");
+        assert!(
+            !bank.is_training(),
+            "the step left the bank in training mode"
+        );
+        snapshot(&bank, "node")
+    };
+    let same = |a: &[(String, Tensor)], b: &[(String, Tensor)]| {
+        a.len() == b.len() && a.iter().zip(b).all(|((_, x), (_, y))| x.equal(y))
+    };
+    let yes = loaded.tokenizer.encode("Yes").expect("Yes")[0];
+    let no = loaded.tokenizer.encode("No").expect("No")[0];
+    let labels = NodeRecords::Labels(vec![
+        LabelRecord {
+            prompt: prompt(&loaded, "Is the sky green? Answer Yes or No."),
+            labels: vec![yes, no],
+            label: 0,
+            weight: 1.0,
+        },
+        LabelRecord {
+            prompt: prompt(&loaded, "Is water wet? Answer Yes or No."),
+            labels: vec![yes, no],
+            label: 1,
+            weight: 1.0,
+        },
+    ]);
+    let dropped = after_step(0.3, &labels, 1);
+    assert!(!same(&after_step(0.0, &labels, 1), &dropped));
+    assert!(same(&after_step(0.3, &labels, 1), &dropped));
+    assert!(!same(&after_step(0.3, &labels, 2), &dropped));
+
+    let pairs = NodeRecords::Preferences(vec![PreferencePair {
+        prompt: prompt(&loaded, "What is the capital of France?"),
+        chosen: completion(&loaded, "Paris."),
+        rejected: completion(&loaded, "The capital of France is Lyon."),
+        weight: 1.0,
+    }]);
+    assert!(same(
+        &after_step(0.0, &pairs, 1),
+        &after_step(0.3, &pairs, 1)
+    ));
 }

@@ -101,14 +101,15 @@ fn growing_prompts_share_the_shortest_body() {
     assert_eq!(groups[0].prefix_len, 50);
 }
 
-/// The learner config round-trips through JSON, and a config saved before `label_sharing`
-/// existed (learner.json of an older checkpoint) loads with the default.
+/// The learner config round-trips through JSON, and a config saved before `label_sharing` and
+/// `dpo_dropout` existed (learner.json of an older checkpoint) loads with their defaults.
 #[test]
-fn learner_config_round_trips_and_defaults_label_sharing() {
+fn learner_config_round_trips_and_defaults_new_fields() {
     use flowtune::learner::{LabelSharing, LearnerConfig};
     let config = LearnerConfig {
         label_sharing: LabelSharing::Unshared,
         micro_batch: 3,
+        dpo_dropout: true,
         ..LearnerConfig::default()
     };
     let json = serde_json::to_value(config).unwrap();
@@ -118,7 +119,9 @@ fn learner_config_round_trips_and_defaults_label_sharing() {
     );
     let mut old = json;
     old.as_object_mut().unwrap().remove("label_sharing");
+    old.as_object_mut().unwrap().remove("dpo_dropout");
     let loaded: LearnerConfig = serde_json::from_value(old).unwrap();
     assert_eq!(loaded.label_sharing, LabelSharing::PrefixGroups);
+    assert!(!loaded.dpo_dropout);
     assert_eq!(loaded.micro_batch, 3);
 }

@@ -958,20 +958,32 @@ impl Engine {
         };
         let gs = num_beams / groups;
         let params = &req.params;
-        let mut cache = self
-            .model
-            .new_cache(1, req.prompt.len() + params.max_new_tokens + 1)?;
-        let ids: Vec<i64> = req.prompt.iter().map(|&x| x as i64).collect();
         let names: Vec<Option<&str>> = vec![req.adapter.as_deref(); num_beams];
+        // The prompt starts from its longest stored prefix (a flow's alternative for a node
+        // call re-asks that call's prompt), and is stored for later calls.
+        let prompts = [req.prompt.as_slice()];
+        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut cache, starts) =
+            self.prefill_from_store(&mut store, &prompts, &names[..1], params.max_new_tokens)?;
+        let rests = PromptRests::new(&prompts, &starts, cache.len(), false);
         let first = self.with_adapters(&names[..1], |d| {
             self.model.forward_cached(
-                &self.ids_tensor(&ids, 1, ids.len())?,
-                None,
+                &self.ids_tensor(&rests.ids, 1, rests.t)?,
+                Some(&rests.valid),
                 &mut cache,
                 &LogitsAt::Last,
                 d,
             )
         })?;
+        self.store_prompts(
+            &mut store,
+            &cache,
+            &prompts,
+            &names[..1],
+            &starts,
+            &rests.rest_at,
+        )?;
+        drop(store);
         cache.select_rows(&vec![0; num_beams])?;
         let mut logits = first.f_expand([num_beams as i64, -1], false)?;
         // Running beams: tokens, beam score (processed), raw logprob.

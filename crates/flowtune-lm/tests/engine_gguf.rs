@@ -290,6 +290,63 @@ fn generate_reuses_stored_prompts_across_rounds() {
     assert_eq!(without.prefix_store_stats().0, 0);
 }
 
+/// Diverse beam search on a prompt a greedy call just ran (a flow's deviation at a node
+/// call) starts from the stored prompt: it reuses its keys and values and returns the same
+/// sequences as an engine without the store, scores within 1e-4 (float32).
+#[test]
+fn beam_search_starts_from_a_stored_prompt() {
+    let with = engine();
+    let without = engine_with_config(EngineConfig {
+        min_shared_prefix: 8,
+        prefix_store_bytes: 0,
+        ..Default::default()
+    });
+    let beam = |e: &Engine| {
+        let prompt = chat(
+            e,
+            "Paragraphs: The Iron Tower was designed by Ada Lind. Ada Lind was born in Varno.\n\
+             Question: Where was the designer of the Iron Tower born? Think step by step.",
+        );
+        let _ = e.generate(&[greedy(prompt.clone(), 6)]).unwrap();
+        e.generate(&[GenerateRequest {
+            adapter: None,
+            prompt,
+            params: GenerationParams {
+                max_new_tokens: 8,
+                num_return_sequences: 2,
+                decoding: Decoding::Beam {
+                    num_beams: 2,
+                    num_beam_groups: 2,
+                    diversity_penalty: 1.0,
+                    length_penalty: 1.0,
+                },
+                ..Default::default()
+            },
+        }])
+        .unwrap()
+    };
+    let (hits_before, _) = with.prefix_store_stats();
+    let got = beam(&with);
+    let (hits_after, looked_up) = with.prefix_store_stats();
+    assert!(
+        hits_after - hits_before >= 30,
+        "beam search reused only {} tokens (of {looked_up} looked up)",
+        hits_after - hits_before
+    );
+    let want = beam(&without);
+    assert_eq!(got[0].sequences.len(), 2);
+    for (a, b) in got[0].sequences.iter().zip(&want[0].sequences) {
+        assert_eq!(a.ids, b.ids);
+        assert!(
+            (a.score - b.score).abs() < 1e-4,
+            "{} vs {}",
+            a.score,
+            b.score
+        );
+        assert!((a.logprob - b.logprob).abs() < 1e-4);
+    }
+}
+
 #[test]
 fn seeded_sampling_is_reproducible_and_independent_of_batching() {
     let e = &engine();

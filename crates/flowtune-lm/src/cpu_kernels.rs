@@ -864,6 +864,8 @@ mod avx512 {
         /// # Safety
         /// `p` points at 16 readable values; AVX-512F.
         unsafe fn load16(p: *const Self) -> __m512;
+        /// The values as bf16 bits, when they are bf16.
+        fn as_bf16(values: &[Self]) -> Option<&[u16]>;
     }
 
     impl AttnElem for u16 {
@@ -873,6 +875,9 @@ mod avx512 {
             // SAFETY: as the caller guarantees.
             unsafe { load_bf16(p) }
         }
+        fn as_bf16(values: &[Self]) -> Option<&[u16]> {
+            Some(values)
+        }
     }
 
     impl AttnElem for f32 {
@@ -881,6 +886,9 @@ mod avx512 {
         unsafe fn load16(p: *const Self) -> __m512 {
             // SAFETY: as the caller guarantees.
             unsafe { _mm512_loadu_ps(p) }
+        }
+        fn as_bf16(_: &[Self]) -> Option<&[u16]> {
+            None
         }
     }
 
@@ -1179,6 +1187,251 @@ mod avx512 {
             }
         }
     }
+
+    /// `acc + Σ` over the 16 lanes' bf16 pairs of `a` and `b` (`vdpbf16ps`: element `2i` is the
+    /// low half of 32-bit lane `i`; products of bf16 values are exact in float32).
+    #[inline(always)]
+    unsafe fn dot_pairs(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+        // SAFETY: AVX512-BF16, as the calling kernel's target features guarantee; the
+        // transmutes reinterpret 64 bytes as 32 bf16 values.
+        unsafe {
+            _mm512_dpbf16_ps(
+                acc,
+                std::mem::transmute::<__m512i, __m512bh>(a),
+                std::mem::transmute::<__m512i, __m512bh>(b),
+            )
+        }
+    }
+
+    /// [`attention`] for bf16 on CPUs with AVX512-BF16, for units of many query rows (prompt
+    /// batches): the same units, visibility rules and rounding points, with the products in
+    /// `vdpbf16ps` (32 bf16 products per instruction, accumulated in float32) and no
+    /// horizontal sums:
+    /// - scores with query rows in lanes: a unit's queries are transposed once into 16-row
+    ///   groups of bf16 pairs, and each key's pairs are broadcast straight from the cache;
+    /// - the soft-max runs down the keys for 16 rows at once;
+    /// - the probabilities, packed as pairs of consecutive keys, multiply values interleaved
+    ///   the same way (value dimensions in lanes), one row pair at a time.
+    ///
+    /// # Safety
+    /// As [`attention`]; the CPU has AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16,fma")]
+    #[allow(clippy::needless_range_loop)] // `c` indexes the block and the registers alike
+    pub(super) unsafe fn attention_bf16_rows<const CH: usize>(
+        [q, k, v]: [&[u16]; 3],
+        mask: Option<&[bool]>,
+        queries: Option<&[bool]>,
+        out: *mut u16,
+        s: AttnShape,
+        units: std::ops::Range<usize>,
+    ) {
+        let (hd, l, t) = (s.hd, s.k.l, s.q.l);
+        debug_assert_eq!(hd, 16 * CH);
+        let pairs = hd / 2;
+        let group = s.group / s.parts;
+        let blocks = t.div_ceil(s.qb);
+        let groups16 = (group * s.qb).div_ceil(16);
+        // Keys rounded up to pairs.
+        let lp = l.div_ceil(2) * 2;
+        let kp = lp / 2;
+        let mut qt = super::AlignedF32::filled(groups16 * pairs * 16, 0.0);
+        let mut sc = super::AlignedF32::filled(groups16 * lp * 16, 0.0);
+        let mut p2 = super::AlignedF32::filled(groups16 * kp * 16, 0.0);
+        let mut vp = super::AlignedF32::filled(kp * hd, 0.0);
+        let mut gends = vec![0usize; groups16];
+        let (qt, sc, p2, vp) = (
+            qt.as_mut_slice().as_mut_ptr() as *mut u32,
+            sc.as_mut_slice().as_mut_ptr(),
+            p2.as_mut_slice().as_mut_ptr() as *mut u32,
+            vp.as_mut_slice().as_mut_ptr() as *mut u32,
+        );
+        let scale = _mm512_set1_ps(s.scale);
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // SAFETY: every offset below comes from the views' sizes and strides, which
+        // `attention` checked against the slices' extents (rows of `hd` elements, read as
+        // `hd / 2` unaligned u32 pairs); the scratch buffers hold `groups16` groups of 16
+        // lanes for `pairs` query pairs, `lp` keys and `kp` key pairs, and `kp` rows of
+        // `hd` interleaved values.
+        unsafe {
+            for unit in units {
+                let (rest, qblock) = (unit / blocks, unit % blocks);
+                let (pair, part) = (rest / s.parts, rest % s.parts);
+                let (b, kvh) = (pair / s.k.h, pair % s.k.h);
+                let head0 = kvh * s.group + part * group;
+                let i0 = qblock * s.qb;
+                let np = s.qb.min(t - i0);
+                let rows = group * np;
+                let gn = rows.div_ceil(16);
+                let limit = |r: usize| {
+                    let ii = i0 + r % np;
+                    if queries.is_some_and(|v| !v[b * t + ii]) {
+                        0
+                    } else {
+                        l.min(s.start + ii + 1)
+                    }
+                };
+                let end = l.min(s.start + i0 + np);
+                // Queries, transposed: lane `r % 16` of pair `p` in group `r / 16`.
+                for r in 0..gn * 16 {
+                    let dst = qt.add((r / 16) * pairs * 16 + r % 16);
+                    if r < rows {
+                        let src =
+                            q.as_ptr().add(s.q.at(b, head0 + r / np, i0 + r % np)) as *const u32;
+                        for p in 0..pairs {
+                            *dst.add(p * 16) = src.add(p).read_unaligned();
+                        }
+                    } else {
+                        for p in 0..pairs {
+                            *dst.add(p * 16) = 0;
+                        }
+                    }
+                }
+                // Scores, 8 keys at a time (8 independent accumulations).
+                for g in 0..gn {
+                    let lim: [i32; 16] = std::array::from_fn(|lane| {
+                        let r = g * 16 + lane;
+                        if r < rows {
+                            limit(r) as i32
+                        } else {
+                            0
+                        }
+                    });
+                    let gend = lim.iter().copied().max().unwrap_or(0) as usize;
+                    gends[g] = gend;
+                    let limv = _mm512_loadu_si512(lim.as_ptr() as *const _);
+                    let qg = qt.add(g * pairs * 16);
+                    let row = |j: usize| sc.add((g * lp + j) * 16);
+                    let mut j = 0;
+                    while j < gend {
+                        let nk = (gend - j).min(8);
+                        let kptr: [*const u32; 8] = std::array::from_fn(|i| {
+                            k.as_ptr().add(s.k.at(b, kvh, j + i.min(nk - 1))) as *const u32
+                        });
+                        let mut a = [_mm512_setzero_ps(); 8];
+                        for p in 0..pairs {
+                            let qv = _mm512_load_si512(qg.add(p * 16) as *const _);
+                            for i in 0..8 {
+                                let kv = _mm512_set1_epi32(kptr[i].add(p).read_unaligned() as i32);
+                                a[i] = dot_pairs(a[i], qv, kv);
+                            }
+                        }
+                        for i in 0..nk {
+                            // Scores rounded to bf16 (the reference's bf16 product), scaled;
+                            // keys past a row's limit take no part.
+                            let x = _mm512_mul_ps(round_bf16(a[i]), scale);
+                            let seen =
+                                _mm512_cmplt_epi32_mask(_mm512_set1_epi32((j + i) as i32), limv);
+                            _mm512_store_ps(row(j + i), _mm512_mask_blend_ps(seen, ninf, x));
+                        }
+                        j += nk;
+                    }
+                    if gend % 2 == 1 {
+                        _mm512_store_ps(row(gend), ninf);
+                    }
+                }
+                if let Some(m) = mask {
+                    for ii in 0..np {
+                        let mrow = &m[(b * t + i0 + ii) * l..][..l];
+                        for gg in 0..group {
+                            let r = gg * np + ii;
+                            let gend = gends[r / 16];
+                            for j in (0..gend).filter(|&j| !mrow[j]) {
+                                *sc.add(((r / 16) * lp + j) * 16 + r % 16) = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
+                // Soft-max down the keys, 16 rows at once; probabilities rounded to bf16 and
+                // packed in pairs of consecutive keys.
+                for g in 0..gn {
+                    let gend2 = gends[g].div_ceil(2) * 2;
+                    let row = |j: usize| sc.add((g * lp + j) * 16);
+                    let mut mx = ninf;
+                    for j in 0..gend2 {
+                        mx = _mm512_max_ps(mx, _mm512_load_ps(row(j)));
+                    }
+                    // Rows that see nothing (padding queries) get probabilities 0.
+                    let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mx, ninf);
+                    let mx = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
+                    let mut sum = _mm512_setzero_ps();
+                    for j in 0..gend2 {
+                        let e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(row(j)), mx));
+                        _mm512_store_ps(row(j), e);
+                        sum = _mm512_add_ps(sum, e);
+                    }
+                    let inv = _mm512_maskz_div_ps(!none, _mm512_set1_ps(1.0), sum);
+                    for jp in 0..gend2 / 2 {
+                        let p0 = round_bf16(_mm512_mul_ps(_mm512_load_ps(row(2 * jp)), inv));
+                        let p1 = round_bf16(_mm512_mul_ps(_mm512_load_ps(row(2 * jp + 1)), inv));
+                        let packed = _mm512_or_si512(
+                            _mm512_srli_epi32::<16>(_mm512_castps_si512(p0)),
+                            _mm512_and_si512(
+                                _mm512_castps_si512(p1),
+                                _mm512_set1_epi32(0xffff_0000u32 as i32),
+                            ),
+                        );
+                        _mm512_store_si512(p2.add((g * kp + jp) * 16) as *mut _, packed);
+                    }
+                    // A row pair may span two groups and read up to the unit's last key.
+                    for jp in gend2 / 2..end.div_ceil(2) {
+                        _mm512_store_si512(
+                            p2.add((g * kp + jp) * 16) as *mut _,
+                            _mm512_setzero_si512(),
+                        );
+                    }
+                }
+                // Values of key pairs interleaved: lane `d` of pair `jp` holds dimension `d`
+                // of keys `2jp` (low half) and `2jp + 1`.
+                for jp in 0..end.div_ceil(2) {
+                    let r0 = v.as_ptr().add(s.v.at(b, kvh, 2 * jp));
+                    let r1 = (2 * jp + 1 < end).then(|| v.as_ptr().add(s.v.at(b, kvh, 2 * jp + 1)));
+                    for c in 0..CH {
+                        let lo =
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(r0.add(c * 16) as *const _));
+                        let hi = match r1 {
+                            Some(r1) => _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                                _mm256_loadu_si256(r1.add(c * 16) as *const _),
+                            )),
+                            None => _mm512_setzero_si512(),
+                        };
+                        _mm512_store_si512(
+                            vp.add((jp * CH + c) * 16) as *mut _,
+                            _mm512_or_si512(lo, hi),
+                        );
+                    }
+                }
+                // Outputs, two rows at a time (2 * CH independent accumulations).
+                let mut r = 0;
+                while r < rows {
+                    let two = (r + 1 < rows) as usize + 1;
+                    let lims = [limit(r), if two == 2 { limit(r + 1) } else { 0 }];
+                    let mut acc = [[_mm512_setzero_ps(); CH]; 2];
+                    let w_at = |rr: usize| p2.add((rr / 16) * kp * 16 + rr % 16);
+                    let (w0, w1) = (w_at(r), w_at(r + two - 1));
+                    for jp in 0..lims[0].max(lims[1]).div_ceil(2) {
+                        let wa = _mm512_set1_epi32(*w0.add(jp * 16) as i32);
+                        let wb = _mm512_set1_epi32(*w1.add(jp * 16) as i32);
+                        for c in 0..CH {
+                            let vv = _mm512_load_si512(vp.add((jp * CH + c) * 16) as *const _);
+                            acc[0][c] = dot_pairs(acc[0][c], vv, wa);
+                            acc[1][c] = dot_pairs(acc[1][c], vv, wb);
+                        }
+                    }
+                    for (x, rr) in (r..r + two).enumerate() {
+                        let at = ((b * t + i0 + rr % np) * s.q.h + head0 + rr / np) * hd;
+                        let mut lane = [0f32; 16];
+                        for c in 0..CH {
+                            _mm512_storeu_ps(lane.as_mut_ptr(), acc[x][c]);
+                            for (i, a) in lane.iter().enumerate() {
+                                *out.add(at + c * 16 + i) = super::bf16_bits(*a);
+                            }
+                        }
+                    }
+                    r += two;
+                }
+            }
+        }
+    }
 }
 
 /// A float element the elementwise kernels read and write: bf16 (`u16` bits; every op's
@@ -1442,6 +1695,10 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 /// that are not a multiple of 16 or above `16 * ATTENTION_MAX_CHUNKS`, tensors that need
 /// gradients, a query past the keys: `start + t > L`).
 ///
+/// In bf16, units of at least 16 query rows (prompt batches) run with AVX512-BF16 dot products
+/// where the CPU has them (`vdpbf16ps`: the same bf16 products, accumulated in float32 in
+/// another order), with query rows in vector lanes; see `avx512::attention_bf16_rows`.
+///
 /// Why: libtorch's SDPA runs small GEMMs per (row, head, block) through MKL: for one new token
 /// per row that is one GEMV each (12 % of a batch-8 float32 decode step on the session-7
 /// CPU); for prompt batches on AMD Zen 4 its bf16 GEMMs go through MKL's generic path (bf16
@@ -1560,12 +1817,29 @@ unsafe fn attention_views<E: avx512::AttnElem + Sync>(
         );
         let os = OutPtr(elements_mut::<E>(out).as_mut_ptr());
         let units = shape.k.b * shape.k.h * shape.parts * shape.q.l.div_ceil(shape.qb);
+        // bf16 units of at least 16 query rows (prompts) take the AVX512-BF16 kernel where the
+        // CPU has it; decoding (a few rows per unit) keeps the float32-lane one.
+        let bf16_rows = match (E::as_bf16(qs), E::as_bf16(ks), E::as_bf16(vs)) {
+            (Some(q), Some(k), Some(v))
+                if shape.group / shape.parts * shape.qb >= 16 && bf16_dot_available() =>
+            {
+                Some([q, k, v])
+            }
+            _ => None,
+        };
         let run = |range: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let os = os;
             // `attention` checked `hd` = 16 * (1..=ATTENTION_MAX_CHUNKS).
-            with_rows!(hd / 16, CH => avx512::attention::<E, CH>([qs, ks, vs], mask, queries, os.0, shape, range))
+            match bf16_rows {
+                Some(qkv) => {
+                    with_rows!(hd / 16, CH => avx512::attention_bf16_rows::<CH>(qkv, mask, queries, os.0 as *mut u16, shape, range))
+                }
+                None => {
+                    with_rows!(hd / 16, CH => avx512::attention::<E, CH>([qs, ks, vs], mask, queries, os.0, shape, range))
+                }
+            }
         };
         // Units split across threads when there is enough work (batch 8 at SmolLM2 shapes:
         // 137 µs on one thread). Reading the keys and values is the cost that counts at batch
@@ -1574,6 +1848,19 @@ unsafe fn attention_views<E: avx512::AttnElem + Sync>(
         let macs = shape.k.b * shape.k.h * shape.k.l * shape.group * shape.q.l * hd;
         let cached = shape.k.b * shape.k.h * shape.k.l * hd * 2;
         omp::split(units, 1, macs.max(4 * cached), &run);
+    }
+}
+
+/// Whether the bf16 attention kernel for prompt batches may use `vdpbf16ps`: the AVX-512
+/// kernels run ([`int4_f32_available`]) and the CPU has AVX512-BF16.
+fn bf16_dot_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        int4_f32_available() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

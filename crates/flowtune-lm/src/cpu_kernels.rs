@@ -1214,8 +1214,8 @@ mod avx512 {
     ///   the same way (value dimensions in lanes), one row pair at a time.
     ///
     /// # Safety
-    /// As [`attention`]; the CPU has AVX512-BF16.
-    #[target_feature(enable = "avx512f,avx512bf16,fma")]
+    /// As [`attention`]; the CPU has AVX512-BW and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     #[allow(clippy::needless_range_loop)] // `c` indexes the block and the registers alike
     pub(super) unsafe fn attention_bf16_rows<const CH: usize>(
         [q, k, v]: [&[u16]; 3],
@@ -1330,13 +1330,25 @@ mod avx512 {
                     }
                 }
                 if let Some(m) = mask {
+                    // Keys the mask hides, 64 mask bytes (bools: 0 or 1) at a time.
+                    let scanned = gends[..gn].iter().copied().max().unwrap_or(0);
                     for ii in 0..np {
-                        let mrow = &m[(b * t + i0 + ii) * l..][..l];
-                        for gg in 0..group {
-                            let r = gg * np + ii;
-                            let gend = gends[r / 16];
-                            for j in (0..gend).filter(|&j| !mrow[j]) {
-                                *sc.add(((r / 16) * lp + j) * 16 + r % 16) = f32::NEG_INFINITY;
+                        let mrow = m[(b * t + i0 + ii) * l..][..l].as_ptr();
+                        for j0 in (0..scanned).step_by(64) {
+                            let n = (scanned - j0).min(64);
+                            let live = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+                            let bytes = _mm512_maskz_loadu_epi8(live, mrow.add(j0) as *const i8);
+                            let mut hidden = !_mm512_test_epi8_mask(bytes, bytes) & live;
+                            while hidden != 0 {
+                                let j = j0 + hidden.trailing_zeros() as usize;
+                                hidden &= hidden - 1;
+                                for gg in 0..group {
+                                    let r = gg * np + ii;
+                                    if j < gends[r / 16] {
+                                        *sc.add(((r / 16) * lp + j) * 16 + r % 16) =
+                                            f32::NEG_INFINITY;
+                                    }
+                                }
                             }
                         }
                     }
@@ -1852,11 +1864,13 @@ unsafe fn attention_views<E: avx512::AttnElem + Sync>(
 }
 
 /// Whether the bf16 attention kernel for prompt batches may use `vdpbf16ps`: the AVX-512
-/// kernels run ([`int4_f32_available`]) and the CPU has AVX512-BF16.
+/// kernels run ([`int4_f32_available`]) and the CPU has AVX512-BW and AVX512-BF16.
 fn bf16_dot_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        int4_f32_available() && std::arch::is_x86_feature_detected!("avx512bf16")
+        int4_f32_available()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

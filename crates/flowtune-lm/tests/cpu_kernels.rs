@@ -61,7 +61,7 @@ fn values(t: &Tensor) -> Vec<f32> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
-    fn rms_norm_matches_hf(rows in 1i64..=8, h in prop::sample::select(vec![16i64, 64, 100, 576]),
+    fn rms_norm_matches_hf(rows in prop::sample::select(vec![1i64, 2, 5, 8, 300, 1100]), h in prop::sample::select(vec![16i64, 64, 100, 576]),
                            scale in 0.01f64..30.0, seed in 0i64..1000, bf16 in any::<bool>()) {
         let _serial = require_kernels();
         tch::manual_seed(seed);
@@ -397,11 +397,8 @@ fn kernels_decline_what_they_do_not_cover() {
         .is_none());
     let q2 = Tensor::randn([1, 4, 2, 64], bf);
     assert!(attention(&q2, &k, &k, None, None, 9).unwrap().is_none());
-    // RMSNorm: too many rows, a weight of the wrong length, half precision.
+    // RMSNorm: a weight of the wrong length, half precision.
     let w = Tensor::ones([64], bf);
-    assert!(rms_norm(&Tensor::randn([65, 64], bf), &w, 1e-5)
-        .unwrap()
-        .is_none());
     assert!(rms_norm(&Tensor::randn([2, 32], bf), &w, 1e-5)
         .unwrap()
         .is_none());
@@ -437,7 +434,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
     #[test]
     fn rope_equals_the_libtorch_formulation_bit_for_bit(
-        b in 1i64..=4, t in 1i64..=2, (nq, nkv) in prop::sample::select(vec![(9i64, 3i64), (4, 4), (6, 1)]),
+        b in 1i64..=4, t in prop::sample::select(vec![1i64, 2, 70]), (nq, nkv) in prop::sample::select(vec![(9i64, 3i64), (4, 4), (6, 1)]),
         (hd, rot) in prop::sample::select(vec![(64i64, 64i64), (96, 96), (64, 32), (128, 64)]),
         seed in 0i64..1000, bf16 in any::<bool>(),
     ) {
@@ -472,7 +469,7 @@ proptest! {
 
     #[test]
     fn silu_mul_matches_libtorch(
-        rows in 1i64..=8, width in prop::sample::select(vec![16i64, 40, 1536, 33]),
+        rows in prop::sample::select(vec![1i64, 3, 8, 64]), width in prop::sample::select(vec![16i64, 40, 1536, 33]),
         scale in prop::sample::select(vec![0.5f64, 4.0, 60.0]),
         seed in 0i64..1000, bf16 in any::<bool>(), fused in any::<bool>(),
     ) {
@@ -507,7 +504,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
     /// The residual step equals libtorch's `add` followed by the RMSNorm kernel, bit for bit.
     #[test]
-    fn add_rms_norm_equals_add_then_rms_norm(rows in 1i64..=8, h in prop::sample::select(vec![16i64, 100, 576]),
+    fn add_rms_norm_equals_add_then_rms_norm(rows in prop::sample::select(vec![1i64, 4, 8, 300, 1100]), h in prop::sample::select(vec![16i64, 100, 576]),
                                              seed in 0i64..1000, bf16 in any::<bool>()) {
         let _serial = require_kernels();
         tch::manual_seed(seed);
@@ -549,10 +546,6 @@ fn rope_silu_mul_and_add_rms_norm_decline_what_they_do_not_cover() {
         .set_requires_grad(true)
         .to_kind(Kind::BFloat16);
     assert!(rope(&xg, &table, &table, 64).unwrap().is_none());
-    // More than 64 (row, position) pairs: prefill stays with libtorch.
-    let long = Tensor::randn([1, 12, 65, 64], bf);
-    let long_table = Tensor::randn([1, 1, 65, 64], bf);
-    assert!(rope(&long, &long_table, &long_table, 64).unwrap().is_none());
     let g = Tensor::randn([2, 1, 32], bf);
     assert!(silu_mul(&g, &g.to_kind(Kind::Float)).unwrap().is_none());
     assert!(silu_mul(&g, &g.narrow(-1, 0, 16)).unwrap().is_none());
@@ -564,7 +557,7 @@ fn rope_silu_mul_and_add_rms_norm_decline_what_they_do_not_cover() {
     // A transposed (non-row) layout.
     let t = Tensor::randn([32, 2], bf).transpose(0, 1);
     assert!(silu_mul(&t, &t).unwrap().is_none());
-    // The residual step: a delta of another shape or kind, too many rows.
+    // The residual step: a delta of another shape or kind.
     let w = Tensor::ones([64], bf);
     let r = Tensor::randn([2, 64], bf);
     assert!(add_rms_norm(&r, &r.narrow(-1, 0, 32), &w, 1e-5)
@@ -573,8 +566,6 @@ fn rope_silu_mul_and_add_rms_norm_decline_what_they_do_not_cover() {
     assert!(add_rms_norm(&r, &r.to_kind(Kind::Float), &w, 1e-5)
         .unwrap()
         .is_none());
-    let many = Tensor::randn([65, 64], bf);
-    assert!(add_rms_norm(&many, &many, &w, 1e-5).unwrap().is_none());
     cpu_kernels::set_enabled(false);
     let off = rope(&x, &table, &table, 64).unwrap().is_none();
     cpu_kernels::set_enabled(true);

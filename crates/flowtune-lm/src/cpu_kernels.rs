@@ -1633,10 +1633,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Option
         [view.b as i64, view.l as i64, view.h as i64, hd as i64],
         (kind, Device::Cpu),
     )?;
-    // SAFETY: `x`'s slice starts at its first element and spans its furthest one (the view's
-    // sizes and non-negative strides describe elements of its storage); `cos`/`sin` are
-    // contiguous `[B, 1, T, rot]` and `out` fresh `[B, T, H, hd]`, all of `kind` (bf16 = u16
-    // bits).
     // Addresses, not pointers, so that the closure below is `Sync`.
     let (xa, ca, sa) = (
         x.data_ptr() as usize,
@@ -1650,8 +1646,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Option
         #[allow(clippy::redundant_locals)]
         let oa = oa;
         let (at, n) = (r.start * per, (r.end - r.start) * per);
-        // SAFETY: each thread writes only its positions' `[H, hd]` blocks of `out`, which lie
-        // inside it (joined before `out` is used).
+        // SAFETY: `x`'s slice starts at its first element and spans its furthest one (the
+        // view's sizes and non-negative strides describe elements of its storage); `cos`/`sin`
+        // are contiguous `[B, 1, T, rot]` and `out` fresh `[B, T, H, hd]`, all of `kind` (bf16
+        // = u16 bits); each thread writes only its positions' `[H, hd]` blocks of `out`
+        // (joined before `out` is used).
         unsafe {
             match kind {
                 Kind::BFloat16 => rope_bf16(

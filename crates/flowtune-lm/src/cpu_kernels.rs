@@ -392,6 +392,48 @@ fn split_rows(rows: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sy
     }
 }
 
+/// Element addresses of [`norm_rows`]' tensors: `x`, `weight`, `(delta, sum)`, `normed`.
+#[derive(Clone, Copy)]
+struct NormAddrs {
+    x: usize,
+    weight: usize,
+    delta_sum: Option<(usize, usize)>,
+    normed: usize,
+}
+
+/// Rows `r` of [`norm_rows`] for element type `E`: `sum = add(x, delta)` then
+/// `normed = norm(sum)`, or `normed = norm(x)` without a delta.
+///
+/// # Safety
+/// As [`norm_rows`], with `E` the tensors' element type; no other thread touches rows `r` of
+/// `sum` and `normed`.
+unsafe fn norm_range<E>(
+    at: NormAddrs,
+    r: std::ops::Range<usize>,
+    h: usize,
+    eps: f32,
+    add: fn(&[E], &[E], &mut [E]),
+    norm: fn(&[E], &[E], &mut [E], usize, f32),
+) {
+    let (first, n) = (r.start * h, (r.end - r.start) * h);
+    // SAFETY: rows `r` of each tensor lie inside its `rows * h` elements (the caller's
+    // contract), and the weight holds `h`.
+    unsafe {
+        let x = std::slice::from_raw_parts((at.x as *const E).add(first), n);
+        let w = std::slice::from_raw_parts(at.weight as *const E, h);
+        let out = std::slice::from_raw_parts_mut((at.normed as *mut E).add(first), n);
+        match at.delta_sum {
+            Some((d, sum)) => {
+                let d = std::slice::from_raw_parts((d as *const E).add(first), n);
+                let sum = std::slice::from_raw_parts_mut((sum as *mut E).add(first), n);
+                add(x, d, sum);
+                norm(sum, w, out, h, eps);
+            }
+            None => norm(x, w, out, h, eps),
+        }
+    }
+}
+
 /// RMSNorm (and, with `delta`, the residual sum before it) of the rows of contiguous `x`
 /// `[rows, h]` into `normed` (and `sum`), split across threads by rows.
 ///
@@ -409,48 +451,19 @@ unsafe fn norm_rows(
 ) {
     let rows = x.numel() / h;
     // Addresses, not pointers, so that the closure below is `Sync`.
-    let (xa, wa) = (x.data_ptr() as usize, weight.data_ptr() as usize);
-    let da = delta.map(|(d, sum)| (d.data_ptr() as usize, OutPtr(sum.data_ptr() as *mut u8)));
-    let na = OutPtr(normed.data_ptr() as *mut u8);
+    let at = NormAddrs {
+        x: x.data_ptr() as usize,
+        weight: weight.data_ptr() as usize,
+        delta_sum: delta.map(|(d, sum)| (d.data_ptr() as usize, sum.data_ptr() as usize)),
+        normed: normed.data_ptr() as usize,
+    };
     let run = |r: std::ops::Range<usize>| {
-        // Capture the whole `OutPtr`s (Send), not their raw-pointer fields.
-        #[allow(clippy::redundant_locals)]
-        let (na, da) = (na, da);
-        let (at, n) = (r.start * h, (r.end - r.start) * h);
-        // SAFETY: rows `r` of each tensor lie inside its `rows * h` elements; each thread
-        // writes only its own rows of `sum` and `normed` (joined before they are used).
+        // SAFETY: as this function's contract; each thread writes only rows `r` of `sum` and
+        // `normed` (joined before they are used).
         unsafe {
             match kind {
-                Kind::BFloat16 => {
-                    let x = std::slice::from_raw_parts((xa as *const u16).add(at), n);
-                    let w = std::slice::from_raw_parts(wa as *const u16, h);
-                    let out = std::slice::from_raw_parts_mut((na.0 as *mut u16).add(at), n);
-                    match da {
-                        Some((d, sum)) => {
-                            let d = std::slice::from_raw_parts((d as *const u16).add(at), n);
-                            let sum =
-                                std::slice::from_raw_parts_mut((sum.0 as *mut u16).add(at), n);
-                            add_bf16(x, d, sum);
-                            rms_norm_bf16_rows(sum, w, out, h, eps);
-                        }
-                        None => rms_norm_bf16_rows(x, w, out, h, eps),
-                    }
-                }
-                _ => {
-                    let x = std::slice::from_raw_parts((xa as *const f32).add(at), n);
-                    let w = std::slice::from_raw_parts(wa as *const f32, h);
-                    let out = std::slice::from_raw_parts_mut((na.0 as *mut f32).add(at), n);
-                    match da {
-                        Some((d, sum)) => {
-                            let d = std::slice::from_raw_parts((d as *const f32).add(at), n);
-                            let sum =
-                                std::slice::from_raw_parts_mut((sum.0 as *mut f32).add(at), n);
-                            add_f32(x, d, sum);
-                            rms_norm_f32_rows(sum, w, out, h, eps);
-                        }
-                        None => rms_norm_f32_rows(x, w, out, h, eps),
-                    }
-                }
+                Kind::BFloat16 => norm_range(at, r, h, eps, add_bf16, rms_norm_bf16_rows),
+                _ => norm_range(at, r, h, eps, add_f32, rms_norm_f32_rows),
             }
         }
     };
@@ -583,6 +596,60 @@ struct AttnShape {
     /// Query position `i` sees keys `j <= start + i` (the cache held `start` keys before them).
     start: usize,
     scale: f32,
+}
+
+/// One work unit of the attention kernels: row `b`, kv head `kvh`, query heads from `head0`
+/// and positions `i0..i0 + np`. Its query row `r = g * np + ii` (`rows` of them) is head
+/// `head0 + g` at position `i0 + ii`; no row sees keys from `end` on.
+#[derive(Clone, Copy)]
+struct AttnUnit<'a> {
+    b: usize,
+    kvh: usize,
+    head0: usize,
+    i0: usize,
+    np: usize,
+    rows: usize,
+    end: usize,
+    shape: AttnShape,
+    queries: Option<&'a [bool]>,
+}
+
+impl AttnShape {
+    /// Work unit `unit`: `((b * nkv + h) * parts + p) * blocks + i` is part `p` of the query
+    /// heads that read kv head `h` of row `b`, at the `i`-th block of `qb` positions.
+    /// `queries` (`[B * t]`, false = padding) as the kernels take it.
+    fn unit<'a>(&self, unit: usize, queries: Option<&'a [bool]>) -> AttnUnit<'a> {
+        let (l, t) = (self.k.l, self.q.l);
+        let group = self.group / self.parts;
+        let (rest, qblock) = (unit / t.div_ceil(self.qb), unit % t.div_ceil(self.qb));
+        let (pair, part) = (rest / self.parts, rest % self.parts);
+        let i0 = qblock * self.qb;
+        let np = self.qb.min(t - i0);
+        AttnUnit {
+            b: pair / self.k.h,
+            kvh: pair % self.k.h,
+            head0: (pair % self.k.h) * self.group + part * group,
+            i0,
+            np,
+            rows: group * np,
+            end: l.min(self.start + i0 + np),
+            shape: *self,
+            queries,
+        }
+    }
+}
+
+impl AttnUnit<'_> {
+    /// Row `r` sees keys below this: `j <= start + i` for its position `i`; 0 for a padding
+    /// query, which sees nothing (its output is zero).
+    fn limit(&self, r: usize) -> usize {
+        let (s, ii) = (&self.shape, self.i0 + r % self.np);
+        if self.queries.is_some_and(|v| !v[self.b * s.q.l + ii]) {
+            0
+        } else {
+            s.k.l.min(s.start + ii + 1)
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1069,7 +1136,6 @@ mod avx512 {
         debug_assert_eq!(hd, 16 * CH);
         // Query heads per unit, and query rows (head, position) at most.
         let group = s.group / s.parts;
-        let blocks = t.div_ceil(s.qb);
         let most = group * s.qb;
         let padded = l.div_ceil(16) * 16;
         let mut qf = super::AlignedF32::filled(most * hd, 0.0);
@@ -1110,26 +1176,10 @@ mod avx512 {
                     }
                 };
             for unit in units {
-                let (rest, qblock) = (unit / blocks, unit % blocks);
-                let (pair, part) = (rest / s.parts, rest % s.parts);
-                let (b, kvh) = (pair / s.k.h, pair % s.k.h);
-                // The first query head and position of this unit, and its positions.
-                let head0 = kvh * s.group + part * group;
-                let i0 = qblock * s.qb;
-                let np = s.qb.min(t - i0);
-                let rows = group * np;
-                // Row `r = g * np + ii` (head `head0 + g`, position `i0 + ii`) sees keys
-                // below `limit(r)`; no row of the unit sees keys from `end` on.
-                // A padding query (`queries` false) sees nothing: its output is zero.
-                let limit = |r: usize| {
-                    let ii = i0 + r % np;
-                    if queries.is_some_and(|v| !v[b * t + ii]) {
-                        0
-                    } else {
-                        l.min(s.start + ii + 1)
-                    }
-                };
-                let end = l.min(s.start + i0 + np);
+                let u = s.unit(unit, queries);
+                let (b, kvh, head0, i0, np, rows, end) =
+                    (u.b, u.kvh, u.head0, u.i0, u.np, u.rows, u.end);
+                let limit = |r: usize| u.limit(r);
                 // How many of the `n` keys from `j0` on row `r` sees (0: skip the block).
                 let seen = |r: usize, j0: usize, n: usize| limit(r).saturating_sub(j0).min(n);
                 for r in 0..rows {
@@ -1291,7 +1341,6 @@ mod avx512 {
         debug_assert_eq!(hd, 16 * CH);
         let pairs = hd / 2;
         let group = s.group / s.parts;
-        let blocks = t.div_ceil(s.qb);
         let groups16 = (group * s.qb).div_ceil(16);
         // Keys rounded up to pairs.
         let lp = l.div_ceil(2) * 2;
@@ -1316,23 +1365,11 @@ mod avx512 {
         // `hd` interleaved values.
         unsafe {
             for unit in units {
-                let (rest, qblock) = (unit / blocks, unit % blocks);
-                let (pair, part) = (rest / s.parts, rest % s.parts);
-                let (b, kvh) = (pair / s.k.h, pair % s.k.h);
-                let head0 = kvh * s.group + part * group;
-                let i0 = qblock * s.qb;
-                let np = s.qb.min(t - i0);
-                let rows = group * np;
+                let u = s.unit(unit, queries);
+                let (b, kvh, head0, i0, np, rows, end) =
+                    (u.b, u.kvh, u.head0, u.i0, u.np, u.rows, u.end);
+                let limit = |r: usize| u.limit(r);
                 let gn = rows.div_ceil(16);
-                let limit = |r: usize| {
-                    let ii = i0 + r % np;
-                    if queries.is_some_and(|v| !v[b * t + ii]) {
-                        0
-                    } else {
-                        l.min(s.start + ii + 1)
-                    }
-                };
-                let end = l.min(s.start + i0 + np);
                 // Queries, transposed: lane `r % 16` of pair `p` in group `r / 16`.
                 for r in 0..gn * 16 {
                     let dst = qt.add((r / 16) * pairs * 16 + r % 16);

@@ -496,37 +496,9 @@ impl Engine {
             .iter()
             .map(|r| requests[r.request].adapter.as_deref())
             .collect();
-        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         // Each row's prompt starts from the longest stored prefix when the store has one (a
         // flow's next-round prompt extends this round's), else from the rows' common prefix.
-        let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names, max_new)?;
-        let base = cache.len();
-        // The rest of each prompt goes right-padded when rows start at different slots (their
-        // last-position logits are picked per row), left-padded otherwise.
-        let ragged = starts.iter().any(|&s| s != base);
-        let PromptRests {
-            t,
-            ids,
-            valid,
-            last,
-            rest_at,
-        } = PromptRests::new(&prompts, &starts, base, ragged);
-        let at = if ragged {
-            LogitsAt::PerRow(last)
-        } else {
-            LogitsAt::Last
-        };
-        let mut logits = self.with_adapters(&names, |d| {
-            self.model.forward_cached(
-                &self.ids_tensor(&ids, b, t)?,
-                Some(&valid),
-                &mut cache,
-                &at,
-                d,
-            )
-        })?;
-        self.store_prompts(&mut store, &cache, &prompts, &names, &starts, &rest_at)?;
-        drop(store);
+        let (mut cache, mut logits) = self.prefill_prompts(&prompts, &names, max_new, false)?;
         for step in 0..max_new {
             let logp = logits
                 .f_to_kind(Kind::Float)?
@@ -582,6 +554,57 @@ impl Engine {
             })?;
         }
         Ok(rows)
+    }
+
+    /// Prompts through the prefix store, as generation and classification start: each row
+    /// begins at its longest stored prefix (else at the rows' common prefix, computed once),
+    /// the rest of each prompt runs on top, and every prompt is stored for later calls. The
+    /// rests go right-padded with logits picked per row when `right_pad` or when rows start
+    /// at different slots, left-padded otherwise. Returns the cache (with `extra` free slots)
+    /// and the logits `[B, V]` after each prompt.
+    fn prefill_prompts(
+        &self,
+        prompts: &[&[u32]],
+        names: &[Option<&str>],
+        extra: usize,
+        right_pad: bool,
+    ) -> Result<(crate::kv::KvCache, Tensor)> {
+        let b = prompts.len();
+        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut cache, starts) = self.prefill_from_store(&mut store, prompts, names, extra)?;
+        let base = cache.len();
+        let ragged = right_pad || starts.iter().any(|&s| s != base);
+        let PromptRests {
+            t,
+            ids,
+            valid,
+            last,
+            rest_at,
+        } = PromptRests::new(prompts, &starts, base, ragged);
+        tracing::debug!(
+            rows = b,
+            columns = t,
+            tokens = valid.iter().filter(|&&v| v).count(),
+            cached = base,
+            "prompt batch"
+        );
+        let at = if ragged {
+            LogitsAt::PerRow(last)
+        } else {
+            LogitsAt::Last
+        };
+        let logits = self.with_adapters(names, |d| {
+            self.model.forward_cached(
+                &self.ids_tensor(&ids, b, t)?,
+                Some(&valid),
+                &mut cache,
+                &at,
+                d,
+            )
+        })?;
+        // Row r's prompt sits at slots 0..starts[r], then from rest_at[r] on.
+        self.store_prompts(&mut store, &cache, prompts, names, &starts, &rest_at)?;
+        Ok((cache, logits))
     }
 
     /// A cache for `prompts.len()` rows holding their longest common prefix
@@ -883,34 +906,7 @@ impl Engine {
         let b = reqs.len();
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
         let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
-        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut cache, starts) = self.prefill_from_store(&mut store, &prompts, &names, 0)?;
-        let base = cache.len();
-        let PromptRests {
-            t,
-            ids,
-            valid,
-            last,
-            rest_at,
-        } = PromptRests::new(&prompts, &starts, base, true);
-        tracing::debug!(
-            rows = b,
-            columns = t,
-            tokens = valid.iter().filter(|&&v| v).count(),
-            cached = base,
-            "classify chunk"
-        );
-        let logits = self.with_adapters(&names, |d| {
-            self.model.forward_cached(
-                &self.ids_tensor(&ids, b, t)?,
-                Some(&valid),
-                &mut cache,
-                &LogitsAt::PerRow(last),
-                d,
-            )
-        })?;
-        // Row r's tokens sit at slots 0..starts[r] and base..base + (len - starts[r]).
-        self.store_prompts(&mut store, &cache, &prompts, &names, &starts, &rest_at)?;
+        let (_cache, logits) = self.prefill_prompts(&prompts, &names, 0, true)?;
         let logp = logits
             .f_to_kind(Kind::Float)?
             .f_log_softmax(-1, Kind::Float)?;
@@ -961,29 +957,12 @@ impl Engine {
         let names: Vec<Option<&str>> = vec![req.adapter.as_deref(); num_beams];
         // The prompt starts from its longest stored prefix (a flow's alternative for a node
         // call re-asks that call's prompt), and is stored for later calls.
-        let prompts = [req.prompt.as_slice()];
-        let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut cache, starts) =
-            self.prefill_from_store(&mut store, &prompts, &names[..1], params.max_new_tokens)?;
-        let rests = PromptRests::new(&prompts, &starts, cache.len(), false);
-        let first = self.with_adapters(&names[..1], |d| {
-            self.model.forward_cached(
-                &self.ids_tensor(&rests.ids, 1, rests.t)?,
-                Some(&rests.valid),
-                &mut cache,
-                &LogitsAt::Last,
-                d,
-            )
-        })?;
-        self.store_prompts(
-            &mut store,
-            &cache,
-            &prompts,
+        let (mut cache, first) = self.prefill_prompts(
+            &[req.prompt.as_slice()],
             &names[..1],
-            &starts,
-            &rests.rest_at,
+            params.max_new_tokens,
+            false,
         )?;
-        drop(store);
         cache.select_rows(&vec![0; num_beams])?;
         let mut logits = first.f_expand([num_beams as i64, -1], false)?;
         // Running beams: tokens, beam score (processed), raw logprob.

@@ -130,21 +130,12 @@ impl AlignedF32 {
         }
     }
 
-    /// `src` widened from bf16 to float32.
+    /// `src` widened from bf16 to float32 (in AVX-512 or AVX2 code where the CPU has it:
+    /// compiled for the baseline, the conversion ran 16 lanes through SSE2 one line at a time).
     fn widened(src: &[u16]) -> Self {
-        // Line by line, so the buffer is written once (no zeroing pass first).
-        let lines = src
-            .chunks(LANES)
-            .map(|chunk| {
-                let mut line = Line([0.0; LANES]);
-                widen(chunk, &mut line.0);
-                line
-            })
-            .collect();
-        Self {
-            lines,
-            len: src.len(),
-        }
+        let mut buf = Self::filled(src.len(), 0.0);
+        widen_fast(src, buf.as_mut_slice());
+        buf
     }
 
     fn as_slice(&self) -> &[f32] {
@@ -307,6 +298,10 @@ macro_rules! multiversion {
         }
     };
 }
+
+multiversion!(widen_fast, fn(src: &[u16], dst: &mut [f32]) {
+    widen(src, dst)
+});
 
 /// Whether `t` is a CPU tensor the kernels may read directly (no autograd involved).
 fn plain_cpu(t: &Tensor) -> bool {
@@ -983,74 +978,86 @@ mod avx512 {
         }
     }
 
-    /// An element type of the attention kernel: bf16 (`u16` bits; scores and
-    /// probabilities rounded to bf16 as the reference's bf16 products do) or float32.
-    pub(super) trait AttnElem: super::Element {
-        /// Whether scores and probabilities are rounded to bf16.
+    /// An element type of the vector kernels (attention, SwiGLU): bf16 (`u16` bits; values
+    /// rounded to bf16 wherever the reference's bf16 ops round them) or float32.
+    pub(super) trait VecElem: super::Element {
+        /// Whether intermediate values are rounded to bf16.
         const ROUND: bool;
         /// 16 values from `p` as float32.
         ///
         /// # Safety
         /// `p` points at 16 readable values; AVX-512F.
         unsafe fn load16(p: *const Self) -> __m512;
+        /// Store 16 float32 values at `p` (bf16: they must already be rounded to bf16).
+        ///
+        /// # Safety
+        /// `p` points at 16 writable values; AVX-512F.
+        unsafe fn store16(p: *mut Self, v: __m512);
         /// The values as bf16 bits, when they are bf16.
         fn as_bf16(values: &[Self]) -> Option<&[u16]>;
     }
 
-    impl AttnElem for u16 {
+    impl VecElem for u16 {
         const ROUND: bool = true;
         #[inline(always)]
         unsafe fn load16(p: *const Self) -> __m512 {
             // SAFETY: as the caller guarantees.
             unsafe { load_bf16(p) }
         }
+        #[inline(always)]
+        unsafe fn store16(p: *mut Self, v: __m512) {
+            // SAFETY: as the caller guarantees; the rounded values' low halves are zero.
+            unsafe {
+                let hi = _mm512_srli_epi32::<16>(_mm512_castps_si512(v));
+                _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(hi));
+            }
+        }
         fn as_bf16(values: &[Self]) -> Option<&[u16]> {
             Some(values)
         }
     }
 
-    impl AttnElem for f32 {
+    impl VecElem for f32 {
         const ROUND: bool = false;
         #[inline(always)]
         unsafe fn load16(p: *const Self) -> __m512 {
             // SAFETY: as the caller guarantees.
             unsafe { _mm512_loadu_ps(p) }
         }
+        #[inline(always)]
+        unsafe fn store16(p: *mut Self, v: __m512) {
+            // SAFETY: as the caller guarantees.
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
         fn as_bf16(_: &[Self]) -> Option<&[u16]> {
             None
         }
     }
 
-    /// `out = silu(g) * u` over float32 lanes, as libtorch computes `silu(g).mul(u)`:
+    /// `out = silu(g) * u`, as libtorch computes `silu(g).mul(u)` (in float32 lanes):
     /// `silu(g) = g / (1 + e^-g)`, written for either sign through `e^-|g|` (so nothing
-    /// overflows); with `round` the `silu` value and the product are rounded to bf16, as the
-    /// two bf16 ops round them. The tail past a multiple of 16, and chunks with an input below
+    /// overflows); in bf16 the `silu` value and the product are rounded to bf16, as the two
+    /// bf16 ops round them. The tail past a multiple of 16, and chunks with an input below
     /// -87, run in scalar code.
     ///
     /// # Safety
     /// AVX-512F and FMA; the three slices have the same length.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32], round: bool) {
+    pub(super) unsafe fn silu_mul<E: VecElem>(g: &[E], u: &[E], out: &mut [E]) {
         let n = out.len().min(g.len()).min(u.len());
         let body = n / 16 * 16;
         let one = _mm512_set1_ps(1.0);
         let sign = _mm512_set1_ps(-0.0);
         let tiny = _mm512_set1_ps(-87.0);
-        let r = |v: f32| {
-            if round {
-                super::bf16_value(super::bf16_bits(v))
-            } else {
-                v
-            }
-        };
-        let scalar = |out: &mut [f32], i: usize| {
-            let x = g[i];
-            out[i] = r(r(x / (1.0 + (-x).exp())) * u[i]);
+        let r = |v: f32| if E::ROUND { E::round(v) } else { v };
+        let scalar = |out: &mut [E], i: usize| {
+            let x = g[i].get();
+            out[i] = E::put(r(r(x / (1.0 + (-x).exp())) * u[i].get()));
         };
         // SAFETY: every 16-lane access lies below `body <= n`, inside all three slices.
         unsafe {
             for c in (0..body).step_by(16) {
-                let x = _mm512_loadu_ps(g.as_ptr().add(c));
+                let x = E::load16(g.as_ptr().add(c));
                 // Below -87, `e^x` leaves the range of `exp_nonpositive` (it flushes to 0 where
                 // float32's subnormals still hold silu's value): those chunks run in scalar code.
                 if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, tiny) != 0 {
@@ -1063,14 +1070,14 @@ mod avx512 {
                 let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
                 let num = _mm512_mask_mul_ps(x, below, x, t);
                 let mut sv = _mm512_div_ps(num, _mm512_add_ps(one, t));
-                if round {
+                if E::ROUND {
                     sv = round_bf16(sv);
                 }
-                let mut y = _mm512_mul_ps(sv, _mm512_loadu_ps(u.as_ptr().add(c)));
-                if round {
+                let mut y = _mm512_mul_ps(sv, E::load16(u.as_ptr().add(c)));
+                if E::ROUND {
                     y = round_bf16(y);
                 }
-                _mm512_storeu_ps(out.as_mut_ptr().add(c), y);
+                E::store16(out.as_mut_ptr().add(c), y);
             }
         }
         (body..n).for_each(|i| scalar(out, i));
@@ -1124,7 +1131,7 @@ mod avx512 {
     /// only its own queries.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::needless_range_loop)] // `c` indexes the query, the block and the registers alike
-    pub(super) unsafe fn attention<E: AttnElem, const CH: usize>(
+    pub(super) unsafe fn attention<E: VecElem, const CH: usize>(
         [q, k, v]: [&[E]; 3],
         mask: Option<&[bool]>,
         queries: Option<&[bool]>,
@@ -1744,16 +1751,55 @@ fn strided_rows(t: &Tensor) -> Option<(usize, usize, usize)> {
     (step >= width).then_some((rows as usize, width as usize, step as usize))
 }
 
-/// [`silu_mul`] takes at most this many rows: above it libtorch's `silu` and `mul` (Sleef's
-/// vectorised exponential) beat it (measured in `musique eval` prefill on the session-13 AMD
-/// EPYC: 4.8 % of the run in the kernel against ~3 % for the two ops).
-pub const SILU_MUL_MAX_ROWS: usize = 64;
+/// The rows of a padded batch back from its packed real tokens: `[rows.len(), w]` where slot
+/// `s` holds row `rows[s]` of `y` (`[N, w]`, contiguous, any element type) or zeros where
+/// `rows[s]` is `None` (a padding slot); libtorch's `zeros` + `index_copy` in one pass, split
+/// across threads. `None` where it does not apply: gradients, another shape, a row out of
+/// range, or a tensor off the CPU.
+pub fn unpack_rows(y: &Tensor, rows: &[Option<u32>]) -> Result<Option<Tensor>> {
+    let size = y.size();
+    let [n, w] = size[..] else {
+        return Ok(None);
+    };
+    if !plain_cpu(y) || !y.is_contiguous() || rows.iter().flatten().any(|&r| i64::from(r) >= n) {
+        return Ok(None);
+    }
+    let out = Tensor::f_empty([rows.len() as i64, w], (y.kind(), Device::Cpu))?;
+    let row_bytes = w as usize * y.kind().elt_size_in_bytes();
+    // SAFETY: `y` is a contiguous CPU tensor of `n` rows of `row_bytes` bytes and every source
+    // row is below `n` (checked); `out` is fresh and contiguous with `rows.len()` rows of the
+    // same size; threads write disjoint slots and are joined (the end of the parallel region)
+    // before `out` is returned.
+    unsafe {
+        let src = y.data_ptr() as usize;
+        let dst = OutPtr(out.data_ptr() as *mut u8);
+        let run = |slots: std::ops::Range<usize>| {
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let dst = dst;
+            for s in slots {
+                let to = dst.0.add(s * row_bytes);
+                match rows[s] {
+                    Some(r) => std::ptr::copy_nonoverlapping(
+                        (src as *const u8).add(r as usize * row_bytes),
+                        to,
+                        row_bytes,
+                    ),
+                    None => std::ptr::write_bytes(to, 0, row_bytes),
+                }
+            }
+        };
+        // A copy costs about a multiply-add per byte here, for the split threshold.
+        omp::split(rows.len(), 1, rows.len() * row_bytes, &run);
+    }
+    Ok(Some(out))
+}
 
-/// `silu(gate) * up` (SwiGLU's product) in one pass for at most [`SILU_MUL_MAX_ROWS`] rows
-/// (split across threads) of bf16 or float32 CPU tensors of one shape, e.g. the two halves of a fused `gate_up`
-/// output; `None` otherwise. libtorch's `silu(gate).mul(up)` rounds at the same points (bf16:
-/// the `silu` value, then the product); the exponential is Cephes' `expf` (relative error
-/// ~1e-7), so float32 results agree with libtorch's to a few units in the last place.
+/// `silu(gate) * up` (SwiGLU's product) in one pass over the rows (split across threads) of
+/// bf16 or float32 CPU tensors of one shape, e.g. the two halves of a fused `gate_up` output;
+/// `None` otherwise. libtorch's `silu(gate).mul(up)` rounds at the same points (bf16: the
+/// `silu` value, then the product); the exponential is Cephes' `expf` (relative error ~1e-7),
+/// so float32 results agree with libtorch's to a few units in the last place.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let kind = gate.kind();
     let (Some(gs), Some(us)) = (strided_rows(gate), strided_rows(up)) else {
@@ -1763,49 +1809,53 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         || !matches!(kind, Kind::BFloat16 | Kind::Float)
         || [gate, up].iter().any(|t| !plain_cpu(t) || t.kind() != kind)
         || gate.size() != up.size()
-        || gs.0 > SILU_MUL_MAX_ROWS
     {
         return Ok(None);
     }
-    let (rows, width) = (gs.0, gs.1);
     let out = Tensor::f_empty(gate.size(), (kind, Device::Cpu))?;
-    let extent = |(r, w, step): (usize, usize, usize)| if r == 0 { 0 } else { (r - 1) * step + w };
     #[cfg(target_arch = "x86_64")]
     // SAFETY: each input's slice spans its rows (`strided_rows` checked the layout against
-    // its sizes and strides); `out` is fresh and contiguous `[rows, width]`, and each thread
-    // writes only its own rows of it (joined at the end of the parallel region); the CPU has
+    // its sizes and strides); `out` is fresh and contiguous `[rows, width]`; the CPU has
     // AVX-512F and FMA (`int4_f32_available`).
     unsafe {
-        let bf16 = kind == Kind::BFloat16;
-        let dst = OutPtr(out.data_ptr() as *mut u8);
-        // Addresses, not pointers, so that the closure below is `Sync`.
-        let (gate_at, up_at) = (gate.data_ptr() as usize, up.data_ptr() as usize);
+        if kind == Kind::BFloat16 {
+            silu_mul_rows::<u16>(gate, up, &out, gs, us);
+        } else {
+            silu_mul_rows::<f32>(gate, up, &out, gs, us);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// [`silu_mul`]'s rows, split across the OpenMP team.
+///
+/// # Safety
+/// `gate` and `up` hold `E` values laid out as their `strided_rows` `gs` and `us` say; `out`
+/// is a fresh contiguous `[rows, width]` of `E`; the CPU has AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+unsafe fn silu_mul_rows<E: avx512::VecElem + Sync>(
+    gate: &Tensor,
+    up: &Tensor,
+    out: &Tensor,
+    gs: (usize, usize, usize),
+    us: (usize, usize, usize),
+) {
+    let (rows, width) = (gs.0, gs.1);
+    let extent = |(r, w, step): (usize, usize, usize)| if r == 0 { 0 } else { (r - 1) * step + w };
+    // SAFETY: by the caller's contract; each thread writes only its own rows of `out`, and
+    // the threads are joined (the end of the parallel region) before `out` is read.
+    unsafe {
+        let g = std::slice::from_raw_parts(gate.data_ptr() as *const E, extent(gs));
+        let u = std::slice::from_raw_parts(up.data_ptr() as *const E, extent(us));
+        let dst = OutPtr(out.data_ptr() as *mut E);
         let run = |rows: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let dst = dst;
-            let mut bufs = [0; 3].map(|_| AlignedF32::filled(if bf16 { width } else { 0 }, 0.0));
-            let [gf, uf, of] = bufs.each_mut().map(AlignedF32::as_mut_slice);
             for row in rows {
                 let (ga, ua) = (row * gs.2, row * us.2);
-                if bf16 {
-                    let g = std::slice::from_raw_parts(gate_at as *const u16, extent(gs));
-                    let u = std::slice::from_raw_parts(up_at as *const u16, extent(us));
-                    widen(&g[ga..ga + width], gf);
-                    widen(&u[ua..ua + width], uf);
-                    avx512::silu_mul(gf, uf, of, true);
-                    let o =
-                        std::slice::from_raw_parts_mut((dst.0 as *mut u16).add(row * width), width);
-                    for (d, v) in o.iter_mut().zip(of.iter()) {
-                        *d = bf16_bits(*v);
-                    }
-                } else {
-                    let g = std::slice::from_raw_parts(gate_at as *const f32, extent(gs));
-                    let u = std::slice::from_raw_parts(up_at as *const f32, extent(us));
-                    let o =
-                        std::slice::from_raw_parts_mut((dst.0 as *mut f32).add(row * width), width);
-                    avx512::silu_mul(&g[ga..ga + width], &u[ua..ua + width], o, false);
-                }
+                let o = std::slice::from_raw_parts_mut(dst.0.add(row * width), width);
+                avx512::silu_mul(&g[ga..ga + width], &u[ua..ua + width], o);
             }
         };
         // Rows split across the team from a few thousand elements on (batch 8 of SmolLM2's
@@ -1813,7 +1863,6 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         // multiply-adds here, which is how the split threshold counts it.
         omp::split(rows, 1, rows * width * 64, &run);
     }
-    Ok(Some(out))
 }
 
 /// Attention of `t` new query positions per row over a KV cache, in bf16 or float32 on the
@@ -1932,7 +1981,7 @@ pub const ATTENTION_MAX_CHUNKS: usize = 8;
 /// The tensors hold elements of type `E`, `out` is a fresh contiguous `[B, t, nq, hd]` tensor
 /// of that type, and `shape` describes the views (checked by `attention`).
 #[cfg(target_arch = "x86_64")]
-unsafe fn attention_views<E: avx512::AttnElem + Sync>(
+unsafe fn attention_views<E: avx512::VecElem + Sync>(
     qkv: [&Tensor; 3],
     mask: Option<&[bool]>,
     queries: Option<&[bool]>,
@@ -2117,12 +2166,25 @@ impl Int4F32Weight {
     }
 }
 
-multiversion!(lora_rows, fn(x: &[f32], a: &[f32], bt: &[f32], y: &mut [f32], inp: usize, out: usize, scale: f32) {
+/// [`lora_add`]'s rows: for each row of `x` (`inp` float32s), `h = x Aᵀ` (`a` `[rank, inp]`),
+/// then for each output `o`, `y[o] = round(y[o] + (Σ_r h[r] Bᵀ[r][o]) · scale)` where row `i`
+/// of `y` starts at `i * stride` and `round` rounds to `E` (PEFT adds its float32 delta to the
+/// base output in float32 and casts the sum back to the base's dtype).
+#[inline(always)]
+fn lora_rows<E: Element>(
+    x: &[f32],
+    a: &[f32],
+    bt: &[f32],
+    y: &mut [E],
+    stride: usize,
+    (inp, out): (usize, usize),
+    scale: f32,
+) {
     const R: usize = 8;
     let rank = a.len() / inp.max(1);
     let mut h = [0f32; LORA_MAX_RANK];
     let full = inp / LANES * LANES;
-    for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+    for (i, xr) in x.chunks_exact(inp).enumerate() {
         // `x · A[r]` for eight ranks at once: each 16-input slice of x is loaded once and
         // feeds eight independent accumulators.
         for r0 in (0..rank).step_by(R) {
@@ -2145,7 +2207,8 @@ multiversion!(lora_rows, fn(x: &[f32], a: &[f32], bt: &[f32], y: &mut [f32], inp
                 h[r0 + k] = reduce(acc) + tail;
             }
         }
-        // `Σ_r h[r] · Bᵀ[r]` sixteen outputs at a time, in registers, then scaled.
+        // `Σ_r h[r] · Bᵀ[r]` sixteen outputs at a time, in registers, then scaled and added.
+        let yr = &mut y[i * stride..i * stride + out];
         let (yc, yt) = yr.as_chunks_mut::<LANES>();
         for (o, yv) in yc.iter_mut().enumerate() {
             let mut v = [0f32; LANES];
@@ -2156,38 +2219,48 @@ multiversion!(lora_rows, fn(x: &[f32], a: &[f32], bt: &[f32], y: &mut [f32], inp
                 }
             }
             for j in 0..LANES {
-                yv[j] = v[j] * scale;
+                yv[j] = E::put(yv[j].get() + v[j] * scale);
             }
         }
         let base = yc.len() * LANES;
-        for (i, yo) in yt.iter_mut().enumerate() {
+        for (k, yo) in yt.iter_mut().enumerate() {
             let mut v = 0f32;
             for (r, &hr) in h[..rank].iter().enumerate() {
-                v = bt[r * out + base + i].mul_add(hr, v);
+                v = bt[r * out + base + k].mul_add(hr, v);
             }
-            *yo = v * scale;
+            *yo = E::put(yo.get() + v * scale);
         }
     }
+}
+
+multiversion!(lora_rows_bf16, fn(x: &[f32], a: &[f32], bt: &[f32], y: &mut [u16], stride: usize, shape: (usize, usize), scale: f32) {
+    lora_rows(x, a, bt, y, stride, shape, scale)
 });
 
-/// Adapters of at most this rank take [`lora_delta`].
+multiversion!(lora_rows_f32, fn(x: &[f32], a: &[f32], bt: &[f32], y: &mut [f32], stride: usize, shape: (usize, usize), scale: f32) {
+    lora_rows(x, a, bt, y, stride, shape, scale)
+});
+
+/// Adapters of at most this rank take [`lora_add`].
 pub const LORA_MAX_RANK: usize = 64;
 
-/// The LoRA delta `scale · (x Aᵀ) Bᵀ` of one site without gradients: `x` `[..., in]` bf16 or
-/// float32 on the CPU, `a` `[r, in]` and `b` `[out, r]` float32 (PEFT keeps adapters in float32
-/// over a bf16 base and casts the input up, as this does). Returns `[..., out]` in `x`'s kind,
-/// each value computed in float32 and rounded once; `None` where it does not apply (other
-/// kinds or shapes, rank above [`LORA_MAX_RANK`], tensors that need gradients).
-///
-/// Why: libtorch sends the two skinny products (`[N, 576] x [576, 8]`, then `[N, 8] x [8, 576]`)
-/// to MKL, which packs the whole input for an 8-column result; with the casts around them that
-/// was 8 % of a `musique eval` run on the session-12 AMD Zen 4 VM (its rank-8 q/v adapters).
-pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let (asz, bsz) = (a.size(), b.size());
-    let inp = x.size().last().copied().unwrap_or(0);
+/// Adds the LoRA delta `scale · (x Aᵀ) Bᵀ` of one site, without gradients, in place into the
+/// base output `y`: `x` `[..., in]` bf16 or float32 on the CPU, `a` `[r, in]` and `b`
+/// `[out, r]` float32 (PEFT keeps adapters in float32 over a bf16 base and casts the input
+/// up, as this does), `y` `[..., out]` of `x`'s kind and leading shape whose rows are evenly
+/// strided (e.g. a column slice of a fused projection's output). Each delta is computed in
+/// float32, added to the float32 value of `y` and the sum rounded once, as PEFT's
+/// `result + lora_B(lora_A(x)) * scaling` followed by the cast back. Returns whether it
+/// applied: `false` (and `y` untouched) for other kinds or shapes, a rank above
+/// [`LORA_MAX_RANK`], or tensors that need gradients.
+pub fn lora_add(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, y: &Tensor) -> Result<bool> {
+    let (asz, bsz, xsz, ysz) = (a.size(), b.size(), x.size(), y.size());
+    let inp = xsz.last().copied().unwrap_or(0);
+    let rows_y = strided_rows(y);
     if !int4_f32_available()
-        || ![x, a, b].iter().all(|t| plain_cpu(t))
+        || ![x, a, b, y].iter().all(|t| plain_cpu(t))
         || !matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+        || y.kind() != x.kind()
         || a.kind() != Kind::Float
         || b.kind() != Kind::Float
         || asz.len() != 2
@@ -2196,49 +2269,56 @@ pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Opti
         || bsz[1] != asz[0]
         || inp == 0
         || asz[0] as usize > LORA_MAX_RANK
+        || xsz.split_last().map(|p| p.1) != ysz.split_last().map(|p| p.1)
+        || ysz.last() != Some(&bsz[0])
+        || rows_y.is_none()
     {
-        return Ok(None);
+        return Ok(false);
     }
-    let (inp, out) = (inp as usize, bsz[0] as usize);
+    let Some((rows, out, stride)) = rows_y else {
+        return Ok(false);
+    };
+    if rows == 0 {
+        return Ok(true);
+    }
+    let inp = inp as usize;
     let x = x.f_contiguous()?;
-    let rows = x.numel() / inp;
     let a = a.f_contiguous()?;
     let bt = b.f_tr()?.f_contiguous()?;
     let bf16 = x.kind() == Kind::BFloat16;
-    let y = output_for(&x, out, Kind::Float)?;
+    let span = |r: &std::ops::Range<usize>| r.start * stride..(r.end - 1) * stride + out;
     // SAFETY: `x`, `a` and `bt` are contiguous float32 (or bf16 for `x`) CPU tensors of the
-    // sizes checked above; `y` is fresh, `rows * out` float32s; threads write disjoint rows
-    // and are joined (the end of the parallel region) before `y` is read.
+    // sizes checked above; `y`'s `rows` rows of `out` values start `stride` elements apart
+    // (`strided_rows`), so the span of a range of rows covers exactly their elements, and
+    // threads given disjoint row ranges write disjoint spans; they are joined (the end of the
+    // parallel region) before `y` is read.
     unsafe {
         let (av, btv) = (elements::<f32>(&a), elements::<f32>(&bt));
+        let yp = OutPtr(y.data_ptr() as *mut u8);
         let (x16, x32) = if bf16 {
             (elements::<u16>(&x), &[][..])
         } else {
             (&[][..], elements::<f32>(&x))
         };
-        let ys = OutPtr(elements_mut::<f32>(&y).as_mut_ptr());
         let run = |r: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
-            let ys = ys;
-            let yr = std::slice::from_raw_parts_mut(ys.0.add(r.start * out), r.len() * out);
-            // Each thread widens its own rows of a bf16 input.
-            let xf;
-            let xr = if bf16 {
-                xf = AlignedF32::widened(&x16[r.start * inp..r.end * inp]);
-                xf.as_slice()
+            let yp = yp;
+            let s = span(&r);
+            if bf16 {
+                // Each thread widens its own rows of the input.
+                let xf = AlignedF32::widened(&x16[r.start * inp..r.end * inp]);
+                let yr = std::slice::from_raw_parts_mut((yp.0 as *mut u16).add(s.start), s.len());
+                lora_rows_bf16(xf.as_slice(), av, btv, yr, stride, (inp, out), scale as f32);
             } else {
-                &x32[r.start * inp..r.end * inp]
-            };
-            lora_rows(xr, av, btv, yr, inp, out, scale as f32);
+                let yr = std::slice::from_raw_parts_mut((yp.0 as *mut f32).add(s.start), s.len());
+                let xr = &x32[r.start * inp..r.end * inp];
+                lora_rows_f32(xr, av, btv, yr, stride, (inp, out), scale as f32);
+            }
         };
         omp::split(rows, 1, rows * av.len() * 2, &run);
     }
-    Ok(Some(if bf16 {
-        y.f_to_kind(Kind::BFloat16)?
-    } else {
-        y
-    }))
+    Ok(true)
 }
 
 /// Whether a quantised-weight kernel over `k` inputs takes `x`: a float32 or bf16 CPU tensor

@@ -23,6 +23,20 @@ pub trait LinearDelta {
     /// site.
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
 
+    /// Adds the delta of `module` of `layer` for input `x` in place into `y` (that site's base
+    /// output, or a view of its columns in a fused output) when this implementation can, and
+    /// says whether it did; the model then skips [`Self::delta`] for the site. The default
+    /// never does.
+    fn add_delta_in_place(
+        &self,
+        _layer: usize,
+        _module: &str,
+        _x: &Tensor,
+        _y: &Tensor,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Whether the delta treats every input row alike (one adapter, or none, for the whole
     /// batch), so the model may pass the real tokens of a padded batch packed as `[N, in]`
     /// instead of `[B, T, in]`. The default `false` keeps the batch layout.
@@ -34,15 +48,24 @@ pub trait LinearDelta {
 /// The LoRA bank with the batch's adapter selection bound in adds its deltas.
 impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
-        // One adapter for the whole batch, no gradients, on the CPU: the fused kernel.
-        if let Some((w, scale)) = self.uniform_weights(layer, module)? {
-            if let Some(d) = crate::cpu_kernels::lora_delta(x, &w.a, &w.b, scale)? {
-                return Ok(Some(d));
-            }
-        }
         Ok(flowtune_lora::SelectedAdapters::delta(
             self, layer, module, x,
         )?)
+    }
+
+    fn add_delta_in_place(
+        &self,
+        layer: usize,
+        module: &str,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<bool> {
+        // One adapter for the whole batch, no gradients, on the CPU: the fused kernel adds
+        // into `y`, rounding once as PEFT does.
+        match self.uniform_weights(layer, module)? {
+            Some((w, scale)) => crate::cpu_kernels::lora_add(x, &w.a, &w.b, scale, y),
+            None => Ok(false),
+        }
     }
 
     fn row_independent(&self) -> bool {
@@ -192,6 +215,8 @@ struct Layer {
 /// packed tokens; attention and the KV cache keep the `[B, T]` layout.
 struct Packing {
     index: Tensor,
+    /// Per slot, its row among the real tokens (`None`: padding).
+    slot_rows: Vec<Option<u32>>,
     b: i64,
     t: i64,
 }
@@ -208,8 +233,13 @@ impl Packing {
         if (slots - index.len() as i64) * 32 < slots {
             return Ok(None);
         }
+        let mut slot_rows = vec![None; valid.len()];
+        for (row, &slot) in index.iter().enumerate() {
+            slot_rows[slot as usize] = Some(row as u32);
+        }
         Ok(Some(Self {
             index: Tensor::f_from_slice(&index)?.f_to(device)?,
+            slot_rows,
             b,
             t,
         }))
@@ -227,11 +257,13 @@ impl Packing {
     /// `[N, width]` back to `[B, T, width]`, zeros in the padding slots.
     fn unpack(&self, y: &Tensor) -> Result<Tensor> {
         let w = y.size().last().copied().unwrap_or(0);
-        Ok(
-            Tensor::f_zeros([self.b * self.t, w], (y.kind(), y.device()))?
-                .f_index_copy(0, &self.index, y)?
-                .f_view([self.b, self.t, w])?,
-        )
+        let full =
+            match crate::cpu_kernels::unpack_rows(y, &self.slot_rows)? {
+                Some(full) => full,
+                None => Tensor::f_zeros([self.b * self.t, w], (y.kind(), y.device()))?
+                    .f_index_copy(0, &self.index, y)?,
+            };
+        Ok(full.f_view([self.b, self.t, w])?)
     }
 }
 
@@ -833,8 +865,10 @@ impl Model {
         })
     }
 
-    /// A target linear with its LoRA deltas: `fused` is the (possibly fused)
-    /// weight, `parts` the PEFT module names and output widths it splits into.
+    /// A target linear with its LoRA deltas, `[..., Σ widths]`: `lin` is the (possibly fused)
+    /// weight, `parts` the PEFT module names and output widths it splits into, `fused_name`
+    /// the one PEFT name of the whole output where the checkpoint fuses it (Phi-3). Deltas
+    /// the [`LinearDelta`] cannot add in place are added out of place, part by part.
     fn project(
         &self,
         layer: usize,
@@ -843,36 +877,52 @@ impl Model {
         parts: &[(&str, i64)],
         fused_name: Option<&str>,
         delta: Option<&dyn LinearDelta>,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Tensor> {
         let y = lin.forward(x)?;
-        let mut outs = if parts.len() == 1 {
-            vec![y]
-        } else {
-            let sizes: Vec<i64> = parts.iter().map(|p| p.1).collect();
-            y.f_split_with_sizes(sizes.as_slice(), -1)?
+        let Some(d) = delta else {
+            return Ok(y);
         };
-        if let Some(d) = delta {
-            if let Some(name) = fused_name {
-                if let Some(dy) = d.delta(layer, name, x)? {
-                    let sizes: Vec<i64> = parts.iter().map(|p| p.1).collect();
-                    let ds = if parts.len() == 1 {
-                        vec![dy]
-                    } else {
-                        dy.f_split_with_sizes(sizes.as_slice(), -1)?
-                    };
-                    for (o, dd) in outs.iter_mut().zip(ds) {
-                        *o = o.f_add(&dd)?;
-                    }
-                }
+        let total: i64 = parts.iter().map(|p| p.1).sum();
+        let sites: Vec<(&str, i64, i64)> = match fused_name {
+            Some(name) => vec![(name, 0, total)],
+            None => parts
+                .iter()
+                .scan(0, |at, &(name, width)| {
+                    *at += width;
+                    Some((name, *at - width, width))
+                })
+                .collect(),
+        };
+        let whole = sites.len() == 1;
+        // (offset, width, delta) of the sites left for an out-of-place add.
+        let mut left = Vec::new();
+        for &(name, at, width) in &sites {
+            let view = if whole {
+                y.shallow_clone()
             } else {
-                for (o, (name, _)) in outs.iter_mut().zip(parts) {
-                    if let Some(dy) = d.delta(layer, name, x)? {
-                        *o = o.f_add(&dy)?;
-                    }
+                y.f_narrow(-1, at, width)?
+            };
+            if !d.add_delta_in_place(layer, name, x, &view)? {
+                if let Some(dy) = d.delta(layer, name, x)? {
+                    left.push((at, width, dy));
                 }
             }
         }
-        Ok(outs)
+        if left.is_empty() {
+            return Ok(y);
+        }
+        if whole {
+            return Ok(y.f_add(&left[0].2)?);
+        }
+        let mut pieces = Vec::with_capacity(sites.len());
+        for &(_, at, width) in &sites {
+            let part = y.f_narrow(-1, at, width)?;
+            pieces.push(match left.iter().find(|l| l.0 == at) {
+                Some((_, _, dy)) => part.f_add(dy)?,
+                None => part,
+            });
+        }
+        Ok(Tensor::f_cat(&pieces, -1)?)
     }
 
     fn pick_logits(&self, hidden: &Tensor, at: &LogitsAt) -> Result<Tensor> {
@@ -1024,43 +1074,28 @@ impl Model {
                 }
                 None => self.rms_norm(&x, &layer.input_norm)?,
             };
-            let (qk, v) = if delta.is_none() {
-                // No adapter: q and k are the leading columns of the fused output, so RoPE runs
-                // on a view of it (no split, no concatenation).
-                let y = unpack(layer.qkv.forward(&h)?)?;
-                (
-                    y.f_narrow(-1, 0, (nq + nkv) * hd)?
-                        .f_view([b, t, nq + nkv, hd])?
-                        .f_transpose(1, 2)?,
-                    y.f_narrow(-1, (nq + nkv) * hd, nkv * hd)?
-                        .f_view([b, t, nkv, hd])?
-                        .f_transpose(1, 2)?,
-                )
-            } else {
-                let parts = [
+            // q and k are the leading columns of the fused output, so RoPE runs on a view of
+            // it (no split, no concatenation).
+            let y = unpack(self.project(
+                li,
+                &h,
+                &layer.qkv,
+                &[
                     ("q_proj", nq * hd),
                     ("k_proj", nkv * hd),
                     ("v_proj", nkv * hd),
-                ];
-                let qkv = self.project(
-                    li,
-                    &h,
-                    &layer.qkv,
-                    &parts,
-                    if self.fused_qkv_names {
-                        Some("qkv_proj")
-                    } else {
-                        None
-                    },
-                    delta,
-                )?;
-                // RoPE once over q and k heads together (fewer kernel launches per layer).
-                let qk = unpack(Tensor::f_cat(&[&qkv[0], &qkv[1]], -1)?)?
-                    .f_view([b, t, nq + nkv, hd])?
-                    .f_transpose(1, 2)?;
-                let v = unpack(qkv[2].shallow_clone())?;
-                (qk, v.f_view([b, t, nkv, hd])?.f_transpose(1, 2)?)
-            };
+                ],
+                self.fused_qkv_names.then_some("qkv_proj"),
+                delta,
+            )?)?;
+            let qk = y
+                .f_narrow(-1, 0, (nq + nkv) * hd)?
+                .f_view([b, t, nq + nkv, hd])?
+                .f_transpose(1, 2)?;
+            let v = y
+                .f_narrow(-1, (nq + nkv) * hd, nkv * hd)?
+                .f_view([b, t, nkv, hd])?
+                .f_transpose(1, 2)?;
             let qk = self.apply_rope(&qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nq)?;
             let k = qk.f_narrow(1, nq, nkv)?;
@@ -1127,24 +1162,21 @@ impl Model {
                 None,
                 delta,
             )?;
-            let (sum, h) = self.add_rms_norm(&x, &o[0], &layer.post_norm)?;
+            let (sum, h) = self.add_rms_norm(&x, &o, &layer.post_norm)?;
             x = sum;
             let gu = self.project(
                 li,
                 &h,
                 &layer.gate_up,
                 &[("gate_proj", inter), ("up_proj", inter)],
-                if self.fused_mlp_names {
-                    Some("gate_up_proj")
-                } else {
-                    None
-                },
+                self.fused_mlp_names.then_some("gate_up_proj"),
                 delta,
             )?;
-            // Decoding on the CPU: `silu(gate) * up` in one pass, rounded at the same points.
-            let act = match crate::cpu_kernels::silu_mul(&gu[0], &gu[1])? {
+            let (gate, up) = (gu.f_narrow(-1, 0, inter)?, gu.f_narrow(-1, inter, inter)?);
+            // On the CPU: `silu(gate) * up` in one pass, rounded at the same points.
+            let act = match crate::cpu_kernels::silu_mul(&gate, &up)? {
                 Some(act) => act,
-                None => gu[0].f_silu()?.f_mul(&gu[1])?,
+                None => gate.f_silu()?.f_mul(&up)?,
             };
             let d = self.project(
                 li,
@@ -1154,7 +1186,7 @@ impl Model {
                 None,
                 delta,
             )?;
-            pending = Some(d[0].shallow_clone());
+            pending = Some(d);
         }
         if let Some(d) = pending {
             x = x.f_add(&d)?;

@@ -310,12 +310,15 @@ fn prompt_attention_matches_eager_formulation() {
     }
 }
 
-/// The fused LoRA delta against the bank's libtorch formulation (`flowtune_lora`'s `apply`:
-/// `((x as f32) Aᵀ) Bᵀ · scale`, cast to x's kind). float32: within 1e-5 of the largest
-/// |result| (other summation order); bf16: within one bf16 ulp of each reference value (a
-/// different float32 sum can round to the neighbouring bf16).
+/// The fused in-place LoRA add against PEFT's formulation (`peft.tuners.lora.Linear.forward`:
+/// `result + lora_B(lora_A(x.to(float32))) * scaling`, float32 adapters over a bf16 or float32
+/// base, then cast back to the base's dtype). float32: within 1e-5 of the largest |delta|
+/// (other summation order); bf16: that plus one bf16 ulp of the reference value (the sum
+/// before rounding moves by the float32 difference, then rounds to a neighbour). `y` is a
+/// whole output, or (`strided`) the
+/// middle columns of a wider one, whose other columns must stay untouched.
 #[test]
-fn lora_delta_matches_the_libtorch_formulation() {
+fn lora_add_matches_peft() {
     let _serial = require_kernels();
     // (rows, in, out, rank)
     for (ci, &(rows, inp, out, r)) in [
@@ -328,46 +331,64 @@ fn lora_delta_matches_the_libtorch_formulation() {
     .enumerate()
     {
         for kind in [Kind::BFloat16, Kind::Float] {
-            tch::manual_seed(ci as i64 + 200);
-            let f = (Kind::Float, Device::Cpu);
-            let x = Tensor::randn([rows, 1, inp], f).to_kind(kind);
-            let a = Tensor::randn([r, inp], f) * 0.1;
-            let b = Tensor::randn([out, r], f) * 0.1;
-            let scale = 16.0 / (r as f64).sqrt();
-            let ours = cpu_kernels::lora_delta(&x, &a, &b, scale)
-                .unwrap()
-                .expect("kernel applies");
-            assert_eq!(ours.size(), vec![rows, 1, out]);
-            assert_eq!(ours.kind(), kind);
-            let reference =
-                (x.to_kind(Kind::Float).matmul(&a.tr()).matmul(&b.tr()) * scale).to_kind(kind);
-            let (o, e) = (values(&ours), values(&reference));
-            let max = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (i, (o, e)) in o.iter().zip(&e).enumerate() {
-                let tol = if kind == Kind::Float {
-                    1e-5 * max
+            for strided in [false, true] {
+                tch::manual_seed(ci as i64 + 200);
+                let f = (Kind::Float, Device::Cpu);
+                let x = Tensor::randn([rows, 1, inp], f).to_kind(kind);
+                let a = Tensor::randn([r, inp], f) * 0.1;
+                let b = Tensor::randn([out, r], f) * 0.1;
+                let wide = Tensor::randn([rows, 1, out + 24], f).to_kind(kind);
+                let before = wide.copy();
+                let y = if strided {
+                    wide.narrow(-1, 8, out)
                 } else {
-                    bf16_ulp(*e)
+                    wide.narrow(-1, 0, out).contiguous()
                 };
-                assert!(
-                    (o - e).abs() <= tol,
-                    "case {ci} {kind:?} value {i}: {o} vs {e}"
-                );
+                let base = y.copy();
+                let scale = 16.0 / (r as f64).sqrt();
+                assert!(cpu_kernels::lora_add(&x, &a, &b, scale, &y).unwrap());
+                let delta = x.to_kind(Kind::Float).matmul(&a.tr()).matmul(&b.tr()) * scale;
+                let reference = (base.to_kind(Kind::Float) + &delta).to_kind(kind);
+                let (o, e) = (values(&y), values(&reference));
+                let max = values(&delta).iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (o, e)) in o.iter().zip(&e).enumerate() {
+                    let tol = if kind == Kind::Float {
+                        1e-5 * max
+                    } else {
+                        bf16_ulp(*e) + 1e-5 * max
+                    };
+                    assert!(
+                        (o - e).abs() <= tol,
+                        "case {ci} {kind:?} strided {strided} value {i}: {o} vs {e}"
+                    );
+                }
+                if strided {
+                    for (lo, len) in [(0, 8), (8 + out, 16)] {
+                        assert!(wide.narrow(-1, lo, len).equal(&before.narrow(-1, lo, len)));
+                    }
+                }
             }
         }
     }
-    // Declines: gradients, half precision, a rank mismatch, a bf16 adapter.
+    // Declines, leaving `y` as it was: gradients, half precision, a rank mismatch, a bf16
+    // adapter, an output of another kind or width.
     let f = (Kind::Float, Device::Cpu);
     let x = Tensor::randn([2, 64], f);
+    let y = Tensor::randn([2, 8], f);
+    let y0 = y.copy();
     let (a, b) = (Tensor::randn([4, 64], f), Tensor::randn([8, 4], f));
     let ag = a.copy().set_requires_grad(true);
-    assert!(cpu_kernels::lora_delta(&x, &ag, &b, 1.0).unwrap().is_none());
+    assert!(!cpu_kernels::lora_add(&x, &ag, &b, 1.0, &y).unwrap());
     let xh = x.to_kind(Kind::Half);
-    assert!(cpu_kernels::lora_delta(&xh, &a, &b, 1.0).unwrap().is_none());
+    assert!(!cpu_kernels::lora_add(&xh, &a, &b, 1.0, &y.to_kind(Kind::Half)).unwrap());
     let b3 = Tensor::randn([8, 3], f);
-    assert!(cpu_kernels::lora_delta(&x, &a, &b3, 1.0).unwrap().is_none());
+    assert!(!cpu_kernels::lora_add(&x, &a, &b3, 1.0, &y).unwrap());
     let ab = a.to_kind(Kind::BFloat16);
-    assert!(cpu_kernels::lora_delta(&x, &ab, &b, 1.0).unwrap().is_none());
+    assert!(!cpu_kernels::lora_add(&x, &ab, &b, 1.0, &y).unwrap());
+    let yb = y.to_kind(Kind::BFloat16);
+    assert!(!cpu_kernels::lora_add(&x, &a, &b, 1.0, &yb).unwrap());
+    assert!(!cpu_kernels::lora_add(&x, &a, &b, 1.0, &Tensor::randn([2, 9], f)).unwrap());
+    assert!(y.equal(&y0));
 }
 
 #[test]
@@ -469,7 +490,7 @@ proptest! {
 
     #[test]
     fn silu_mul_matches_libtorch(
-        rows in prop::sample::select(vec![1i64, 3, 8, 64]), width in prop::sample::select(vec![16i64, 40, 1536, 33]),
+        rows in prop::sample::select(vec![1i64, 3, 8, 64, 300]), width in prop::sample::select(vec![16i64, 40, 1536, 33]),
         scale in prop::sample::select(vec![0.5f64, 4.0, 60.0]),
         seed in 0i64..1000, bf16 in any::<bool>(), fused in any::<bool>(),
     ) {
@@ -549,11 +570,6 @@ fn rope_silu_mul_and_add_rms_norm_decline_what_they_do_not_cover() {
     let g = Tensor::randn([2, 1, 32], bf);
     assert!(silu_mul(&g, &g.to_kind(Kind::Float)).unwrap().is_none());
     assert!(silu_mul(&g, &g.narrow(-1, 0, 16)).unwrap().is_none());
-    assert!(
-        silu_mul(&Tensor::randn([65, 32], bf), &Tensor::randn([65, 32], bf))
-            .unwrap()
-            .is_none()
-    );
     // A transposed (non-row) layout.
     let t = Tensor::randn([32, 2], bf).transpose(0, 1);
     assert!(silu_mul(&t, &t).unwrap().is_none());
@@ -1001,4 +1017,36 @@ fn int8_f32_matmul_matches_its_dequantised_weight() {
             .is_none());
     }
     assert!(Int8F32Weight::new(vec![0; 64], vec![1.0; 1], 1, 64).is_none());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// `unpack_rows` equals libtorch's `zeros` + `index_copy` (exactly: it only moves bytes)
+    /// for any set of real slots, in three element types; it declines rows out of range and
+    /// tensors with gradients.
+    #[test]
+    fn unpack_rows_equals_index_copy(
+        valid in prop::collection::vec(any::<bool>(), 1..300),
+        width in 1i64..70,
+        kind in prop::sample::select(vec![Kind::BFloat16, Kind::Float, Kind::Int64]),
+    ) {
+        let _serial = require_kernels();
+        let slots: Vec<i64> = (0..valid.len() as i64).filter(|&i| valid[i as usize]).collect();
+        let n = slots.len() as i64;
+        let y = (Tensor::randn([n, width], (Kind::Float, Device::Cpu)) * 100.0).to_kind(kind);
+        let mut rows = vec![None; valid.len()];
+        for (r, &s) in slots.iter().enumerate() {
+            rows[s as usize] = Some(r as u32);
+        }
+        let ours = cpu_kernels::unpack_rows(&y, &rows).unwrap().expect("kernel applies");
+        let reference = Tensor::zeros([valid.len() as i64, width], (kind, Device::Cpu))
+            .index_copy(0, &Tensor::from_slice(&slots), &y);
+        prop_assert!(ours.equal(&reference));
+        let mut beyond = rows.clone();
+        beyond[0] = Some(n as u32);
+        prop_assert!(cpu_kernels::unpack_rows(&y, &beyond).unwrap().is_none());
+        let grad = Tensor::randn([n, width], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        prop_assert!(cpu_kernels::unpack_rows(&grad, &rows).unwrap().is_none());
+    }
 }

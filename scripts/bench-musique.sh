@@ -13,8 +13,8 @@
 # Both sides use their CLI defaults: max new tokens 16,32,12; train: minibatch 4, one
 # diverse-beam verbose alternative, no query alternatives, reference update every 16 episodes.
 # Model load is excluded on both sides:
-# - flowtune eval: (wall of `eval --limit N`) minus (wall of `eval --limit 0`, which only loads);
-# - flowtune train: `wall_seconds` from summary.json, which starts after the model is loaded;
+# - flowtune eval and train: `wall_seconds` from their summary.json, timed by the binary from
+#   after the model is loaded;
 # - Python: its own timer starts after loading.
 # Prints seconds per episode and the ratio python / flowtune for eval and train.
 # The ratios mean little on a busy machine: check the load averages it prints first and last.
@@ -43,14 +43,9 @@ ft() { OMP_NUM_THREADS=$threads "$bin" "$@" --model "$model" --dtype "$dtype" --
 echo "cpu: $(nproc) cores, threads $threads, dtype $dtype; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo "flowtune eval ($n_eval episodes)..." >&2
-# An untimed load first: after the Python side (or anything else) has pushed libtorch's
-# libraries out of the page cache, the first load re-reads them (measured: 15.8 s against
-# 3.7 s warm), and subtracting a cold load from a warm eval would flatter flowtune.
-ft eval --data "$dev" --limit 0 --out "$tmp/ft-warm" >/dev/null 2>&1
-t0=$(now); ft eval --data "$dev" --limit 0 --out "$tmp/ft-eval0" >"$tmp/ft-eval0.log" 2>&1
 t1=$(now); ft eval --data "$dev" --limit "$n_eval" --out "$tmp/ft-eval" >"$tmp/ft-eval.log" 2>&1
 t2=$(now)
-echo "  load $(secs "$t0" "$t1")s, eval wall $(secs "$t1" "$t2")s" >&2
+echo "  eval wall $(secs "$t1" "$t2")s (process, load included)" >&2
 echo "flowtune train ($n_train episodes)..." >&2
 t3=$(now); ft train --data "$train" --limit "$n_train" --out "$tmp/ft-train" >"$tmp/ft-train.log" 2>&1
 t4=$(now)
@@ -64,16 +59,17 @@ echo "python train ($n_train episodes)..." >&2
   --prompts "$prompts" --threads "$threads" --train >"$tmp/py-train.jsonl" 2>"$tmp/py-train.log"
 echo "  $(tail -1 "$tmp/py-train.jsonl")" >&2
 
-"$py" - "$tmp" "$n_eval" "$n_train" "$t0" "$t1" "$t2" "$t3" "$t4" <<'PY'
+"$py" - "$tmp" "$n_eval" "$n_train" "$t1" "$t2" "$t3" "$t4" <<'PY'
 import json, sys
 tmp, n_eval, n_train = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-t0, t1, t2, t3, t4 = map(float, sys.argv[4:9])
+t1, t2, t3, t4 = map(float, sys.argv[4:8])
 
 def lines(path):
     return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
 
-load = t1 - t0
-ft_eval = (t2 - t1 - load) / max(n_eval, 1)
+eval_summary = json.load(open(f"{tmp}/ft-eval/summary.json"))
+load = (t2 - t1) - eval_summary["wall_seconds"]
+ft_eval = eval_summary["wall_seconds"] / max(n_eval, 1)
 summary = json.load(open(f"{tmp}/ft-train/summary.json"))
 ft_train = summary["wall_seconds"] / max(n_train, 1)
 ft_train_metrics = lines(f"{tmp}/ft-train/metrics.jsonl")
@@ -81,7 +77,7 @@ ft_eval_metrics = json.load(open(f"{tmp}/ft-eval/metrics.json"))
 py_eval, py_train = lines(f"{tmp}/py-eval.jsonl"), lines(f"{tmp}/py-train.jsonl")
 pe, pt = py_eval[-1], py_train[-1]
 
-print(f"flowtune: load {load:.1f}s; eval wall {t2 - t1:.1f}s; train wall {t4 - t3:.1f}s "
+print(f"flowtune: eval wall {t2 - t1:.1f}s, of which {load:.1f}s start-up and load; train wall {t4 - t3:.1f}s "
       f"(summary.json wall_seconds {summary['wall_seconds']:.1f}s)")
 for m in ft_train_metrics:
     a = m["accounting"]

@@ -199,6 +199,16 @@ pub fn window_means(metrics: &[EpisodeMetrics]) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// What an `eval` or `predict` run ends with (`summary.json` beside its outputs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictSummary {
+    /// Records predicted.
+    pub records: usize,
+    /// Wall seconds of the predictions, from after the model (and any checkpoint) loaded to
+    /// the last prediction: what a per-episode figure divides.
+    pub wall_seconds: f64,
+}
+
 /// What a training run ends with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSummary {

@@ -7,7 +7,8 @@
 //! musique score   --data IN.jsonl --predictions P.jsonl [--limit N] [--out metrics.json]
 //! ```
 //! Without `--data` the synthetic MuSiQue-like set is generated (seeded). `eval` writes
-//! `DIR/predictions.jsonl` and `DIR/metrics.json`; `train` writes `DIR/metrics.jsonl`,
+//! `DIR/predictions.jsonl`, `DIR/metrics.json` and `DIR/summary.json` (wall time after the
+//! model load); `predict` the first and last; `train` writes `DIR/metrics.jsonl`,
 //! `DIR/learning_curve.svg`, `DIR/checkpoints/` and `DIR/summary.json`.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -399,6 +400,7 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
             .map_err(|e| Error::Flow(format!("{}: {e}", learner_dir.display())))?;
         eprintln!("adapters from {}", learner_dir.display());
     }
+    let started = std::time::Instant::now();
     let pb = Progress::new(records.len());
     let mut sums = [0.0; 3];
     let gold: std::collections::HashMap<&str, &Record> =
@@ -419,6 +421,10 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
         },
     )?;
     pb.finish();
+    let summary = app::PredictSummary {
+        records: records.len(),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
     let preds = app::predictions(
         &outputs,
         matches!(c.variant, VariantArg::Full) && !c.no_pairwise,
@@ -429,6 +435,11 @@ fn eval_or_predict(c: &Common, score: bool) -> Result<()> {
     } else {
         musique::metrics::write_predictions_jsonl(&c.out.join("predictions.jsonl"), &preds)?;
     }
+    musique::io::write_json_atomic(&c.out.join("summary.json"), &summary)?;
+    eprintln!(
+        "{} records in {:.1} s after loading",
+        summary.records, summary.wall_seconds
+    );
     println!("wrote {}", c.out.display());
     Ok(())
 }

@@ -134,6 +134,14 @@ fn eval_starts_from_a_train_checkpoint() {
         "{stderr}"
     );
     assert!(out.join("metrics.json").is_file());
+    // The timing summary (what scripts/bench-musique.sh divides by the record count).
+    let summary: musique::app::PredictSummary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.records, 1);
+    assert!(summary.wall_seconds > 0.0, "{summary:?}");
+    let again: musique::app::PredictSummary =
+        serde_json::from_str(&serde_json::to_string(&summary).unwrap()).unwrap();
+    assert_eq!(again, summary);
 
     let (ok, _, stderr) = musique(&[
         "eval",

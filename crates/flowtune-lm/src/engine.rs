@@ -569,18 +569,49 @@ impl Engine {
         extra: usize,
         right_pad: bool,
     ) -> Result<(crate::kv::KvCache, Tensor)> {
+        let (cache, logits, _) = self.run_from_store(prompts, None, names, extra, right_pad)?;
+        Ok((cache, logits))
+    }
+
+    /// [`Self::prefill_prompts`], optionally with `continuations`: tokens that run right after
+    /// each prompt in the same forward (a scored completion), never stored. With them the rests
+    /// are right-padded and the logits are at every column, `[B, t, V]`. Also returns where
+    /// each row's rest starts in its prompt (the tokens served by the store or shared).
+    fn run_from_store(
+        &self,
+        prompts: &[&[u32]],
+        continuations: Option<&[&[u32]]>,
+        names: &[Option<&str>],
+        extra: usize,
+        right_pad: bool,
+    ) -> Result<(crate::kv::KvCache, Tensor, Vec<usize>)> {
         let b = prompts.len();
+        let tails = continuations.map_or(0, |c| c.iter().map(|t| t.len()).max().unwrap_or(0));
         let mut store = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut cache, starts) = self.prefill_from_store(&mut store, prompts, names, extra)?;
+        let (mut cache, starts) =
+            self.prefill_from_store(&mut store, prompts, names, extra + tails)?;
         let base = cache.len();
-        let ragged = right_pad || starts.iter().any(|&s| s != base);
+        let ragged = right_pad || continuations.is_some() || starts.iter().any(|&s| s != base);
+        let sequences: Vec<Vec<u32>> = match continuations {
+            Some(c) => prompts
+                .iter()
+                .zip(c)
+                .map(|(p, t)| [*p, *t].concat())
+                .collect(),
+            None => Vec::new(),
+        };
+        let runs: Vec<&[u32]> = if continuations.is_some() {
+            sequences.iter().map(Vec::as_slice).collect()
+        } else {
+            prompts.to_vec()
+        };
         let PromptRests {
             t,
             ids,
             valid,
             last,
             rest_at,
-        } = PromptRests::new(prompts, &starts, base, ragged);
+        } = PromptRests::new(&runs, &starts, base, ragged);
         tracing::debug!(
             rows = b,
             columns = t,
@@ -588,7 +619,9 @@ impl Engine {
             cached = base,
             "prompt batch"
         );
-        let at = if ragged {
+        let at = if continuations.is_some() {
+            LogitsAt::All
+        } else if ragged {
             LogitsAt::PerRow(last)
         } else {
             LogitsAt::Last
@@ -604,7 +637,7 @@ impl Engine {
         })?;
         // Row r's prompt sits at slots 0..starts[r], then from rest_at[r] on.
         self.store_prompts(&mut store, &cache, prompts, names, &starts, &rest_at)?;
-        Ok((cache, logits))
+        Ok((cache, logits, starts))
     }
 
     /// A cache for `prompts.len()` rows holding their longest common prefix
@@ -700,39 +733,19 @@ impl Engine {
 
     fn score_chunk(&self, reqs: &[ScoreRequest]) -> Result<Vec<ScoreOutput>> {
         let b = reqs.len();
-        let full: Vec<Vec<u32>> = reqs
-            .iter()
-            .map(|r| [r.prompt.as_slice(), r.completion.as_slice()].concat())
-            .collect();
         let prompts: Vec<&[u32]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
+        let completions: Vec<&[u32]> = reqs.iter().map(|r| r.completion.as_slice()).collect();
         let names: Vec<Option<&str>> = reqs.iter().map(|r| r.adapter.as_deref()).collect();
-        let mut cache = self.prefill_shared(&prompts, &names, 0)?;
-        let shared = cache.len();
-        // Right-pad the rest: row r's token at column c predicts column c+1.
-        let t = full.iter().map(|f| f.len() - shared).max().unwrap_or(0);
-        let mut ids = vec![0i64; b * t];
-        let mut valid = vec![false; b * t];
-        for (r, f) in full.iter().enumerate() {
-            for (c, &tok) in f[shared..].iter().enumerate() {
-                ids[r * t + c] = tok as i64;
-                valid[r * t + c] = true;
-            }
-        }
-        let logits = self.with_adapters(&names, |d| {
-            self.model.forward_cached(
-                &self.ids_tensor(&ids, b, t)?,
-                Some(&valid),
-                &mut cache,
-                &LogitsAt::All,
-                d,
-            )
-        })?;
+        // Each prompt from the store (or the chunk's common prefix), its completion on top;
+        // row r's token at column c predicts column c + 1.
+        let (_cache, logits, starts) =
+            self.run_from_store(&prompts, Some(&completions), &names, 0, true)?;
         let logp = logits
             .f_to_kind(Kind::Float)?
             .f_log_softmax(-1, Kind::Float)?;
         let mut out = Vec::with_capacity(b);
         for (r, req) in reqs.iter().enumerate() {
-            let start = req.prompt.len() - shared - 1;
+            let start = req.prompt.len() - starts[r] - 1;
             let n = req.completion.len();
             let cols = Tensor::f_arange_start(
                 start as i64,

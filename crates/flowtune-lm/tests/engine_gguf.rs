@@ -133,6 +133,44 @@ fn score_equals_full_forward_log_softmax_with_and_without_prefix_reuse() {
         );
         assert_eq!(s.token_logprobs.len(), r.completion.len());
     }
+    // A later call with the same prompts and other completions starts from the prefix store
+    // and still equals the full forward. The store keeps whole prompts but lets a new one
+    // replace an entry it shares more than half of, so here at least the three prompts'
+    // common start (the question) is served to every row, and all of the last-stored one.
+    let (hits_before, _) = e.prefix_store_stats();
+    let again: Vec<ScoreRequest> = reqs
+        .iter()
+        .rev()
+        .map(|r| ScoreRequest {
+            completion: e.tokenizer().encode(" Maybe not.").unwrap(),
+            ..r.clone()
+        })
+        .collect();
+    let stored = e.score(&again).unwrap();
+    let (hits_after, _) = e.prefix_store_stats();
+    let common = prompts[1..].iter().fold(prompts[0].len(), |n, p| {
+        n.min(
+            p.iter()
+                .zip(&prompts[0])
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
+    });
+    let last = prompts[2].len() - 1;
+    let served = hits_after - hits_before;
+    assert!(
+        served >= 2 * common + last,
+        "{served} prompt tokens served from the store, expected at least {}",
+        2 * common + last
+    );
+    for (r, s) in again.iter().zip(&stored) {
+        let want = reference_logprob(e, &r.prompt, &r.completion);
+        assert!(
+            (s.logprob - want).abs() < 1e-4,
+            "score from the store {} vs full forward {want}",
+            s.logprob
+        );
+    }
 }
 
 #[test]

@@ -10,7 +10,17 @@ use flowtune_lora::{
     Site, TargetModules,
 };
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
+
+/// libtorch's global random generator, taken by every test here: the tests run on parallel
+/// threads, and one that seeds the generator and then replays its draws (the dropout test)
+/// fails when another draws in between.
+static RNG: Mutex<()> = Mutex::new(());
+
+fn rng() -> MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn shapes() -> BaseShapes {
     // 2 layers, hidden 16, 4 heads of 4, 2 kv heads, intermediate 24.
@@ -37,6 +47,7 @@ fn randomize_b(bank: &mut AdapterBank, name: &str, seed: i64) {
 
 #[test]
 fn delta_matches_hand_computed_linear_with_lora() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 16.0, &[Module::QProj, Module::VProj]);
     let id = bank.add("q", &cfg, 7).unwrap();
@@ -69,6 +80,7 @@ fn delta_matches_hand_computed_linear_with_lora() {
 /// the same products in the same association).
 #[test]
 fn uniform_weights_are_the_factors_the_delta_uses() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 16.0, &[Module::QProj, Module::VProj]);
     let id = bank.add("q", &cfg, 7).unwrap();
@@ -107,6 +119,7 @@ fn uniform_weights_are_the_factors_the_delta_uses() {
 /// accessor declines while dropout applies, and `validate` names a bad probability.
 #[test]
 fn lora_dropout_applies_in_training_mode_only() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let mut cfg = LoraConfig::rslora(4, 16.0, &[Module::QProj]);
     cfg.lora_dropout = 0.5;
@@ -174,6 +187,7 @@ fn lora_dropout_applies_in_training_mode_only() {
 
 #[test]
 fn plain_scale_is_alpha_over_r_and_rslora_alpha_over_sqrt_r() {
+    let _rng = rng();
     let mut cfg = LoraConfig::rslora(16, 32.0, &[Module::QProj]);
     assert_eq!(cfg.scale(), 8.0);
     cfg.use_rslora = false;
@@ -182,6 +196,7 @@ fn plain_scale_is_alpha_over_r_and_rslora_alpha_over_sqrt_r() {
 
 #[test]
 fn init_is_seeded_kaiming_uniform_and_b_zero() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::DownProj]);
     bank.add("a", &cfg, 42).unwrap();
@@ -217,6 +232,7 @@ fn init_is_seeded_kaiming_uniform_and_b_zero() {
 
 #[test]
 fn per_row_selection_checks_length_and_ids() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(2, 4.0, &[Module::QProj]);
     let id = bank.add("q", &cfg, 0).unwrap();
@@ -256,6 +272,7 @@ fn per_row_selection_checks_length_and_ids() {
 
 #[test]
 fn bf16_input_gets_delta_in_bf16_computed_in_f32() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 8.0, &[Module::UpProj]);
     let id = bank.add("u", &cfg, 5).unwrap();
@@ -282,6 +299,7 @@ fn bf16_input_gets_delta_in_bf16_computed_in_f32() {
 
 #[test]
 fn only_the_trainable_adapter_changes_after_backward_and_step() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 8.0, &[Module::QProj, Module::VProj]);
     let trained = bank.add("node", &cfg, 1).unwrap();
@@ -356,6 +374,7 @@ fn only_the_trainable_adapter_changes_after_backward_and_step() {
 
 #[test]
 fn lerp_copy_reset_and_versions() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 8.0, &[Module::KProj]);
     bank.add("t", &cfg, 1).unwrap();
@@ -425,6 +444,7 @@ fn lerp_copy_reset_and_versions() {
 
 #[test]
 fn merge_then_unmerge_restores_base_and_merged_equals_delta() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 8.0, &[Module::QProj, Module::DownProj]);
     let id = bank.add("m", &cfg, 3).unwrap();
@@ -469,6 +489,7 @@ fn merge_then_unmerge_restores_base_and_merged_equals_delta() {
 
 #[test]
 fn target_modules_match_like_peft() {
+    let _rng = rng();
     let base = shapes();
     let list = |v: &[&str]| LoraConfig {
         target_modules: Some(TargetModules::List(
@@ -522,6 +543,7 @@ fn target_modules_match_like_peft() {
 
 #[test]
 fn peft_keys_parse_and_print() {
+    let _rng = rng();
     let s = Site::new(12, Module::GateUpProj);
     let k = s.peft_key(flowtune_lora::Factor::B);
     assert_eq!(
@@ -572,6 +594,7 @@ impl flowtune_lora::BaseLinears for FusedQkv {
 #[test]
 #[allow(clippy::needless_range_loop)]
 fn merge_into_fused_qkv_views_changes_only_the_adapted_slices() {
+    let _rng = rng();
     let mut bank = AdapterBank::new(shapes(), Device::Cpu);
     let cfg = LoraConfig::rslora(4, 8.0, &[Module::QProj, Module::VProj]);
     let id = bank.add("m", &cfg, 3).unwrap();

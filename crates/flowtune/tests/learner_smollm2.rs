@@ -107,10 +107,19 @@ fn new_node(bank: &mut AdapterBank) {
     .expect("add node");
 }
 
+/// libtorch's global random generator: the dropout test seeds it and replays its draws, so
+/// no other test here may draw while it runs (tests run on parallel threads).
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A bank whose trainable adapter `node` has B ~ N(0, 0.02²), so gradients reach A too.
 fn trainable_node_with_random_b(loaded: &LoadedModel) -> AdapterBank {
     let mut bank = bank_for(loaded);
     new_node(&mut bank);
+    let _rng = rng();
     bank.modify("node", |a| {
         let sites: Vec<_> = a.sites().copied().collect();
         for s in sites {
@@ -611,6 +620,7 @@ fn prefix_grouped_labels_equal_unshared() {
 #[test]
 fn lora_dropout_in_supervised_steps_only() {
     let (loaded, model) = load_model();
+    let _rng = rng();
     let after_step = |p: f64, records: &NodeRecords, seed: i64| -> Vec<(String, Tensor)> {
         let mut bank = bank_for(&loaded);
         let mut cfg = LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]);

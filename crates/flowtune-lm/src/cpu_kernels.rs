@@ -1644,6 +1644,56 @@ multiversion!(rope_f32, fn(x: &[f32], view: View4, cos: &[f32], sin: &[f32], out
     rope_rows(x, view, cos, sin, out, hd, rot, positions)
 });
 
+/// A [`rope`] kernel over one element type.
+type RopeKernel<E> = fn(&[E], View4, &[E], &[E], &mut [E], usize, usize, std::ops::Range<usize>);
+
+/// An element type [`rope`] takes, with its kernel.
+trait RopeElem: Element {
+    /// `rope_bf16` or `rope_f32`.
+    const KERNEL: RopeKernel<Self>;
+}
+
+impl RopeElem for u16 {
+    const KERNEL: RopeKernel<u16> = rope_bf16;
+}
+
+impl RopeElem for f32 {
+    const KERNEL: RopeKernel<f32> = rope_f32;
+}
+
+/// [`rope`] over `positions`, in `E`: `x`, `cos` and `sin` at addresses `src` (`extent`,
+/// `table` and `table` elements), the positions' `[H, hd]` blocks written into `out`.
+///
+/// # Safety
+/// The addresses hold that many `E` values; `out` holds `[B * T, H, hd]` values of `E`, of
+/// which no other thread writes these positions' blocks.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rope_positions<E: RopeElem>(
+    src: [usize; 3],
+    out: *mut u8,
+    (extent, table): (usize, usize),
+    view: View4,
+    hd: usize,
+    rot: usize,
+    positions: std::ops::Range<usize>,
+) {
+    let per = view.h * hd;
+    let (at, n) = (positions.start * per, positions.len() * per);
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        E::KERNEL(
+            std::slice::from_raw_parts(src[0] as *const E, extent),
+            view,
+            std::slice::from_raw_parts(src[1] as *const E, table),
+            std::slice::from_raw_parts(src[2] as *const E, table),
+            std::slice::from_raw_parts_mut((out as *mut E).add(at), n),
+            hd,
+            rot,
+            positions,
+        )
+    }
+}
+
 /// Rotary position embedding of `x` `[B, H, T, hd]` (a view whose rows of `hd` are contiguous,
 /// e.g. heads transposed out of a projection) with `cos`/`sin` `[B, 1, T, rot]` in `x`'s
 /// dtype, the first half of `sin` negated: exactly the model's libtorch formulation
@@ -1678,18 +1728,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Option
         (kind, Device::Cpu),
     )?;
     // Addresses, not pointers, so that the closure below is `Sync`.
-    let (xa, ca, sa) = (
-        x.data_ptr() as usize,
-        cos.data_ptr() as usize,
-        sin.data_ptr() as usize,
-    );
+    let src = [x.data_ptr(), cos.data_ptr(), sin.data_ptr()].map(|p| p as usize);
     let oa = OutPtr(out.data_ptr() as *mut u8);
-    let (extent, table, per) = (view.extent(hd), view.b * view.l * rot, view.h * hd);
+    let (sizes, per) = ((view.extent(hd), view.b * view.l * rot), view.h * hd);
     let run = |r: std::ops::Range<usize>| {
         // Capture the whole `OutPtr` (Send), not its raw-pointer field.
         #[allow(clippy::redundant_locals)]
         let oa = oa;
-        let (at, n) = (r.start * per, (r.end - r.start) * per);
         // SAFETY: `x`'s slice starts at its first element and spans its furthest one (the
         // view's sizes and non-negative strides describe elements of its storage); `cos`/`sin`
         // are contiguous `[B, 1, T, rot]` and `out` fresh `[B, T, H, hd]`, all of `kind` (bf16
@@ -1697,26 +1742,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Option
         // (joined before `out` is used).
         unsafe {
             match kind {
-                Kind::BFloat16 => rope_bf16(
-                    std::slice::from_raw_parts(xa as *const u16, extent),
-                    view,
-                    std::slice::from_raw_parts(ca as *const u16, table),
-                    std::slice::from_raw_parts(sa as *const u16, table),
-                    std::slice::from_raw_parts_mut((oa.0 as *mut u16).add(at), n),
-                    hd,
-                    rot,
-                    r,
-                ),
-                _ => rope_f32(
-                    std::slice::from_raw_parts(xa as *const f32, extent),
-                    view,
-                    std::slice::from_raw_parts(ca as *const f32, table),
-                    std::slice::from_raw_parts(sa as *const f32, table),
-                    std::slice::from_raw_parts_mut((oa.0 as *mut f32).add(at), n),
-                    hd,
-                    rot,
-                    r,
-                ),
+                Kind::BFloat16 => rope_positions::<u16>(src, oa.0, sizes, view, hd, rot, r),
+                _ => rope_positions::<f32>(src, oa.0, sizes, view, hd, rot, r),
             }
         }
     };

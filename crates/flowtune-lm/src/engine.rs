@@ -592,18 +592,17 @@ impl Engine {
             self.prefill_from_store(&mut store, prompts, names, extra + tails)?;
         let base = cache.len();
         let ragged = right_pad || continuations.is_some() || starts.iter().any(|&s| s != base);
-        let sequences: Vec<Vec<u32>> = match continuations {
-            Some(c) => prompts
+        // What runs: each prompt, followed by its continuation when there are any.
+        let sequences: Option<Vec<Vec<u32>>> = continuations.map(|c| {
+            prompts
                 .iter()
                 .zip(c)
                 .map(|(p, t)| [*p, *t].concat())
-                .collect(),
-            None => Vec::new(),
-        };
-        let runs: Vec<&[u32]> = if continuations.is_some() {
-            sequences.iter().map(Vec::as_slice).collect()
-        } else {
-            prompts.to_vec()
+                .collect()
+        });
+        let runs: Vec<&[u32]> = match &sequences {
+            Some(s) => s.iter().map(Vec::as_slice).collect(),
+            None => prompts.to_vec(),
         };
         let PromptRests {
             t,

@@ -893,36 +893,31 @@ impl Model {
                 })
                 .collect(),
         };
-        let whole = sites.len() == 1;
-        // (offset, width, delta) of the sites left for an out-of-place add.
-        let mut left = Vec::new();
+        // Each site's view of the output, and its delta when that could not go in place.
+        let mut parts_left = Vec::with_capacity(sites.len());
         for &(name, at, width) in &sites {
-            let view = if whole {
-                y.shallow_clone()
+            let view = y.f_narrow(-1, at, width)?;
+            let left = if d.add_delta_in_place(layer, name, x, &view)? {
+                None
             } else {
-                y.f_narrow(-1, at, width)?
+                d.delta(layer, name, x)?
             };
-            if !d.add_delta_in_place(layer, name, x, &view)? {
-                if let Some(dy) = d.delta(layer, name, x)? {
-                    left.push((at, width, dy));
-                }
-            }
+            parts_left.push((view, left));
         }
-        if left.is_empty() {
+        if parts_left.iter().all(|(_, left)| left.is_none()) {
             return Ok(y);
         }
-        if whole {
-            return Ok(y.f_add(&left[0].2)?);
-        }
-        let mut pieces = Vec::with_capacity(sites.len());
-        for &(_, at, width) in &sites {
-            let part = y.f_narrow(-1, at, width)?;
-            pieces.push(match left.iter().find(|l| l.0 == at) {
-                Some((_, _, dy)) => part.f_add(dy)?,
-                None => part,
+        let mut pieces = Vec::with_capacity(parts_left.len());
+        for (view, left) in parts_left {
+            pieces.push(match left {
+                Some(dy) => view.f_add(&dy)?,
+                None => view,
             });
         }
-        Ok(Tensor::f_cat(&pieces, -1)?)
+        Ok(match <[Tensor; 1]>::try_from(pieces) {
+            Ok([whole]) => whole,
+            Err(pieces) => Tensor::f_cat(&pieces, -1)?,
+        })
     }
 
     fn pick_logits(&self, hidden: &Tensor, at: &LogitsAt) -> Result<Tensor> {

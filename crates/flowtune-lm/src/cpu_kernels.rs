@@ -19,7 +19,7 @@
 //! cache), where libtorch's SDPA runs small per-block GEMMs (through MKL's generic bf16 path on
 //! AMD Zen 4).
 //!
-//! The products: [`linear_bf16_small`] and [`linear_f32_small`] for decoding a few rows,
+//! The products: [`linear_bf16_small`] and [`F32Panels`] for decoding a few rows,
 //! [`Int4F32Weight`] for 4-bit weights with float32 activations, and [`Bf16Gemm`], the choice of
 //! running bf16 products of many rows through float32 where that is faster on this CPU.
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -657,9 +657,6 @@ mod avx512 {
     /// How many weight rows ahead `gemv_bf16` prefetches.
     const PREFETCH_ROWS: usize = 4;
 
-    /// How many rows of a transposed weight `gemm_t_f32` prefetches ahead.
-    const PREFETCH_T_ROWS: usize = 32;
-
     /// 16 bf16 values (bits) at `p` widened to f32.
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
@@ -854,27 +851,30 @@ mod avx512 {
         }
     }
 
-    /// `y[m, j] = Σ_k x[m, k] * wt[k, j]` for columns `from..to` (see
-    /// `super::linear_f32_small`), in tiles of 32 columns with masked edges.
+    /// `y[m, j] = Σ_k x[m, k] * w[j, k]` for the outputs of panels `from..to` of an
+    /// [`super::F32Panels`] (`wp`, 32 outputs per panel, each panel's `k × 32` values one
+    /// sequential run), masked at the last panel's edge.
     ///
     /// # Safety
-    /// `wt` holds `k * n` floats, `x` `M * k`, `y` points at `M * n` writable floats.
+    /// `wp` holds `n.div_ceil(32) * k * 32` floats starting on a 64-byte boundary, `x` `M * k`,
+    /// `y` points at `M * n` writable floats, and `to <= n.div_ceil(32)`.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
-    pub(super) unsafe fn gemm_t_f32<const M: usize>(
+    pub(super) unsafe fn gemm_panels_f32<const M: usize>(
         x: &[f32],
-        wt: &[f32],
+        wp: &[f32],
         y: *mut f32,
         n: usize,
         k: usize,
         from: usize,
         to: usize,
     ) {
-        let mut j = from;
-        // SAFETY: column `j + c < to <= n` for every unmasked lane; rows `kk < k`.
+        // SAFETY: panel `p < to` spans `wp[p * k * 32..(p + 1) * k * 32]`; output column
+        // `p * 32 + c < n` for every unmasked lane.
         unsafe {
-            while j < to {
-                let left = to - j;
+            for p in from..to {
+                let j = p * 32;
+                let left = n - j;
                 let m0: __mmask16 = if left >= 16 {
                     0xffff
                 } else {
@@ -887,18 +887,12 @@ mod avx512 {
                 } else {
                     0
                 };
+                let panel = wp.as_ptr().add(p * k * 32);
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 for kk in 0..k {
-                    let row = wt.as_ptr().add(kk * n + j);
-                    // A tile walks `wt` down its rows, one stride apart: the hardware
-                    // prefetchers miss that pattern, so fetch the rows ahead here.
-                    if kk + PREFETCH_T_ROWS < k {
-                        let ahead = row.add(PREFETCH_T_ROWS * n) as *const i8;
-                        _mm_prefetch::<_MM_HINT_T0>(ahead);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
-                    }
-                    let w0 = _mm512_maskz_loadu_ps(m0, row);
-                    let w1 = _mm512_maskz_loadu_ps(m1, row.add(16));
+                    let row = panel.add(kk * 32);
+                    let w0 = _mm512_load_ps(row);
+                    let w1 = _mm512_load_ps(row.add(16));
                     for m in 0..M {
                         let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
                         acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
@@ -910,7 +904,6 @@ mod avx512 {
                     _mm512_mask_storeu_ps(out, m0, acc[m][0]);
                     _mm512_mask_storeu_ps(out.add(16), m1, acc[m][1]);
                 }
-                j += 32;
             }
         }
     }
@@ -2483,54 +2476,99 @@ impl Int8F32Weight {
     }
 }
 
-/// `x @ w.T` in float32 for 2 to [`INT4_F32_MAX_ROWS`] rows, where `w` `[N, K]` is stored
-/// as the transposed view of a contiguous `[K, N]` matrix (the model's float32 layout, see
-/// `model::fast_weight_layout`): the weight is streamed once for all rows, split across
-/// libtorch's OpenMP team, each output accumulated over `k` in order with fused multiply-adds.
-/// MKL re-packs the whole weight on every call for a few rows (about 7-8 GB/s effective);
-/// this reads it at close to the memory bandwidth. `None` where it does not apply (other
-/// layouts or kinds, more rows, gradients, a CPU without AVX-512F).
-pub fn linear_f32_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (ws, wst) = (w.size(), w.stride());
-    if !int4_f32_available()
-        || !plain_cpu(x)
-        || !plain_cpu(w)
-        || x.kind() != Kind::Float
-        || w.kind() != Kind::Float
-        || ws.len() != 2
-        || wst != [1, ws[0]]
-        || x.size().last().copied() != Some(ws[1])
-        || ws[1] == 0
-    {
-        return Ok(None);
+/// Output columns per panel of [`F32Panels`].
+const PANEL: usize = 32;
+
+/// A float32 weight `[N, K]` laid out for products of a few rows ([`Self::matmul`]): panels
+/// of 32 outputs, panel `p` holding `w[32p + c, kk]` at `(p·K + kk)·32 + c`, the last one
+/// zero-padded, so a panel is one sequential run of `K × 128` bytes. Over the transposed
+/// `[K, N]` matrix that libtorch's GEMMs read (`model::fast_weight_layout`), a 32-column tile
+/// reads 128 bytes per row one row stride apart, which neither the hardware prefetchers nor
+/// the TLB follow: on the session-15 AMD Zen 4 VM (one thread, `[8, 576]` inputs) that read
+/// 3.7-5.4 GB/s against 21-25 GB/s for the panels. A second copy of the weight: the model
+/// keeps it next to the dense tensor for float32 CPU linears on AVX-512 CPUs.
+pub struct F32Panels {
+    data: AlignedF32,
+    n: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for F32Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("F32Panels")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
     }
-    let (n, k) = (ws[0] as usize, ws[1] as usize);
-    let rows = x.numel() / k;
-    // One row is a GEMV, which MKL streams at full bandwidth over this layout (faster than this
-    // kernel: 71-77 against 55-58 tok/s for float32 int4 decoding at batch 1).
-    if !(2..=INT4_F32_MAX_ROWS).contains(&rows) {
-        return Ok(None);
+}
+
+impl F32Panels {
+    /// The panels of `w` `[N, K]` (float32, CPU, any strides); `None` on a CPU without the
+    /// kernel or for another kind, device or shape.
+    pub fn new(w: &Tensor) -> Result<Option<Self>> {
+        let size = w.size();
+        if !int4_f32_available()
+            || w.device() != Device::Cpu
+            || w.kind() != Kind::Float
+            || size.len() != 2
+            || size.contains(&0)
+        {
+            return Ok(None);
+        }
+        let (n, k) = (size[0] as usize, size[1] as usize);
+        // `[K, N]` contiguous: row `kk` holds every output's weight for input `kk`.
+        let wt = w.f_detach()?.f_transpose(0, 1)?.f_contiguous()?;
+        // SAFETY: `wt` is a contiguous float CPU tensor of `k * n` values.
+        let src = unsafe { elements::<f32>(&wt) };
+        let panels = n.div_ceil(PANEL);
+        let mut data = AlignedF32::filled(panels * k * PANEL, 0.0);
+        let dst = data.as_mut_slice();
+        for p in 0..panels {
+            let j = p * PANEL;
+            let width = (n - j).min(PANEL);
+            for kk in 0..k {
+                let at = (p * k + kk) * PANEL;
+                dst[at..at + width].copy_from_slice(&src[kk * n + j..kk * n + j + width]);
+            }
+        }
+        Ok(Some(Self { data, n, k }))
     }
-    let x = x.f_contiguous()?;
-    let out = output_for(&x, n, Kind::Float)?;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `w`'s storage is a contiguous `[K, N]` float matrix starting at its data pointer
-    // (strides `[1, N]` over sizes `[N, K]`); `x` holds `rows * k` floats and `out`, fresh,
-    // `rows * n`; threads write disjoint column ranges and are joined before `out` is returned.
-    unsafe {
-        let xs = elements::<f32>(&x);
-        let wt = std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k);
-        let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
-        let run = |r: std::ops::Range<usize>| {
-            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
-            #[allow(clippy::redundant_locals)]
-            let ys = ys;
-            with_rows!(rows, M => avx512::gemm_t_f32::<M>(xs, wt, ys.0, n, k, r.start, r.end))
-        };
-        // Column blocks of whole 32-wide tiles.
-        omp::split(n, 32, rows * n * k, &run);
+
+    /// Output and input sizes `(N, K)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
-    Ok(Some(out))
+
+    /// `x @ w.T` for float32 `x` `[..., K]` of 1 to [`INT4_F32_MAX_ROWS`] rows without
+    /// gradient: the weight is streamed once for all rows, panels split across libtorch's
+    /// OpenMP team, each output accumulated over `k` in order with fused multiply-adds. `None`
+    /// where it does not apply (another kind, more rows, gradients).
+    pub fn matmul(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !takes_small_rows(x, self.k) || x.kind() != Kind::Float || x.numel() == 0 {
+            return Ok(None);
+        }
+        let (n, k) = (self.n, self.k);
+        let x = x.f_contiguous()?;
+        let rows = x.numel() / k;
+        let out = output_for(&x, n, Kind::Float)?;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `x` holds `rows * k` floats and `out`, fresh, `rows * n`; the panels hold
+        // `n.div_ceil(32) * k * 32` floats on a cache-line boundary (`AlignedF32`); threads write
+        // disjoint panels' columns and are joined before `out` is returned.
+        unsafe {
+            let xs = elements::<f32>(&x);
+            let wp = self.data.as_slice();
+            let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
+            let run = |r: std::ops::Range<usize>| {
+                // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+                #[allow(clippy::redundant_locals)]
+                let ys = ys;
+                with_rows!(rows, M => avx512::gemm_panels_f32::<M>(xs, wp, ys.0, n, k, r.start, r.end))
+            };
+            omp::split(n.div_ceil(PANEL), 1, rows * n * k, &run);
+        }
+        Ok(Some(out))
+    }
 }
 
 /// `x @ w.T + bias` in bf16 for 1 to [`INT4_F32_MAX_ROWS`] rows, where `w` `[N, K]` is a

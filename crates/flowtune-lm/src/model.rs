@@ -101,6 +101,8 @@ struct Linear {
     /// A float32 copy of a bf16 CPU weight, for products of many rows where the CPU's float32
     /// GEMM is faster than its bf16 one ([`crate::cpu_kernels::Bf16Gemm::ViaF32`]).
     wide: Option<Tensor>,
+    /// A float32 CPU weight again in panels, for products of a few rows (decoding).
+    panels: Option<crate::cpu_kernels::F32Panels>,
 }
 
 impl Linear {
@@ -123,6 +125,11 @@ impl Linear {
             None
         };
         Ok(Self {
+            // A 4-bit copy takes the same few-row products.
+            panels: match int4 {
+                None => crate::cpu_kernels::F32Panels::new(&weight)?,
+                Some(_) => None,
+            },
             weight: fast_weight_layout(weight)?,
             bias,
             int4,
@@ -151,6 +158,18 @@ impl Linear {
                 None => y,
             });
         }
+        if let Some(y) = self
+            .panels
+            .as_ref()
+            .map(|p| p.matmul(x))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(match &self.bias {
+                Some(b) => y.f_add(b)?,
+                None => y,
+            });
+        }
         dense_linear(x, &self.weight, self.bias.as_ref(), self.wide.as_ref())
     }
 
@@ -160,12 +179,12 @@ impl Linear {
         self.int4 = None;
         self.int8 = None;
         self.wide = None;
+        self.panels = None;
     }
 }
 
-/// `x @ weight.T + bias`. 1-8 bf16 rows take [`crate::cpu_kernels::linear_bf16_small`] and
-/// 2-8 float32 rows over the transposed weight layout [`crate::cpu_kernels::linear_f32_small`]
-/// (on AVX-512 CPUs); more bf16 rows with a float32 copy `wide` of the weight run through it;
+/// `x @ weight.T + bias`. 1-8 bf16 rows take [`crate::cpu_kernels::linear_bf16_small`]
+/// (float32 ones take [`Linear`]'s panels before this); more bf16 rows with a float32 copy `wide` of the weight run through it;
 /// elsewhere a single bf16 row on the CPU is a GEMV, where
 /// libtorch's own kernel beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything
 /// else, including the attention products around it.
@@ -184,12 +203,6 @@ fn dense_linear(
             .f_to_kind(Kind::Float)?
             .f_linear(w32, b32.as_ref())?
             .f_to_kind(Kind::BFloat16)?);
-    }
-    if let Some(y) = crate::cpu_kernels::linear_f32_small(x, weight)? {
-        return Ok(match bias {
-            Some(b) => y.f_add(b)?,
-            None => y,
-        });
     }
     let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
     let _gemv = (rows == 1 && x.kind() == Kind::BFloat16 && x.device() == Device::Cpu)
@@ -456,6 +469,7 @@ impl Model {
             }
             if model.device == Device::Cpu {
                 model.lm_head.int8 = Some(head);
+                model.lm_head.panels = None;
             }
         }
         Ok(model)

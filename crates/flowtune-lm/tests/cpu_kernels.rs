@@ -743,13 +743,15 @@ fn int4_f32_matmul_matches_its_dequantised_weight() {
     }
 }
 
-/// The small-batch float32 product over the model's transposed weight layout against libtorch's
-/// `linear` on the same tensors (MKL; same float32 inputs), for 2 to 8 rows and widths that
-/// leave masked edge tiles. Tolerance: 1e-5 of `Σ |w| |x|` per output (summation order).
+/// The few-row float32 product over [`F32Panels`] against libtorch's `linear` on the same
+/// tensors (MKL; same float32 inputs), for 1 to 8 rows, widths that leave a zero-padded last
+/// panel, and a weight given in either layout. Tolerance: 1e-5 of `Σ |w| |x|` per output
+/// (summation order).
 #[test]
-fn linear_f32_small_matches_libtorch() {
-    use flowtune_lm::cpu_kernels::linear_f32_small;
+fn f32_panels_match_libtorch() {
+    use flowtune_lm::cpu_kernels::F32Panels;
     let _serial = require_kernels();
+    assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
     let cpu = (Kind::Float, Device::Cpu);
     for (seed, &(n, k)) in [
         (7i64, 16i64),
@@ -757,37 +759,54 @@ fn linear_f32_small_matches_libtorch() {
         (960, 576),
         (49152, 576),
         (576, 1536),
+        (33, 5),
     ]
     .iter()
     .enumerate()
     {
         tch::manual_seed(seed as i64);
-        // `[N, K]` as the transposed view of a contiguous `[K, N]` matrix.
-        let w = Tensor::randn([k, n], cpu).transpose(0, 1);
-        for rows in [2i64, 3, 8] {
-            let x = Tensor::randn([rows, 1, k], cpu);
-            let ours = linear_f32_small(&x, &w).unwrap().expect("kernel applies");
-            let theirs = x.linear::<Tensor>(&w, None);
-            let bound = x.abs().linear::<Tensor>(&w.abs(), None) * 1e-5;
-            let worst = ((&ours - &theirs).abs() - bound).max().double_value(&[]);
-            assert!(
-                worst <= 0.0,
-                "n {n} k {k} rows {rows}: error exceeds its bound by {worst}"
-            );
-        }
-        // Not taken: one row (MKL's GEMV is faster), nine rows, a row-major weight.
-        assert!(linear_f32_small(&Tensor::randn([1, k], cpu), &w)
-            .unwrap()
-            .is_none());
-        assert!(linear_f32_small(&Tensor::randn([9, k], cpu), &w)
-            .unwrap()
-            .is_none());
-        assert!(
-            linear_f32_small(&Tensor::randn([2, k], cpu), &w.contiguous())
+        // `[N, K]` row-major, and as the transposed view of a contiguous `[K, N]` matrix (the
+        // model's float32 layout).
+        let row_major = Tensor::randn([n, k], cpu);
+        let transposed = row_major.transpose(0, 1).contiguous().transpose(0, 1);
+        for w in [&row_major, &transposed] {
+            let panels = F32Panels::new(w)
                 .unwrap()
-                .is_none()
-        );
+                .expect("panels on an AVX-512 CPU");
+            assert_eq!(panels.shape(), (n as usize, k as usize));
+            for rows in [1i64, 2, 3, 8] {
+                let x = Tensor::randn([rows, 1, k], cpu);
+                let ours = panels.matmul(&x).unwrap().expect("kernel applies");
+                assert_eq!(ours.size(), [rows, 1, n]);
+                let theirs = x.linear::<Tensor>(w, None);
+                let bound = x.abs().linear::<Tensor>(&w.abs(), None) * 1e-5;
+                let worst = ((&ours - &theirs).abs() - bound).max().double_value(&[]);
+                assert!(
+                    worst <= 0.0,
+                    "n {n} k {k} rows {rows}: error exceeds its bound by {worst}"
+                );
+            }
+            // Not taken: nine rows, bf16 input, an input that requires gradients.
+            assert!(panels
+                .matmul(&Tensor::randn([9, k], cpu))
+                .unwrap()
+                .is_none());
+            assert!(panels
+                .matmul(&Tensor::randn([2, k], (Kind::BFloat16, Device::Cpu)))
+                .unwrap()
+                .is_none());
+            assert!(panels
+                .matmul(&Tensor::randn([2, k], cpu).set_requires_grad(true))
+                .unwrap()
+                .is_none());
+        }
     }
+    // Not built for other kinds.
+    assert!(
+        F32Panels::new(&Tensor::randn([4, 16], (Kind::BFloat16, Device::Cpu)))
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// The small-batch bf16 product against the exact product of the same bf16 values in f64 and

@@ -19,7 +19,7 @@
 //! cache), where libtorch's SDPA runs small per-block GEMMs (through MKL's generic bf16 path on
 //! AMD Zen 4).
 //!
-//! The products: [`linear_bf16_small`] and [`F32Panels`] for decoding a few rows,
+//! The products: [`PanelWeight`] and [`linear_bf16_small`] for decoding a few rows,
 //! [`Int4F32Weight`] for 4-bit weights with float32 activations, and [`Bf16Gemm`], the choice of
 //! running bf16 products of many rows through float32 where that is faster on this CPU.
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -851,48 +851,68 @@ mod avx512 {
         }
     }
 
-    /// `y[m, j] = Σ_k x[m, k] * w[j, k]` for the outputs of panels `from..to` of an
-    /// [`super::F32Panels`] (`wp`, 32 outputs per panel, each panel's `k × 32` values one
-    /// sequential run), masked at the last panel's edge.
+    /// 32 weights of one panel row at `p` as two 16-lane float32 vectors: float32 values
+    /// as they are, bf16 ones widened (exact).
+    pub(super) trait PanelElem: Copy {
+        /// # Safety
+        /// `p` points at 32 readable values on a 64-byte boundary (float32: 128 bytes).
+        unsafe fn load_row(p: *const Self) -> (__m512, __m512);
+    }
+
+    impl PanelElem for f32 {
+        #[inline(always)]
+        unsafe fn load_row(p: *const f32) -> (__m512, __m512) {
+            // SAFETY: the caller's contract.
+            unsafe { (_mm512_load_ps(p), _mm512_load_ps(p.add(16))) }
+        }
+    }
+
+    impl PanelElem for u16 {
+        #[inline(always)]
+        unsafe fn load_row(p: *const u16) -> (__m512, __m512) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let v = _mm512_load_si512(p as *const __m512i);
+                let lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));
+                let hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(v));
+                (
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(lo)),
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)),
+                )
+            }
+        }
+    }
+
+    /// `out(m, j, Σ_k x[m, k] * w[j, k])` for the outputs of panels `from..to` of a
+    /// [`super::PanelWeight`] (`wp`, 32 outputs per panel, each panel's `k × 32` values one
+    /// sequential run): the sums of one panel for every row go through a 32-float buffer to
+    /// `out`, which stores them (the last panel's columns past `n` are never handed over).
     ///
     /// # Safety
-    /// `wp` holds `n.div_ceil(32) * k * 32` floats starting on a 64-byte boundary, `x` `M * k`,
-    /// `y` points at `M * n` writable floats, and `to <= n.div_ceil(32)`.
+    /// `wp` holds `n.div_ceil(32) * k * 32` values starting on a 64-byte boundary, `x` `M * k`
+    /// floats, and `to <= n.div_ceil(32)`.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
-    pub(super) unsafe fn gemm_panels_f32<const M: usize>(
+    pub(super) unsafe fn gemm_panels<E: PanelElem, const M: usize>(
         x: &[f32],
-        wp: &[f32],
-        y: *mut f32,
+        wp: &[E],
         n: usize,
         k: usize,
         from: usize,
         to: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
-        // SAFETY: panel `p < to` spans `wp[p * k * 32..(p + 1) * k * 32]`; output column
-        // `p * 32 + c < n` for every unmasked lane.
+        let mut sums = [0f32; 32];
+        // SAFETY: panel `p < to` spans `wp[p * k * 32..(p + 1) * k * 32]`, its rows 32 values
+        // (64 or 128 bytes) apart from a 64-byte boundary; `x` holds `M * k` floats.
         unsafe {
             for p in from..to {
                 let j = p * 32;
-                let left = n - j;
-                let m0: __mmask16 = if left >= 16 {
-                    0xffff
-                } else {
-                    (1u32 << left) as u16 - 1
-                };
-                let m1: __mmask16 = if left >= 32 {
-                    0xffff
-                } else if left > 16 {
-                    (1u32 << (left - 16)) as u16 - 1
-                } else {
-                    0
-                };
+                let width = (n - j).min(32);
                 let panel = wp.as_ptr().add(p * k * 32);
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 for kk in 0..k {
-                    let row = panel.add(kk * 32);
-                    let w0 = _mm512_load_ps(row);
-                    let w1 = _mm512_load_ps(row.add(16));
+                    let (w0, w1) = E::load_row(panel.add(kk * 32));
                     for m in 0..M {
                         let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
                         acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
@@ -900,9 +920,9 @@ mod avx512 {
                     }
                 }
                 for m in 0..M {
-                    let out = y.add(m * n + j);
-                    _mm512_mask_storeu_ps(out, m0, acc[m][0]);
-                    _mm512_mask_storeu_ps(out.add(16), m1, acc[m][1]);
+                    _mm512_storeu_ps(sums.as_mut_ptr(), acc[m][0]);
+                    _mm512_storeu_ps(sums.as_mut_ptr().add(16), acc[m][1]);
+                    out(m, j, &sums[..width]);
                 }
             }
         }
@@ -2476,40 +2496,74 @@ impl Int8F32Weight {
     }
 }
 
-/// Output columns per panel of [`F32Panels`].
+/// Output columns per panel of [`PanelWeight`].
 const PANEL: usize = 32;
 
-/// A float32 weight `[N, K]` laid out for products of a few rows ([`Self::matmul`]): panels
-/// of 32 outputs, panel `p` holding `w[32p + c, kk]` at `(p·K + kk)·32 + c`, the last one
-/// zero-padded, so a panel is one sequential run of `K × 128` bytes. Over the transposed
-/// `[K, N]` matrix that libtorch's GEMMs read (`model::fast_weight_layout`), a 32-column tile
-/// reads 128 bytes per row one row stride apart, which neither the hardware prefetchers nor
-/// the TLB follow: on the session-15 AMD Zen 4 VM (one thread, `[8, 576]` inputs) that read
-/// 3.7-5.4 GB/s against 21-25 GB/s for the panels. A second copy of the weight: the model
-/// keeps it next to the dense tensor for float32 CPU linears on AVX-512 CPUs.
-pub struct F32Panels {
-    data: AlignedF32,
+/// 0: no override; 1: panels; 2: none.
+static PANELS_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Force whether models built from now on keep [`PanelWeight`] copies (`None`: back to
+/// `FLOWTUNE_DECODE_PANELS`, else on).
+pub fn set_decode_panels(choice: Option<bool>) {
+    let v = match choice {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    PANELS_OVERRIDE.store(v, Ordering::Relaxed);
+}
+
+/// Whether models built now keep a [`PanelWeight`] copy of their float32 and bf16 CPU linears:
+/// the [`set_decode_panels`] override, else `FLOWTUNE_DECODE_PANELS=0` (off) or `1`, else on.
+/// The copy doubles the memory of those weights; off, decoding reads the dense weights.
+pub fn decode_panels() -> bool {
+    match PANELS_OVERRIDE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => !matches!(
+            std::env::var("FLOWTUNE_DECODE_PANELS").as_deref(),
+            Ok("0") | Ok("false") | Ok("off")
+        ),
+    }
+}
+
+/// A float32 or bf16 linear weight `[N, K]` laid out for products of a few rows
+/// ([`Self::matmul`], decoding): panels of 32 outputs, panel `p` holding `w[32p + c, kk]` at
+/// `(p·K + kk)·32 + c`, the last one zero-padded, so a panel is one sequential run of `K` rows
+/// of 64 (bf16) or 128 (float32) bytes. Over the dense layouts the streams are worse: a
+/// 32-column tile of the transposed `[K, N]` float32 matrix (the layout libtorch's GEMMs read,
+/// `model::fast_weight_layout`) reads 128 bytes per row one row stride apart, which neither
+/// the hardware prefetchers nor the TLB follow, and the row-major bf16 GEMV reads four rows
+/// at a time. Measured on the session-15 AMD Zen 4 VM (one input row, a 30-matrix working
+/// set): float32 3.7-5.4 GB/s against 21-25 GB/s for panels on one thread; bf16 19-25 against
+/// 33-34 GB/s on two. A second copy of the weight: the model keeps one next to each dense
+/// float32 or bf16 CPU linear where [`decode_panels`] says so, on AVX-512 CPUs.
+pub struct PanelWeight {
+    lines: Vec<Line>,
+    kind: Kind,
     n: usize,
     k: usize,
 }
 
-impl std::fmt::Debug for F32Panels {
+impl std::fmt::Debug for PanelWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("F32Panels")
+        f.debug_struct("PanelWeight")
+            .field("kind", &self.kind)
             .field("n", &self.n)
             .field("k", &self.k)
             .finish_non_exhaustive()
     }
 }
 
-impl F32Panels {
-    /// The panels of `w` `[N, K]` (float32, CPU, any strides); `None` on a CPU without the
-    /// kernel or for another kind, device or shape.
+impl PanelWeight {
+    /// The panels of `w` `[N, K]` (float32 or bf16, CPU, any strides); `None` on a CPU
+    /// without the kernel, with [`decode_panels`] off, or for another kind, device or shape.
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
         let size = w.size();
         if !int4_f32_available()
+            || !decode_panels()
             || w.device() != Device::Cpu
-            || w.kind() != Kind::Float
+            || !matches!(w.kind(), Kind::Float | Kind::BFloat16)
             || size.len() != 2
             || size.contains(&0)
         {
@@ -2518,56 +2572,126 @@ impl F32Panels {
         let (n, k) = (size[0] as usize, size[1] as usize);
         // `[K, N]` contiguous: row `kk` holds every output's weight for input `kk`.
         let wt = w.f_detach()?.f_transpose(0, 1)?.f_contiguous()?;
-        // SAFETY: `wt` is a contiguous float CPU tensor of `k * n` values.
-        let src = unsafe { elements::<f32>(&wt) };
-        let panels = n.div_ceil(PANEL);
-        let mut data = AlignedF32::filled(panels * k * PANEL, 0.0);
-        let dst = data.as_mut_slice();
-        for p in 0..panels {
-            let j = p * PANEL;
-            let width = (n - j).min(PANEL);
-            for kk in 0..k {
-                let at = (p * k + kk) * PANEL;
-                dst[at..at + width].copy_from_slice(&src[kk * n + j..kk * n + j + width]);
+        let values = n.div_ceil(PANEL) * k * PANEL;
+        let mut panels = Self {
+            lines: Vec::new(),
+            kind: w.kind(),
+            n,
+            k,
+        };
+        // SAFETY: `wt` is a contiguous CPU tensor of `k * n` values of the element type read.
+        unsafe {
+            match w.kind() {
+                Kind::Float => {
+                    panels.lines = vec![Line([0.0; LANES]); values.div_ceil(LANES)];
+                    fill_panels(elements::<f32>(&wt), panels.values_mut::<f32>(), n, k);
+                }
+                _ => {
+                    panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
+                    fill_panels(elements::<u16>(&wt), panels.values_mut::<u16>(), n, k);
+                }
             }
         }
-        Ok(Some(Self { data, n, k }))
+        Ok(Some(panels))
     }
 
-    /// Output and input sizes `(N, K)`.
-    pub fn shape(&self) -> (usize, usize) {
-        (self.n, self.k)
+    /// The element kind (float32 or bf16) and the output and input sizes `(N, K)`.
+    pub fn shape(&self) -> (Kind, usize, usize) {
+        (self.kind, self.n, self.k)
     }
 
-    /// `x @ w.T` for float32 `x` `[..., K]` of 1 to [`INT4_F32_MAX_ROWS`] rows without
-    /// gradient: the weight is streamed once for all rows, panels split across libtorch's
-    /// OpenMP team, each output accumulated over `k` in order with fused multiply-adds. `None`
-    /// where it does not apply (another kind, more rows, gradients).
-    pub fn matmul(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !takes_small_rows(x, self.k) || x.kind() != Kind::Float || x.numel() == 0 {
+    /// The lines as `E` values (`E` of the kind's size).
+    fn values<E>(&self) -> &[E] {
+        let len = self.lines.len() * std::mem::size_of::<Line>() / std::mem::size_of::<E>();
+        // SAFETY: `Line` is `repr(C)` plain data, 64-byte aligned; every bit pattern is a
+        // valid float32 or u16, and `E` is one of them.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<E>(), len) }
+    }
+
+    fn values_mut<E>(&mut self) -> &mut [E] {
+        let len = self.lines.len() * std::mem::size_of::<Line>() / std::mem::size_of::<E>();
+        // SAFETY: as in `values`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<E>(), len) }
+    }
+
+    /// `x @ w.T + bias` for `x` `[..., K]` of the weight's kind with 1 to
+    /// [`INT4_F32_MAX_ROWS`] rows and no gradient: the weight is streamed once for all rows,
+    /// panels split across libtorch's OpenMP team, each output accumulated over `k` in order
+    /// with float32 fused multiply-adds, the bias (of the weight's kind) added to the sum, and
+    /// a bf16 result rounded once, as libtorch's bf16 `linear` does. `None` where it does not
+    /// apply (another kind, more rows, gradients, a bias of another kind or size).
+    pub fn matmul(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let bias_fits = bias
+            .is_none_or(|b| plain_cpu(b) && b.kind() == self.kind && b.size() == [self.n as i64]);
+        if !takes_small_rows(x, self.k) || x.kind() != self.kind || x.numel() == 0 || !bias_fits {
             return Ok(None);
         }
         let (n, k) = (self.n, self.k);
         let x = x.f_contiguous()?;
         let rows = x.numel() / k;
-        let out = output_for(&x, n, Kind::Float)?;
+        let out = output_for(&x, n, self.kind)?;
+        let bias = bias
+            .map(|b| b.f_to_kind(Kind::Float)?.f_contiguous())
+            .transpose()?;
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `x` holds `rows * k` floats and `out`, fresh, `rows * n`; the panels hold
-        // `n.div_ceil(32) * k * 32` floats on a cache-line boundary (`AlignedF32`); threads write
-        // disjoint panels' columns and are joined before `out` is returned.
+        // SAFETY: `x` holds `rows * k` values of the weight's kind and `out`, fresh, `rows * n`;
+        // `bias` (checked) `n` floats; the panels hold `n.div_ceil(32) * k * 32` values of
+        // that kind on a cache-line boundary; threads write disjoint panels' columns and are
+        // joined before `out` is returned.
         unsafe {
-            let xs = elements::<f32>(&x);
-            let wp = self.data.as_slice();
-            let ys = OutPtr(elements_mut::<f32>(&out).as_mut_ptr());
+            let xf;
+            let xs = if self.kind == Kind::BFloat16 {
+                xf = AlignedF32::widened(elements::<u16>(&x));
+                xf.as_slice()
+            } else {
+                elements::<f32>(&x)
+            };
+            let bs = bias.as_ref().map(|b| elements::<f32>(b));
+            let bf16 = self.kind == Kind::BFloat16;
+            let ys = OutPtr(out.data_ptr() as *mut u8);
             let run = |r: std::ops::Range<usize>| {
                 // Capture the whole `OutPtr` (Send), not its raw-pointer field.
                 #[allow(clippy::redundant_locals)]
                 let ys = ys;
-                with_rows!(rows, M => avx512::gemm_panels_f32::<M>(xs, wp, ys.0, n, k, r.start, r.end))
+                let mut store = |m: usize, j: usize, sums: &[f32]| {
+                    let at = m * n + j;
+                    let plus = |c: usize, v: f32| bs.map_or(v, |b| v + b[j + c]);
+                    if bf16 {
+                        let y =
+                            std::slice::from_raw_parts_mut((ys.0 as *mut u16).add(at), sums.len());
+                        for (c, (d, &v)) in y.iter_mut().zip(sums).enumerate() {
+                            *d = bf16_bits(plus(c, v));
+                        }
+                    } else {
+                        let y =
+                            std::slice::from_raw_parts_mut((ys.0 as *mut f32).add(at), sums.len());
+                        for (c, (d, &v)) in y.iter_mut().zip(sums).enumerate() {
+                            *d = plus(c, v);
+                        }
+                    }
+                };
+                with_rows!(rows, M => if bf16 {
+                    avx512::gemm_panels::<u16, M>(xs, self.values::<u16>(), n, k, r.start, r.end, &mut store)
+                } else {
+                    avx512::gemm_panels::<f32, M>(xs, self.values::<f32>(), n, k, r.start, r.end, &mut store)
+                })
             };
             omp::split(n.div_ceil(PANEL), 1, rows * n * k, &run);
         }
         Ok(Some(out))
+    }
+}
+
+/// Copy the contiguous `[K, N]` matrix `wt` into panels `dst` (zeroed, `n.div_ceil(32) * k *
+/// 32` values; see [`PanelWeight`]).
+fn fill_panels<E: Copy>(wt: &[E], dst: &mut [E], n: usize, k: usize) {
+    for p in 0..n.div_ceil(PANEL) {
+        let j = p * PANEL;
+        let width = (n - j).min(PANEL);
+        for kk in 0..k {
+            let at = (p * k + kk) * PANEL;
+            dst[at..at + width].copy_from_slice(&wt[kk * n + j..kk * n + j + width]);
+        }
     }
 }
 

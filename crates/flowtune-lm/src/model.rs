@@ -101,8 +101,8 @@ struct Linear {
     /// A float32 copy of a bf16 CPU weight, for products of many rows where the CPU's float32
     /// GEMM is faster than its bf16 one ([`crate::cpu_kernels::Bf16Gemm::ViaF32`]).
     wide: Option<Tensor>,
-    /// A float32 CPU weight again in panels, for products of a few rows (decoding).
-    panels: Option<crate::cpu_kernels::F32Panels>,
+    /// A float32 or bf16 CPU weight again in panels, for products of a few rows (decoding).
+    panels: Option<crate::cpu_kernels::PanelWeight>,
 }
 
 impl Linear {
@@ -127,7 +127,7 @@ impl Linear {
         Ok(Self {
             // A 4-bit copy takes the same few-row products.
             panels: match int4 {
-                None => crate::cpu_kernels::F32Panels::new(&weight)?,
+                None => crate::cpu_kernels::PanelWeight::new(&weight)?,
                 Some(_) => None,
             },
             weight: fast_weight_layout(weight)?,
@@ -158,17 +158,10 @@ impl Linear {
                 None => y,
             });
         }
-        if let Some(y) = self
-            .panels
-            .as_ref()
-            .map(|p| p.matmul(x))
-            .transpose()?
-            .flatten()
-        {
-            return Ok(match &self.bias {
-                Some(b) => y.f_add(b)?,
-                None => y,
-            });
+        if let Some(p) = &self.panels {
+            if let Some(y) = p.matmul(x, self.bias.as_ref())? {
+                return Ok(y);
+            }
         }
         dense_linear(x, &self.weight, self.bias.as_ref(), self.wide.as_ref())
     }
@@ -184,7 +177,7 @@ impl Linear {
 }
 
 /// `x @ weight.T + bias`. 1-8 bf16 rows take [`crate::cpu_kernels::linear_bf16_small`]
-/// (float32 ones take [`Linear`]'s panels before this); more bf16 rows with a float32 copy `wide` of the weight run through it;
+/// (where [`Linear`] has no panels, which it tries first); more bf16 rows with a float32 copy `wide` of the weight run through it;
 /// elsewhere a single bf16 row on the CPU is a GEMV, where
 /// libtorch's own kernel beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything
 /// else, including the attention products around it.

@@ -747,6 +747,41 @@ fn int4_f32_matmul_matches_its_dequantised_weight() {
     }
 }
 
+/// `(N, K)` of the few-row product tests: tails of the output blocks, panels and threaded
+/// splits, SmolLM2's widths and vocabulary; the last one has `K` not a multiple of 16.
+const PRODUCT_SHAPES: [(i64, i64); 6] = [
+    (7, 16),
+    (50, 64),
+    (961, 576),
+    (49152, 576),
+    (576, 1536),
+    (33, 5),
+];
+
+/// Asserts that `ours` (the kernel's `x @ w.T + bias`) and libtorch's `linear` on the same
+/// tensors both lie within `rounding·|exact| + 1e-5·Σ|w||x|` of the product in f64.
+fn assert_product_near_exact(
+    ours: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    rounding: f64,
+    case: &str,
+) {
+    let d = |t: &Tensor| t.to_kind(Kind::Double);
+    let exact = d(x).linear(&d(w), bias.map(d).as_ref());
+    let bound = exact.abs() * rounding + d(x).abs().linear::<Tensor>(&d(w).abs(), None) * 1e-5;
+    let theirs = x.linear(w, bias);
+    for (name, y) in [("kernel", ours), ("libtorch", &theirs)] {
+        let worst = ((d(y) - &exact).abs() - &bound).max().double_value(&[]);
+        assert!(
+            worst <= 0.0,
+            "{name}, {case}, bias {}: error exceeds its bound by {worst}",
+            bias.is_some()
+        );
+    }
+}
+
 /// The few-row products over a [`PanelWeight`] against the exact product of the same values
 /// in f64 and against libtorch's `linear` on the same tensors, float32 and bf16, 1 to 8 rows,
 /// with and without bias, widths that leave a zero-padded last panel, and the weight given
@@ -758,20 +793,9 @@ fn panel_weights_match_exact_and_libtorch() {
     use flowtune_lm::cpu_kernels::PanelWeight;
     let _serial = require_kernels();
     assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
-    let d = |t: &Tensor| t.to_kind(Kind::Double);
     for kind in [Kind::Float, Kind::BFloat16] {
         let opts = (kind, Device::Cpu);
-        for (seed, &(n, k)) in [
-            (7i64, 16i64),
-            (50, 64),
-            (961, 576),
-            (49152, 576),
-            (576, 1536),
-            (33, 5),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (seed, &(n, k)) in PRODUCT_SHAPES.iter().enumerate() {
             tch::manual_seed(seed as i64);
             let row_major = Tensor::randn([n, k], opts);
             let transposed = row_major.transpose(0, 1).contiguous().transpose(0, 1);
@@ -787,23 +811,13 @@ fn panel_weights_match_exact_and_libtorch() {
                         let ours = panels.matmul(&x, bias).unwrap().expect("kernel applies");
                         assert_eq!(ours.kind(), kind);
                         assert_eq!(ours.size(), [rows, 1, n]);
-                        let exact = d(&x).linear(&d(w), bias.map(d).as_ref());
                         let rounding = if kind == Kind::BFloat16 {
                             1.0 / 256.0
                         } else {
                             0.0
                         };
-                        let bound = exact.abs() * rounding
-                            + d(&x).abs().linear::<Tensor>(&d(w).abs(), None) * 1e-5;
-                        let theirs = x.linear(w, bias);
-                        for (name, y) in [("kernel", &ours), ("libtorch", &theirs)] {
-                            let worst = ((d(y) - &exact).abs() - &bound).max().double_value(&[]);
-                            assert!(
-                                worst <= 0.0,
-                                "{name} {kind:?}: n {n} k {k} rows {rows} bias {}: error exceeds its bound by {worst}",
-                                bias.is_some()
-                            );
-                        }
+                        let case = format!("{kind:?} n {n} k {k} rows {rows}");
+                        assert_product_near_exact(&ours, &x, w, bias, rounding, &case);
                     }
                 }
                 // Not taken: nine rows, the other kind, an input that requires gradients, a
@@ -858,16 +872,8 @@ fn linear_bf16_small_matches_exact_and_libtorch() {
     use flowtune_lm::cpu_kernels::linear_bf16_small;
     let _serial = require_kernels();
     let bf = (Kind::BFloat16, Device::Cpu);
-    for (seed, &(n, k)) in [
-        (7i64, 16i64),
-        (50, 64),
-        (961, 576),
-        (49152, 576),
-        (576, 1536),
-    ]
-    .iter()
-    .enumerate()
-    {
+    // `K` a multiple of 16 (the kernel's requirement).
+    for (seed, &(n, k)) in PRODUCT_SHAPES[..5].iter().enumerate() {
         tch::manual_seed(seed as i64);
         let w = Tensor::randn([n, k], bf);
         let b = Tensor::randn([n], bf);
@@ -879,19 +885,8 @@ fn linear_bf16_small_matches_exact_and_libtorch() {
                     .expect("kernel applies");
                 assert_eq!(ours.kind(), Kind::BFloat16);
                 assert_eq!(ours.size(), [rows, 1, n]);
-                let d = |t: &Tensor| t.to_kind(Kind::Double);
-                let exact = d(&x).linear(&d(&w), bias.map(d).as_ref());
-                let bound =
-                    exact.abs() / 256.0 + d(&x).abs().linear::<Tensor>(&d(&w).abs(), None) * 1e-5;
-                let theirs = x.linear(&w, bias);
-                for (name, y) in [("kernel", &ours), ("libtorch", &theirs)] {
-                    let worst = ((d(y) - &exact).abs() - &bound).max().double_value(&[]);
-                    assert!(
-                        worst <= 0.0,
-                        "{name}: n {n} k {k} rows {rows} bias {}: error exceeds its bound by {worst}",
-                        bias.is_some()
-                    );
-                }
+                let case = format!("n {n} k {k} rows {rows}");
+                assert_product_near_exact(&ours, &x, &w, bias, 1.0 / 256.0, &case);
             }
         }
         // Not taken: nine rows, float32, a transposed (non-contiguous) weight, K not a multiple

@@ -294,8 +294,10 @@ pub struct Model {
 /// over a column-major `[in, out]` matrix streams the weight at close to full memory bandwidth
 /// while the row-major `[out, in]` one reaches about half of it (measured 1.8x for M = 1 decode,
 /// no change for prefill or batch 8), so the weight is kept as the transposed view of a contiguous
-/// `[in, out]` copy (same values, same shape `[out, in]`, only the strides differ). bf16 goes
-/// through oneDNN, which prefers the row-major layout, so other kinds are left as they are.
+/// `[in, out]` copy (same values, same shape `[out, in]`, only the strides differ). Where the
+/// model also keeps [`crate::cpu_kernels::PanelWeight`]s, decoding reads those instead and this
+/// layout serves products of many rows. bf16 goes through oneDNN, which prefers the row-major
+/// layout, so other kinds are left as they are.
 fn fast_weight_layout(w: Tensor) -> Result<Tensor> {
     if w.device() == Device::Cpu && w.kind() == Kind::Float && w.dim() == 2 {
         Ok(w.f_transpose(0, 1)?.f_contiguous()?.f_transpose(0, 1)?)

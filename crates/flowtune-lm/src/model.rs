@@ -731,6 +731,17 @@ impl Model {
             .count()
     }
 
+    /// Number of linears, the output head included, that keep a panel copy for products of a
+    /// few rows ([`crate::cpu_kernels::PanelWeight`]).
+    pub fn panel_linears(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain([&self.lm_head])
+            .filter(|lin| lin.panels.is_some())
+            .count()
+    }
+
     /// Whether the output head runs from 8-bit blocks for forwards of a few rows (a Q8_0
     /// GGUF's own head, loaded in int4 mode on the CPU).
     pub fn int8_head(&self) -> bool {

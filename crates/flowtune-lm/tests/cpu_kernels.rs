@@ -669,6 +669,54 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
     model_support::assert_same_argmax(&r, &on, 1, "bf16 with kernels vs f32");
 }
 
+/// SmolLM2 in float32 decoding through its panel copies (`PanelWeight`, every linear and the
+/// head) against the same model built without them (libtorch's products over the dense
+/// weights): 16 greedy steps after a chat prompt, batch 1. Every step's logits within 1e-3
+/// (float32 sums in another order through 30 layers; the logits are of order 10) and the same
+/// argmax.
+#[test]
+fn smollm2_f32_decode_with_panels_equals_without() {
+    use flowtune_lm::loader::{load, LoadOptions};
+    use flowtune_lm::model::Model;
+    use flowtune_lm::tokenizer::ChatMessage;
+    use model_support::{decode_logits, greedy_steps, max_abs_diff, test_model};
+    let _serial = require_kernels();
+    assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
+    let m = load(&test_model(), &LoadOptions::default()).unwrap();
+    let with = Model::new(&m.config, &m.weights).unwrap();
+    cpu_kernels::set_decode_panels(Some(false));
+    let without = Model::new(&m.config, &m.weights);
+    cpu_kernels::set_decode_panels(None);
+    let without = without.unwrap();
+    let layers = m.config.num_hidden_layers;
+    assert_eq!(
+        with.panel_linears(),
+        4 * layers + 1,
+        "q/k/v, o, gate/up, down and the head"
+    );
+    assert_eq!(without.panel_linears(), 0);
+    let prompt = m
+        .tokenizer
+        .encode_chat(
+            &[ChatMessage::new(
+                "user",
+                "Which river flows through Paris? Answer in one sentence.",
+            )],
+            true,
+        )
+        .unwrap();
+    let steps = greedy_steps(&without, &prompt, 16);
+    let (a, b) = (
+        decode_logits(&with, &prompt, &steps),
+        decode_logits(&without, &prompt, &steps),
+    );
+    for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
+        let d = max_abs_diff(x, y);
+        assert!(d <= 1e-3, "step {i}: max |Δ logit| {d}");
+    }
+    model_support::assert_same_argmax(&a, &b, 1, "f32 with panels vs without");
+}
+
 /// The float32 int4 kernel against the dense product of its dequantised weight
 /// (`scale * q + min` in f64), for 1 to 8 rows and output counts below, at and above the
 /// threaded split. Tolerance: 1e-5 of `Σ |w| |x|` per output (float32 summation order).

@@ -678,8 +678,7 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
 fn smollm2_f32_decode_with_panels_equals_without() {
     use flowtune_lm::loader::{load, LoadOptions};
     use flowtune_lm::model::Model;
-    use flowtune_lm::tokenizer::ChatMessage;
-    use model_support::{decode_logits, greedy_steps, max_abs_diff, test_model};
+    use model_support::{max_abs_diff, test_model};
     let _serial = require_kernels();
     assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
     let m = load(&test_model(), &LoadOptions::default()).unwrap();
@@ -695,21 +694,7 @@ fn smollm2_f32_decode_with_panels_equals_without() {
         "q/k/v, o, gate/up, down and the head"
     );
     assert_eq!(without.panel_linears(), 0);
-    let prompt = m
-        .tokenizer
-        .encode_chat(
-            &[ChatMessage::new(
-                "user",
-                "Which river flows through Paris? Answer in one sentence.",
-            )],
-            true,
-        )
-        .unwrap();
-    let steps = greedy_steps(&without, &prompt, 16);
-    let (a, b) = (
-        decode_logits(&with, &prompt, &steps),
-        decode_logits(&without, &prompt, &steps),
-    );
+    let (b, a) = model_support::river_prompt_decode(&without, &with, &m.tokenizer, 16);
     for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
         let d = max_abs_diff(x, y);
         assert!(d <= 1e-3, "step {i}: max |Δ logit| {d}");

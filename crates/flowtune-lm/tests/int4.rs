@@ -166,19 +166,7 @@ fn int4_f32_decode_equals_dense_f32() {
     let q = load_as(Kind::Float, LinearWeights::Int4);
     let int4 = Model::new(&q.config, &q.weights).unwrap();
     assert_eq!(int4.int4_linears(), 30 * 4);
-    let prompt = d
-        .tokenizer
-        .encode_chat(
-            &[ChatMessage::new(
-                "user",
-                "Which river flows through Paris? Answer in one sentence.",
-            )],
-            true,
-        )
-        .unwrap();
-    let steps = greedy_steps(&dense, &prompt, 12);
-    let a = decode_logits(&dense, &prompt, &steps);
-    let b = decode_logits(&int4, &prompt, &steps);
+    let (a, b) = model_support::river_prompt_decode(&dense, &int4, &d.tokenizer, 12);
     for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
         let diff = (x - y).abs().max().double_value(&[]);
         eprintln!("step {i}: f32 int4 vs dense max |Δ logit| {diff:.2e}");

@@ -109,6 +109,30 @@ pub fn greedy_steps(model: &Model, prompt: &[u32], n: usize) -> Vec<i64> {
     steps
 }
 
+/// Per-step last-position logits of `reference` and `other` (index 0: the prefill) over `n`
+/// greedy steps of `reference` after a one-line chat prompt about the river through Paris.
+pub fn river_prompt_decode(
+    reference: &Model,
+    other: &Model,
+    tokenizer: &flowtune_lm::tokenizer::Tokenizer,
+    n: usize,
+) -> (Vec<Tensor>, Vec<Tensor>) {
+    let prompt = tokenizer
+        .encode_chat(
+            &[flowtune_lm::tokenizer::ChatMessage::new(
+                "user",
+                "Which river flows through Paris? Answer in one sentence.",
+            )],
+            true,
+        )
+        .unwrap();
+    let steps = greedy_steps(reference, &prompt, n);
+    (
+        decode_logits(reference, &prompt, &steps),
+        decode_logits(other, &prompt, &steps),
+    )
+}
+
 /// Assert that two runs of per-step logits pick the same token at every step from `from` on.
 pub fn assert_same_argmax(a: &[Tensor], b: &[Tensor], from: usize, what: &str) {
     for (i, (x, y)) in a.iter().zip(b).enumerate().skip(from) {

@@ -124,13 +124,16 @@ impl Linear {
         } else {
             None
         };
+        let weight = fast_weight_layout(weight)?;
+        // A 4-bit copy takes the same few-row products. From the stored layout: a float32
+        // weight is already the `[in, out]` matrix the panels are cut from (no second copy).
+        let panels = match int4 {
+            None => crate::cpu_kernels::PanelWeight::new(&weight)?,
+            Some(_) => None,
+        };
         Ok(Self {
-            // A 4-bit copy takes the same few-row products.
-            panels: match int4 {
-                None => crate::cpu_kernels::PanelWeight::new(&weight)?,
-                Some(_) => None,
-            },
-            weight: fast_weight_layout(weight)?,
+            panels,
+            weight,
             bias,
             int4,
             int8: None,
@@ -177,8 +180,8 @@ impl Linear {
 }
 
 /// `x @ weight.T + bias`. 1-8 bf16 rows take [`crate::cpu_kernels::linear_bf16_small`]
-/// (where [`Linear`] has no panels, which it tries first); more bf16 rows with a float32 copy `wide` of the weight run through it;
-/// elsewhere a single bf16 row on the CPU is a GEMV, where
+/// (where [`Linear`] has no panels, which it tries first); more bf16 rows with a float32 copy
+/// `wide` of the weight run through it; elsewhere a single bf16 row on the CPU is a GEMV, where
 /// libtorch's own kernel beats oneDNN (see [`onednn_switch`]); oneDNN stays on for everything
 /// else, including the attention products around it.
 fn dense_linear(

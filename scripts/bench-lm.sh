@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # flowtune-lm vs HF transformers on the same CPU in one run: prefill tok/s (512-token prompt),
 # decode tok/s at batch 1 and 8 (200-token prompts, 64 greedy new tokens), f32 and bf16.
-# Usage: scripts/bench-lm.sh [MODEL] (default: the SmolLM2 test model). Prints a table of ratios.
+# Usage: scripts/bench-lm.sh [MODEL] (a GGUF file or an HF folder; default: the SmolLM2 test
+# model). Prints a table of ratios.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

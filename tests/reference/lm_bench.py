@@ -1,9 +1,9 @@
 """HF transformers side of the flowtune-lm benchmark (see scripts/bench-lm.sh).
 
-Loads the GGUF with transformers (dequantised) in the given dtype on CPU and measures, with the
-same shapes as crates/flowtune-lm/examples/bench.rs: prefill tok/s (one forward over a 512-token
-prompt), decode tok/s at batch 1 and 8 (200-token prompts, 64 greedy new tokens with the KV cache,
-timed after the prefill). Prints one JSON object.
+Loads the model (a GGUF, dequantised, or an HF folder) with transformers in the given dtype on
+CPU and measures, with the same shapes as crates/flowtune-lm/examples/bench.rs: prefill tok/s (one
+forward over a 512-token prompt), decode tok/s at batch 1 and 8 (200-token prompts, 64 greedy new
+tokens with the KV cache, timed after the prefill). Prints one JSON object.
 """
 import argparse
 import json
@@ -24,8 +24,11 @@ def main():
     import transformers as T
 
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    d, f = os.path.dirname(args.model), os.path.basename(args.model)
-    model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
+    if os.path.isdir(args.model):  # an HF folder
+        model = T.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    else:  # a GGUF file
+        d, f = os.path.dirname(args.model), os.path.basename(args.model)
+        model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 

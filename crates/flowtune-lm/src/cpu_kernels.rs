@@ -2538,9 +2538,16 @@ pub fn decode_panels() -> bool {
 /// set): float32 3.7-5.4 GB/s against 21-25 GB/s for panels on one thread; bf16 19-25 against
 /// 33-34 GB/s on two. A second copy of the weight: the model keeps one next to each dense
 /// float32 or bf16 CPU linear where [`decode_panels`] says so, on AVX-512 CPUs.
+///
+/// A float32 weight whose every value is a bf16 value (a bf16 checkpoint loaded in float32)
+/// is stored in bf16: widening is exact and the products and sums are the same float32
+/// operations in the same order, so the outputs are the same bits at half the bytes read.
 pub struct PanelWeight {
     lines: Vec<Line>,
+    /// The kind of the inputs and outputs (the weight's own).
     kind: Kind,
+    /// The kind the panels hold: `kind`, or bf16 for a bf16-exact float32 weight.
+    stored: Kind,
     n: usize,
     k: usize,
 }
@@ -2549,6 +2556,7 @@ impl std::fmt::Debug for PanelWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PanelWeight")
             .field("kind", &self.kind)
+            .field("stored", &self.stored)
             .field("n", &self.n)
             .field("k", &self.k)
             .finish_non_exhaustive()
@@ -2576,6 +2584,7 @@ impl PanelWeight {
         let mut panels = Self {
             lines: Vec::new(),
             kind: w.kind(),
+            stored: w.kind(),
             n,
             k,
         };
@@ -2583,8 +2592,20 @@ impl PanelWeight {
         unsafe {
             match w.kind() {
                 Kind::Float => {
-                    panels.lines = vec![Line([0.0; LANES]); values.div_ceil(LANES)];
-                    fill_panels(elements::<f32>(&wt), panels.values_mut::<f32>(), n, k);
+                    let values_f32 = elements::<f32>(&wt);
+                    if values_f32.iter().all(|v| v.to_bits() & 0xffff == 0) {
+                        // bf16-exact: keep the upper halves (the bf16 bits).
+                        let halves: Vec<u16> = values_f32
+                            .iter()
+                            .map(|v| (v.to_bits() >> 16) as u16)
+                            .collect();
+                        panels.stored = Kind::BFloat16;
+                        panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
+                        fill_panels(&halves, panels.values_mut::<u16>(), n, k);
+                    } else {
+                        panels.lines = vec![Line([0.0; LANES]); values.div_ceil(LANES)];
+                        fill_panels(values_f32, panels.values_mut::<f32>(), n, k);
+                    }
                 }
                 _ => {
                     panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
@@ -2598,6 +2619,17 @@ impl PanelWeight {
     /// The element kind (float32 or bf16) and the output and input sizes `(N, K)`.
     pub fn shape(&self) -> (Kind, usize, usize) {
         (self.kind, self.n, self.k)
+    }
+
+    /// The kind the panels are stored in: the weight's own, or bf16 for a float32 weight whose
+    /// values are all bf16 values.
+    pub fn stored_kind(&self) -> Kind {
+        self.stored
+    }
+
+    /// The bytes the panels take.
+    pub fn bytes(&self) -> usize {
+        self.lines.len() * std::mem::size_of::<Line>()
     }
 
     /// The lines as `E` values (`E` of the kind's size).
@@ -2648,6 +2680,7 @@ impl PanelWeight {
             };
             let bs = bias.as_ref().map(|b| elements::<f32>(b));
             let bf16 = self.kind == Kind::BFloat16;
+            let half_stored = self.stored == Kind::BFloat16;
             let ys = OutPtr(out.data_ptr() as *mut u8);
             let run = |r: std::ops::Range<usize>| {
                 // Capture the whole `OutPtr` (Send), not its raw-pointer field.
@@ -2670,7 +2703,7 @@ impl PanelWeight {
                         }
                     }
                 };
-                with_rows!(rows, M => if bf16 {
+                with_rows!(rows, M => if half_stored {
                     avx512::gemm_panels::<u16, M>(xs, self.values::<u16>(), n, k, r.start, r.end, &mut store)
                 } else {
                     avx512::gemm_panels::<f32, M>(xs, self.values::<f32>(), n, k, r.start, r.end, &mut store)

@@ -403,12 +403,30 @@ fn eager_attention(
     let (b, nq, t, hd) = (size[0], size[1], size[2], size[3]);
     let l = k.size().get(2).copied().unwrap_or(0);
     let group = nq / nkv;
-    let qg = q.f_reshape([b, nkv, group * t, hd])?;
-    let mut scores = qg
+    let scale = 1.0 / (hd as f64).sqrt();
+    // A power-of-two scale (head_dim 64, 256, ...) goes on `q` instead: exact in any float
+    // kind and commuting with every rounding of the products, so the scores are the same
+    // bits, and the unscaled scores are widened to float32 inside the mask's add rather than
+    // by a conversion and a product of their own (two passes fewer over the scores, one fewer
+    // in the backward).
+    let pow2 = scale.log2().fract() == 0.0;
+    let q = if pow2 {
+        q.f_mul_scalar(scale)?
+    } else {
+        q.shallow_clone()
+    };
+    let raw = q
+        .f_reshape([b, nkv, group * t, hd])?
         .f_matmul(&k.f_transpose(-1, -2)?)?
-        .f_to_kind(Kind::Float)?
-        .f_mul_scalar(1.0 / (hd as f64).sqrt())?
         .f_view([b, nkv, group, t, l])?;
+    let widen = |raw: &Tensor| -> Result<Tensor> {
+        let wide = raw.f_to_kind(Kind::Float)?;
+        Ok(if pow2 {
+            wide
+        } else {
+            wide.f_mul_scalar(scale)?
+        })
+    };
     let causal;
     let visible = match mask {
         Some(m) => Some(m),
@@ -422,17 +440,32 @@ fn eager_attention(
             Some(&causal)
         }
     };
-    if let Some(m) = visible {
-        scores = scores.f_masked_fill(
-            &m.f_logical_not()?.f_view([-1, 1, 1, t, l])?,
-            f64::NEG_INFINITY,
-        )?;
-    }
+    let scores = match visible {
+        // An additive mask (0 where visible, -inf elsewhere) rather than `masked_fill`: the
+        // same scores (0 + x = x, -inf + x = -inf), a vectorised add instead of libtorch's
+        // scalar fill loop, and nothing for the backward to do (the add passes its gradient
+        // through), where `masked_fill` runs a second masked fill over the score gradients.
+        Some(m) => {
+            let bias = Tensor::f_zeros(m.size(), (Kind::Float, m.device()))?
+                .f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?
+                .f_view([-1, 1, 1, t, l])?;
+            bias.f_add(&widen(&raw)?)?
+        }
+        None => widen(&raw)?,
+    };
     let probs = scores
         .f_softmax(-1, Kind::Float)?
         .f_to_kind(v.kind())?
         .f_view([b, nkv, group * t, l])?;
     Ok(probs.f_matmul(v)?.f_view([b, nq, t, hd])?)
+}
+
+/// `x` split along `dim` into its first `a` and next `b` entries (views; `a + b` must be the
+/// dimension's size).
+fn split2(x: &Tensor, a: i64, b: i64, dim: i64) -> Result<[Tensor; 2]> {
+    let parts = x.f_split_with_sizes([a, b], dim)?;
+    <[Tensor; 2]>::try_from(parts)
+        .map_err(|p| Error::ModelInput(format!("split into {a} + {b} gave {} parts", p.len())))
 }
 
 fn check_shape(name: &str, t: &Tensor, expected: &[i64]) -> Result<()> {
@@ -737,12 +770,21 @@ impl Model {
     /// Number of linears, the output head included, that keep a panel copy for products of a
     /// few rows ([`crate::cpu_kernels::PanelWeight`]).
     pub fn panel_linears(&self) -> usize {
+        self.panels().count()
+    }
+
+    /// The bytes the panel copies take: half of a float32 model's where its weights are all
+    /// bf16 values (a bf16 checkpoint loaded in float32), which its panels then store.
+    pub fn panel_bytes(&self) -> usize {
+        self.panels().map(|p| p.bytes()).sum()
+    }
+
+    fn panels(&self) -> impl Iterator<Item = &crate::cpu_kernels::PanelWeight> {
         self.layers
             .iter()
             .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
             .chain([&self.lm_head])
-            .filter(|lin| lin.panels.is_some())
-            .count()
+            .filter_map(|lin| lin.panels.as_ref())
     }
 
     /// Whether the output head runs from 8-bit blocks for forwards of a few rows (a Q8_0
@@ -1106,17 +1148,14 @@ impl Model {
                 self.fused_qkv_names.then_some("qkv_proj"),
                 delta,
             )?)?;
-            let qk = y
-                .f_narrow(-1, 0, (nq + nkv) * hd)?
-                .f_view([b, t, nq + nkv, hd])?
-                .f_transpose(1, 2)?;
-            let v = y
-                .f_narrow(-1, (nq + nkv) * hd, nkv * hd)?
-                .f_view([b, t, nkv, hd])?
-                .f_transpose(1, 2)?;
+            // Splits, not narrows: under autograd a split's backward is one concatenation of
+            // the parts' gradients, where each narrow's fills a zeroed full-width tensor and
+            // the engine then adds the two.
+            let [qk, v] = split2(&y, (nq + nkv) * hd, nkv * hd, -1)?;
+            let qk = qk.f_view([b, t, nq + nkv, hd])?.f_transpose(1, 2)?;
+            let v = v.f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
             let qk = self.apply_rope(&qk, &cos, &sin)?;
-            let q = qk.f_narrow(1, 0, nq)?;
-            let k = qk.f_narrow(1, nq, nkv)?;
+            let [q, k] = split2(&qk, nq, nkv, 1)?;
             let (kk, vv) = cache.write_layer(li, start as usize, &k, &v)?;
             let windowed = layer.sliding_window.and_then(|w| window_masks.get(&w));
             // `None` only without padding and window: causal visibility is all there is.
@@ -1190,7 +1229,7 @@ impl Model {
                 self.fused_mlp_names.then_some("gate_up_proj"),
                 delta,
             )?;
-            let (gate, up) = (gu.f_narrow(-1, 0, inter)?, gu.f_narrow(-1, inter, inter)?);
+            let [gate, up] = split2(&gu, inter, inter, -1)?;
             // On the CPU: `silu(gate) * up` in one pass, rounded at the same points.
             let act = match crate::cpu_kernels::silu_mul(&gate, &up)? {
                 Some(act) => act,
@@ -1311,6 +1350,95 @@ mod tests {
         assert!(Packing::new(&mostly, 2, 32, Device::Cpu)?.is_none());
         mostly[1] = false;
         assert!(Packing::new(&mostly, 2, 32, Device::Cpu)?.is_some());
+        Ok(())
+    }
+
+    /// The eager attention's training form (gradients on, so the CPU kernel declines) against
+    /// the plain formulation it replaced (float32 scores scaled after the product, `masked_fill`
+    /// with -inf, soft-max, the product with `v`): outputs and the gradients of `q`, `k` and `v`
+    /// are the same bits (no tolerance), in bf16 and float32, with a head size whose scale is a
+    /// power of two (64: the scale moves onto `q`) and one whose is not (48), with a padding
+    /// mask and with the causal mask built inside.
+    #[test]
+    fn eager_attention_training_form_is_bit_identical_to_the_plain_one() -> Result<()> {
+        let plain = |q: &Tensor, k: &Tensor, v: &Tensor, visible: &Tensor| -> Result<Tensor> {
+            let (b, nq, t, hd) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+            let (nkv, l) = (k.size()[1], k.size()[2]);
+            let group = nq / nkv;
+            let scores = q
+                .f_reshape([b, nkv, group * t, hd])?
+                .f_matmul(&k.f_transpose(-1, -2)?)?
+                .f_to_kind(Kind::Float)?
+                .f_mul_scalar(1.0 / (hd as f64).sqrt())?
+                .f_view([b, nkv, group, t, l])?
+                .f_masked_fill(
+                    &visible.f_logical_not()?.f_view([-1, 1, 1, t, l])?,
+                    f64::NEG_INFINITY,
+                )?;
+            let probs = scores
+                .f_softmax(-1, Kind::Float)?
+                .f_to_kind(v.kind())?
+                .f_view([b, nkv, group * t, l])?;
+            Ok(probs.f_matmul(v)?.f_view([b, nq, t, hd])?)
+        };
+        for kind in [Kind::BFloat16, Kind::Float] {
+            for hd in [64i64, 48] {
+                for padded in [true, false] {
+                    tch::manual_seed(hd + padded as i64);
+                    let (b, nq, nkv, t, start) = (2i64, 6i64, 2i64, 5i64, 3i64);
+                    let l = start + t;
+                    let leaf = |heads: i64, len: i64| -> Result<Tensor> {
+                        Ok(Tensor::f_randn([b, heads, len, hd], (kind, Device::Cpu))?
+                            .set_requires_grad(true))
+                    };
+                    let (q, k, v) = (leaf(nq, t)?, leaf(nkv, l)?, leaf(nkv, l)?);
+                    // Causal, and row 1's first two keys padding (the diagonal stays visible).
+                    let qi = Tensor::f_arange_start(start, l, (Kind::Int64, Device::Cpu))?
+                        .f_view([1, 1, t, 1])?;
+                    let kj =
+                        Tensor::f_arange(l, (Kind::Int64, Device::Cpu))?.f_view([1, 1, 1, l])?;
+                    let mut real = vec![true; (b * l) as usize];
+                    real[l as usize] = false;
+                    real[l as usize + 1] = false;
+                    let real = Tensor::f_from_slice(&real)?.f_view([b, 1, 1, l])?;
+                    let causal = kj.f_le_tensor(&qi)?;
+                    let visible = causal
+                        .f_logical_and(&real)?
+                        .f_logical_or(&kj.f_eq_tensor(&qi)?)?;
+                    let (mask, reference_mask) = if padded {
+                        (Some(&visible), visible.shallow_clone())
+                    } else {
+                        (None, causal.f_expand([b, 1, t, l], false)?)
+                    };
+                    let upstream = Tensor::f_randn([b, nq, t, hd], (kind, Device::Cpu))?;
+                    let mut runs = Vec::new();
+                    for ours in [true, false] {
+                        for x in [&q, &k, &v] {
+                            let mut x = x.shallow_clone();
+                            x.zero_grad();
+                        }
+                        let out = if ours {
+                            eager_attention(&q, &k, &v, mask, start, nkv)?
+                        } else {
+                            plain(&q, &k, &v, &reference_mask)?
+                        };
+                        out.f_mul(&upstream)?.f_sum(Kind::Float)?.f_backward()?;
+                        runs.push((
+                            out.f_detach()?,
+                            q.grad().copy(),
+                            k.grad().copy(),
+                            v.grad().copy(),
+                        ));
+                    }
+                    let case = format!("{kind:?} head_dim {hd} padded {padded}");
+                    let (a, r) = (&runs[0], &runs[1]);
+                    assert!(a.0.equal(&r.0), "{case}: outputs differ");
+                    assert!(a.1.equal(&r.1), "{case}: q gradients differ");
+                    assert!(a.2.equal(&r.2), "{case}: k gradients differ");
+                    assert!(a.3.equal(&r.3), "{case}: v gradients differ");
+                }
+            }
+        }
         Ok(())
     }
 }

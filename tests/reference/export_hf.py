@@ -14,12 +14,12 @@ import torch
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a GGUF file")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="bf16")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="bf16")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import transformers as T
 
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     d, f = os.path.dirname(args.model), os.path.basename(args.model)
     model = T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
     tok = T.AutoTokenizer.from_pretrained(d, gguf_file=f)

@@ -883,6 +883,26 @@ mod avx512 {
         }
     }
 
+    /// The bits of one IEEE half-precision value (a panel element of a float32 weight whose
+    /// values are all half-precision values).
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    pub(super) struct F16(#[allow(dead_code)] pub(super) u16);
+
+    impl PanelElem for F16 {
+        #[inline(always)]
+        unsafe fn load_row(p: *const F16) -> (__m512, __m512) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let v = _mm512_load_si512(p as *const __m512i);
+                (
+                    _mm512_cvtph_ps(_mm512_castsi512_si256(v)),
+                    _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v)),
+                )
+            }
+        }
+    }
+
     /// `out(m, j, Σ_k x[m, k] * w[j, k])` for the outputs of panels `from..to` of a
     /// [`super::PanelWeight`] (`wp`, 32 outputs per panel, each panel's `k × 32` values one
     /// sequential run): the sums of one panel for every row go through a 32-float buffer to
@@ -2540,13 +2560,15 @@ pub fn decode_panels() -> bool {
 /// float32 or bf16 CPU linear where [`decode_panels`] says so, on AVX-512 CPUs.
 ///
 /// A float32 weight whose every value is a bf16 value (a bf16 checkpoint loaded in float32)
-/// is stored in bf16: widening is exact and the products and sums are the same float32
-/// operations in the same order, so the outputs are the same bits at half the bytes read.
+/// is stored in bf16, and one whose every value is a half-precision value (an f16 checkpoint)
+/// in f16: widening is exact and the products and sums are the same float32 operations in the
+/// same order, so the outputs are the same bits at half the bytes read.
 pub struct PanelWeight {
     lines: Vec<Line>,
     /// The kind of the inputs and outputs (the weight's own).
     kind: Kind,
-    /// The kind the panels hold: `kind`, or bf16 for a bf16-exact float32 weight.
+    /// The kind the panels hold: `kind`, or bf16 (f16) for a float32 weight whose values are
+    /// all bf16 (f16) values.
     stored: Kind,
     n: usize,
     k: usize,
@@ -2602,6 +2624,10 @@ impl PanelWeight {
                         panels.stored = Kind::BFloat16;
                         panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
                         fill_panels(&halves, panels.values_mut::<u16>(), n, k);
+                    } else if let Some(half) = half_exact(&wt, values_f32)? {
+                        panels.stored = Kind::Half;
+                        panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
+                        fill_panels(elements::<u16>(&half), panels.values_mut::<u16>(), n, k);
                     } else {
                         panels.lines = vec![Line([0.0; LANES]); values.div_ceil(LANES)];
                         fill_panels(values_f32, panels.values_mut::<f32>(), n, k);
@@ -2621,8 +2647,8 @@ impl PanelWeight {
         (self.kind, self.n, self.k)
     }
 
-    /// The kind the panels are stored in: the weight's own, or bf16 for a float32 weight whose
-    /// values are all bf16 values.
+    /// The kind the panels are stored in: the weight's own, or bf16 (f16) for a float32 weight
+    /// whose values are all bf16 (f16) values.
     pub fn stored_kind(&self) -> Kind {
         self.stored
     }
@@ -2680,7 +2706,7 @@ impl PanelWeight {
             };
             let bs = bias.as_ref().map(|b| elements::<f32>(b));
             let bf16 = self.kind == Kind::BFloat16;
-            let half_stored = self.stored == Kind::BFloat16;
+            let stored = self.stored;
             let ys = OutPtr(out.data_ptr() as *mut u8);
             let run = |r: std::ops::Range<usize>| {
                 // Capture the whole `OutPtr` (Send), not its raw-pointer field.
@@ -2703,16 +2729,42 @@ impl PanelWeight {
                         }
                     }
                 };
-                with_rows!(rows, M => if half_stored {
-                    avx512::gemm_panels::<u16, M>(xs, self.values::<u16>(), n, k, r.start, r.end, &mut store)
-                } else {
-                    avx512::gemm_panels::<f32, M>(xs, self.values::<f32>(), n, k, r.start, r.end, &mut store)
+                with_rows!(rows, M => match stored {
+                    Kind::BFloat16 => avx512::gemm_panels::<u16, M>(xs, self.values::<u16>(), n, k, r.start, r.end, &mut store),
+                    Kind::Half => avx512::gemm_panels::<avx512::F16, M>(xs, self.values::<avx512::F16>(), n, k, r.start, r.end, &mut store),
+                    _ => avx512::gemm_panels::<f32, M>(xs, self.values::<f32>(), n, k, r.start, r.end, &mut store),
                 })
             };
             omp::split(n.div_ceil(PANEL), 1, rows * n * k, &run);
         }
         Ok(Some(out))
     }
+}
+
+/// `wt` (float32, contiguous, its values `values`) in half precision when every value is a
+/// half-precision value (converting back gives the same bits), else `None`. The first 4096
+/// values are checked first, so most float32 weights are turned down without converting all.
+fn half_exact(wt: &Tensor, values: &[f32]) -> Result<Option<Tensor>> {
+    let exact = |v: &[f32]| -> Result<bool> {
+        let t = Tensor::f_from_slice(v)?;
+        Ok(t.f_to_kind(Kind::Half)?
+            .f_to_kind(Kind::Float)?
+            .f_eq_tensor(&t)?
+            .f_all()?
+            .int64_value(&[])
+            != 0)
+    };
+    if !exact(&values[..values.len().min(4096)])? {
+        return Ok(None);
+    }
+    let half = wt.f_to_kind(Kind::Half)?;
+    let all = half
+        .f_to_kind(Kind::Float)?
+        .f_eq_tensor(wt)?
+        .f_all()?
+        .int64_value(&[])
+        != 0;
+    Ok(all.then_some(half))
 }
 
 /// Copy the contiguous `[K, N]` matrix `wt` into panels `dst` (zeroed, `n.div_ceil(32) * k *

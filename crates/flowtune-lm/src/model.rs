@@ -406,9 +406,8 @@ fn eager_attention(
     let scale = 1.0 / (hd as f64).sqrt();
     // A power-of-two scale (head_dim 64, 256, ...) goes on `q` instead: exact in any float
     // kind and commuting with every rounding of the products, so the scores are the same
-    // bits, and the unscaled scores are widened to float32 inside the mask's add rather than
-    // by a conversion and a product of their own (two passes fewer over the scores, one fewer
-    // in the backward).
+    // bits, and the float32 scores need no product of their own (one pass fewer over them
+    // in the forward and one in the backward).
     let pow2 = scale.log2().fract() == 0.0;
     let q = if pow2 {
         q.f_mul_scalar(scale)?
@@ -774,7 +773,8 @@ impl Model {
     }
 
     /// The bytes the panel copies take: half of a float32 model's where its weights are all
-    /// bf16 values (a bf16 checkpoint loaded in float32), which its panels then store.
+    /// bf16 or f16 values (a bf16 or f16 checkpoint loaded in float32), which its panels then
+    /// store.
     pub fn panel_bytes(&self) -> usize {
         self.panels().map(|p| p.bytes()).sum()
     }

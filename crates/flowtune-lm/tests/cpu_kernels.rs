@@ -678,7 +678,7 @@ fn smollm2_bf16_decode_with_kernels_is_as_close_to_f32_as_without() {
 fn smollm2_f32_decode_with_panels_equals_without() {
     use flowtune_lm::loader::{load, LoadOptions};
     use flowtune_lm::model::Model;
-    use model_support::{max_abs_diff, test_model};
+    use model_support::test_model;
     let _serial = require_kernels();
     assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
     let m = load(&test_model(), &LoadOptions::default()).unwrap();
@@ -694,64 +694,64 @@ fn smollm2_f32_decode_with_panels_equals_without() {
         "q/k/v, o, gate/up, down and the head"
     );
     assert_eq!(without.panel_linears(), 0);
-    let (b, a) = model_support::river_prompt_decode(&without, &with, &m.tokenizer, 16);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
-        let d = max_abs_diff(x, y);
-        assert!(d <= 1e-3, "step {i}: max |Δ logit| {d}");
-    }
-    model_support::assert_same_argmax(&a, &b, 1, "f32 with panels vs without");
+    let what = "f32 with panels vs without";
+    model_support::assert_river_decode_alike(&without, &with, &m.tokenizer, 16, 1e-3, what);
 }
 
-/// A float32 weight whose values are all bf16 values (a bf16 checkpoint loaded in float32)
-/// keeps its panels in bf16, half the bytes, and its products are the same bits as float32
-/// panels': both are checked against a scalar reference of the kernel's arithmetic (each
-/// output a chain of float32 fused multiply-adds over `k` in order from 0, then the bias
-/// added), with no tolerance. The same weight with one value off the bf16 grid stays float32.
+/// A float32 weight whose values are all bf16 values (a bf16 checkpoint loaded in float32), or
+/// all f16 values (an f16 checkpoint), keeps its panels in that half-width kind, half the
+/// bytes, and its products are the same bits as float32 panels': all are checked against a
+/// scalar reference of the kernel's arithmetic (each output a chain of float32 fused
+/// multiply-adds over `k` in order from 0, then the bias added), with no tolerance. The same
+/// weight with one value off the half-width grid stays float32.
 #[test]
-fn bf16_exact_float32_panels_are_stored_in_half_with_the_same_products() {
+fn float32_panels_of_bf16_or_f16_values_are_stored_in_half_with_the_same_products() {
     use flowtune_lm::cpu_kernels::PanelWeight;
     let _serial = require_kernels();
     assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
     let opts = (Kind::Float, Device::Cpu);
-    for (seed, &(n, k)) in PRODUCT_SHAPES.iter().enumerate() {
-        tch::manual_seed(100 + seed as i64);
-        let exact = Tensor::randn([n, k], opts)
-            .to_kind(Kind::BFloat16)
-            .to_kind(Kind::Float);
-        let mut values = Vec::<f32>::try_from(exact.flatten(0, -1)).unwrap();
-        let w_exact = exact.shallow_clone();
-        let middle = values.len() / 2;
-        values[middle] += 1e-6;
-        let w_off = Tensor::from_slice(&values).reshape([n, k]);
-        let b = Tensor::randn([n], opts);
-        let half = PanelWeight::new(&w_exact).unwrap().expect("panels");
-        let full = PanelWeight::new(&w_off).unwrap().expect("panels");
-        assert_eq!(half.stored_kind(), Kind::BFloat16, "n {n} k {k}");
-        assert_eq!(full.stored_kind(), Kind::Float, "n {n} k {k}");
-        assert_eq!(half.shape(), (Kind::Float, n as usize, k as usize));
-        assert_eq!(2 * half.bytes(), full.bytes());
-        for (panels, w) in [(&half, &w_exact), (&full, &w_off)] {
-            let wv = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
-            for rows in [1i64, 3, 8] {
-                for bias in [None, Some(&b)] {
-                    let x = Tensor::randn([rows, k], opts);
-                    let ours = panels.matmul(&x, bias).unwrap().expect("kernel applies");
-                    assert_eq!(ours.kind(), Kind::Float);
-                    let ours = Vec::<f32>::try_from(ours.flatten(0, -1)).unwrap();
-                    let xv = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
-                    let bv = bias.map(|b| Vec::<f32>::try_from(b).unwrap());
-                    let (n, k) = (n as usize, k as usize);
-                    for m in 0..rows as usize {
-                        for j in 0..n {
-                            let dot = (0..k)
-                                .fold(0f32, |acc, kk| xv[m * k + kk].mul_add(wv[j * k + kk], acc));
-                            let want = bv.as_ref().map_or(dot, |b| dot + b[j]);
-                            assert_eq!(
-                                ours[m * n + j].to_bits(),
-                                want.to_bits(),
-                                "{:?} n {n} k {k} rows {rows} row {m} output {j}",
-                                panels.stored_kind()
-                            );
+    for half_kind in [Kind::BFloat16, Kind::Half] {
+        for (seed, &(n, k)) in PRODUCT_SHAPES.iter().enumerate() {
+            tch::manual_seed(100 + seed as i64);
+            let exact = Tensor::randn([n, k], opts)
+                .to_kind(half_kind)
+                .to_kind(Kind::Float);
+            let mut values = Vec::<f32>::try_from(exact.flatten(0, -1)).unwrap();
+            let w_exact = exact.shallow_clone();
+            let middle = values.len() / 2;
+            values[middle] += 1e-6;
+            let w_off = Tensor::from_slice(&values).reshape([n, k]);
+            let b = Tensor::randn([n], opts);
+            let half = PanelWeight::new(&w_exact).unwrap().expect("panels");
+            let full = PanelWeight::new(&w_off).unwrap().expect("panels");
+            assert_eq!(half.stored_kind(), half_kind, "n {n} k {k}");
+            assert_eq!(full.stored_kind(), Kind::Float, "n {n} k {k}");
+            assert_eq!(half.shape(), (Kind::Float, n as usize, k as usize));
+            assert_eq!(2 * half.bytes(), full.bytes());
+            for (panels, w) in [(&half, &w_exact), (&full, &w_off)] {
+                let wv = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
+                for rows in [1i64, 3, 8] {
+                    for bias in [None, Some(&b)] {
+                        let x = Tensor::randn([rows, k], opts);
+                        let ours = panels.matmul(&x, bias).unwrap().expect("kernel applies");
+                        assert_eq!(ours.kind(), Kind::Float);
+                        let ours = Vec::<f32>::try_from(ours.flatten(0, -1)).unwrap();
+                        let xv = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+                        let bv = bias.map(|b| Vec::<f32>::try_from(b).unwrap());
+                        let (n, k) = (n as usize, k as usize);
+                        for m in 0..rows as usize {
+                            for j in 0..n {
+                                let dot = (0..k).fold(0f32, |acc, kk| {
+                                    xv[m * k + kk].mul_add(wv[j * k + kk], acc)
+                                });
+                                let want = bv.as_ref().map_or(dot, |b| dot + b[j]);
+                                assert_eq!(
+                                    ours[m * n + j].to_bits(),
+                                    want.to_bits(),
+                                    "{:?} n {n} k {k} rows {rows} row {m} output {j}",
+                                    panels.stored_kind()
+                                );
+                            }
                         }
                     }
                 }
@@ -760,47 +760,42 @@ fn bf16_exact_float32_panels_are_stored_in_half_with_the_same_products() {
     }
 }
 
-/// SmolLM2's float32 weights rounded to bf16 and loaded as a float32 model: every panel copy
-/// is stored in bf16 (half the bytes of the unrounded model's), and 16 greedy decode steps
-/// match the same rounded model built without panels as the float32 panels do (logits within
-/// 1e-3, the same argmax; see `smollm2_f32_decode_with_panels_equals_without`).
+/// SmolLM2's float32 weights rounded to bf16, and to f16, and loaded as float32 models: every
+/// panel copy is stored in that half-width kind (half the bytes of the unrounded model's), and
+/// 16 greedy decode steps match the same rounded model built without panels as the float32
+/// panels do (logits within 1e-3, the same argmax; see
+/// `smollm2_f32_decode_with_panels_equals_without`).
 #[test]
-fn smollm2_bf16_exact_f32_decodes_through_half_panels() {
+fn smollm2_f32_of_bf16_or_f16_values_decodes_through_half_panels() {
     use flowtune_lm::loader::{load, LoadOptions};
     use flowtune_lm::model::Model;
-    use model_support::{max_abs_diff, test_model};
+    use model_support::test_model;
     let _serial = require_kernels();
     assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
     let m = load(&test_model(), &LoadOptions::default()).unwrap();
-    let rounded: std::collections::HashMap<String, Tensor> = m
-        .weights
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = m.weights.get(n).unwrap();
-            (
-                n.to_string(),
-                t.to_kind(Kind::BFloat16).to_kind(Kind::Float),
-            )
-        })
-        .collect();
-    let unrounded = Model::new(&m.config, &m.weights).unwrap();
-    let half = Model::from_tensors(&m.config, &rounded).unwrap();
-    assert_eq!(half.kind(), Kind::Float);
-    assert_eq!(half.panel_linears(), unrounded.panel_linears());
-    assert_eq!(2 * half.panel_bytes(), unrounded.panel_bytes());
-    drop(unrounded);
-    cpu_kernels::set_decode_panels(Some(false));
-    let without = Model::from_tensors(&m.config, &rounded);
-    cpu_kernels::set_decode_panels(None);
-    let without = without.unwrap();
-    assert_eq!(without.panel_bytes(), 0);
-    let (b, a) = model_support::river_prompt_decode(&without, &half, &m.tokenizer, 16);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
-        let d = max_abs_diff(x, y);
-        assert!(d <= 1e-3, "step {i}: max |Δ logit| {d}");
+    let unrounded_bytes = Model::new(&m.config, &m.weights).unwrap().panel_bytes();
+    for half_kind in [Kind::BFloat16, Kind::Half] {
+        let rounded: std::collections::HashMap<String, Tensor> = m
+            .weights
+            .names()
+            .into_iter()
+            .map(|n| {
+                let t = m.weights.get(n).unwrap();
+                (n.to_string(), t.to_kind(half_kind).to_kind(Kind::Float))
+            })
+            .collect();
+        let half = Model::from_tensors(&m.config, &rounded).unwrap();
+        assert_eq!(half.kind(), Kind::Float);
+        assert_eq!(half.panel_linears(), 4 * m.config.num_hidden_layers + 1);
+        assert_eq!(2 * half.panel_bytes(), unrounded_bytes, "{half_kind:?}");
+        cpu_kernels::set_decode_panels(Some(false));
+        let without = Model::from_tensors(&m.config, &rounded);
+        cpu_kernels::set_decode_panels(None);
+        let without = without.unwrap();
+        assert_eq!(without.panel_bytes(), 0);
+        let what = format!("f32 of {half_kind:?} values with half panels vs without");
+        model_support::assert_river_decode_alike(&without, &half, &m.tokenizer, 16, 1e-3, &what);
     }
-    model_support::assert_same_argmax(&a, &b, 1, "bf16-exact f32 with half panels vs without");
 }
 
 /// The float32 int4 kernel against the dense product of its dequantised weight

@@ -166,13 +166,14 @@ fn int4_f32_decode_equals_dense_f32() {
     let q = load_as(Kind::Float, LinearWeights::Int4);
     let int4 = Model::new(&q.config, &q.weights).unwrap();
     assert_eq!(int4.int4_linears(), 30 * 4);
-    let (a, b) = model_support::river_prompt_decode(&dense, &int4, &d.tokenizer, 12);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
-        let diff = (x - y).abs().max().double_value(&[]);
-        eprintln!("step {i}: f32 int4 vs dense max |Δ logit| {diff:.2e}");
-        assert!(diff <= 2e-3, "step {i}: max |Δ logit| {diff}");
-    }
-    assert_same_argmax(&a, &b, 1, "f32 int4 vs dense");
+    model_support::assert_river_decode_alike(
+        &dense,
+        &int4,
+        &d.tokenizer,
+        12,
+        2e-3,
+        "f32 int4 vs dense",
+    );
 }
 
 #[test]

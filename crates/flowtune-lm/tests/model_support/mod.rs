@@ -133,6 +133,25 @@ pub fn river_prompt_decode(
     )
 }
 
+/// [`river_prompt_decode`] over `n` greedy steps, asserting that after the prefill every
+/// step's logits of `other` lie within `tol` (max |Δ|) of `reference`'s and pick the same token.
+pub fn assert_river_decode_alike(
+    reference: &Model,
+    other: &Model,
+    tokenizer: &flowtune_lm::tokenizer::Tokenizer,
+    n: usize,
+    tol: f64,
+    what: &str,
+) {
+    let (a, b) = river_prompt_decode(reference, other, tokenizer, n);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
+        let d = max_abs_diff(x, y);
+        eprintln!("step {i}: {what}: max |Δ logit| {d:.2e}");
+        assert!(d <= tol, "step {i}: {what}: max |Δ logit| {d}");
+    }
+    assert_same_argmax(&a, &b, 1, what);
+}
+
 /// Assert that two runs of per-step logits pick the same token at every step from `from` on.
 pub fn assert_same_argmax(a: &[Tensor], b: &[Tensor], from: usize, what: &str) {
     for (i, (x, y)) in a.iter().zip(b).enumerate().skip(from) {

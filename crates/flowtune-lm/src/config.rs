@@ -260,6 +260,19 @@ impl ModelConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// The shapes of the linears a LoRA adapter can target (PEFT's q/k/v/o and gate/up/down
+    /// per layer; fused checkpoints' parts too), for an [`flowtune_lora::AdapterBank`].
+    pub fn lora_base_shapes(&self) -> flowtune_lora::BaseShapes {
+        flowtune_lora::llama_base_shapes(
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_key_value_heads(),
+            self.head_dim(),
+            self.intermediate_size,
+        )
+    }
+
     /// Head dimension.
     pub fn head_dim(&self) -> usize {
         self.head_dim

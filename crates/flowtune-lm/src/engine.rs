@@ -319,14 +319,7 @@ impl Engine {
     /// An empty bank shaped for this model's linears.
     pub fn new_adapter_bank(&self) -> flowtune_lora::AdapterBank {
         let c = self.model.config();
-        let shapes = flowtune_lora::llama_base_shapes(
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads(),
-            c.head_dim(),
-            c.intermediate_size,
-        );
+        let shapes = c.lora_base_shapes();
         flowtune_lora::AdapterBank::new(shapes, self.model.device())
     }
 

@@ -6,7 +6,7 @@
 
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::model::{LinearDelta, Model};
-use flowtune_lora::{llama_base_shapes, AdapterBank, AdapterSelection, LoraConfig, Module};
+use flowtune_lora::{AdapterBank, AdapterSelection, LoraConfig, Module};
 use tch::{Device, Kind, Tensor};
 
 struct BankDelta<'a>(flowtune_lora::SelectedAdapters<'a>);
@@ -37,14 +37,7 @@ fn merge_matches_delta_and_unmerge_restores_the_base() {
     .unwrap();
     let c = loaded.config.clone();
     let mut model = Model::new(&loaded.config, &loaded.weights).unwrap();
-    let shapes = llama_base_shapes(
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads(),
-        c.head_dim(),
-        c.intermediate_size,
-    );
+    let shapes = c.lora_base_shapes();
     let mut bank = AdapterBank::new(shapes, Device::Cpu);
     // Every module kind, so q/k/v (views of the fused qkv) and gate/up (views of the fused
     // gate_up) are all exercised.

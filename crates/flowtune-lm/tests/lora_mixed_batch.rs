@@ -9,9 +9,7 @@
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::model::{LinearDelta, LogitsAt, Model};
 use flowtune_lm::tokenizer::ChatMessage;
-use flowtune_lora::{
-    llama_base_shapes, AdapterBank, AdapterId, AdapterSelection, LoraConfig, Module, Site,
-};
+use flowtune_lora::{AdapterBank, AdapterId, AdapterSelection, LoraConfig, Module, Site};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tch::{Device, Kind, Tensor};
@@ -84,14 +82,7 @@ fn mixed_adapter_batch_equals_single_passes_on_the_real_model() {
     .unwrap();
     let c = loaded.config.clone();
     let model = Model::new(&loaded.config, &loaded.weights).unwrap();
-    let shapes = llama_base_shapes(
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads(),
-        c.head_dim(),
-        c.intermediate_size,
-    );
+    let shapes = c.lora_base_shapes();
     let mut bank = AdapterBank::new(shapes, Device::Cpu);
     let configs = [
         LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),

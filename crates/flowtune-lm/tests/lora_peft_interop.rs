@@ -18,7 +18,7 @@ use std::process::Command;
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::model::{LinearDelta, LogitsAt, Model};
 use flowtune_lm::tokenizer::ChatMessage;
-use flowtune_lora::{llama_base_shapes, AdapterBank, AdapterSelection, LoraConfig, Module, Site};
+use flowtune_lora::{AdapterBank, AdapterSelection, LoraConfig, Module, Site};
 use tch::{Device, Kind, Tensor};
 
 const LOGIT_TOL: f64 = 1e-3;
@@ -101,14 +101,7 @@ fn peft_adapters_round_trip_with_python_peft() {
     .unwrap();
     let c = loaded.config.clone();
     let model = Model::new(&loaded.config, &loaded.weights).unwrap();
-    let shapes = llama_base_shapes(
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads(),
-        c.head_dim(),
-        c.intermediate_size,
-    );
+    let shapes = c.lora_base_shapes();
     let ids: Vec<Vec<i64>> = prompts()
         .iter()
         .map(|p| {

@@ -5,7 +5,7 @@
 
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::model::{LinearDelta, Model};
-use flowtune_lora::{llama_base_shapes, AdapterBank, AdapterSelection, LoraConfig, Module, Site};
+use flowtune_lora::{AdapterBank, AdapterSelection, LoraConfig, Module, Site};
 use tch::{Device, Kind, Tensor};
 
 struct BankDelta<'a>(flowtune_lora::SelectedAdapters<'a>);
@@ -32,14 +32,7 @@ fn only_the_active_adapter_changes_after_a_step_on_the_real_model() {
     .unwrap();
     let c = loaded.config.clone();
     let model = Model::new(&loaded.config, &loaded.weights).unwrap();
-    let shapes = llama_base_shapes(
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads(),
-        c.head_dim(),
-        c.intermediate_size,
-    );
+    let shapes = c.lora_base_shapes();
     let mut bank = AdapterBank::new(shapes, Device::Cpu);
     let all = [
         Module::QProj,

@@ -9,7 +9,7 @@
 use flowtune::learner::{LearnerConfig, NodeLearner, NodeRecords, PreferencePair, PromptSharing};
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::model::Model;
-use flowtune_lora::{llama_base_shapes, AdapterBank, LoraConfig, Module};
+use flowtune_lora::{AdapterBank, LoraConfig, Module};
 use std::time::Instant;
 use tch::{Device, Kind};
 
@@ -39,14 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let model = Model::new(&loaded.config, &loaded.weights)?;
     let c = &loaded.config;
-    let shapes = llama_base_shapes(
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.num_attention_heads,
-        c.num_key_value_heads(),
-        c.head_dim(),
-        c.intermediate_size,
-    );
+    let shapes = c.lora_base_shapes();
     let records = NodeRecords::Preferences(workload.pairs);
     let mut out = serde_json::Map::new();
     out.insert("threads".into(), tch::get_num_threads().into());

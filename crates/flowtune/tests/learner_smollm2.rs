@@ -20,7 +20,7 @@ use flowtune::learner::{
 use flowtune_lm::loader::{load, LoadOptions, LoadedModel};
 use flowtune_lm::model::Model;
 use flowtune_lm::ChatMessage;
-use flowtune_lora::{llama_base_shapes, AdapterBank, LoraConfig, Module};
+use flowtune_lora::{AdapterBank, LoraConfig, Module};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -47,17 +47,7 @@ fn load_model() -> (LoadedModel, Model) {
 
 fn bank_for(loaded: &LoadedModel) -> AdapterBank {
     let c = &loaded.config;
-    AdapterBank::new(
-        llama_base_shapes(
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads(),
-            c.head_dim(),
-            c.intermediate_size,
-        ),
-        Device::Cpu,
-    )
+    AdapterBank::new(c.lora_base_shapes(), Device::Cpu)
 }
 
 fn prompt(loaded: &LoadedModel, user: &str) -> Vec<u32> {

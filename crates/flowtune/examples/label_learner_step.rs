@@ -20,18 +20,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let episodes: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(4);
-    let path = flowtune_lm::locate_test_model()?;
-    let loaded = load(
-        &path,
-        &LoadOptions {
-            device: Device::Cpu,
-            dtype: Kind::BFloat16,
-            ..Default::default()
-        },
-    )?;
+    // The test model on the CPU (the default device), in bf16.
+    let bf16 = LoadOptions {
+        dtype: Kind::BFloat16,
+        ..Default::default()
+    };
+    let loaded = load(&flowtune_lm::locate_test_model()?, &bf16)?;
     let model = Model::new(&loaded.config, &loaded.weights)?;
-    let c = &loaded.config;
-    let shapes = c.lora_base_shapes();
     let yes_no = [
         loaded.tokenizer.encode("Yes")?[0],
         loaded.tokenizer.encode("No")?[0],
@@ -64,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     eprintln!("{} label records", records.len());
     let records = NodeRecords::Labels(records);
-    let mut bank = AdapterBank::new(shapes, Device::Cpu);
+    let mut bank = AdapterBank::new(loaded.config.lora_base_shapes(), Device::Cpu);
     bank.add(
         "node",
         &LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),

@@ -2610,32 +2610,25 @@ impl PanelWeight {
             n,
             k,
         };
-        // SAFETY: `wt` is a contiguous CPU tensor of `k * n` values of the element type read.
+        // A half-width copy where one holds the same values: bf16 weights as they are, float32
+        // ones whose values are all bf16 or all f16 values.
+        // SAFETY: `wt` is a contiguous CPU tensor of `k * n` float32 values where it is one.
+        let half = match w.kind() {
+            Kind::Float => half_width_copy(&wt, unsafe { elements::<f32>(&wt) })?,
+            _ => Some((Kind::BFloat16, wt.shallow_clone())),
+        };
+        // SAFETY: `wt` (and `half`, of the same shape) are contiguous CPU tensors of `k * n`
+        // values of the element type read.
         unsafe {
-            match w.kind() {
-                Kind::Float => {
-                    let values_f32 = elements::<f32>(&wt);
-                    if values_f32.iter().all(|v| v.to_bits() & 0xffff == 0) {
-                        // bf16-exact: keep the upper halves (the bf16 bits).
-                        let halves: Vec<u16> = values_f32
-                            .iter()
-                            .map(|v| (v.to_bits() >> 16) as u16)
-                            .collect();
-                        panels.stored = Kind::BFloat16;
-                        panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
-                        fill_panels(&halves, panels.values_mut::<u16>(), n, k);
-                    } else if let Some(half) = half_exact(&wt, values_f32)? {
-                        panels.stored = Kind::Half;
-                        panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
-                        fill_panels(elements::<u16>(&half), panels.values_mut::<u16>(), n, k);
-                    } else {
-                        panels.lines = vec![Line([0.0; LANES]); values.div_ceil(LANES)];
-                        fill_panels(values_f32, panels.values_mut::<f32>(), n, k);
-                    }
-                }
-                _ => {
+            match half {
+                Some((stored, half)) => {
+                    panels.stored = stored;
                     panels.lines = vec![Line([0.0; LANES]); values.div_ceil(2 * LANES)];
-                    fill_panels(elements::<u16>(&wt), panels.values_mut::<u16>(), n, k);
+                    fill_panels(elements::<u16>(&half), panels.values_mut::<u16>(), n, k);
+                }
+                None => {
+                    panels.lines = vec![Line([0.0; LANES]); values.div_ceil(LANES)];
+                    fill_panels(elements::<f32>(&wt), panels.values_mut::<f32>(), n, k);
                 }
             }
         }
@@ -2741,30 +2734,28 @@ impl PanelWeight {
     }
 }
 
-/// `wt` (float32, contiguous, its values `values`) in half precision when every value is a
-/// half-precision value (converting back gives the same bits), else `None`. The first 4096
-/// values are checked first, so most float32 weights are turned down without converting all.
-fn half_exact(wt: &Tensor, values: &[f32]) -> Result<Option<Tensor>> {
-    let exact = |v: &[f32]| -> Result<bool> {
-        let t = Tensor::f_from_slice(v)?;
-        Ok(t.f_to_kind(Kind::Half)?
+/// `wt` (float32, contiguous, its values `values`) in bf16 when every value is a bf16 value
+/// (its low 16 bits are zero), else in f16 when every value is an f16 value (converting back
+/// gives the same bits), else `None`; with the kind. For f16 the first 4096 values are checked
+/// first, so most float32 weights are turned down without converting them all.
+fn half_width_copy(wt: &Tensor, values: &[f32]) -> Result<Option<(Kind, Tensor)>> {
+    if values.iter().all(|v| v.to_bits() & 0xffff == 0) {
+        return Ok(Some((Kind::BFloat16, wt.f_to_kind(Kind::BFloat16)?)));
+    }
+    let round_trips = |t: &Tensor, half: &Tensor| -> Result<bool> {
+        Ok(half
             .f_to_kind(Kind::Float)?
-            .f_eq_tensor(&t)?
+            .f_eq_tensor(t)?
             .f_all()?
             .int64_value(&[])
             != 0)
     };
-    if !exact(&values[..values.len().min(4096)])? {
+    let head = Tensor::f_from_slice(&values[..values.len().min(4096)])?;
+    if !round_trips(&head, &head.f_to_kind(Kind::Half)?)? {
         return Ok(None);
     }
     let half = wt.f_to_kind(Kind::Half)?;
-    let all = half
-        .f_to_kind(Kind::Float)?
-        .f_eq_tensor(wt)?
-        .f_all()?
-        .int64_value(&[])
-        != 0;
-    Ok(all.then_some(half))
+    Ok(round_trips(wt, &half)?.then_some((Kind::Half, half)))
 }
 
 /// Copy the contiguous `[K, N]` matrix `wt` into panels `dst` (zeroed, `n.div_ceil(32) * k *

@@ -318,9 +318,7 @@ impl Engine {
 
     /// An empty bank shaped for this model's linears.
     pub fn new_adapter_bank(&self) -> flowtune_lora::AdapterBank {
-        let c = self.model.config();
-        let shapes = c.lora_base_shapes();
-        flowtune_lora::AdapterBank::new(shapes, self.model.device())
+        flowtune_lora::AdapterBank::new(self.model.config().lora_base_shapes(), self.model.device())
     }
 
     /// Load a PEFT adapter folder into the bank (created on first use) under `name`.

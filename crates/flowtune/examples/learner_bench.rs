@@ -38,8 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     let model = Model::new(&loaded.config, &loaded.weights)?;
-    let c = &loaded.config;
-    let shapes = c.lora_base_shapes();
+    let shapes = loaded.config.lora_base_shapes();
     let records = NodeRecords::Preferences(workload.pairs);
     let mut out = serde_json::Map::new();
     out.insert("threads".into(), tch::get_num_threads().into());

@@ -903,6 +903,220 @@ mod avx512 {
         }
     }
 
+    /// The codes of one row (one input, 32 outputs) of a block-coded panel as two 16-lane
+    /// float32 vectors (exact).
+    pub(super) trait CodeRow {
+        /// Bytes per row.
+        const BYTES: usize;
+        /// # Safety
+        /// `p` points at `BYTES` readable bytes on a 16-byte boundary.
+        unsafe fn load_codes(p: *const u8) -> (__m512, __m512);
+    }
+
+    /// 4-bit codes `0..=15`, two to a byte: output `c` in the low nibble of byte `c`, output
+    /// `c + 16` in its high nibble.
+    pub(super) struct Nibbles;
+
+    impl CodeRow for Nibbles {
+        const BYTES: usize = 16;
+        #[inline(always)]
+        unsafe fn load_codes(p: *const u8) -> (__m512, __m512) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let v = _mm512_cvtepu8_epi32(_mm_load_si128(p as *const __m128i));
+                let lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0f));
+                let hi = _mm512_srli_epi32::<4>(v);
+                (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
+            }
+        }
+    }
+
+    /// Signed 8-bit codes, one byte per output.
+    pub(super) struct Bytes;
+
+    impl CodeRow for Bytes {
+        const BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn load_codes(p: *const u8) -> (__m512, __m512) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let lo = _mm512_cvtepi8_epi32(_mm_load_si128(p as *const __m128i));
+                let hi = _mm512_cvtepi8_epi32(_mm_load_si128(p.add(16) as *const __m128i));
+                (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi))
+            }
+        }
+    }
+
+    /// The float32 lanes of `v` rounded to bf16 (ties to even, `super::bf16_bits` for every
+    /// value but NaN) and widened back.
+    #[inline(always)]
+    unsafe fn round_to_bf16(v: __m512) -> __m512 {
+        // SAFETY: register-only AVX-512F operations (the callers enable the feature).
+        unsafe {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let up = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+            _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(-65536)))
+        }
+    }
+
+    /// The float32 lanes of `w0` (outputs 0..16) and `w1` (16..32) rounded to bf16 by
+    /// `vcvtne2ps2bf16` (ties to even; the same values as [`round_to_bf16`] for every normal
+    /// or zero value, the only ones block codes make) and widened in two unpacks, which leave
+    /// them interleaved: lane `4l + i` of the first holds output `8l + i`, of the second
+    /// output `8l + 4 + i` (`l < 4`, `i < 4`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn round_to_bf16_interleaved(w0: __m512, w1: __m512) -> (__m512, __m512) {
+        // SAFETY: 32 bf16 values and 32 16-bit integers are the same 64 bytes.
+        let packed: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(w1, w0)) };
+        let zero = _mm512_setzero_si512();
+        (
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, packed)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, packed)),
+        )
+    }
+
+    /// How [`gemm_coded_panels`] rounds its widened weights: not at all (float32 weights).
+    pub(super) const ROUND_NONE: u8 = 0;
+    /// To bf16 in integer operations ([`round_to_bf16`]).
+    pub(super) const ROUND_BF16: u8 = 1;
+    /// To bf16 by `vcvtne2ps2bf16`, lanes interleaved ([`round_to_bf16_interleaved`]).
+    pub(super) const ROUND_BF16_NATIVE: u8 = 2;
+
+    /// Bytes of one block (32 inputs) of one block-coded panel: 32 f16 scales, 32 f16 minima
+    /// when `MIN`, then 32 rows of codes.
+    pub(super) const fn coded_block_bytes<C: CodeRow, const MIN: bool>() -> usize {
+        64 * (1 + MIN as usize) + 32 * C::BYTES
+    }
+
+    /// [`gemm_panels`] over block-coded panels (see `super::PanelWeight::from_codes`): block `b`
+    /// of panel `p` (inputs `32b..32b + 32`) is [`coded_block_bytes`] bytes at `(p · K/32 + b)`
+    /// blocks into `data`. Each weight is `code * scale (+ min)`, a product and a sum each
+    /// rounded to float32 as the loader dequantises it, then rounded to bf16 as the dense bf16
+    /// weight was (`ROUND`: [`ROUND_NONE`] for float32 weights, [`ROUND_BF16`]); the products
+    /// and sums after are `gemm_panels`' in the same order, so the outputs are the same bits as
+    /// over panels of the dense weight.
+    ///
+    /// # Safety
+    /// `data` holds `n.div_ceil(32) * k / 32` blocks starting on a 64-byte boundary, `x`
+    /// `M * k` floats, `k` is a multiple of 32 and `to <= n.div_ceil(32)`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gemm_coded_panels<
+        C: CodeRow,
+        const MIN: bool,
+        const ROUND: u8,
+        const M: usize,
+    >(
+        x: &[f32],
+        data: &[u8],
+        n: usize,
+        k: usize,
+        from: usize,
+        to: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        // SAFETY: the caller's contract; `ROUND` is not the native rounding.
+        unsafe { coded_panels::<C, MIN, ROUND, M>(x, data, n, k, from, to, out) }
+    }
+
+    /// [`gemm_coded_panels`] for bf16 weights on a CPU with AVX512-BF16, rounding with
+    /// `vcvtne2ps2bf16` ([`ROUND_BF16_NATIVE`]): the same bits, fewer instructions.
+    ///
+    /// # Safety
+    /// As [`gemm_coded_panels`]; the CPU has AVX512-BW and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+    pub(super) unsafe fn gemm_coded_panels_bf16<C: CodeRow, const MIN: bool, const M: usize>(
+        x: &[f32],
+        data: &[u8],
+        n: usize,
+        k: usize,
+        from: usize,
+        to: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        // SAFETY: the caller's contract, which includes the native rounding's features.
+        unsafe { coded_panels::<C, MIN, ROUND_BF16_NATIVE, M>(x, data, n, k, from, to, out) }
+    }
+
+    /// The body of [`gemm_coded_panels`] and [`gemm_coded_panels_bf16`].
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
+    unsafe fn coded_panels<C: CodeRow, const MIN: bool, const ROUND: u8, const M: usize>(
+        x: &[f32],
+        data: &[u8],
+        n: usize,
+        k: usize,
+        from: usize,
+        to: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        let blocks = k / 32;
+        let block = coded_block_bytes::<C, MIN>();
+        let codes_at = 64 * (1 + MIN as usize);
+        let mut sums = [0f32; 32];
+        // SAFETY: block `b` of panel `p < to` spans `block` bytes (a multiple of 64) at
+        // `(p * blocks + b) * block`, inside `data`; its scales, minima and code rows sit at
+        // 32-, 64- and 16-byte boundaries; `x` holds `M * k` floats.
+        unsafe {
+            for p in from..to {
+                let j = p * 32;
+                let width = (n - j).min(32);
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                for b in 0..blocks {
+                    let base = data.as_ptr().add((p * blocks + b) * block);
+                    let half = |at: usize| {
+                        _mm512_cvtph_ps(_mm256_load_si256(base.add(at) as *const __m256i))
+                    };
+                    let (d0, d1) = (half(0), half(32));
+                    let (m0, m1) = if MIN {
+                        (half(64), half(96))
+                    } else {
+                        (_mm512_setzero_ps(), _mm512_setzero_ps())
+                    };
+                    let rows = base.add(codes_at);
+                    for i in 0..32 {
+                        let (c0, c1) = C::load_codes(rows.add(i * C::BYTES));
+                        // `code * scale` is exact (at most 8 + 11 significant bits), so
+                        // the fused multiply-add rounds once where the loader's product and
+                        // sum do: the same value.
+                        let (mut w0, mut w1) = if MIN {
+                            (_mm512_fmadd_ps(c0, d0, m0), _mm512_fmadd_ps(c1, d1, m1))
+                        } else {
+                            (_mm512_mul_ps(c0, d0), _mm512_mul_ps(c1, d1))
+                        };
+                        if ROUND == ROUND_BF16 {
+                            w0 = round_to_bf16(w0);
+                            w1 = round_to_bf16(w1);
+                        } else if ROUND == ROUND_BF16_NATIVE {
+                            (w0, w1) = round_to_bf16_interleaved(w0, w1);
+                        }
+                        let kk = b * 32 + i;
+                        for m in 0..M {
+                            let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
+                            acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
+                            acc[m][1] = _mm512_fmadd_ps(xm, w1, acc[m][1]);
+                        }
+                    }
+                }
+                for m in 0..M {
+                    _mm512_storeu_ps(sums.as_mut_ptr(), acc[m][0]);
+                    _mm512_storeu_ps(sums.as_mut_ptr().add(16), acc[m][1]);
+                    if ROUND == ROUND_BF16_NATIVE {
+                        let lanes = sums;
+                        for l in 0..4 {
+                            for i in 0..4 {
+                                sums[8 * l + i] = lanes[4 * l + i];
+                                sums[8 * l + 4 + i] = lanes[16 + 4 * l + i];
+                            }
+                        }
+                    }
+                    out(m, j, &sums[..width]);
+                }
+            }
+        }
+    }
+
     /// `out(m, j, Σ_k x[m, k] * w[j, k])` for the outputs of panels `from..to` of a
     /// [`super::PanelWeight`] (`wp`, 32 outputs per panel, each panel's `k × 32` values one
     /// sequential run): the sums of one panel for every row go through a 32-float buffer to
@@ -2097,6 +2311,45 @@ unsafe fn attention_views<E: avx512::VecElem + Sync>(
     }
 }
 
+/// 0: no override; 1: `vcvtne2ps2bf16` where the CPU has it; 2: integer rounding.
+static BF16_ROUNDING_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Force how bf16 block-coded panels round their widened weights (`Some(false)`: integer
+/// operations; `None`: back to `FLOWTUNE_PANEL_BF16_ROUNDING`). Both give the same bits.
+pub fn set_panel_bf16_rounding(native: Option<bool>) {
+    let v = match native {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    BF16_ROUNDING_OVERRIDE.store(v, Ordering::Relaxed);
+}
+
+/// Whether bf16 block-coded panels round with `vcvtne2ps2bf16`: the AVX-512 kernels run, the
+/// CPU has AVX512-BW and AVX512-BF16, and neither [`set_panel_bf16_rounding`] nor
+/// `FLOWTUNE_PANEL_BF16_ROUNDING=integer` asks for the integer rounding (the same bits, more
+/// instructions).
+fn coded_panels_native_bf16() -> bool {
+    static CPU: OnceLock<bool> = OnceLock::new();
+    let cpu = *CPU.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            int4_f32_available()
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    });
+    cpu && match BF16_ROUNDING_OVERRIDE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("FLOWTUNE_PANEL_BF16_ROUNDING").as_deref() != Ok("integer"),
+    }
+}
+
 /// Whether the bf16 attention kernel for prompt batches may use `vdpbf16ps`: the AVX-512
 /// kernels run ([`int4_f32_available`]), the CPU has AVX512-BW and AVX512-BF16, and its bf16
 /// products are fast ([`bf16_gemm`] is [`Bf16Gemm::Native`]: on the session-11 Intel Xeon,
@@ -2480,6 +2733,14 @@ impl Int8F32Weight {
         (self.n, self.k)
     }
 
+    /// The codes and scales.
+    pub fn codes(&self) -> BlockCodes<'_> {
+        BlockCodes::Q8 {
+            codes: &self.codes,
+            scale: &self.scale,
+        }
+    }
+
     /// The weight these blocks represent, float32 `[N, K]` (`scale * q`, exact).
     pub fn dequantize(&self) -> Result<Tensor> {
         let w: Vec<f32> = self
@@ -2562,13 +2823,16 @@ pub fn decode_panels() -> bool {
 /// A float32 weight whose every value is a bf16 value (a bf16 checkpoint loaded in float32)
 /// is stored in bf16, and one whose every value is a half-precision value (an f16 checkpoint)
 /// in f16: widening is exact and the products and sums are the same float32 operations in the
-/// same order, so the outputs are the same bits at half the bytes read.
+/// same order, so the outputs are the same bits at half the bytes read. A weight dequantised
+/// from ggml blocks can keep those blocks instead ([`Self::from_codes`]), again with the same
+/// bits out.
 pub struct PanelWeight {
     lines: Vec<Line>,
     /// The kind of the inputs and outputs (the weight's own).
     kind: Kind,
     /// The kind the panels hold: `kind`, or bf16 (f16) for a float32 weight whose values are
-    /// all bf16 (f16) values.
+    /// all bf16 (f16) values, or the codes' kind for block-coded panels (uint8: 4-bit codes
+    /// with scales and minima; int8: 8-bit codes with scales).
     stored: Kind,
     n: usize,
     k: usize,
@@ -2635,13 +2899,147 @@ impl PanelWeight {
         Ok(Some(panels))
     }
 
+    /// The panels of `w` `[N, K]` (float32 or bf16, CPU) kept as the ggml block codes its
+    /// values were dequantised from (a GGUF's Q4_1 linears, its Q8_0 head) where `codes`
+    /// reproduces every value of `w` bit for bit: `code * scale (+ min)`, each operation
+    /// rounded to float32 as [`crate::gguf::dequantize`] does, then rounded to bf16 for a bf16
+    /// `w` as libtorch's cast does. The kernel widens the codes the same way, so the products
+    /// are the same bits as over panels of `w`'s values, at about a sixth (4-bit codes) or a
+    /// quarter (8-bit) of the bytes of float32 panels. `None` where [`Self::new`] would be,
+    /// for `K` not a multiple of 32, codes of another size, scales or minima that are not
+    /// finite half-precision values, or any value not reproduced (ggml's Q4_0 blocks, say, whose
+    /// `(q - 8) * scale` can be a negative zero where `q * scale + min` is a positive one).
+    pub fn from_codes(w: &Tensor, codes: BlockCodes<'_>) -> Result<Option<Self>> {
+        let size = w.size();
+        if !int4_f32_available()
+            || !decode_panels()
+            || w.device() != Device::Cpu
+            || !matches!(w.kind(), Kind::Float | Kind::BFloat16)
+            || size.len() != 2
+            || size.contains(&0)
+            || size[1] % GROUP as i64 != 0
+        {
+            return Ok(None);
+        }
+        let (n, k) = (size[0] as usize, size[1] as usize);
+        let (scale, min, nibbles) = match codes {
+            BlockCodes::Q4 { codes, scale, min } if codes.len() == n * k => {
+                (scale, Some(min), true)
+            }
+            BlockCodes::Q8 { codes, scale } if codes.len() == n * k => (scale, None, false),
+            _ => return Ok(None),
+        };
+        let code = |at: usize| -> f32 {
+            match codes {
+                BlockCodes::Q4 { codes, .. } => f32::from(codes[at]),
+                BlockCodes::Q8 { codes, .. } => f32::from(codes[at]),
+            }
+        };
+        let groups = n * k / GROUP;
+        let as_half = |v: &[f32]| -> Option<Vec<half::f16>> {
+            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let exact = h
+                .iter()
+                .zip(v)
+                .all(|(h, x)| x.is_finite() && h.to_f32().to_bits() == x.to_bits());
+            exact.then_some(h)
+        };
+        let (Some(scale16), true) = (as_half(scale), scale.len() == groups) else {
+            return Ok(None);
+        };
+        let min16 = match min {
+            Some(m) if m.len() == groups => match as_half(m) {
+                Some(h) => Some(h),
+                None => return Ok(None),
+            },
+            Some(_) => return Ok(None),
+            None => None,
+        };
+        // The dense value of element `at` (row-major) as the loader computed it.
+        let bf16 = w.kind() == Kind::BFloat16;
+        let value = |at: usize| -> u32 {
+            let g = at / GROUP;
+            let v = code(at) * scale[g];
+            let v = min.map_or(v, |m| v + m[g]);
+            if bf16 {
+                u32::from(bf16_bits(v))
+            } else {
+                v.to_bits()
+            }
+        };
+        let dense = w.f_detach()?.f_contiguous()?;
+        // SAFETY: `dense` is a contiguous CPU tensor of `n * k` values of its kind.
+        let same = unsafe {
+            if bf16 {
+                elements::<u16>(&dense)
+                    .iter()
+                    .enumerate()
+                    .all(|(at, &v)| u32::from(v) == value(at))
+            } else {
+                elements::<f32>(&dense)
+                    .iter()
+                    .enumerate()
+                    .all(|(at, &v)| v.to_bits() == value(at))
+            }
+        };
+        if !same {
+            return Ok(None);
+        }
+        drop(dense);
+        let blocks = k / GROUP;
+        let (block, row) = if nibbles {
+            (avx512::coded_block_bytes::<avx512::Nibbles, true>(), 16)
+        } else {
+            (avx512::coded_block_bytes::<avx512::Bytes, false>(), 32)
+        };
+        let line = std::mem::size_of::<Line>();
+        let mut panels = Self {
+            lines: vec![Line([0.0; LANES]); n.div_ceil(PANEL) * blocks * block / line],
+            kind: w.kind(),
+            stored: if nibbles { Kind::Uint8 } else { Kind::Int8 },
+            n,
+            k,
+        };
+        let bytes = panels.values_mut::<u8>();
+        for p in 0..n.div_ceil(PANEL) {
+            let width = (n - p * PANEL).min(PANEL);
+            for b in 0..blocks {
+                let at = (p * blocks + b) * block;
+                let out = &mut bytes[at..at + block];
+                for c in 0..width {
+                    let o = p * PANEL + c;
+                    let g = o * blocks + b;
+                    out[2 * c..2 * c + 2].copy_from_slice(&scale16[g].to_le_bytes());
+                    if let Some(m) = &min16 {
+                        out[64 + 2 * c..64 + 2 * c + 2].copy_from_slice(&m[g].to_le_bytes());
+                    }
+                }
+                let rows = &mut out[block - 32 * row..];
+                for i in 0..GROUP {
+                    let r = &mut rows[i * row..(i + 1) * row];
+                    for c in 0..width {
+                        let src = (p * PANEL + c) * k + b * GROUP + i;
+                        match codes {
+                            BlockCodes::Q4 { codes, .. } => {
+                                r[c % 16] |= (codes[src] & 0x0f) << (4 * (c / 16));
+                            }
+                            BlockCodes::Q8 { codes, .. } => r[c] = codes[src] as u8,
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Some(panels))
+    }
+
     /// The element kind (float32 or bf16) and the output and input sizes `(N, K)`.
     pub fn shape(&self) -> (Kind, usize, usize) {
         (self.kind, self.n, self.k)
     }
 
     /// The kind the panels are stored in: the weight's own, or bf16 (f16) for a float32 weight
-    /// whose values are all bf16 (f16) values.
+    /// whose values are all bf16 (f16) values, or for panels built by [`Self::from_codes`]
+    /// uint8 (4-bit codes) or int8 (8-bit codes).
     pub fn stored_kind(&self) -> Kind {
         self.stored
     }
@@ -2699,6 +3097,7 @@ impl PanelWeight {
             };
             let bs = bias.as_ref().map(|b| elements::<f32>(b));
             let bf16 = self.kind == Kind::BFloat16;
+            let native = bf16 && coded_panels_native_bf16();
             let stored = self.stored;
             let ys = OutPtr(out.data_ptr() as *mut u8);
             let run = |r: std::ops::Range<usize>| {
@@ -2723,6 +3122,12 @@ impl PanelWeight {
                     }
                 };
                 with_rows!(rows, M => match stored {
+                    Kind::Uint8 if bf16 && native => avx512::gemm_coded_panels_bf16::<avx512::Nibbles, true, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
+                    Kind::Uint8 if bf16 => avx512::gemm_coded_panels::<avx512::Nibbles, true, { avx512::ROUND_BF16 }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
+                    Kind::Uint8 => avx512::gemm_coded_panels::<avx512::Nibbles, true, { avx512::ROUND_NONE }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
+                    Kind::Int8 if bf16 && native => avx512::gemm_coded_panels_bf16::<avx512::Bytes, false, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
+                    Kind::Int8 if bf16 => avx512::gemm_coded_panels::<avx512::Bytes, false, { avx512::ROUND_BF16 }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
+                    Kind::Int8 => avx512::gemm_coded_panels::<avx512::Bytes, false, { avx512::ROUND_NONE }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
                     Kind::BFloat16 => avx512::gemm_panels::<u16, M>(xs, self.values::<u16>(), n, k, r.start, r.end, &mut store),
                     Kind::Half => avx512::gemm_panels::<avx512::F16, M>(xs, self.values::<avx512::F16>(), n, k, r.start, r.end, &mut store),
                     _ => avx512::gemm_panels::<f32, M>(xs, self.values::<f32>(), n, k, r.start, r.end, &mut store),
@@ -2732,6 +3137,29 @@ impl PanelWeight {
         }
         Ok(Some(out))
     }
+}
+
+/// A weight's ggml block codes, row-major over `[N, K]` with one scale (and minimum) per 32
+/// inputs: `w[o, i] = code[o, i] * scale[g] (+ min[g])`, `g = (o * K + i) / 32`, each
+/// operation rounded to float32 (see [`PanelWeight::from_codes`]).
+#[derive(Debug, Clone, Copy)]
+pub enum BlockCodes<'a> {
+    /// 4-bit codes `0..=15`, one per byte, with scales and minima (Q4_1's blocks).
+    Q4 {
+        /// `N * K` codes.
+        codes: &'a [u8],
+        /// `N * K / 32` scales.
+        scale: &'a [f32],
+        /// `N * K / 32` minima.
+        min: &'a [f32],
+    },
+    /// Signed 8-bit codes with scales (Q8_0's blocks).
+    Q8 {
+        /// `N * K` codes.
+        codes: &'a [i8],
+        /// `N * K / 32` scales.
+        scale: &'a [f32],
+    },
 }
 
 /// `wt` (float32, contiguous, its values `values`) in bf16 when every value is a bf16 value

@@ -120,6 +120,16 @@ impl Int4Blocks {
             .f_reshape([n, k])?)
     }
 
+    /// Codes (one per byte), scales and minima as row-major vectors.
+    pub fn to_vecs(&self) -> Result<(Vec<u8>, Vec<f32>, Vec<f32>)> {
+        let flat = |t: &Tensor| t.f_contiguous()?.f_flatten(0, -1);
+        Ok((
+            Vec::<u8>::try_from(flat(&self.q)?)?,
+            Vec::<f32>::try_from(flat(&self.scale)?)?,
+            Vec::<f32>::try_from(flat(&self.min)?)?,
+        ))
+    }
+
     /// A copy sharing storage with these blocks.
     pub fn shallow_clone(&self) -> Self {
         Self {

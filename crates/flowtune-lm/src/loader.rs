@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::gguf::{self, GgufFile};
 use crate::int4::{self, Int4Blocks};
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
+use crate::weights::{WeightCodes, Weights};
 use crate::{hf, Error, Result};
 
 /// Where and in which dtype to put the weights.
@@ -263,11 +263,19 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
         .clamp(1, 4)
         .min(infos.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
+    // Dense CPU models keep the file's Q4 blocks (and Q8_0 head) for their decoding panels.
+    let panel_codes = opts.linear_weights == LinearWeights::Dense
+        && opts.device == Device::Cpu
+        && matches!(opts.dtype, Kind::Float | Kind::BFloat16)
+        && crate::cpu_kernels::int4_f32_available()
+        && crate::cpu_kernels::decode_panels();
     let convert = |info: &gguf::GgufTensorInfo| -> Result<Option<Converted>> {
         let Some((name, data, shape)) = gguf_hf_tensor(file, info, config)? else {
             return Ok(None);
         };
-        let blocks = if opts.linear_weights == LinearWeights::Int4 && int4::is_int4_target(&name) {
+        let blocks = if !int4::is_int4_target(&name) {
+            None
+        } else if opts.linear_weights == LinearWeights::Int4 {
             Some(match gguf_hf_q4_blocks(file, info, config, &name)? {
                 Some(b) => b,
                 None => {
@@ -275,6 +283,8 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
                     Int4Blocks::quantize(&name, &dense)?
                 }
             })
+        } else if panel_codes {
+            gguf_hf_q4_blocks(file, info, config, &name)?
         } else {
             None
         };
@@ -329,11 +339,19 @@ fn gguf_weights(file: &GgufFile, config: &ModelConfig, opts: &LoadOptions) -> Re
     }
     let mut weights = Weights::from_map(map, file.path());
     for (name, b) in blocks {
-        weights.set_int4(&name, b);
+        if opts.linear_weights == LinearWeights::Int4 {
+            weights.set_int4(&name, b);
+        } else {
+            weights.set_codes(&name, WeightCodes::Q4(b));
+        }
     }
     if opts.linear_weights == LinearWeights::Int4 && opts.device == Device::Cpu {
         if let Some(head) = gguf_q8_0_head(file)? {
             weights.set_int8("lm_head.weight", head);
+        }
+    } else if panel_codes {
+        if let Some(head) = gguf_q8_0_head(file)? {
+            weights.set_codes("lm_head.weight", WeightCodes::Q8(std::sync::Arc::new(head)));
         }
     }
     Ok(weights)

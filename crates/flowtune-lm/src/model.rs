@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{ModelConfig, RopeKind};
 use crate::int4::{Int4Blocks, Int4Linear};
 use crate::kv::KvCache;
+use crate::weights::WeightCodes;
 use crate::{Error, Result};
 
 /// Something that adds a low-rank delta to the output of a target linear, with
@@ -109,10 +110,13 @@ impl Linear {
     /// A linear over `weight` `[out, in]` stored in the layout that is fastest for it, with
     /// `blocks` packed for the int4 kernel when given and usable (CPU; bf16/f16, or float32 on
     /// AVX-512 CPUs; shape), and a float32 copy when `wide` and the weight is bf16 on the CPU.
+    /// Without int4 blocks, decoding panels hold `codes` where they reproduce the weight, else
+    /// its values.
     fn new(
         weight: Tensor,
         bias: Option<Tensor>,
         blocks: Option<Int4Blocks>,
+        codes: Option<WeightCodes>,
         wide: bool,
     ) -> Result<Self> {
         let int4 = match blocks {
@@ -127,9 +131,13 @@ impl Linear {
         let weight = fast_weight_layout(weight)?;
         // A 4-bit copy takes the same few-row products. From the stored layout: a float32
         // weight is already the `[in, out]` matrix the panels are cut from (no second copy).
-        let panels = match int4 {
-            None => crate::cpu_kernels::PanelWeight::new(&weight)?,
-            Some(_) => None,
+        let panels = match (&int4, codes) {
+            (Some(_), _) => None,
+            (None, Some(codes)) => match codes.panels(&weight)? {
+                Some(p) => Some(p),
+                None => crate::cpu_kernels::PanelWeight::new(&weight)?,
+            },
+            (None, None) => crate::cpu_kernels::PanelWeight::new(&weight)?,
         };
         Ok(Self {
             panels,
@@ -480,13 +488,16 @@ fn check_shape(name: &str, t: &Tensor, expected: &[i64]) -> Result<()> {
 
 impl Model {
     /// Build from a config and weights by HF parameter name.
-    /// Linears whose weights carry 4-bit blocks ([`crate::Weights::int4`]) get the int4 path.
+    /// Linears whose weights carry 4-bit blocks ([`crate::Weights::int4`]) get the int4 path;
+    /// the others' decoding panels hold their block codes ([`crate::Weights::codes`]) where
+    /// they have them.
     pub fn new(config: &ModelConfig, weights: &crate::weights::Weights) -> Result<Self> {
         let mut model = Self::from_source(
             config,
             |n| weights.get(n),
             |n| weights.contains(n),
             |n| weights.int4(n).map(Int4Blocks::shallow_clone),
+            |n| weights.codes(n).map(WeightCodes::shallow_clone),
         )?;
         if let Some(head) = weights.int8("lm_head.weight") {
             let (n, k) = head.shape();
@@ -517,16 +528,19 @@ impl Model {
             },
             |n| tensors.contains_key(n),
             |_| None,
+            |_| None,
         )
     }
 
     /// Build from a tensor getter; `get` names the missing tensor in its error. `int4` gives a
-    /// linear weight's 4-bit blocks when it has them.
+    /// linear weight's 4-bit blocks when it has them, `codes` the block codes its values were
+    /// dequantised from (see [`WeightCodes`]).
     pub fn from_source(
         config: &ModelConfig,
         get: impl Fn(&str) -> Result<Tensor>,
         contains: impl Fn(&str) -> bool,
         int4: impl Fn(&str) -> Option<Int4Blocks>,
+        codes: impl Fn(&str) -> Option<WeightCodes>,
     ) -> Result<Self> {
         // Blocks of a fused linear from its parts' blocks (all present, or none).
         let fused_blocks = |names: &[String]| -> Result<Option<Int4Blocks>> {
@@ -535,6 +549,9 @@ impl Model {
                 Some(p) => Ok(Some(Int4Blocks::cat(&p.iter().collect::<Vec<_>>())?)),
                 None => Ok(None),
             }
+        };
+        let fused_codes = |names: &[String]| -> Result<Option<WeightCodes>> {
+            WeightCodes::fused(&names.iter().map(|n| codes(n)).collect::<Vec<_>>())
         };
         config.validate(std::path::Path::new("<config>"))?;
         let h = config.hidden_size as i64;
@@ -579,6 +596,7 @@ impl Model {
                     fetch(&format!("{p}.self_attn.qkv_proj.weight"), &[qkv_out, h])?,
                     fetch_bias(&format!("{p}.self_attn.qkv_proj.bias"), qkv_out, false)?,
                     int4(&format!("{p}.self_attn.qkv_proj.weight")),
+                    codes(&format!("{p}.self_attn.qkv_proj.weight")),
                     wide,
                 )?
             } else {
@@ -604,17 +622,16 @@ impl Model {
                         )?)
                     }
                 };
-                let blocks = fused_blocks(&[
-                    format!("{p}.self_attn.q_proj.weight"),
-                    format!("{p}.self_attn.k_proj.weight"),
-                    format!("{p}.self_attn.v_proj.weight"),
-                ])?;
-                Linear::new(Tensor::f_cat(&[q, k, vv], 0)?, bias, blocks, wide)?
+                let names =
+                    ["q_proj", "k_proj", "v_proj"].map(|m| format!("{p}.self_attn.{m}.weight"));
+                let (blocks, codes) = (fused_blocks(&names)?, fused_codes(&names)?);
+                Linear::new(Tensor::f_cat(&[q, k, vv], 0)?, bias, blocks, codes, wide)?
             };
             let o = Linear::new(
                 fetch(&format!("{p}.self_attn.o_proj.weight"), &[h, nq * hd])?,
                 fetch_bias(&format!("{p}.self_attn.o_proj.bias"), h, config.o_bias())?,
                 int4(&format!("{p}.self_attn.o_proj.weight")),
+                codes(&format!("{p}.self_attn.o_proj.weight")),
                 wide,
             )?;
             let gate_up = if contains(&format!("{p}.mlp.gate_up_proj.weight")) {
@@ -623,6 +640,7 @@ impl Model {
                     fetch(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?,
                     None,
                     int4(&format!("{p}.mlp.gate_up_proj.weight")),
+                    codes(&format!("{p}.mlp.gate_up_proj.weight")),
                     wide,
                 )?
             } else {
@@ -634,16 +652,15 @@ impl Model {
                     (Some(a), Some(b)) => Some(Tensor::f_cat(&[a, b], 0)?),
                     _ => None,
                 };
-                let blocks = fused_blocks(&[
-                    format!("{p}.mlp.gate_proj.weight"),
-                    format!("{p}.mlp.up_proj.weight"),
-                ])?;
-                Linear::new(Tensor::f_cat(&[g, u], 0)?, bias, blocks, wide)?
+                let names = ["gate_proj", "up_proj"].map(|m| format!("{p}.mlp.{m}.weight"));
+                let (blocks, codes) = (fused_blocks(&names)?, fused_codes(&names)?);
+                Linear::new(Tensor::f_cat(&[g, u], 0)?, bias, blocks, codes, wide)?
             };
             let down = Linear::new(
                 fetch(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
                 fetch_bias(&format!("{p}.mlp.down_proj.bias"), h, config.mlp_bias())?,
                 int4(&format!("{p}.mlp.down_proj.weight")),
+                codes(&format!("{p}.mlp.down_proj.weight")),
                 wide,
             )?;
             layers.push(Layer {
@@ -664,13 +681,20 @@ impl Model {
                 embed.f_to_device(device)?.f_to_kind(kind)?,
                 None,
                 None,
+                codes("lm_head.weight"),
                 wide,
             )?;
             (head.weight.shallow_clone(), head)
         } else {
             (
                 embed,
-                Linear::new(fetch("lm_head.weight", &[v, h])?, None, None, wide)?,
+                Linear::new(
+                    fetch("lm_head.weight", &[v, h])?,
+                    None,
+                    None,
+                    codes("lm_head.weight"),
+                    wide,
+                )?,
             )
         };
         let rot = config.rotary_dim();
@@ -777,6 +801,13 @@ impl Model {
     /// store.
     pub fn panel_bytes(&self) -> usize {
         self.panels().map(|p| p.bytes()).sum()
+    }
+
+    /// The kind each panel copy is stored in (see
+    /// [`crate::cpu_kernels::PanelWeight::stored_kind`]), the layers' linears in order, then
+    /// the head.
+    pub fn panel_kinds(&self) -> Vec<Kind> {
+        self.panels().map(|p| p.stored_kind()).collect()
     }
 
     fn panels(&self) -> impl Iterator<Item = &crate::cpu_kernels::PanelWeight> {

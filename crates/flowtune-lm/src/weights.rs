@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use crate::cpu_kernels::Int8F32Weight;
+use crate::cpu_kernels::{BlockCodes, Int8F32Weight, PanelWeight};
 use crate::int4::Int4Blocks;
 use crate::{Error, Result};
 
@@ -17,7 +17,59 @@ pub struct Weights {
     tensors: HashMap<String, Tensor>,
     int4: HashMap<String, Int4Blocks>,
     int8: HashMap<String, Arc<Int8F32Weight>>,
+    codes: HashMap<String, WeightCodes>,
     source: PathBuf,
+}
+
+/// A dense weight's own ggml block codes (a GGUF's Q4_1 linears, its Q8_0 head), from which
+/// its decoding panels are built where the codes reproduce it bit for bit
+/// ([`PanelWeight::from_codes`]): the same products as over its values, fewer bytes read.
+#[derive(Debug)]
+pub enum WeightCodes {
+    /// 4-bit codes with a scale and a minimum per 32 inputs.
+    Q4(Int4Blocks),
+    /// 8-bit codes with a scale per 32 inputs.
+    Q8(Arc<Int8F32Weight>),
+}
+
+impl WeightCodes {
+    /// A copy sharing storage with these codes.
+    pub fn shallow_clone(&self) -> Self {
+        match self {
+            WeightCodes::Q4(b) => WeightCodes::Q4(b.shallow_clone()),
+            WeightCodes::Q8(w) => WeightCodes::Q8(Arc::clone(w)),
+        }
+    }
+
+    /// Codes of a fused linear from its parts' (all 4-bit, stacked along the outputs), or
+    /// `None` when a part has none or other codes.
+    pub fn fused(parts: &[Option<WeightCodes>]) -> Result<Option<WeightCodes>> {
+        let mut q4 = Vec::with_capacity(parts.len());
+        for part in parts {
+            match part {
+                Some(WeightCodes::Q4(b)) => q4.push(b),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(WeightCodes::Q4(Int4Blocks::cat(&q4)?)))
+    }
+
+    /// Decoding panels of `weight` holding these codes; `None` where
+    /// [`PanelWeight::from_codes`] declines (another shape, values not reproduced, ...).
+    pub fn panels(&self, weight: &Tensor) -> Result<Option<PanelWeight>> {
+        match self {
+            WeightCodes::Q4(b) => {
+                let (codes, scale, min) = b.to_vecs()?;
+                let codes = BlockCodes::Q4 {
+                    codes: &codes,
+                    scale: &scale,
+                    min: &min,
+                };
+                PanelWeight::from_codes(weight, codes)
+            }
+            WeightCodes::Q8(w) => PanelWeight::from_codes(weight, w.codes()),
+        }
+    }
 }
 
 impl Weights {
@@ -28,6 +80,7 @@ impl Weights {
             tensors,
             int4: HashMap::new(),
             int8: HashMap::new(),
+            codes: HashMap::new(),
             source: source.into(),
         }
     }
@@ -52,6 +105,16 @@ impl Weights {
     /// Attach 8-bit blocks to the weight `name` (its dense tensor stays).
     pub fn set_int8(&mut self, name: &str, blocks: Int8F32Weight) {
         self.int8.insert(name.to_string(), Arc::new(blocks));
+    }
+
+    /// The file's own block codes of the dense weight `name` (see [`WeightCodes`]).
+    pub fn codes(&self, name: &str) -> Option<&WeightCodes> {
+        self.codes.get(name)
+    }
+
+    /// Attach the block codes `name`'s dense values were dequantised from.
+    pub fn set_codes(&mut self, name: &str, codes: WeightCodes) {
+        self.codes.insert(name.to_string(), codes);
     }
 
     /// The tensor by HF name (a shallow clone sharing storage), or

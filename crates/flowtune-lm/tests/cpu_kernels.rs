@@ -773,7 +773,16 @@ fn smollm2_f32_of_bf16_or_f16_values_decodes_through_half_panels() {
     let _serial = require_kernels();
     assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
     let m = load(&test_model(), &LoadOptions::default()).unwrap();
-    let unrounded_bytes = Model::new(&m.config, &m.weights).unwrap().panel_bytes();
+    // Panels of the unrounded values (`Model::new` would keep the GGUF's block codes).
+    let unrounded: std::collections::HashMap<String, Tensor> = m
+        .weights
+        .names()
+        .into_iter()
+        .map(|n| (n.to_string(), m.weights.get(n).unwrap()))
+        .collect();
+    let unrounded_bytes = Model::from_tensors(&m.config, &unrounded)
+        .unwrap()
+        .panel_bytes();
     for half_kind in [Kind::BFloat16, Kind::Half] {
         let rounded: std::collections::HashMap<String, Tensor> = m
             .weights
@@ -795,6 +804,199 @@ fn smollm2_f32_of_bf16_or_f16_values_decodes_through_half_panels() {
         assert_eq!(without.panel_bytes(), 0);
         let what = format!("f32 of {half_kind:?} values with half panels vs without");
         model_support::assert_river_decode_alike(&without, &half, &m.tokenizer, 16, 1e-3, &what);
+    }
+}
+
+/// Random ggml-style block codes for `[n, k]`: 4-bit codes with f16-valued scales and minima
+/// (Q4_1) or signed 8-bit codes with f16-valued scales (Q8_0), and the float32 weight the loader
+/// dequantises from them (`code * scale (+ min)`, each operation rounded to float32, as
+/// `gguf::dequantize` computes it).
+fn random_block_codes(
+    n: usize,
+    k: usize,
+    q8: bool,
+    seed: u64,
+) -> (Vec<i16>, Vec<f32>, Vec<f32>, Tensor) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let half = |x: f32| half::f16::from_f32(x).to_f32();
+    let groups = n * k / 32;
+    let scale: Vec<f32> = (0..groups)
+        .map(|_| half(rng.random_range(1e-3f32..0.05)))
+        .collect();
+    let min: Vec<f32> = if q8 {
+        vec![0.0; groups]
+    } else {
+        (0..groups)
+            .map(|_| half(rng.random_range(-0.4f32..0.0)))
+            .collect()
+    };
+    let codes: Vec<i16> = (0..n * k)
+        .map(|_| {
+            if q8 {
+                rng.random_range(-127i16..=127)
+            } else {
+                rng.random_range(0i16..=15)
+            }
+        })
+        .collect();
+    let values: Vec<f32> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let v = f32::from(c) * scale[i / 32];
+            if q8 {
+                v
+            } else {
+                v + min[i / 32]
+            }
+        })
+        .collect();
+    let w = Tensor::from_slice(&values).reshape([n as i64, k as i64]);
+    (codes, scale, min, w)
+}
+
+/// Panels built from block codes (`PanelWeight::from_codes`: a Q4_1 GGUF's linears, its Q8_0
+/// head) give the same bits as panels of the dequantised values, float32 and bf16 weights,
+/// 1, 3 and 8 rows, with and without bias, at a tail panel, SmolLM2's widths, its vocabulary
+/// and a threaded split; no tolerance. Codes that do not reproduce the weight (one value
+/// moved, scales that are not f16 values, Q4_0's negative zeros) are declined.
+#[test]
+fn panels_of_block_codes_give_the_same_bits_as_panels_of_their_values() {
+    use cpu_kernels::{BlockCodes, PanelWeight};
+    let _serial = require_kernels();
+    assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
+    for (seed, &(n, k)) in [(50usize, 64usize), (961, 576), (49152, 576), (576, 1536)]
+        .iter()
+        .enumerate()
+    {
+        for q8 in [false, true] {
+            let (codes, scale, min, w32) = random_block_codes(n, k, q8, 7 + seed as u64);
+            let nibbles: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+            let bytes: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
+            let block_codes = if q8 {
+                BlockCodes::Q8 {
+                    codes: &bytes,
+                    scale: &scale,
+                }
+            } else {
+                BlockCodes::Q4 {
+                    codes: &nibbles,
+                    scale: &scale,
+                    min: &min,
+                }
+            };
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let w = w32.to_kind(kind);
+                let what = format!("n {n} k {k} q8 {q8} {kind:?}");
+                let coded = PanelWeight::from_codes(&w, block_codes)
+                    .unwrap()
+                    .expect(&what);
+                let plain = PanelWeight::new(&w).unwrap().expect(&what);
+                let code_kind = if q8 { Kind::Int8 } else { Kind::Uint8 };
+                assert_eq!(coded.stored_kind(), code_kind, "{what}");
+                assert_eq!(coded.shape(), (kind, n, k), "{what}");
+                let per_1024 = if q8 { 1088 } else { 640 };
+                assert_eq!(coded.bytes(), n.div_ceil(32) * k / 32 * per_1024, "{what}");
+                let b = Tensor::randn([n as i64], (kind, Device::Cpu));
+                let bits = |t: &Tensor| {
+                    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1))
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                for rows in [1i64, 3, 8] {
+                    for bias in [None, Some(&b)] {
+                        let x = Tensor::randn([rows, k as i64], (kind, Device::Cpu));
+                        let want = bits(&plain.matmul(&x, bias).unwrap().expect("kernel applies"));
+                        // bf16: `vcvtne2ps2bf16` where the CPU has it, and integer rounding.
+                        for native in [true, false] {
+                            cpu_kernels::set_panel_bf16_rounding(Some(native));
+                            let ours = coded.matmul(&x, bias);
+                            cpu_kernels::set_panel_bf16_rounding(None);
+                            let ours = ours.unwrap().expect("kernel applies");
+                            assert_eq!(ours.kind(), kind);
+                            let bias = bias.is_some();
+                            assert!(
+                                bits(&ours) == want,
+                                "{what} rows {rows} bias {bias} native {native}"
+                            );
+                        }
+                    }
+                }
+            }
+            // Declined: a value off the codes, a scale off the f16 grid.
+            let mut values = Vec::<f32>::try_from(w32.flatten(0, -1)).unwrap();
+            values[n * k / 2] = f32::from_bits(values[n * k / 2].to_bits() ^ 1);
+            let moved = Tensor::from_slice(&values).reshape([n as i64, k as i64]);
+            assert!(PanelWeight::from_codes(&moved, block_codes)
+                .unwrap()
+                .is_none());
+            if !q8 {
+                let mut off = scale.clone();
+                off[0] += 1e-7;
+                let codes = BlockCodes::Q4 {
+                    codes: &nibbles,
+                    scale: &off,
+                    min: &min,
+                };
+                assert!(PanelWeight::from_codes(&w32, codes).unwrap().is_none());
+            }
+        }
+    }
+    // Q4_0 as `q * scale + min` with `min = -8 * scale` and a negative scale: the loader's
+    // `(q - 8) * scale` is -0.0 where `q = 8`, the codes give +0.0, so they are declined.
+    let (n, k) = (32usize, 32usize);
+    let scale = vec![-0.01f32; n * k / 32];
+    let min: Vec<f32> = scale.iter().map(|s| -8.0 * s).collect();
+    let codes: Vec<u8> = (0..n * k).map(|i| (i % 16) as u8).collect();
+    let values: Vec<f32> = codes
+        .iter()
+        .map(|&q| f32::from(q as i8 - 8) * -0.01)
+        .collect();
+    let w = Tensor::from_slice(&values).reshape([n as i64, k as i64]);
+    let q4_0 = BlockCodes::Q4 {
+        codes: &codes,
+        scale: &scale,
+        min: &min,
+    };
+    assert!(PanelWeight::from_codes(&w, q4_0).unwrap().is_none());
+}
+
+/// SmolLM2 from its Q4_1 GGUF, dense float32 and bf16: every layer linear's panels hold the
+/// file's 4-bit codes and the tied head's its Q8_0 codes, and 16 greedy decode steps give the
+/// same logits, bit for bit, as the same weights with panels of their values.
+#[test]
+fn smollm2_gguf_dense_decodes_through_its_block_codes_bit_for_bit() {
+    use flowtune_lm::loader::{load, LoadOptions};
+    use flowtune_lm::model::Model;
+    use model_support::test_model;
+    let _serial = require_kernels();
+    assert!(cpu_kernels::int4_f32_available(), "this CPU lacks AVX-512F");
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let opts = LoadOptions {
+            dtype: kind,
+            ..LoadOptions::default()
+        };
+        let m = load(&test_model(), &opts).unwrap();
+        let coded = Model::new(&m.config, &m.weights).unwrap();
+        let values = Model::from_tensors(&m.config, &m.weights.into_map()).unwrap();
+        let layers = m.config.num_hidden_layers;
+        let mut want = vec![Kind::Uint8; 4 * layers];
+        want.push(Kind::Int8);
+        assert_eq!(coded.panel_kinds(), want, "{kind:?}");
+        assert!(values.panel_kinds().iter().all(|&k| k == kind), "{kind:?}");
+        eprintln!(
+            "{kind:?}: panels {} MB of codes vs {} MB of values",
+            coded.panel_bytes() >> 20,
+            values.panel_bytes() >> 20
+        );
+        let (a, b) = model_support::river_prompt_decode(&values, &coded, &m.tokenizer, 16);
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(x.equal(y), "{kind:?} step {i}: logits differ");
+        }
     }
 }
 

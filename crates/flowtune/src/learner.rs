@@ -195,6 +195,39 @@ pub struct LearnerConfig {
     /// `DPOConfig.disable_dropout = True`. Absent in older saved configs: false.
     #[serde(default)]
     pub dpo_dropout: bool,
+    /// Training micro-batches run at once on the CPU, each on one thread
+    /// ([`MicroBatchThreads`]). Absent in older saved configs: the default.
+    #[serde(default)]
+    pub micro_batch_threads: MicroBatchThreads,
+}
+
+/// How a training step's micro-batches use the CPU's threads.
+///
+/// libtorch splits each operation over its intra-op threads; in a training step many of
+/// them are small (the LoRA products, elementwise ops, the autograd engine's own work on
+/// the calling thread) and the other threads wait. Running micro-batches side by side,
+/// each single-threaded, keeps every core busy: on the development VM (2 cores) two
+/// single-threaded label steps side by side took 79-84 s each against 50 s for one on
+/// both threads, ~19 % more throughput (docs/lm-running.md, session 17).
+///
+/// Side by side, each micro-batch's gradients are taken on its own (no accumulation
+/// into the shared parameters from two threads) and summed in micro-batch order, so the
+/// result does not depend on the number of threads or on their timing: it is the result
+/// of running the same micro-batches one after another single-threaded, bit for bit
+/// (tested). It can differ in the last bits from [`MicroBatchThreads::Serial`] on more
+/// threads, whose products split their sums differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MicroBatchThreads {
+    /// As many micro-batches at once as libtorch has intra-op threads, on the CPU; one
+    /// after another where that is 1, on CUDA, and where LoRA dropout draws random
+    /// numbers (whose order would then depend on timing).
+    #[default]
+    Auto,
+    /// One after another, each on all of libtorch's threads.
+    Serial,
+    /// This many at once (at least 1), each single-threaded, with the same fallbacks as
+    /// `Auto`.
+    Threads(usize),
 }
 
 impl Default for LearnerConfig {
@@ -207,6 +240,7 @@ impl Default for LearnerConfig {
             label_sharing: LabelSharing::PrefixGroups,
             cocob: CocobConfig::paper(),
             dpo_dropout: false,
+            micro_batch_threads: MicroBatchThreads::Auto,
         }
     }
 }
@@ -575,6 +609,29 @@ pub fn grouped_next_token_logits(
     )?)
 }
 
+/// How one label micro-batch's prompts run: whole, or as prefix groups over `prompts`.
+enum LabelBatch<'a> {
+    Whole(Vec<&'a [u32]>),
+    Grouped(Vec<&'a [u32]>, Vec<PrefixGroup>),
+}
+
+/// A micro-batch closure and the trainable parameters, shared by the threads that run
+/// micro-batches side by side ([`MicroBatchThreads`]).
+struct SideBySide<'a, S> {
+    unit: &'a (dyn Fn(usize) -> Result<(Tensor, S)> + 'a),
+    params: &'a [Tensor],
+}
+
+// SAFETY: the closure and the parameters are only read from the threads: the closure runs
+// forwards of the shared model and adapter bank (which hold libtorch tensors, `!Sync` in tch,
+// and no Rust-side interior mutability besides a mutex-guarded oneDNN switch), and each
+// thread takes gradients into its own graph (`run_backward`, no accumulation into the
+// shared parameters). libtorch's operators and autograd engine are safe for concurrent use
+// of shared tensors this way (PyTorch trains one module from several threads); the random
+// draws of LoRA dropout, whose order would depend on timing, never run here
+// (`NodeLearner::threads_for`). The threads are joined before the borrow ends.
+unsafe impl<S> Sync for SideBySide<'_, S> {}
+
 /// Saved learner metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LearnerStateMeta {
@@ -620,6 +677,12 @@ impl NodeLearner {
         if config.micro_batch == 0 {
             return Err(LearnerError::InvalidConfig {
                 field: "micro_batch",
+                reason: "must be >= 1".into(),
+            });
+        }
+        if config.micro_batch_threads == MicroBatchThreads::Threads(0) {
+            return Err(LearnerError::InvalidConfig {
+                field: "micro_batch_threads",
                 reason: "must be >= 1".into(),
             });
         }
@@ -788,8 +851,9 @@ impl NodeLearner {
         }
         let policy = BankDelta::all(bank, &self.node)?;
         let reference = BankDelta::all(bank, &self.reference)?;
-        let mut agg = DpoStats::default();
-        for chunk in kept.chunks(self.config.micro_batch) {
+        let chunks: Vec<&[&PreferencePair]> = kept.chunks(self.config.micro_batch).collect();
+        let unit = |c: usize| -> Result<(Tensor, DpoStats)> {
+            let chunk = chunks[c];
             let _mb = tracing::trace_span!("micro_batch", pairs = chunk.len()).entered();
             let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
                 .iter()
@@ -819,10 +883,13 @@ impl NodeLearner {
                 &weights,
                 self.config.beta,
             )?;
+            Ok((loss.f_mul_scalar(chunk.len() as f64 / n as f64)?, s))
+        };
+        let adapters = [self.node.as_str(), self.reference.as_str()];
+        let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
+        let mut agg = DpoStats::default();
+        for (chunk, s) in chunks.iter().zip(per_chunk) {
             let frac = chunk.len() as f64 / n as f64;
-            if train {
-                loss.f_mul_scalar(frac)?.f_backward()?;
-            }
             agg.loss += s.loss * frac;
             agg.pairs += s.pairs;
             agg.weight_sum += s.weight_sum;
@@ -850,9 +917,10 @@ impl NodeLearner {
             return Ok(());
         }
         let policy = BankDelta::all(bank, &self.node)?;
-        let mut agg = NllStats::default();
-        let mut total_nll = 0.0;
-        for chunk in kept.chunks(self.config.micro_batch) {
+        let chunks: Vec<&[&TargetRecord]> = kept.chunks(self.config.micro_batch).collect();
+        // Each chunk's loss, and its loss and summed NLL as numbers.
+        let unit = |c: usize| -> Result<(Tensor, (f64, f64))> {
+            let chunk = chunks[c];
             let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
                 .iter()
                 .map(|r| (r.prompt.as_slice(), vec![r.completion.as_slice()]))
@@ -867,13 +935,19 @@ impl NodeLearner {
                 .f_mul(&w)?
                 .f_sum(None::<Kind>)?
                 .f_div_scalar(n as f64)?;
-            if train {
-                loss.f_backward()?;
-            }
-            agg.loss += loss.f_double_value(&[])?;
+            let nll = -lp.f_sum(Kind::Double)?.f_double_value(&[])?;
+            let value = loss.f_double_value(&[])?;
+            Ok((loss, (value, nll)))
+        };
+        let adapters = [self.node.as_str()];
+        let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
+        let mut agg = NllStats::default();
+        let mut total_nll = 0.0;
+        for (chunk, (loss, nll)) in chunks.iter().zip(per_chunk) {
+            agg.loss += loss;
             agg.sequences += chunk.len();
             agg.tokens += chunk.iter().map(|r| r.completion.len()).sum::<usize>();
-            total_nll -= lp.f_sum(Kind::Double)?.f_double_value(&[])?;
+            total_nll += nll;
         }
         agg.mean_token_nll = total_nll / agg.tokens.max(1) as f64;
         stats.loss = agg.loss;
@@ -917,40 +991,57 @@ impl NodeLearner {
             by_set.entry(r.labels.as_slice()).or_default().push(r);
         }
         let policy = BankDelta::all(bank, &self.node)?;
-        let mut agg = LabelStats::default();
         let mb = self.config.micro_batch;
-        for (set, recs) in by_set {
+        // The micro-batches: label ids, records, and how their prompts run.
+        let mut units: Vec<(Vec<i64>, Vec<&LabelRecord>, LabelBatch)> = Vec::new();
+        for (set, recs) in &by_set {
             let ids: Vec<i64> = set.iter().map(|&x| x as i64).collect();
             let prompts: Vec<&[u32]> = recs.iter().map(|r| r.prompt.as_slice()).collect();
             match self.config.label_sharing {
                 LabelSharing::Unshared => {
                     for (chunk, chunk_prompts) in recs.chunks(mb).zip(prompts.chunks(mb)) {
-                        let logits = next_token_logits(model, Some(&policy), chunk_prompts)?;
-                        Self::label_batch(&logits, chunk, &ids, n, train, &mut agg)?;
+                        let batch = LabelBatch::Whole(chunk_prompts.to_vec());
+                        units.push((ids.clone(), chunk.to_vec(), batch));
                     }
                 }
                 LabelSharing::PrefixGroups => {
                     let (bare, grouped) = grouped_label_batches(&prompts, mb);
                     for chunk in bare.chunks(mb) {
-                        let chunk_prompts: Vec<&[u32]> =
-                            chunk.iter().map(|&m| prompts[m]).collect();
-                        let chunk_recs: Vec<&LabelRecord> =
-                            chunk.iter().map(|&m| recs[m]).collect();
-                        let logits = next_token_logits(model, Some(&policy), &chunk_prompts)?;
-                        Self::label_batch(&logits, &chunk_recs, &ids, n, train, &mut agg)?;
+                        let chunk_prompts = chunk.iter().map(|&m| prompts[m]).collect();
+                        let chunk_recs = chunk.iter().map(|&m| recs[m]).collect();
+                        units.push((ids.clone(), chunk_recs, LabelBatch::Whole(chunk_prompts)));
                     }
-                    for batch in &grouped {
-                        let batch: Vec<&PrefixGroup> = batch.iter().collect();
-                        let logits =
-                            grouped_next_token_logits(model, Some(&policy), &prompts, &batch)?;
-                        let chunk_recs: Vec<&LabelRecord> = batch
+                    for batch in grouped {
+                        let chunk_recs = batch
                             .iter()
                             .flat_map(|g| g.members.iter().map(|&m| recs[m]))
                             .collect();
-                        Self::label_batch(&logits, &chunk_recs, &ids, n, train, &mut agg)?;
+                        let batch = LabelBatch::Grouped(prompts.clone(), batch);
+                        units.push((ids.clone(), chunk_recs, batch));
                     }
                 }
             }
+        }
+        let unit = |u: usize| -> Result<(Tensor, LabelStats)> {
+            let (ids, chunk, batch) = &units[u];
+            let logits = match batch {
+                LabelBatch::Whole(prompts) => next_token_logits(model, Some(&policy), prompts)?,
+                LabelBatch::Grouped(prompts, groups) => {
+                    let groups: Vec<&PrefixGroup> = groups.iter().collect();
+                    grouped_next_token_logits(model, Some(&policy), prompts, &groups)?
+                }
+            };
+            Self::label_loss(&logits, chunk, ids, n)
+        };
+        let adapters = [self.node.as_str()];
+        let per_unit = self.micro_batches(model, bank, &adapters, units.len(), train, &unit)?;
+        let mut agg = LabelStats::default();
+        for ((_, chunk, _), s) in units.iter().zip(per_unit) {
+            let frac = chunk.len() as f64 / n as f64;
+            agg.loss += s.loss * frac;
+            agg.records += s.records;
+            agg.mean_target_prob += s.mean_target_prob * frac;
+            agg.accuracy += s.accuracy * frac;
         }
         stats.loss = agg.loss;
         stats.label = Some(agg);
@@ -958,30 +1049,154 @@ impl NodeLearner {
     }
 
     /// Label NLL of one micro-batch (`logits` row i for `chunk[i]`), weighted by its share
-    /// of the `n` records, backpropagated when training and added to `agg`.
-    fn label_batch(
+    /// of the `n` records, with its statistics.
+    fn label_loss(
         logits: &Tensor,
         chunk: &[&LabelRecord],
         ids: &[i64],
         n: usize,
-        train: bool,
-        agg: &mut LabelStats,
-    ) -> Result<()> {
+    ) -> Result<(Tensor, LabelStats)> {
         let targets =
             Tensor::f_from_slice(&chunk.iter().map(|r| r.label as i64).collect::<Vec<_>>())?
                 .f_to_device(logits.device())?;
         let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight as f32).collect::<Vec<_>>())?
             .f_to_device(logits.device())?;
         let (loss, s) = flowtune_loss::label_nll(logits, ids, &targets, &w)?;
-        let frac = chunk.len() as f64 / n as f64;
-        if train {
-            loss.f_mul_scalar(frac)?.f_backward()?;
+        Ok((loss.f_mul_scalar(chunk.len() as f64 / n as f64)?, s))
+    }
+
+    /// Threads for `count` training micro-batches over `adapters` (see [`MicroBatchThreads`]).
+    fn threads_for(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        adapters: &[&str],
+        count: usize,
+    ) -> usize {
+        let wanted = match self.config.micro_batch_threads {
+            MicroBatchThreads::Serial => return 1,
+            MicroBatchThreads::Auto => tch::get_num_threads().max(1) as usize,
+            MicroBatchThreads::Threads(t) => t,
+        };
+        let dropout = bank.is_training()
+            && adapters
+                .iter()
+                .any(|a| bank.get(a).is_ok_and(|a| a.config().lora_dropout > 0.0));
+        if model.device() != tch::Device::Cpu || dropout {
+            1
+        } else {
+            wanted.min(count).max(1)
         }
-        agg.loss += s.loss * frac;
-        agg.records += s.records;
-        agg.mean_target_prob += s.mean_target_prob * frac;
-        agg.accuracy += s.accuracy * frac;
-        Ok(())
+    }
+
+    /// Runs micro-batches `0..count` through `unit` (each: its loss, scaled to its share of
+    /// the step, and its statistics) and, when training, backpropagates every loss into the
+    /// trainable adapter's gradients; returns the statistics in micro-batch order. Side by
+    /// side where [`MicroBatchThreads`] says so (training only).
+    fn micro_batches<S: Send>(
+        &self,
+        model: &Model,
+        bank: &AdapterBank,
+        adapters: &[&str],
+        count: usize,
+        train: bool,
+        unit: &(dyn Fn(usize) -> Result<(Tensor, S)> + '_),
+    ) -> Result<Vec<S>> {
+        let threads = if train {
+            self.threads_for(model, bank, adapters, count)
+        } else {
+            1
+        };
+        if threads <= 1 {
+            let mut out = Vec::with_capacity(count);
+            for u in 0..count {
+                let (loss, s) = unit(u)?;
+                if train {
+                    loss.f_backward()?;
+                }
+                out.push(s);
+            }
+            return Ok(out);
+        }
+        let params = self.optimizer.params();
+        let shared = SideBySide { unit, params };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let intra = tch::get_num_threads();
+        let results: Vec<Result<Vec<(usize, Vec<Tensor>, S)>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (shared, next) = (&shared, &next);
+                    scope.spawn(move || -> Result<Vec<(usize, Vec<Tensor>, S)>> {
+                        let _span = tracing::trace_span!("micro_batch_worker").entered();
+                        tch::set_num_threads(1);
+                        let mut done = Vec::new();
+                        loop {
+                            let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if u >= count {
+                                return Ok(done);
+                            }
+                            let (loss, s) = (shared.unit)(u)?;
+                            let grads =
+                                Tensor::f_run_backward(&[loss], shared.params, false, false)?;
+                            done.push((u, grads, s));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(LearnerError::InvalidConfig {
+                            field: "micro_batch_threads",
+                            reason: "a micro-batch thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        tch::set_num_threads(intra);
+        let mut slots: Vec<Option<(Vec<Tensor>, S)>> = (0..count).map(|_| None).collect();
+        for r in results {
+            for (u, grads, s) in r? {
+                slots[u] = Some((grads, s));
+            }
+        }
+        // Sum each parameter's gradients in micro-batch order, then hand the sums to
+        // autograd's accumulation (`Σ_p (p · g_p).sum()` has gradient exactly `g_p`).
+        let mut sums: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
+        let mut out = Vec::with_capacity(count);
+        for slot in slots {
+            let Some((grads, s)) = slot else {
+                return Err(LearnerError::InvalidConfig {
+                    field: "micro_batch_threads",
+                    reason: "a micro-batch did not run".into(),
+                });
+            };
+            for (sum, g) in sums.iter_mut().zip(grads) {
+                if g.defined() {
+                    *sum = Some(match sum.take() {
+                        Some(acc) => acc.f_add(&g)?,
+                        None => g,
+                    });
+                }
+            }
+            out.push(s);
+        }
+        let mut total: Option<Tensor> = None;
+        for (p, g) in params.iter().zip(sums) {
+            if let Some(g) = g {
+                let term = p.f_mul(&g)?.f_sum(None::<Kind>)?;
+                total = Some(match total {
+                    Some(t) => t.f_add(&term)?,
+                    None => term,
+                });
+            }
+        }
+        if let Some(t) = total {
+            t.f_backward()?;
+        }
+        Ok(out)
     }
 
     /// Saves the learner into `dir`: `adapter/` and `reference/` (PEFT folders, from the

@@ -1,0 +1,206 @@
+//! Training micro-batches side by side ([`MicroBatchThreads`]) on the real test model
+//! (SmolLM2-135M-Instruct GGUF, bf16, CPU): label steps (prefix groups and whole prompts),
+//! a DPO step and a supervised step give the adapter, the optimizer and the statistics of
+//! running the same micro-batches one after another single-threaded, bit for bit (no
+//! tolerance: each micro-batch runs single-threaded either way and the gradients are summed
+//! in micro-batch order). Against the serial path on two threads, whose products split
+//! their sums differently and so round bf16 values elsewhere, the adapter after a label and a
+//! DPO step agrees within 1e-2 relative per tensor.
+//!
+//! Its own test binary: it switches libtorch's thread count, which other tests in the same
+//! process would see. Fails (never skips) when the model is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use flowtune::learner::{
+    LabelRecord, LearnerConfig, MicroBatchThreads, NodeLearner, NodeRecords, PreferencePair,
+    StepStats, TargetRecord,
+};
+use flowtune_lm::loader::{load, LoadOptions};
+use flowtune_lm::model::Model;
+use flowtune_lm::ChatMessage;
+use flowtune_lora::{AdapterBank, LoraConfig, Module};
+use tch::{Device, Kind, Tensor};
+
+/// The three kinds of records a node learns from, built from SmolLM2's chat template.
+fn records(tok: &flowtune_lm::Tokenizer) -> Vec<NodeRecords> {
+    let chat = |system: &str, user: &str| {
+        tok.encode_chat(
+            &[
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", user),
+            ],
+            true,
+        )
+        .expect("chat template")
+    };
+    let text = |t: &str| tok.encode(t).expect("encode");
+    let (yes, no) = (text("Yes")[0], text("No")[0]);
+    let system = "Decide whether the paragraph helps to answer the question.";
+    let paragraphs = [
+        "The Amazon river flows through Brazil, Peru and Colombia into the Atlantic.",
+        "Mount Kilimanjaro is the highest mountain in Africa, in Tanzania.",
+        "The violin has four strings tuned in perfect fifths.",
+    ];
+    let questions = [
+        "Which ocean does the Amazon reach?",
+        "How many strings has a violin?",
+    ];
+    let mut labels = Vec::new();
+    for (q, question) in questions.iter().enumerate() {
+        for (p, paragraph) in paragraphs.iter().enumerate() {
+            labels.push(LabelRecord {
+                prompt: chat(
+                    system,
+                    &format!("Paragraph: {paragraph}\nQuestion: {question}"),
+                ),
+                labels: vec![yes, no],
+                label: usize::from(p != 2 * q),
+                weight: 1.0 + (p % 2) as f64,
+            });
+        }
+    }
+    // One prompt with nothing shared, run whole.
+    labels.push(LabelRecord {
+        prompt: text("Yes or no?"),
+        labels: vec![yes, no],
+        label: 0,
+        weight: 0.5,
+    });
+    let prompt = chat("Answer briefly.", "What is the capital of France?");
+    let pairs = (0..5)
+        .map(|i| PreferencePair {
+            prompt: prompt.clone(),
+            chosen: text(&format!("Paris{}", ".".repeat(i % 2 + 1))),
+            rejected: text(&format!("Lyon, I think{}", "!".repeat(i % 3 + 1))),
+            weight: 0.5 + i as f64,
+        })
+        .collect();
+    let targets = (0..5)
+        .map(|i| TargetRecord {
+            prompt: chat("Answer briefly.", &format!("What is {i} plus {i}?")),
+            completion: text(&format!("It is {}.", 2 * i)),
+            weight: 1.0,
+        })
+        .collect();
+    vec![
+        NodeRecords::Labels(labels.clone()),
+        NodeRecords::Preferences(pairs),
+        NodeRecords::Targets(targets),
+        NodeRecords::Labels(labels),
+    ]
+}
+
+/// The adapter's tensors and each step's statistics after the steps over `records`, with
+/// libtorch on `threads` intra-op threads.
+fn train(
+    model: &Model,
+    shapes: &flowtune_lora::BaseShapes,
+    records: &[NodeRecords],
+    threads: i32,
+    micro_batch_threads: MicroBatchThreads,
+) -> (Vec<(String, Tensor)>, Vec<StepStats>) {
+    tch::set_num_threads(threads);
+    let mut bank = AdapterBank::with_kind(shapes.clone(), Device::Cpu, Kind::BFloat16);
+    bank.add(
+        "node",
+        &LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),
+        5,
+    )
+    .expect("add node");
+    let config = LearnerConfig {
+        micro_batch: 2,
+        micro_batch_threads,
+        ..LearnerConfig::default()
+    };
+    let mut learner = NodeLearner::new(&mut bank, "node", config).expect("learner");
+    let stats = records
+        .iter()
+        .map(|r| learner.step(model, &mut bank, r).expect("step"))
+        .collect();
+    let tensors = bank
+        .get("node")
+        .expect("node")
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.detach().copy()))
+        .collect();
+    (tensors, stats)
+}
+
+#[test]
+fn side_by_side_micro_batches_equal_single_threaded_ones_bit_for_bit() {
+    let path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
+    let opts = LoadOptions {
+        dtype: Kind::BFloat16,
+        ..LoadOptions::default()
+    };
+    let loaded = load(&path, &opts).expect("load test model");
+    let model = Model::new(&loaded.config, &loaded.weights).expect("model");
+    let shapes = loaded.config.lora_base_shapes();
+    let records = records(&loaded.tokenizer);
+
+    let (one, one_stats) = train(&model, &shapes, &records, 1, MicroBatchThreads::Serial);
+    for (threads, mbt) in [
+        (2, MicroBatchThreads::Auto),
+        (2, MicroBatchThreads::Threads(3)),
+        (1, MicroBatchThreads::Threads(2)),
+    ] {
+        let (side, side_stats) = train(&model, &shapes, &records, threads, mbt);
+        assert_eq!(side_stats, one_stats, "{threads} threads, {mbt:?}");
+        for ((k, a), (_, b)) in side.iter().zip(&one) {
+            assert!(a.equal(b), "{k}: {threads} threads, {mbt:?}");
+        }
+    }
+    // Every step trained and reached the adapter's A matrices as well as its B ones.
+    for s in &one_stats {
+        assert!(s.records > 0 && s.grad_norm > 0.0, "{s:?}");
+    }
+    for (k, t) in &one {
+        assert!(
+            t.abs().sum(Kind::Double).double_value(&[]) > 0.0,
+            "{k} is zero"
+        );
+    }
+
+    // The serial path on two threads over the first two steps (labels, DPO): the same
+    // steps up to the products' summation order, which moves bf16 roundings (observed: the
+    // label step bit-identical, the adapter after the DPO step within 4.3e-3 relative).
+    // COCOB's steps amplify such differences over later steps (observed: 7e-2 after the
+    // supervised step), so those are compared single-threaded only, above.
+    let (two, _) = train(&model, &shapes, &records[..2], 2, MicroBatchThreads::Serial);
+    let (one, _) = train(&model, &shapes, &records[..2], 1, MicroBatchThreads::Serial);
+    for ((k, a), (_, b)) in two.iter().zip(&one) {
+        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+        let rel = (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-12);
+        assert!(
+            rel <= 1e-2,
+            "{k}: serial on two threads differs by {rel:e} (relative)"
+        );
+    }
+
+    // The setting round-trips through serde, and zero threads is rejected.
+    for mbt in [
+        MicroBatchThreads::Auto,
+        MicroBatchThreads::Serial,
+        MicroBatchThreads::Threads(4),
+    ] {
+        let config = LearnerConfig {
+            micro_batch_threads: mbt,
+            ..LearnerConfig::default()
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            serde_json::from_str::<LearnerConfig>(&json).unwrap(),
+            config
+        );
+    }
+    let mut bank = AdapterBank::new(shapes.clone(), Device::Cpu);
+    bank.add("node", &LoraConfig::rslora(8, 16.0, &[Module::QProj]), 1)
+        .unwrap();
+    let zero = LearnerConfig {
+        micro_batch_threads: MicroBatchThreads::Threads(0),
+        ..LearnerConfig::default()
+    };
+    let err = NodeLearner::new(&mut bank, "node", zero).unwrap_err();
+    assert!(err.to_string().contains("micro_batch_threads"), "{err}");
+}

@@ -615,6 +615,10 @@ enum LabelBatch<'a> {
     Grouped(Vec<&'a [u32]>, Vec<PrefixGroup>),
 }
 
+/// What one side-by-side thread returns: per micro-batch it ran, its index, its gradients
+/// (one per trainable parameter) and its statistics.
+type Finished<S> = Vec<(usize, Vec<Tensor>, S)>;
+
 /// A micro-batch closure and the trainable parameters, shared by the threads that run
 /// micro-batches side by side ([`MicroBatchThreads`]).
 struct SideBySide<'a, S> {
@@ -1122,11 +1126,11 @@ impl NodeLearner {
         let shared = SideBySide { unit, params };
         let next = std::sync::atomic::AtomicUsize::new(0);
         let intra = tch::get_num_threads();
-        let results: Vec<Result<Vec<(usize, Vec<Tensor>, S)>>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Finished<S>>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     let (shared, next) = (&shared, &next);
-                    scope.spawn(move || -> Result<Vec<(usize, Vec<Tensor>, S)>> {
+                    scope.spawn(move || -> Result<Finished<S>> {
                         let _span = tracing::trace_span!("micro_batch_worker").entered();
                         tch::set_num_threads(1);
                         let mut done = Vec::new();

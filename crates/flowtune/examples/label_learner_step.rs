@@ -3,12 +3,15 @@
 //! 20-token system prompt, each scored under 2-3 queries (one record per paragraph and query:
 //! system + paragraph + question + query + instruction), Yes/No labels, random token ids.
 //! SmolLM2 (the test model) in bf16, LoRA r=8 on q and v, the default learner config
-//! (prefix groups, micro-batch 4). One warm-up step, then `STEPS` timed steps.
+//! (prefix groups, micro-batch 4; `THREADS` sets `micro_batch_threads`: `serial`, a count, or
+//! `auto`, the default), with the heap policy the binaries use
+//! (`flowtune_lm::heap::retain_freed_memory`). One warm-up step, then `STEPS` timed steps.
 //!
-//! Run: `cargo run --release -p flowtune --example label_learner_step -- [STEPS [EPISODES]]`
-//! (defaults 3 and 4; 4 episodes make 208 records, like 4 MuSiQue training episodes' ~226).
+//! Run: `cargo run --release -p flowtune --example label_learner_step -- [STEPS [EPISODES
+//! [THREADS]]]` (defaults 3, 4, auto; 4 episodes make 208 records, like 4 MuSiQue training
+//! episodes' ~226).
 
-use flowtune::learner::{LabelRecord, LearnerConfig, NodeLearner, NodeRecords};
+use flowtune::learner::{LabelRecord, LearnerConfig, MicroBatchThreads, NodeLearner, NodeRecords};
 use flowtune_lm::loader::{load, LoadOptions};
 use flowtune_lm::model::Model;
 use flowtune_lora::{AdapterBank, LoraConfig, Module};
@@ -20,6 +23,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let episodes: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(4);
+    let micro_batch_threads = match args.get(3).map(String::as_str) {
+        None | Some("auto") => MicroBatchThreads::Auto,
+        Some("serial") => MicroBatchThreads::Serial,
+        Some(n) => MicroBatchThreads::Threads(n.parse()?),
+    };
+    flowtune_lm::heap::retain_freed_memory();
     // The test model on the CPU (the default device), in bf16.
     let bf16 = LoadOptions {
         dtype: Kind::BFloat16,
@@ -65,7 +74,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),
         1,
     )?;
-    let mut learner = NodeLearner::new(&mut bank, "node", LearnerConfig::default())?;
+    let config = LearnerConfig {
+        micro_batch_threads,
+        ..LearnerConfig::default()
+    };
+    let mut learner = NodeLearner::new(&mut bank, "node", config)?;
     learner.step(&model, &mut bank, &records)?; // warm-up
     for _ in 0..steps {
         let t0 = Instant::now();

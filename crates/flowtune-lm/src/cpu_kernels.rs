@@ -180,18 +180,40 @@ pub enum Bf16Gemm {
     ViaF32,
 }
 
-/// 0: no override; 1: [`Bf16Gemm::Native`]; 2: [`Bf16Gemm::ViaF32`].
-static BF16_GEMM_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+/// A kernel switch that tests and benchmarks can force on or off, or leave to the
+/// environment (`None`).
+struct Override(AtomicU8);
+
+impl Override {
+    const fn new() -> Self {
+        Self(AtomicU8::new(0))
+    }
+
+    fn set(&self, choice: Option<bool>) {
+        let v = match choice {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// `Some(true)`: [`Bf16Gemm::Native`]; `Some(false)`: [`Bf16Gemm::ViaF32`].
+static BF16_GEMM_OVERRIDE: Override = Override::new();
 
 /// Force the choice [`bf16_gemm`] returns (`None`: back to the environment and the
 /// measurement). It applies to models built afterwards.
 pub fn set_bf16_gemm(choice: Option<Bf16Gemm>) {
-    let v = match choice {
-        None => 0,
-        Some(Bf16Gemm::Native) => 1,
-        Some(Bf16Gemm::ViaF32) => 2,
-    };
-    BF16_GEMM_OVERRIDE.store(v, Ordering::Relaxed);
+    BF16_GEMM_OVERRIDE.set(choice.map(|c| c == Bf16Gemm::Native));
 }
 
 /// Which [`Bf16Gemm`] bf16 CPU models built now use: the [`set_bf16_gemm`] override, else
@@ -199,10 +221,10 @@ pub fn set_bf16_gemm(choice: Option<Bf16Gemm>) {
 /// [576, 1536]` product both ways, best of 3, and `ViaF32` only when it is at least 1.3x
 /// faster (a margin that keeps the choice stable between runs on one machine).
 pub fn bf16_gemm() -> Bf16Gemm {
-    match BF16_GEMM_OVERRIDE.load(Ordering::Relaxed) {
-        1 => return Bf16Gemm::Native,
-        2 => return Bf16Gemm::ViaF32,
-        _ => {}
+    match BF16_GEMM_OVERRIDE.get() {
+        Some(true) => return Bf16Gemm::Native,
+        Some(false) => return Bf16Gemm::ViaF32,
+        None => {}
     }
     match std::env::var("FLOWTUNE_BF16_GEMM").as_deref() {
         Ok("native") => return Bf16Gemm::Native,
@@ -2311,18 +2333,13 @@ unsafe fn attention_views<E: avx512::VecElem + Sync>(
     }
 }
 
-/// 0: no override; 1: `vcvtne2ps2bf16` where the CPU has it; 2: integer rounding.
-static BF16_ROUNDING_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+/// `Some(true)`: `vcvtne2ps2bf16` where the CPU has it; `Some(false)`: integer rounding.
+static BF16_ROUNDING_OVERRIDE: Override = Override::new();
 
 /// Force how bf16 block-coded panels round their widened weights (`Some(false)`: integer
 /// operations; `None`: back to `FLOWTUNE_PANEL_BF16_ROUNDING`). Both give the same bits.
 pub fn set_panel_bf16_rounding(native: Option<bool>) {
-    let v = match native {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    BF16_ROUNDING_OVERRIDE.store(v, Ordering::Relaxed);
+    BF16_ROUNDING_OVERRIDE.set(native);
 }
 
 /// Whether bf16 block-coded panels round with `vcvtne2ps2bf16`: the AVX-512 kernels run, the
@@ -2343,11 +2360,9 @@ fn coded_panels_native_bf16() -> bool {
             false
         }
     });
-    cpu && match BF16_ROUNDING_OVERRIDE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => std::env::var("FLOWTUNE_PANEL_BF16_ROUNDING").as_deref() != Ok("integer"),
-    }
+    cpu && BF16_ROUNDING_OVERRIDE.get().unwrap_or_else(|| {
+        std::env::var("FLOWTUNE_PANEL_BF16_ROUNDING").as_deref() != Ok("integer")
+    })
 }
 
 /// Whether the bf16 attention kernel for prompt batches may use `vdpbf16ps`: the AVX-512
@@ -2780,32 +2795,25 @@ impl Int8F32Weight {
 /// Output columns per panel of [`PanelWeight`].
 const PANEL: usize = 32;
 
-/// 0: no override; 1: panels; 2: none.
-static PANELS_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+/// `Some(true)`: panels; `Some(false)`: none.
+static PANELS_OVERRIDE: Override = Override::new();
 
 /// Force whether models built from now on keep [`PanelWeight`] copies (`None`: back to
 /// `FLOWTUNE_DECODE_PANELS`, else on).
 pub fn set_decode_panels(choice: Option<bool>) {
-    let v = match choice {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    PANELS_OVERRIDE.store(v, Ordering::Relaxed);
+    PANELS_OVERRIDE.set(choice);
 }
 
 /// Whether models built now keep a [`PanelWeight`] copy of their float32 and bf16 CPU linears:
 /// the [`set_decode_panels`] override, else `FLOWTUNE_DECODE_PANELS=0` (off) or `1`, else on.
 /// The copy doubles the memory of those weights; off, decoding reads the dense weights.
 pub fn decode_panels() -> bool {
-    match PANELS_OVERRIDE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => !matches!(
+    PANELS_OVERRIDE.get().unwrap_or_else(|| {
+        !matches!(
             std::env::var("FLOWTUNE_DECODE_PANELS").as_deref(),
             Ok("0") | Ok("false") | Ok("off")
-        ),
-    }
+        )
+    })
 }
 
 /// A float32 or bf16 linear weight `[N, K]` laid out for products of a few rows

@@ -1012,6 +1012,19 @@ mod avx512 {
         64 * (1 + MIN as usize) + 32 * C::BYTES
     }
 
+    /// The operands of one thread's share of a block-coded panel product: `M * k` inputs `x`,
+    /// the panels' bytes `data` (see [`gemm_coded_panels`]), `n` outputs, and the panels
+    /// `from..to` to run.
+    #[derive(Clone, Copy)]
+    pub(super) struct CodedJob<'a> {
+        pub(super) x: &'a [f32],
+        pub(super) data: &'a [u8],
+        pub(super) n: usize,
+        pub(super) k: usize,
+        pub(super) from: usize,
+        pub(super) to: usize,
+    }
+
     /// [`gemm_panels`] over block-coded panels (see `super::PanelWeight::from_codes`): block `b`
     /// of panel `p` (inputs `32b..32b + 32`) is [`coded_block_bytes`] bytes at `(p · K/32 + b)`
     /// blocks into `data`. Each weight is `code * scale (+ min)`, a product and a sum each
@@ -1030,16 +1043,11 @@ mod avx512 {
         const ROUND: u8,
         const M: usize,
     >(
-        x: &[f32],
-        data: &[u8],
-        n: usize,
-        k: usize,
-        from: usize,
-        to: usize,
+        job: CodedJob<'_>,
         out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         // SAFETY: the caller's contract; `ROUND` is not the native rounding.
-        unsafe { coded_panels::<C, MIN, ROUND, M>(x, data, n, k, from, to, out) }
+        unsafe { coded_panels::<C, MIN, ROUND, M>(job, out) }
     }
 
     /// [`gemm_coded_panels`] for bf16 weights on a CPU with AVX512-BF16, rounding with
@@ -1049,30 +1057,28 @@ mod avx512 {
     /// As [`gemm_coded_panels`]; the CPU has AVX512-BW and AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     pub(super) unsafe fn gemm_coded_panels_bf16<C: CodeRow, const MIN: bool, const M: usize>(
-        x: &[f32],
-        data: &[u8],
-        n: usize,
-        k: usize,
-        from: usize,
-        to: usize,
+        job: CodedJob<'_>,
         out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         // SAFETY: the caller's contract, which includes the native rounding's features.
-        unsafe { coded_panels::<C, MIN, ROUND_BF16_NATIVE, M>(x, data, n, k, from, to, out) }
+        unsafe { coded_panels::<C, MIN, ROUND_BF16_NATIVE, M>(job, out) }
     }
 
     /// The body of [`gemm_coded_panels`] and [`gemm_coded_panels_bf16`].
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // `m` indexes the accumulators and the rows alike
     unsafe fn coded_panels<C: CodeRow, const MIN: bool, const ROUND: u8, const M: usize>(
-        x: &[f32],
-        data: &[u8],
-        n: usize,
-        k: usize,
-        from: usize,
-        to: usize,
+        job: CodedJob<'_>,
         out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
+        let CodedJob {
+            x,
+            data,
+            n,
+            k,
+            from,
+            to,
+        } = job;
         let blocks = k / 32;
         let block = coded_block_bytes::<C, MIN>();
         let codes_at = 64 * (1 + MIN as usize);
@@ -1113,17 +1119,11 @@ mod avx512 {
                         } else if ROUND == ROUND_BF16_NATIVE {
                             (w0, w1) = round_to_bf16_interleaved(w0, w1);
                         }
-                        let kk = b * 32 + i;
-                        for m in 0..M {
-                            let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
-                            acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
-                            acc[m][1] = _mm512_fmadd_ps(xm, w1, acc[m][1]);
-                        }
+                        accumulate_row(&mut acc, x, k, b * 32 + i, (w0, w1));
                     }
                 }
                 for m in 0..M {
-                    _mm512_storeu_ps(sums.as_mut_ptr(), acc[m][0]);
-                    _mm512_storeu_ps(sums.as_mut_ptr().add(16), acc[m][1]);
+                    spill(&acc[m], &mut sums);
                     if ROUND == ROUND_BF16_NATIVE {
                         let lanes = sums;
                         for l in 0..4 {
@@ -1136,6 +1136,40 @@ mod avx512 {
                     out(m, j, &sums[..width]);
                 }
             }
+        }
+    }
+
+    /// One input of a panel product: `x[m, kk]` times the row's weights `w` (outputs 0..16 and
+    /// 16..32) added to row `m`'s accumulators, for every row, in fused multiply-adds. Both
+    /// panel kernels take this step, so the same weights give the same sums in the same order.
+    ///
+    /// # Safety
+    /// `x` holds `M * k` floats and `kk < k`; the callers enable AVX-512F and FMA.
+    #[inline(always)]
+    unsafe fn accumulate_row<const M: usize>(
+        acc: &mut [[__m512; 2]; M],
+        x: &[f32],
+        k: usize,
+        kk: usize,
+        (w0, w1): (__m512, __m512),
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            for (m, row) in acc.iter_mut().enumerate() {
+                let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
+                row[0] = _mm512_fmadd_ps(xm, w0, row[0]);
+                row[1] = _mm512_fmadd_ps(xm, w1, row[1]);
+            }
+        }
+    }
+
+    /// One row's 32 accumulated sums into `sums`.
+    #[inline(always)]
+    unsafe fn spill(row: &[__m512; 2], sums: &mut [f32; 32]) {
+        // SAFETY: `sums` holds 32 floats; the callers enable AVX-512F.
+        unsafe {
+            _mm512_storeu_ps(sums.as_mut_ptr(), row[0]);
+            _mm512_storeu_ps(sums.as_mut_ptr().add(16), row[1]);
         }
     }
 
@@ -1168,16 +1202,10 @@ mod avx512 {
                 let panel = wp.as_ptr().add(p * k * 32);
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 for kk in 0..k {
-                    let (w0, w1) = E::load_row(panel.add(kk * 32));
-                    for m in 0..M {
-                        let xm = _mm512_set1_ps(*x.get_unchecked(m * k + kk));
-                        acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
-                        acc[m][1] = _mm512_fmadd_ps(xm, w1, acc[m][1]);
-                    }
+                    accumulate_row(&mut acc, x, k, kk, E::load_row(panel.add(kk * 32)));
                 }
                 for m in 0..M {
-                    _mm512_storeu_ps(sums.as_mut_ptr(), acc[m][0]);
-                    _mm512_storeu_ps(sums.as_mut_ptr().add(16), acc[m][1]);
+                    spill(&acc[m], &mut sums);
                     out(m, j, &sums[..width]);
                 }
             }
@@ -3129,13 +3157,21 @@ impl PanelWeight {
                         }
                     }
                 };
+                let job = avx512::CodedJob {
+                    x: xs,
+                    data: self.values::<u8>(),
+                    n,
+                    k,
+                    from: r.start,
+                    to: r.end,
+                };
                 with_rows!(rows, M => match stored {
-                    Kind::Uint8 if bf16 && native => avx512::gemm_coded_panels_bf16::<avx512::Nibbles, true, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
-                    Kind::Uint8 if bf16 => avx512::gemm_coded_panels::<avx512::Nibbles, true, { avx512::ROUND_BF16 }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
-                    Kind::Uint8 => avx512::gemm_coded_panels::<avx512::Nibbles, true, { avx512::ROUND_NONE }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
-                    Kind::Int8 if bf16 && native => avx512::gemm_coded_panels_bf16::<avx512::Bytes, false, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
-                    Kind::Int8 if bf16 => avx512::gemm_coded_panels::<avx512::Bytes, false, { avx512::ROUND_BF16 }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
-                    Kind::Int8 => avx512::gemm_coded_panels::<avx512::Bytes, false, { avx512::ROUND_NONE }, M>(xs, self.values::<u8>(), n, k, r.start, r.end, &mut store),
+                    Kind::Uint8 if bf16 && native => avx512::gemm_coded_panels_bf16::<avx512::Nibbles, true, M>(job, &mut store),
+                    Kind::Uint8 if bf16 => avx512::gemm_coded_panels::<avx512::Nibbles, true, { avx512::ROUND_BF16 }, M>(job, &mut store),
+                    Kind::Uint8 => avx512::gemm_coded_panels::<avx512::Nibbles, true, { avx512::ROUND_NONE }, M>(job, &mut store),
+                    Kind::Int8 if bf16 && native => avx512::gemm_coded_panels_bf16::<avx512::Bytes, false, M>(job, &mut store),
+                    Kind::Int8 if bf16 => avx512::gemm_coded_panels::<avx512::Bytes, false, { avx512::ROUND_BF16 }, M>(job, &mut store),
+                    Kind::Int8 => avx512::gemm_coded_panels::<avx512::Bytes, false, { avx512::ROUND_NONE }, M>(job, &mut store),
                     Kind::BFloat16 => avx512::gemm_panels::<u16, M>(xs, self.values::<u16>(), n, k, r.start, r.end, &mut store),
                     Kind::Half => avx512::gemm_panels::<avx512::F16, M>(xs, self.values::<avx512::F16>(), n, k, r.start, r.end, &mut store),
                     _ => avx512::gemm_panels::<f32, M>(xs, self.values::<f32>(), n, k, r.start, r.end, &mut store),

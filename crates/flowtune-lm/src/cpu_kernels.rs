@@ -2889,17 +2889,9 @@ impl PanelWeight {
     /// The panels of `w` `[N, K]` (float32 or bf16, CPU, any strides); `None` on a CPU
     /// without the kernel, with [`decode_panels`] off, or for another kind, device or shape.
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
-        let size = w.size();
-        if !int4_f32_available()
-            || !decode_panels()
-            || w.device() != Device::Cpu
-            || !matches!(w.kind(), Kind::Float | Kind::BFloat16)
-            || size.len() != 2
-            || size.contains(&0)
-        {
+        let Some((n, k)) = panel_operand(w) else {
             return Ok(None);
-        }
-        let (n, k) = (size[0] as usize, size[1] as usize);
+        };
         // `[K, N]` contiguous: row `kk` holds every output's weight for input `kk`.
         let wt = w.f_detach()?.f_transpose(0, 1)?.f_contiguous()?;
         let values = n.div_ceil(PANEL) * k * PANEL;
@@ -2946,30 +2938,15 @@ impl PanelWeight {
     /// finite half-precision values, or any value not reproduced (ggml's Q4_0 blocks, say, whose
     /// `(q - 8) * scale` can be a negative zero where `q * scale + min` is a positive one).
     pub fn from_codes(w: &Tensor, codes: BlockCodes<'_>) -> Result<Option<Self>> {
-        let size = w.size();
-        if !int4_f32_available()
-            || !decode_panels()
-            || w.device() != Device::Cpu
-            || !matches!(w.kind(), Kind::Float | Kind::BFloat16)
-            || size.len() != 2
-            || size.contains(&0)
-            || size[1] % GROUP as i64 != 0
-        {
+        let Some((n, k)) = panel_operand(w).filter(|&(_, k)| k % GROUP == 0) else {
+            return Ok(None);
+        };
+        if codes.len() != n * k {
             return Ok(None);
         }
-        let (n, k) = (size[0] as usize, size[1] as usize);
         let (scale, min, nibbles) = match codes {
-            BlockCodes::Q4 { codes, scale, min } if codes.len() == n * k => {
-                (scale, Some(min), true)
-            }
-            BlockCodes::Q8 { codes, scale } if codes.len() == n * k => (scale, None, false),
-            _ => return Ok(None),
-        };
-        let code = |at: usize| -> f32 {
-            match codes {
-                BlockCodes::Q4 { codes, .. } => f32::from(codes[at]),
-                BlockCodes::Q8 { codes, .. } => f32::from(codes[at]),
-            }
+            BlockCodes::Q4 { scale, min, .. } => (scale, Some(min), true),
+            BlockCodes::Q8 { scale, .. } => (scale, None, false),
         };
         let groups = n * k / GROUP;
         let as_half = |v: &[f32]| -> Option<Vec<half::f16>> {
@@ -2995,7 +2972,7 @@ impl PanelWeight {
         let bf16 = w.kind() == Kind::BFloat16;
         let value = |at: usize| -> u32 {
             let g = at / GROUP;
-            let v = code(at) * scale[g];
+            let v = codes.code(at) * scale[g];
             let v = min.map_or(v, |m| v + m[g]);
             if bf16 {
                 u32::from(bf16_bits(v))
@@ -3023,10 +3000,17 @@ impl PanelWeight {
         }
         drop(dense);
         let blocks = k / GROUP;
+        use avx512::CodeRow;
         let (block, row) = if nibbles {
-            (avx512::coded_block_bytes::<avx512::Nibbles, true>(), 16)
+            (
+                avx512::coded_block_bytes::<avx512::Nibbles, true>(),
+                avx512::Nibbles::BYTES,
+            )
         } else {
-            (avx512::coded_block_bytes::<avx512::Bytes, false>(), 32)
+            (
+                avx512::coded_block_bytes::<avx512::Bytes, false>(),
+                avx512::Bytes::BYTES,
+            )
         };
         let line = std::mem::size_of::<Line>();
         let mut panels = Self {
@@ -3204,6 +3188,37 @@ pub enum BlockCodes<'a> {
         /// `N * K / 32` scales.
         scale: &'a [f32],
     },
+}
+
+/// The output and input sizes `(N, K)` of `w` where it can have panels: this CPU runs the
+/// kernels, [`decode_panels`] is on, and `w` is a non-empty 2-d float32 or bf16 CPU tensor.
+fn panel_operand(w: &Tensor) -> Option<(usize, usize)> {
+    let size = w.size();
+    let fits = int4_f32_available()
+        && decode_panels()
+        && w.device() == Device::Cpu
+        && matches!(w.kind(), Kind::Float | Kind::BFloat16)
+        && size.len() == 2
+        && !size.contains(&0);
+    fits.then(|| (size[0] as usize, size[1] as usize))
+}
+
+impl BlockCodes<'_> {
+    /// How many codes there are.
+    fn len(&self) -> usize {
+        match self {
+            BlockCodes::Q4 { codes, .. } => codes.len(),
+            BlockCodes::Q8 { codes, .. } => codes.len(),
+        }
+    }
+
+    /// Code `at` as a float (exact).
+    fn code(&self, at: usize) -> f32 {
+        match self {
+            BlockCodes::Q4 { codes, .. } => f32::from(codes[at]),
+            BlockCodes::Q8 { codes, .. } => f32::from(codes[at]),
+        }
+    }
 }
 
 /// `wt` (float32, contiguous, its values `values`) in bf16 when every value is a bf16 value

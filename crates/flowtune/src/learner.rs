@@ -94,6 +94,9 @@ pub enum LearnerError {
     /// From the optimizer.
     #[error(transparent)]
     Cocob(#[from] flowtune_cocob::Error),
+    /// A thread running micro-batches side by side ([`MicroBatchThreads`]) failed.
+    #[error("micro-batch thread: {0}")]
+    MicroBatchThread(String),
     /// From libtorch.
     #[error("torch error: {0}")]
     Torch(#[from] tch::TchError),
@@ -609,10 +612,11 @@ pub fn grouped_next_token_logits(
     )?)
 }
 
-/// How one label micro-batch's prompts run: whole, or as prefix groups over `prompts`.
-enum LabelBatch<'a> {
-    Whole(Vec<&'a [u32]>),
-    Grouped(Vec<&'a [u32]>, Vec<PrefixGroup>),
+/// How one label micro-batch's prompts run (indices into its label set's prompts): each
+/// whole, or as prefix groups.
+enum LabelBatch {
+    Whole(Vec<usize>),
+    Grouped(Vec<PrefixGroup>),
 }
 
 /// What one side-by-side thread returns: per micro-batch it ran, its index, its gradients
@@ -996,41 +1000,49 @@ impl NodeLearner {
         }
         let policy = BankDelta::all(bank, &self.node)?;
         let mb = self.config.micro_batch;
-        // The micro-batches: label ids, records, and how their prompts run.
-        let mut units: Vec<(Vec<i64>, Vec<&LabelRecord>, LabelBatch)> = Vec::new();
-        for (set, recs) in &by_set {
-            let ids: Vec<i64> = set.iter().map(|&x| x as i64).collect();
-            let prompts: Vec<&[u32]> = recs.iter().map(|r| r.prompt.as_slice()).collect();
+        // Per label set its ids and its records' prompts; the micro-batches: their set, their
+        // records, and how their prompts run.
+        let sets: Vec<(Vec<i64>, Vec<&[u32]>)> = by_set
+            .iter()
+            .map(|(set, recs)| {
+                let ids = set.iter().map(|&x| x as i64).collect();
+                (ids, recs.iter().map(|r| r.prompt.as_slice()).collect())
+            })
+            .collect();
+        let mut units: Vec<(usize, Vec<&LabelRecord>, LabelBatch)> = Vec::new();
+        for (si, ((_, prompts), recs)) in sets.iter().zip(by_set.values()).enumerate() {
             match self.config.label_sharing {
                 LabelSharing::Unshared => {
-                    for (chunk, chunk_prompts) in recs.chunks(mb).zip(prompts.chunks(mb)) {
-                        let batch = LabelBatch::Whole(chunk_prompts.to_vec());
-                        units.push((ids.clone(), chunk.to_vec(), batch));
+                    for (m, chunk) in recs.chunks(mb).enumerate() {
+                        let members = (m * mb..m * mb + chunk.len()).collect();
+                        units.push((si, chunk.to_vec(), LabelBatch::Whole(members)));
                     }
                 }
                 LabelSharing::PrefixGroups => {
-                    let (bare, grouped) = grouped_label_batches(&prompts, mb);
+                    let (bare, grouped) = grouped_label_batches(prompts, mb);
                     for chunk in bare.chunks(mb) {
-                        let chunk_prompts = chunk.iter().map(|&m| prompts[m]).collect();
                         let chunk_recs = chunk.iter().map(|&m| recs[m]).collect();
-                        units.push((ids.clone(), chunk_recs, LabelBatch::Whole(chunk_prompts)));
+                        units.push((si, chunk_recs, LabelBatch::Whole(chunk.to_vec())));
                     }
                     for batch in grouped {
                         let chunk_recs = batch
                             .iter()
                             .flat_map(|g| g.members.iter().map(|&m| recs[m]))
                             .collect();
-                        let batch = LabelBatch::Grouped(prompts.clone(), batch);
-                        units.push((ids.clone(), chunk_recs, batch));
+                        units.push((si, chunk_recs, LabelBatch::Grouped(batch)));
                     }
                 }
             }
         }
         let unit = |u: usize| -> Result<(Tensor, LabelStats)> {
-            let (ids, chunk, batch) = &units[u];
+            let (si, chunk, batch) = &units[u];
+            let (ids, prompts) = &sets[*si];
             let logits = match batch {
-                LabelBatch::Whole(prompts) => next_token_logits(model, Some(&policy), prompts)?,
-                LabelBatch::Grouped(prompts, groups) => {
+                LabelBatch::Whole(members) => {
+                    let chunk_prompts: Vec<&[u32]> = members.iter().map(|&m| prompts[m]).collect();
+                    next_token_logits(model, Some(&policy), &chunk_prompts)?
+                }
+                LabelBatch::Grouped(groups) => {
                     let groups: Vec<&PrefixGroup> = groups.iter().collect();
                     grouped_next_token_logits(model, Some(&policy), prompts, &groups)?
                 }
@@ -1151,10 +1163,7 @@ impl NodeLearner {
                 .into_iter()
                 .map(|w| {
                     w.join().unwrap_or_else(|_| {
-                        Err(LearnerError::InvalidConfig {
-                            field: "micro_batch_threads",
-                            reason: "a micro-batch thread panicked".into(),
-                        })
+                        Err(LearnerError::MicroBatchThread("a thread panicked".into()))
                     })
                 })
                 .collect()
@@ -1172,10 +1181,9 @@ impl NodeLearner {
         let mut out = Vec::with_capacity(count);
         for slot in slots {
             let Some((grads, s)) = slot else {
-                return Err(LearnerError::InvalidConfig {
-                    field: "micro_batch_threads",
-                    reason: "a micro-batch did not run".into(),
-                });
+                return Err(LearnerError::MicroBatchThread(
+                    "a micro-batch did not run".into(),
+                ));
             };
             for (sum, g) in sums.iter_mut().zip(grads) {
                 if g.defined() {

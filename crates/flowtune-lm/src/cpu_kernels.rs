@@ -1380,6 +1380,69 @@ mod avx512 {
         (body..n).for_each(|i| scalar(out, i));
     }
 
+    /// The backward of `out = silu(g) * u` for an output gradient `d`: `dg = d · u · σ(g) ·
+    /// (1 + g · (1 − σ(g)))` and `du = d · g · σ(g)` in float32 lanes (σ the logistic
+    /// function, through `e^-|g|` as in [`silu_mul`]; the forward's bf16 roundings are passed
+    /// straight through), each rounded once to `E`. The tail past a multiple of 16, and chunks
+    /// with an input below -87, run in scalar code.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA; the five slices have the same length.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn silu_mul_backward<E: VecElem>(
+        g: &[E],
+        u: &[E],
+        d: &[E],
+        dg: &mut [E],
+        du: &mut [E],
+    ) {
+        let n = g
+            .len()
+            .min(u.len())
+            .min(d.len())
+            .min(dg.len())
+            .min(du.len());
+        let body = n / 16 * 16;
+        let one = _mm512_set1_ps(1.0);
+        let sign = _mm512_set1_ps(-0.0);
+        let tiny = _mm512_set1_ps(-87.0);
+        let scalar = |dg: &mut [E], du: &mut [E], i: usize| {
+            let (x, up, dy) = (g[i].get(), u[i].get(), d[i].get());
+            let s = 1.0 / (1.0 + (-x).exp());
+            dg[i] = E::put(dy * up * s * (1.0 + x * (1.0 - s)));
+            du[i] = E::put(dy * x * s);
+        };
+        // SAFETY: every 16-lane access lies below `body <= n`, inside all five slices.
+        unsafe {
+            for c in (0..body).step_by(16) {
+                let x = E::load16(g.as_ptr().add(c));
+                if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, tiny) != 0 {
+                    (c..c + 16).for_each(|i| scalar(dg, du, i));
+                    continue;
+                }
+                // t = e^-|x|; σ(x) = 1 / (1 + t) for x >= 0, t / (1 + t) below.
+                let t = exp_nonpositive(_mm512_or_ps(x, sign));
+                let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+                let num = _mm512_mask_mov_ps(one, below, t);
+                let s = _mm512_div_ps(num, _mm512_add_ps(one, t));
+                let dy = E::load16(d.as_ptr().add(c));
+                let up = E::load16(u.as_ptr().add(c));
+                let ds = _mm512_mul_ps(dy, s);
+                // 1 + x (1 - s)
+                let slope = _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one);
+                let mut a = _mm512_mul_ps(_mm512_mul_ps(ds, up), slope);
+                let mut z = _mm512_mul_ps(ds, x);
+                if E::ROUND {
+                    a = round_bf16(a);
+                    z = round_bf16(z);
+                }
+                E::store16(dg.as_mut_ptr().add(c), a);
+                E::store16(du.as_mut_ptr().add(c), z);
+            }
+        }
+        (body..n).for_each(|i| scalar(dg, du, i));
+    }
+
     /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: a transposing tree of
     /// 45 shuffles and adds for 16 sums, where one `_mm512_reduce_add_ps` per sum costs 8.
     /// The sums associate differently from a lane-by-lane reduction (float rounding only).
@@ -2187,6 +2250,208 @@ unsafe fn silu_mul_rows<E: avx512::VecElem + Sync>(
         // multiply-adds here, which is how the split threshold counts it.
         omp::split(rows, 1, rows * width * 64, &run);
     }
+}
+
+/// The backward of [`silu_mul`] for the output gradient `d` (`[rows, width]`, contiguous):
+/// `[dgate | dup]` as one contiguous `[rows, 2 * width]` tensor (the gradient of a fused
+/// `gate_up` output), in the inputs' kind (see `avx512::silu_mul_backward`; the forward's bf16
+/// roundings are passed straight through, as autograd does). `gate` and `up` as
+/// [`silu_mul`] takes them; bf16 or float32 CPU tensors of one kind; `None` otherwise.
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, d: &Tensor) -> Result<Option<Tensor>> {
+    let kind = gate.kind();
+    let (Some(gs), Some(us)) = (strided_rows(gate), strided_rows(up)) else {
+        return Ok(None);
+    };
+    if !int4_f32_available()
+        || !matches!(kind, Kind::BFloat16 | Kind::Float)
+        || [gate, up, d]
+            .iter()
+            .any(|t| !plain_cpu(t) || t.kind() != kind)
+        || gate.size() != up.size()
+        || d.size() != gate.size()
+    {
+        return Ok(None);
+    }
+    let d = d.f_contiguous()?;
+    let (rows, width) = (gs.0, gs.1);
+    let out = Tensor::f_empty([rows as i64, 2 * width as i64], (kind, Device::Cpu))?;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `gate` and `up` span their rows (`strided_rows` checked their layouts), `d` is
+    // contiguous `[rows, width]` and `out` fresh and contiguous `[rows, 2 * width]`, all of
+    // `kind`; each thread writes only its own rows of `out` and is joined before `out` is
+    // returned; the CPU has AVX-512F and FMA (`int4_f32_available`).
+    unsafe {
+        if kind == Kind::BFloat16 {
+            silu_mul_backward_rows::<u16>(gate, up, &d, &out, gs, us);
+        } else {
+            silu_mul_backward_rows::<f32>(gate, up, &d, &out, gs, us);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// [`silu_mul_backward`]'s rows, split across the OpenMP team.
+///
+/// # Safety
+/// As [`silu_mul_rows`], with `d` a contiguous `[rows, width]` and `out` a fresh contiguous
+/// `[rows, 2 * width]` of `E`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn silu_mul_backward_rows<E: avx512::VecElem + Sync>(
+    gate: &Tensor,
+    up: &Tensor,
+    d: &Tensor,
+    out: &Tensor,
+    gs: (usize, usize, usize),
+    us: (usize, usize, usize),
+) {
+    let (rows, width) = (gs.0, gs.1);
+    let extent = |(r, w, step): (usize, usize, usize)| if r == 0 { 0 } else { (r - 1) * step + w };
+    // SAFETY: by the caller's contract.
+    unsafe {
+        let g = std::slice::from_raw_parts(gate.data_ptr() as *const E, extent(gs));
+        let u = std::slice::from_raw_parts(up.data_ptr() as *const E, extent(us));
+        let dy = std::slice::from_raw_parts(d.data_ptr() as *const E, rows * width);
+        let dst = OutPtr(out.data_ptr() as *mut E);
+        let run = |rows: std::ops::Range<usize>| {
+            // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let dst = dst;
+            for row in rows {
+                let (ga, ua, da) = (row * gs.2, row * us.2, row * width);
+                let o = std::slice::from_raw_parts_mut(dst.0.add(row * 2 * width), 2 * width);
+                let (dg, du) = o.split_at_mut(width);
+                avx512::silu_mul_backward(
+                    &g[ga..ga + width],
+                    &u[ua..ua + width],
+                    &dy[da..da + width],
+                    dg,
+                    du,
+                );
+            }
+        };
+        omp::split(rows, 1, rows * width * 64, &run);
+    }
+}
+
+/// One row of [`rms_norm_backward_add`]: `x` widened into `line`, then `dx += r · (dn − x̂ ·
+/// mean(dn · x̂))` with `r = 1 / sqrt(mean(x²) + eps)`, `x̂ = x · r` and `dn = dy · w`, all in
+/// float32.
+#[inline(always)]
+fn rms_norm_backward_row<E: Element>(
+    x: &[E],
+    w: &[E],
+    dy: &[E],
+    dx: &mut [f32],
+    line: &mut [f32],
+    eps: f32,
+) {
+    let h = x.len();
+    for (l, v) in line.iter_mut().zip(x) {
+        *l = v.get();
+    }
+    let r = 1.0 / (dot(line, line) / h as f32 + eps).sqrt();
+    let mut acc = [0f32; LANES];
+    let (lc, lr) = line.as_chunks::<LANES>();
+    let (dc, dr) = dy.as_chunks::<LANES>();
+    let (wc, wr) = w.as_chunks::<LANES>();
+    for ((l, d), g) in lc.iter().zip(dc).zip(wc) {
+        for j in 0..LANES {
+            acc[j] = (d[j].get() * g[j].get()).mul_add(l[j], acc[j]);
+        }
+    }
+    let mut tail = 0f32;
+    for ((l, d), g) in lr.iter().zip(dr).zip(wr) {
+        tail = (d.get() * g.get()).mul_add(*l, tail);
+    }
+    // mean(dn · x̂) = r · mean(dn · x)
+    let c = (reduce(acc) + tail) * r / h as f32;
+    for (((o, l), d), g) in dx.iter_mut().zip(line.iter()).zip(dy).zip(w) {
+        *o += r * (d.get() * g.get() - l * r * c);
+    }
+}
+
+multiversion!(rms_norm_backward_bf16, fn(x: &[u16], w: &[u16], dy: &[u16], dx: &mut [f32], eps: f32) {
+    let h = w.len();
+    let mut line = AlignedF32::filled(h, 0.0);
+    for ((xr, dr), or) in x.chunks_exact(h).zip(dy.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+        rms_norm_backward_row(xr, w, dr, or, line.as_mut_slice(), eps);
+    }
+});
+
+multiversion!(rms_norm_backward_f32, fn(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
+    let h = w.len();
+    let mut line = AlignedF32::filled(h, 0.0);
+    for ((xr, dr), or) in x.chunks_exact(h).zip(dy.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+        rms_norm_backward_row(xr, w, dr, or, line.as_mut_slice(), eps);
+    }
+});
+
+/// Adds the backward of [`rms_norm`] (HF's `LlamaRMSNorm`) for the output gradient `dy` into
+/// `dx`: `dx += r · (dn − x̂ · mean(dn · x̂))` per row, with `r = 1 / sqrt(mean(x²) + eps)`,
+/// `x̂ = x · r` and `dn = dy · weight`, all in float32 (the forward's bf16 rounding of `x̂` passed
+/// straight through, as autograd does). `x` and `dy` are `[rows, h]` and `weight` `[h]` CPU
+/// tensors of one kind (bf16 or float32), `dx` a contiguous float32 `[rows, h]` that nothing
+/// else reads or writes during the call; rows split across threads. Returns whether it applied
+/// (`false`: other kinds, shapes or devices, and `dx` is untouched).
+pub fn rms_norm_backward_add(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    dx: &Tensor,
+) -> Result<bool> {
+    let kind = x.kind();
+    let h = weight.size().first().copied().unwrap_or(0);
+    if !available()
+        || !rms_norm_takes(x, weight)
+        || !plain_cpu(dy)
+        || dy.kind() != kind
+        || dy.size() != x.size()
+        || !plain_cpu(dx)
+        || dx.kind() != Kind::Float
+        || dx.size() != x.size()
+        || !dx.is_contiguous()
+    {
+        return Ok(false);
+    }
+    let (x, weight, dy) = (
+        x.f_contiguous()?,
+        weight.f_contiguous()?,
+        dy.f_contiguous()?,
+    );
+    let (h, rows) = (h as usize, x.numel() / h as usize);
+    let at = [x.data_ptr(), weight.data_ptr(), dy.data_ptr()].map(|p| p as usize);
+    let dst = OutPtr(dx.data_ptr() as *mut f32);
+    let run = |r: std::ops::Range<usize>| {
+        // Capture the whole `OutPtr` (Send), not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        let (first, n) = (r.start * h, r.len() * h);
+        // SAFETY: `x`, `dy` are contiguous `[rows, h]`, `weight` `[h]`, of `kind` (bf16 = u16
+        // bits); `dx` is contiguous float32 `[rows, h]` that only this call touches, and each
+        // thread writes only its rows `r` (joined before returning).
+        unsafe {
+            let out = std::slice::from_raw_parts_mut(dst.0.add(first), n);
+            match kind {
+                Kind::BFloat16 => rms_norm_backward_bf16(
+                    std::slice::from_raw_parts((at[0] as *const u16).add(first), n),
+                    std::slice::from_raw_parts(at[1] as *const u16, h),
+                    std::slice::from_raw_parts((at[2] as *const u16).add(first), n),
+                    out,
+                    eps as f32,
+                ),
+                _ => rms_norm_backward_f32(
+                    std::slice::from_raw_parts((at[0] as *const f32).add(first), n),
+                    std::slice::from_raw_parts(at[1] as *const f32, h),
+                    std::slice::from_raw_parts((at[2] as *const f32).add(first), n),
+                    out,
+                    eps as f32,
+                ),
+            }
+        }
+    };
+    split_rows(rows, rows * h * 6, &run);
+    Ok(true)
 }
 
 /// Attention of `t` new query positions per row over a KV cache, in bf16 or float32 on the

@@ -15,6 +15,9 @@ use crate::kv::KvCache;
 use crate::weights::WeightCodes;
 use crate::{Error, Result};
 
+mod recorded;
+pub use recorded::{KvGrads, LoraGrads, RecordedPass};
+
 /// Something that adds a low-rank delta to the output of a target linear, with
 /// the adapter selection for the rows of the current batch bound inside.
 pub trait LinearDelta {
@@ -44,6 +47,33 @@ pub trait LinearDelta {
     fn row_independent(&self) -> bool {
         false
     }
+
+    /// The factors behind the delta of `module` of `layer`, for the hand-written backward
+    /// pass ([`Model::forward_recorded`]). The default, [`SiteFactors::Opaque`], keeps callers
+    /// on autograd.
+    fn factors(&self, _layer: usize, _module: &str) -> Result<SiteFactors> {
+        Ok(SiteFactors::Opaque)
+    }
+}
+
+/// What a [`LinearDelta`] adds at one site, as the hand-written backward pass needs it.
+#[derive(Debug)]
+pub enum SiteFactors {
+    /// Nothing: the site has no delta.
+    Absent,
+    /// One LoRA for every row: `scale · (x Aᵀ) Bᵀ` with `a` `[r, in]` and `b` `[out, r]`
+    /// (float32 or the model's kind). These are the adapter's own tensors: gradients are
+    /// reported against them ([`LoraGrads`]), for those that require gradients.
+    Lora {
+        /// The down projection `A`.
+        a: Tensor,
+        /// The up projection `B`.
+        b: Tensor,
+        /// The LoRA scale (`alpha / r`, or `alpha / sqrt(r)` for rsLoRA).
+        scale: f64,
+    },
+    /// Anything else (rows with different adapters, dropout, another kind of delta).
+    Opaque,
 }
 
 /// The LoRA bank with the batch's adapter selection bound in adds its deltas.
@@ -71,6 +101,18 @@ impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
 
     fn row_independent(&self) -> bool {
         self.selection.is_uniform()
+    }
+
+    fn factors(&self, layer: usize, module: &str) -> Result<SiteFactors> {
+        Ok(match self.uniform_site(layer, module)? {
+            None => SiteFactors::Opaque,
+            Some(None) => SiteFactors::Absent,
+            Some(Some((w, scale))) => SiteFactors::Lora {
+                a: w.a.shallow_clone(),
+                b: w.b.shallow_clone(),
+                scale,
+            },
+        })
     }
 }
 
@@ -241,25 +283,31 @@ struct Packing {
 impl Packing {
     /// `None` when fewer than 1/32 of the slots are padding (packing would not pay).
     fn new(valid: &[bool], b: i64, t: i64, device: Device) -> Result<Option<Self>> {
+        let real = valid.iter().filter(|&&v| v).count() as i64;
+        let slots = b * t;
+        if (slots - real) * 32 < slots {
+            return Ok(None);
+        }
+        Self::always(valid, b, t, device).map(Some)
+    }
+
+    /// The packing of `valid` (row-major `[b, t]`), however little padding there is.
+    fn always(valid: &[bool], b: i64, t: i64, device: Device) -> Result<Self> {
         let index: Vec<i64> = valid
             .iter()
             .enumerate()
             .filter_map(|(i, &v)| v.then_some(i as i64))
             .collect();
-        let slots = b * t;
-        if (slots - index.len() as i64) * 32 < slots {
-            return Ok(None);
-        }
         let mut slot_rows = vec![None; valid.len()];
         for (row, &slot) in index.iter().enumerate() {
             slot_rows[slot as usize] = Some(row as u32);
         }
-        Ok(Some(Self {
+        Ok(Self {
             index: Tensor::f_from_slice(&index)?.f_to(device)?,
             slot_rows,
             b,
             t,
-        }))
+        })
     }
 
     /// `[B, T, ...]` (or `[B, T]`) to the real tokens `[N, ...]`.
@@ -465,6 +513,25 @@ fn eager_attention(
         .f_to_kind(v.kind())?
         .f_view([b, nkv, group * t, l])?;
     Ok(probs.f_matmul(v)?.f_view([b, nq, t, hd])?)
+}
+
+/// The PEFT sites of a (possibly fused) linear's output as `(name, first column, width)`:
+/// one per part of `parts` (names and widths), or the one `fused_name` over all of them.
+fn site_columns<'a>(
+    parts: &[(&'a str, i64)],
+    fused_name: Option<&'a str>,
+) -> Vec<(&'a str, i64, i64)> {
+    let total: i64 = parts.iter().map(|p| p.1).sum();
+    match fused_name {
+        Some(name) => vec![(name, 0, total)],
+        None => parts
+            .iter()
+            .scan(0, |at, &(name, width)| {
+                *at += width;
+                Some((name, *at - width, width))
+            })
+            .collect(),
+    }
 }
 
 /// `x` split along `dim` into its first `a` and next `b` entries (views; `a + b` must be the
@@ -978,17 +1045,7 @@ impl Model {
         let Some(d) = delta else {
             return Ok(y);
         };
-        let total: i64 = parts.iter().map(|p| p.1).sum();
-        let sites: Vec<(&str, i64, i64)> = match fused_name {
-            Some(name) => vec![(name, 0, total)],
-            None => parts
-                .iter()
-                .scan(0, |at, &(name, width)| {
-                    *at += width;
-                    Some((name, *at - width, width))
-                })
-                .collect(),
-        };
+        let sites = site_columns(parts, fused_name);
         // Each site's view of the output, and its delta when that could not go in place.
         let mut parts_left = Vec::with_capacity(sites.len());
         for &(name, at, width) in &sites {

@@ -832,18 +832,35 @@ impl SelectedAdapters<'_> {
         layer: usize,
         module: &str,
     ) -> Result<Option<(&LoraWeights, f64)>> {
-        let (AdapterSelection::All(id), Some(m)) =
-            (self.selection, crate::site::Module::from_name(module))
-        else {
-            return Ok(None);
+        Ok(self.uniform_site(layer, module)?.flatten())
+    }
+
+    /// What every row of the batch adds at `module` (PEFT name) of `layer`, where that is one
+    /// thing for the whole batch: `Some(None)` when nothing does (no adapter selected, or the
+    /// selected one does not adapt the site, or an unknown module name), `Some(Some((w,
+    /// scale)))` for one adapter's factors without training-mode dropout. `None` otherwise
+    /// (rows use different adapters, or dropout draws random numbers).
+    #[allow(clippy::type_complexity)]
+    pub fn uniform_site(
+        &self,
+        layer: usize,
+        module: &str,
+    ) -> Result<Option<Option<(&LoraWeights, f64)>>> {
+        let id = match self.selection {
+            AdapterSelection::None => return Ok(Some(None)),
+            AdapterSelection::All(id) => *id,
+            AdapterSelection::PerRow(_) => return Ok(None),
         };
-        let adapter = self.bank.get_by_id(*id)?;
+        let Some(m) = crate::site::Module::from_name(module) else {
+            return Ok(Some(None));
+        };
+        let adapter = self.bank.get_by_id(id)?;
+        let Some(w) = adapter.weights.get(&Site::new(layer, m)) else {
+            return Ok(Some(None));
+        };
         if self.bank.dropout_of(adapter) > 0.0 {
             return Ok(None);
         }
-        Ok(adapter
-            .weights
-            .get(&Site::new(layer, m))
-            .map(|w| (w, adapter.scale())))
+        Ok(Some(Some((w, adapter.scale()))))
     }
 }

@@ -23,6 +23,8 @@
 //! most of their tokens ([`prefix_groups`]) run the shared prefix once through the KV cache,
 //! with gradients, and only each record's remaining tokens on top
 //! ([`grouped_next_token_logits`]); same values and gradients as running every prompt whole.
+//! Training label micro-batches on the CPU take their gradients from the model's
+//! hand-written backward pass ([`LearnerConfig::recorded_backward`]) where it applies.
 //!
 //! Counted tokens: every completion token as given (for chat data: the content tokens
 //! plus the end-of-turn token `<|im_end|>`, as TRL counts them); nothing of the prompt.
@@ -31,7 +33,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use flowtune_cocob::{Cocob, CocobConfig};
-use flowtune_lm::model::{LinearDelta, LogitsAt, Model};
+use flowtune_lm::model::{LinearDelta, LogitsAt, LoraGrads, Model, SiteFactors};
 use flowtune_lora::{AdapterBank, AdapterSelection};
 use flowtune_loss::{DpoStats, LabelStats, NllStats};
 use serde::{Deserialize, Serialize};
@@ -202,6 +204,19 @@ pub struct LearnerConfig {
     /// ([`MicroBatchThreads`]). Absent in older saved configs: the default.
     #[serde(default)]
     pub micro_batch_threads: MicroBatchThreads,
+    /// Whether training label micro-batches take their gradients from the model's
+    /// hand-written backward pass ([`Model::forward_recorded`]: the inference forward's
+    /// fused kernels, then the layers' backward by hand, no autograd graph) where the model
+    /// supports it (CPU, bf16 or float32, no sliding windows, LoRA without dropout); autograd
+    /// otherwise, and always when false. The same gradients to float rounding (float32) or
+    /// bf16 rounding (tested against autograd); see docs/learning.md. Absent in older saved
+    /// configs: true.
+    #[serde(default = "recorded_backward_default")]
+    pub recorded_backward: bool,
+}
+
+fn recorded_backward_default() -> bool {
+    true
 }
 
 /// How a training step's micro-batches use the CPU's threads.
@@ -244,6 +259,7 @@ impl Default for LearnerConfig {
             cocob: CocobConfig::paper(),
             dpo_dropout: false,
             micro_batch_threads: MicroBatchThreads::Auto,
+            recorded_backward: true,
         }
     }
 }
@@ -302,6 +318,10 @@ impl LinearDelta for BankDelta<'_> {
     fn row_independent(&self) -> bool {
         self.selection.is_uniform()
     }
+
+    fn factors(&self, layer: usize, module: &str) -> flowtune_lm::Result<SiteFactors> {
+        LinearDelta::factors(&self.bank.select(&self.selection), layer, module)
+    }
 }
 
 fn ids_tensor(rows: &[Vec<i64>], device: tch::Device) -> Result<Tensor> {
@@ -321,6 +341,20 @@ fn prefill(
     extra: usize,
     at: &LogitsAt,
 ) -> Result<(Tensor, flowtune_lm::kv::KvCache)> {
+    let (rows, valid, tp) = left_padded(prompts);
+    let mut cache = model.new_cache(prompts.len(), tp + extra)?;
+    let logits = model.forward_cached(
+        &ids_tensor(&rows, model.device())?,
+        Some(&valid),
+        &mut cache,
+        at,
+        delta,
+    )?;
+    Ok((logits, cache))
+}
+
+/// `prompts` left-padded with id 0 to their longest: rows, validity (row-major) and length.
+fn left_padded(prompts: &[&[u32]]) -> (Vec<Vec<i64>>, Vec<bool>, usize) {
     let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut rows = Vec::with_capacity(prompts.len());
     let mut valid = Vec::with_capacity(prompts.len() * tp);
@@ -332,15 +366,7 @@ fn prefill(
         valid.extend(std::iter::repeat_n(false, pad));
         valid.extend(std::iter::repeat_n(true, p.len()));
     }
-    let mut cache = model.new_cache(prompts.len(), tp + extra)?;
-    let logits = model.forward_cached(
-        &ids_tensor(&rows, model.device())?,
-        Some(&valid),
-        &mut cache,
-        at,
-        delta,
-    )?;
-    Ok((logits, cache))
+    (rows, valid, tp)
 }
 
 /// Summed completion log-probs `[Σ completions]` for `groups` of (prompt, completions),
@@ -556,60 +582,158 @@ pub fn grouped_next_token_logits(
     prompts: &[&[u32]],
     groups: &[&PrefixGroup],
 ) -> Result<Tensor> {
-    let mut ts = 0;
-    for (g, group) in groups.iter().enumerate() {
-        let bad = group.prefix_len == 0
-            || group
-                .members
-                .iter()
-                .any(|&m| prompts.get(m).is_none_or(|p| p.len() <= group.prefix_len));
-        if bad {
-            return Err(flowtune_lm::Error::InvalidRequest {
-                index: g,
-                message: "prefix group: empty prefix, unknown member or a member no longer than the prefix".into(),
-            }
-            .into());
-        }
-        for &m in &group.members {
-            ts = ts.max(prompts[m].len() - group.prefix_len);
-        }
-    }
-    let mut prefixes = Vec::with_capacity(groups.len());
-    let mut rows = Vec::new();
-    let mut s_rows = Vec::new();
-    let mut s_valid = Vec::new();
-    let mut last = Vec::new();
-    for (g, group) in groups.iter().enumerate() {
-        prefixes.push(&prompts[group.members[0]][..group.prefix_len]);
-        for &m in &group.members {
-            let rest = &prompts[m][group.prefix_len..];
-            rows.push(g);
-            let mut row: Vec<i64> = rest.iter().map(|&x| x as i64).collect();
-            row.resize(ts, 0);
-            s_rows.push(row);
-            s_valid.extend(std::iter::repeat_n(true, rest.len()));
-            s_valid.extend(std::iter::repeat_n(false, ts - rest.len()));
-            last.push(rest.len() - 1);
-        }
-    }
-    tracing::debug!(
-        groups = prefixes.len(),
-        prefix_columns = prefixes.iter().map(|p| p.len()).max().unwrap_or(0),
-        prefix_tokens = prefixes.iter().map(|p| p.len()).sum::<usize>(),
-        rows = rows.len(),
-        rest_columns = ts,
-        rest_tokens = s_valid.iter().filter(|&&v| v).count(),
-        "prefix-grouped prompts"
-    );
-    let (_none, mut cache) = prefill(model, delta, &prefixes, ts, &LogitsAt::None)?;
-    cache.select_rows(&rows)?;
+    let plan = GroupedRows::new(prompts, groups)?;
+    let (_none, mut cache) = prefill(model, delta, &plan.prefixes, plan.ts, &LogitsAt::None)?;
+    cache.select_rows(&plan.rows)?;
     Ok(model.forward_cached(
-        &ids_tensor(&s_rows, model.device())?,
-        Some(&s_valid),
+        &ids_tensor(&plan.s_rows, model.device())?,
+        Some(&plan.s_valid),
         &mut cache,
-        &LogitsAt::PerRow(last),
+        &LogitsAt::PerRow(plan.last),
         delta,
     )?)
+}
+
+/// The inputs of prefix-grouped prompts: each group's prefix (to run left-padded), the cache
+/// row of each member (its group), each member's own tokens right-padded to `ts`, and the
+/// column of each member's last token.
+struct GroupedRows<'p> {
+    prefixes: Vec<&'p [u32]>,
+    rows: Vec<usize>,
+    s_rows: Vec<Vec<i64>>,
+    s_valid: Vec<bool>,
+    last: Vec<usize>,
+    ts: usize,
+}
+
+impl<'p> GroupedRows<'p> {
+    /// Every group needs `prefix_len ≥ 1` and members longer than it.
+    fn new(prompts: &[&'p [u32]], groups: &[&PrefixGroup]) -> Result<Self> {
+        let mut ts = 0;
+        for (g, group) in groups.iter().enumerate() {
+            let bad = group.prefix_len == 0
+                || group
+                    .members
+                    .iter()
+                    .any(|&m| prompts.get(m).is_none_or(|p| p.len() <= group.prefix_len));
+            if bad {
+                return Err(flowtune_lm::Error::InvalidRequest {
+                    index: g,
+                    message: "prefix group: empty prefix, unknown member or a member no longer than the prefix".into(),
+                }
+                .into());
+            }
+            for &m in &group.members {
+                ts = ts.max(prompts[m].len() - group.prefix_len);
+            }
+        }
+        let mut plan = Self {
+            prefixes: Vec::with_capacity(groups.len()),
+            rows: Vec::new(),
+            s_rows: Vec::new(),
+            s_valid: Vec::new(),
+            last: Vec::new(),
+            ts,
+        };
+        for (g, group) in groups.iter().enumerate() {
+            plan.prefixes
+                .push(&prompts[group.members[0]][..group.prefix_len]);
+            for &m in &group.members {
+                let rest = &prompts[m][group.prefix_len..];
+                plan.rows.push(g);
+                let mut row: Vec<i64> = rest.iter().map(|&x| x as i64).collect();
+                row.resize(ts, 0);
+                plan.s_rows.push(row);
+                plan.s_valid.extend(std::iter::repeat_n(true, rest.len()));
+                plan.s_valid
+                    .extend(std::iter::repeat_n(false, ts - rest.len()));
+                plan.last.push(rest.len() - 1);
+            }
+        }
+        tracing::debug!(
+            groups = plan.prefixes.len(),
+            prefix_columns = plan.prefixes.iter().map(|p| p.len()).max().unwrap_or(0),
+            prefix_tokens = plan.prefixes.iter().map(|p| p.len()).sum::<usize>(),
+            rows = plan.rows.len(),
+            rest_columns = ts,
+            rest_tokens = plan.s_valid.iter().filter(|&&v| v).count(),
+            "prefix-grouped prompts"
+        );
+        Ok(plan)
+    }
+}
+
+/// The label loss `loss` of the logits after each prompt of one label micro-batch, and the
+/// trainable adapter's gradients from the model's recorded backward pass
+/// ([`Model::forward_recorded`]): prompts `prompts` whole (left-padded, one pass), or
+/// prefix-grouped (a prefix pass, then each member's own tokens on top, as
+/// [`grouped_next_token_logits`]).
+fn recorded_label_grads<S>(
+    model: &Model,
+    delta: &BankDelta<'_>,
+    prompts: &[&[u32]],
+    batch: &LabelBatch,
+    loss: impl FnOnce(&Tensor) -> Result<(Tensor, S)>,
+) -> Result<(LoraGrads, S)> {
+    let device = model.device();
+    let mut grads = LoraGrads::new();
+    let backward = |hidden: Tensor| -> Result<(Tensor, S)> {
+        let leaf = hidden.f_detach()?.f_set_requires_grad(true)?;
+        let logits = model.logits_of_hidden(&leaf)?;
+        let (l, s) = loss(&logits)?;
+        let d_hidden = Tensor::f_run_backward(&[l], &[&leaf], false, false)?
+            .pop()
+            .ok_or_else(|| {
+                LearnerError::MicroBatchThread("no gradient of the hidden states".into())
+            })?;
+        Ok((d_hidden, s))
+    };
+    let s = match batch {
+        LabelBatch::Whole(members) => {
+            let chunk: Vec<&[u32]> = members.iter().map(|&m| prompts[m]).collect();
+            let (rows, valid, tp) = left_padded(&chunk);
+            let mut cache = model.new_cache(chunk.len(), tp)?;
+            let (hidden, pass) = model.forward_recorded(
+                &ids_tensor(&rows, device)?,
+                &valid,
+                &mut cache,
+                &LogitsAt::Last,
+                delta,
+            )?;
+            let (d_hidden, s) = backward(hidden)?;
+            pass.backward(model, delta, Some(&d_hidden), None, &mut grads)?;
+            s
+        }
+        LabelBatch::Grouped(groups) => {
+            let groups: Vec<&PrefixGroup> = groups.iter().collect();
+            let plan = GroupedRows::new(prompts, &groups)?;
+            let (rows, valid, tp) = left_padded(&plan.prefixes);
+            let mut cache = model.new_cache(plan.prefixes.len(), tp + plan.ts)?;
+            let (_, prefix) = model.forward_recorded(
+                &ids_tensor(&rows, device)?,
+                &valid,
+                &mut cache,
+                &LogitsAt::None,
+                delta,
+            )?;
+            cache.select_rows(&plan.rows)?;
+            let (hidden, rest) = model.forward_recorded(
+                &ids_tensor(&plan.s_rows, device)?,
+                &plan.s_valid,
+                &mut cache,
+                &LogitsAt::PerRow(plan.last.clone()),
+                delta,
+            )?;
+            let (d_hidden, s) = backward(hidden)?;
+            let kv = rest.backward(model, delta, Some(&d_hidden), None, &mut grads)?;
+            let kv = kv
+                .map(|kv| kv.fold_rows(&plan.rows, plan.prefixes.len()))
+                .transpose()?;
+            prefix.backward(model, delta, None, kv.as_ref(), &mut grads)?;
+            s
+        }
+    };
+    Ok((grads, s))
 }
 
 /// How one label micro-batch's prompts run (indices into its label set's prompts): each
@@ -619,6 +743,53 @@ enum LabelBatch {
     Grouped(Vec<PrefixGroup>),
 }
 
+/// One micro-batch's contribution to a training step: a loss for autograd to differentiate,
+/// or the trainable parameters' gradients already taken (the recorded backward pass).
+enum MicroLoss {
+    Graph(Tensor),
+    Grads(LoraGrads),
+}
+
+/// `grads` in the order of `params` (an undefined tensor where a parameter got none).
+fn aligned(grads: &LoraGrads, params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| grads.get(p).map_or_else(Tensor::new, Tensor::shallow_clone))
+        .collect()
+}
+
+/// Adds one micro-batch's gradients (in parameter order; undefined = none) into `sums`.
+fn add_grads(sums: &mut [Option<Tensor>], grads: Vec<Tensor>) -> Result<()> {
+    for (sum, g) in sums.iter_mut().zip(grads) {
+        if g.defined() {
+            *sum = Some(match sum.take() {
+                Some(acc) => acc.f_add(&g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Hands summed gradients to autograd's accumulation into the parameters: `Σ_p (p ·
+/// g_p).sum()` has gradient exactly `g_p` with respect to `p`.
+fn backward_sums(params: &[Tensor], sums: Vec<Option<Tensor>>) -> Result<()> {
+    let mut total: Option<Tensor> = None;
+    for (p, g) in params.iter().zip(sums) {
+        if let Some(g) = g {
+            let term = p.f_mul(&g)?.f_sum(None::<Kind>)?;
+            total = Some(match total {
+                Some(t) => t.f_add(&term)?,
+                None => term,
+            });
+        }
+    }
+    if let Some(t) = total {
+        t.f_backward()?;
+    }
+    Ok(())
+}
+
 /// What one side-by-side thread returns: per micro-batch it ran, its index, its gradients
 /// (one per trainable parameter) and its statistics.
 type Finished<S> = Vec<(usize, Vec<Tensor>, S)>;
@@ -626,7 +797,7 @@ type Finished<S> = Vec<(usize, Vec<Tensor>, S)>;
 /// A micro-batch closure and the trainable parameters, shared by the threads that run
 /// micro-batches side by side ([`MicroBatchThreads`]).
 struct SideBySide<'a, S> {
-    unit: &'a (dyn Fn(usize) -> Result<(Tensor, S)> + 'a),
+    unit: &'a (dyn Fn(usize) -> Result<(MicroLoss, S)> + 'a),
     params: &'a [Tensor],
 }
 
@@ -860,7 +1031,7 @@ impl NodeLearner {
         let policy = BankDelta::all(bank, &self.node)?;
         let reference = BankDelta::all(bank, &self.reference)?;
         let chunks: Vec<&[&PreferencePair]> = kept.chunks(self.config.micro_batch).collect();
-        let unit = |c: usize| -> Result<(Tensor, DpoStats)> {
+        let unit = |c: usize| -> Result<(MicroLoss, DpoStats)> {
             let chunk = chunks[c];
             let _mb = tracing::trace_span!("micro_batch", pairs = chunk.len()).entered();
             let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
@@ -891,7 +1062,10 @@ impl NodeLearner {
                 &weights,
                 self.config.beta,
             )?;
-            Ok((loss.f_mul_scalar(chunk.len() as f64 / n as f64)?, s))
+            Ok((
+                MicroLoss::Graph(loss.f_mul_scalar(chunk.len() as f64 / n as f64)?),
+                s,
+            ))
         };
         let adapters = [self.node.as_str(), self.reference.as_str()];
         let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
@@ -927,7 +1101,7 @@ impl NodeLearner {
         let policy = BankDelta::all(bank, &self.node)?;
         let chunks: Vec<&[&TargetRecord]> = kept.chunks(self.config.micro_batch).collect();
         // Each chunk's loss, and its loss and summed NLL as numbers.
-        let unit = |c: usize| -> Result<(Tensor, (f64, f64))> {
+        let unit = |c: usize| -> Result<(MicroLoss, (f64, f64))> {
             let chunk = chunks[c];
             let groups: Vec<(&[u32], Vec<&[u32]>)> = chunk
                 .iter()
@@ -945,7 +1119,7 @@ impl NodeLearner {
                 .f_div_scalar(n as f64)?;
             let nll = -lp.f_sum(Kind::Double)?.f_double_value(&[])?;
             let value = loss.f_double_value(&[])?;
-            Ok((loss, (value, nll)))
+            Ok((MicroLoss::Graph(loss), (value, nll)))
         };
         let adapters = [self.node.as_str()];
         let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
@@ -1034,9 +1208,17 @@ impl NodeLearner {
                 }
             }
         }
-        let unit = |u: usize| -> Result<(Tensor, LabelStats)> {
+        let recorded =
+            train && self.config.recorded_backward && model.recorded_backward_supported(&policy)?;
+        let unit = |u: usize| -> Result<(MicroLoss, LabelStats)> {
             let (si, chunk, batch) = &units[u];
             let (ids, prompts) = &sets[*si];
+            if recorded {
+                let (grads, s) = recorded_label_grads(model, &policy, prompts, batch, |logits| {
+                    Self::label_loss(logits, chunk, ids, n)
+                })?;
+                return Ok((MicroLoss::Grads(grads), s));
+            }
             let logits = match batch {
                 LabelBatch::Whole(members) => {
                     let chunk_prompts: Vec<&[u32]> = members.iter().map(|&m| prompts[m]).collect();
@@ -1047,7 +1229,8 @@ impl NodeLearner {
                     grouped_next_token_logits(model, Some(&policy), prompts, &groups)?
                 }
             };
-            Self::label_loss(&logits, chunk, ids, n)
+            let (loss, s) = Self::label_loss(&logits, chunk, ids, n)?;
+            Ok((MicroLoss::Graph(loss), s))
         };
         let adapters = [self.node.as_str()];
         let per_unit = self.micro_batches(model, bank, &adapters, units.len(), train, &unit)?;
@@ -1116,25 +1299,32 @@ impl NodeLearner {
         adapters: &[&str],
         count: usize,
         train: bool,
-        unit: &(dyn Fn(usize) -> Result<(Tensor, S)> + '_),
+        unit: &(dyn Fn(usize) -> Result<(MicroLoss, S)> + '_),
     ) -> Result<Vec<S>> {
         let threads = if train {
             self.threads_for(model, bank, adapters, count)
         } else {
             1
         };
+        let params = self.optimizer.params();
+        // Per parameter, the sum of the gradients taken apart (side by side, or by the
+        // recorded backward), in micro-batch order.
+        let mut sums: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
+        let mut out = Vec::with_capacity(count);
         if threads <= 1 {
-            let mut out = Vec::with_capacity(count);
             for u in 0..count {
                 let (loss, s) = unit(u)?;
                 if train {
-                    loss.f_backward()?;
+                    match loss {
+                        MicroLoss::Graph(loss) => loss.f_backward()?,
+                        MicroLoss::Grads(g) => add_grads(&mut sums, aligned(&g, params))?,
+                    }
                 }
                 out.push(s);
             }
+            backward_sums(params, sums)?;
             return Ok(out);
         }
-        let params = self.optimizer.params();
         let shared = SideBySide { unit, params };
         let next = std::sync::atomic::AtomicUsize::new(0);
         let intra = tch::get_num_threads();
@@ -1152,8 +1342,12 @@ impl NodeLearner {
                                 return Ok(done);
                             }
                             let (loss, s) = (shared.unit)(u)?;
-                            let grads =
-                                Tensor::f_run_backward(&[loss], shared.params, false, false)?;
+                            let grads = match loss {
+                                MicroLoss::Graph(loss) => {
+                                    Tensor::f_run_backward(&[loss], shared.params, false, false)?
+                                }
+                                MicroLoss::Grads(g) => aligned(&g, shared.params),
+                            };
                             done.push((u, grads, s));
                         }
                     })
@@ -1175,39 +1369,16 @@ impl NodeLearner {
                 slots[u] = Some((grads, s));
             }
         }
-        // Sum each parameter's gradients in micro-batch order, then hand the sums to
-        // autograd's accumulation (`Σ_p (p · g_p).sum()` has gradient exactly `g_p`).
-        let mut sums: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
-        let mut out = Vec::with_capacity(count);
         for slot in slots {
             let Some((grads, s)) = slot else {
                 return Err(LearnerError::MicroBatchThread(
                     "a micro-batch did not run".into(),
                 ));
             };
-            for (sum, g) in sums.iter_mut().zip(grads) {
-                if g.defined() {
-                    *sum = Some(match sum.take() {
-                        Some(acc) => acc.f_add(&g)?,
-                        None => g,
-                    });
-                }
-            }
+            add_grads(&mut sums, grads)?;
             out.push(s);
         }
-        let mut total: Option<Tensor> = None;
-        for (p, g) in params.iter().zip(sums) {
-            if let Some(g) = g {
-                let term = p.f_mul(&g)?.f_sum(None::<Kind>)?;
-                total = Some(match total {
-                    Some(t) => t.f_add(&term)?,
-                    None => term,
-                });
-            }
-        }
-        if let Some(t) = total {
-            t.f_backward()?;
-        }
+        backward_sums(params, sums)?;
         Ok(out)
     }
 

@@ -23,8 +23,8 @@
 //! most of their tokens ([`prefix_groups`]) run the shared prefix once through the KV cache,
 //! with gradients, and only each record's remaining tokens on top
 //! ([`grouped_next_token_logits`]); same values and gradients as running every prompt whole.
-//! Training label micro-batches on the CPU take their gradients from the model's
-//! hand-written backward pass ([`LearnerConfig::recorded_backward`]) where it applies.
+//! Training micro-batches on the CPU take their gradients from the model's hand-written
+//! backward pass ([`LearnerConfig::recorded_backward`]) where it applies.
 //!
 //! Counted tokens: every completion token as given (for chat data: the content tokens
 //! plus the end-of-turn token `<|im_end|>`, as TRL counts them); nothing of the prompt.
@@ -204,13 +204,15 @@ pub struct LearnerConfig {
     /// ([`MicroBatchThreads`]). Absent in older saved configs: the default.
     #[serde(default)]
     pub micro_batch_threads: MicroBatchThreads,
-    /// Whether training label micro-batches take their gradients from the model's
-    /// hand-written backward pass ([`Model::forward_recorded`]: the inference forward's
-    /// fused kernels, then the layers' backward by hand, no autograd graph) where the model
-    /// supports it (CPU, bf16 or float32, no sliding windows, LoRA without dropout); autograd
-    /// otherwise, and always when false. The same gradients to float rounding (float32) or
-    /// bf16 rounding (tested against autograd); see docs/learning.md. Absent in older saved
-    /// configs: true.
+    /// Whether training micro-batches (labels, DPO pairs, supervised targets) take their
+    /// gradients from the model's hand-written backward pass ([`Model::forward_recorded`]:
+    /// the inference forward's fused kernels, then the layers' backward by hand, no autograd
+    /// graph) where the model supports it (CPU, bf16 or float32, no sliding windows, LoRA
+    /// without dropout); autograd otherwise, and always when false. Completions then run on
+    /// top of their prompt's KV cache (as [`PromptSharing::SharedKv`], whatever
+    /// `prompt_sharing` says), the DPO reference the same way. The same gradients to float
+    /// rounding (float32) or bf16 rounding (tested against autograd); see docs/learning.md.
+    /// Absent in older saved configs: true.
     #[serde(default = "recorded_backward_default")]
     pub recorded_backward: bool,
 }
@@ -736,6 +738,137 @@ fn recorded_label_grads<S>(
     Ok((grads, s))
 }
 
+/// Completion log-probs through the model's recorded forward ([`Model::forward_recorded`]),
+/// with what their backward needs. The prompts run once, left-padded, with hidden states at
+/// their last token; the cache rows are repeated per completion and the completions (minus
+/// their last token, right-padded) run on top with hidden states everywhere, as
+/// [`PromptSharing::SharedKv`] runs them. Only the norm, the head and the log-softmax run
+/// under autograd, from two leaves (the prompts' and the completions' hidden states).
+struct RecordedCompletions {
+    /// `[Σ completions]`, differentiable with respect to the leaves.
+    lp: Tensor,
+    first_leaf: Tensor,
+    rest_leaf: Option<Tensor>,
+    prompt_pass: flowtune_lm::model::RecordedPass,
+    rest_pass: Option<flowtune_lm::model::RecordedPass>,
+    /// Per completion, its prompt.
+    rows: Vec<usize>,
+}
+
+impl RecordedCompletions {
+    fn new(model: &Model, delta: &BankDelta<'_>, groups: &[(&[u32], Vec<&[u32]>)]) -> Result<Self> {
+        let device = model.device();
+        for (g, (prompt, comps)) in groups.iter().enumerate() {
+            if prompt.is_empty() || comps.is_empty() || comps.iter().any(|c| c.is_empty()) {
+                return Err(flowtune_lm::Error::InvalidRequest {
+                    index: g,
+                    message: "empty prompt or completion".into(),
+                }
+                .into());
+            }
+        }
+        let tc = groups
+            .iter()
+            .flat_map(|g| g.1.iter().map(|c| c.len()))
+            .max()
+            .unwrap_or(0);
+        let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
+        let (p_rows, p_valid, tp) = left_padded(&prompts);
+        let mut cache = model.new_cache(prompts.len(), tp + tc)?;
+        let (first, prompt_pass) = model.forward_recorded(
+            &ids_tensor(&p_rows, device)?,
+            &p_valid,
+            &mut cache,
+            &LogitsAt::Last,
+            delta,
+        )?;
+        let mut rows = Vec::new();
+        let mut c_rows = Vec::new();
+        let mut c_valid = Vec::new();
+        for (g, (_, comps)) in groups.iter().enumerate() {
+            for c in comps {
+                rows.push(g);
+                let mut row: Vec<i64> = c.iter().map(|&x| x as i64).collect();
+                row.resize(tc, 0);
+                c_rows.push(row);
+                c_valid.extend(std::iter::repeat_n(true, c.len()));
+                c_valid.extend(std::iter::repeat_n(false, tc - c.len()));
+            }
+        }
+        cache.select_rows(&rows)?;
+        let targets = ids_tensor(&c_rows, device)?;
+        let r = rows.len() as i64;
+        let row_index = Tensor::f_from_slice(&rows.iter().map(|&x| x as i64).collect::<Vec<_>>())?
+            .f_to_device(device)?;
+        let first_leaf = first.f_detach()?.f_set_requires_grad(true)?;
+        let first = first_leaf.f_index_select(0, &row_index)?.f_unsqueeze(1)?; // [R, 1, H]
+        let (hidden, rest_leaf, rest_pass) = if tc > 1 {
+            // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
+            let feed = targets.f_narrow(1, 0, tc as i64 - 1)?;
+            let feed_valid: Vec<bool> = c_valid
+                .chunks(tc)
+                .flat_map(|row| row[..tc - 1].iter().copied())
+                .collect();
+            let (rest, pass) =
+                model.forward_recorded(&feed, &feed_valid, &mut cache, &LogitsAt::All, delta)?;
+            let leaf = rest.f_detach()?.f_set_requires_grad(true)?;
+            let slots: Vec<i64> = feed_valid
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &v)| v.then_some(i as i64))
+                .collect();
+            let width = leaf.size()[1];
+            let full = Tensor::f_zeros([r * (tc as i64 - 1), width], (leaf.kind(), device))?
+                .f_index_copy(
+                    0,
+                    &Tensor::f_from_slice(&slots)?.f_to_device(device)?,
+                    &leaf,
+                )?
+                .f_view([r, tc as i64 - 1, width])?;
+            (Tensor::f_cat(&[first, full], 1)?, Some(leaf), Some(pass))
+        } else {
+            (first, None, None)
+        };
+        let logits = model.logits_of_hidden(&hidden)?;
+        let mask = Tensor::f_from_slice(&c_valid)?
+            .f_view([r, tc as i64])?
+            .f_to_device(device)?;
+        let lp = flowtune_loss::completion_logprobs(&logits, &targets, &mask)?;
+        Ok(Self {
+            lp,
+            first_leaf,
+            rest_leaf,
+            prompt_pass,
+            rest_pass,
+            rows,
+        })
+    }
+
+    /// The trainable adapter's gradients of `loss` (a function of [`Self::lp`]).
+    fn backward(self, model: &Model, delta: &BankDelta<'_>, loss: &Tensor) -> Result<LoraGrads> {
+        let mut leaves = vec![&self.first_leaf];
+        leaves.extend(self.rest_leaf.as_ref());
+        let d = Tensor::f_run_backward(&[loss], &leaves, false, false)?;
+        let mut grads = LoraGrads::new();
+        let kv = match (&self.rest_pass, d.get(1)) {
+            (Some(pass), Some(dr)) => pass.backward(model, delta, Some(dr), None, &mut grads)?,
+            _ => None,
+        };
+        let prompts = self.prompt_pass_rows();
+        let kv = kv.map(|kv| kv.fold_rows(&self.rows, prompts)).transpose()?;
+        let d_first = d.first().ok_or_else(|| {
+            LearnerError::MicroBatchThread("no gradient of the prompts' hidden states".into())
+        })?;
+        self.prompt_pass
+            .backward(model, delta, Some(d_first), kv.as_ref(), &mut grads)?;
+        Ok(grads)
+    }
+
+    fn prompt_pass_rows(&self) -> usize {
+        self.first_leaf.size().first().copied().unwrap_or(0) as usize
+    }
+}
+
 /// How one label micro-batch's prompts run (indices into its label set's prompts): each
 /// whole, or as prefix groups.
 enum LabelBatch {
@@ -1031,6 +1164,10 @@ impl NodeLearner {
         let policy = BankDelta::all(bank, &self.node)?;
         let reference = BankDelta::all(bank, &self.reference)?;
         let chunks: Vec<&[&PreferencePair]> = kept.chunks(self.config.micro_batch).collect();
+        let recorded = train
+            && self.config.recorded_backward
+            && model.recorded_backward_supported(&policy)?
+            && model.recorded_backward_supported(&reference)?;
         let unit = |c: usize| -> Result<(MicroLoss, DpoStats)> {
             let chunk = chunks[c];
             let _mb = tracing::trace_span!("micro_batch", pairs = chunk.len()).entered();
@@ -1043,6 +1180,34 @@ impl NodeLearner {
                     )
                 })
                 .collect();
+            let frac = chunk.len() as f64 / n as f64;
+            let weights = |like: &Tensor| -> Result<Tensor> {
+                Ok(
+                    Tensor::f_from_slice(&chunk.iter().map(|p| p.weight).collect::<Vec<_>>())?
+                        .f_to_device(like.device())?
+                        .f_to_kind(like.kind())?,
+                )
+            };
+            if recorded {
+                // The reference the same way (so it equals the policy bit for bit while
+                // their adapters are equal), without gradients.
+                let ref_lp = tch::no_grad(|| {
+                    RecordedCompletions::new(model, &reference, &groups).map(|c| c.lp)
+                })?
+                .f_view([-1, 2])?;
+                let pol = RecordedCompletions::new(model, &policy, &groups)?;
+                let pol_lp = pol.lp.f_view([-1, 2])?;
+                let (loss, s) = flowtune_loss::dpo_loss(
+                    &pol_lp.f_select(1, 0)?,
+                    &pol_lp.f_select(1, 1)?,
+                    &ref_lp.f_select(1, 0)?,
+                    &ref_lp.f_select(1, 1)?,
+                    &weights(&pol_lp)?,
+                    self.config.beta,
+                )?;
+                let grads = pol.backward(model, &policy, &loss.f_mul_scalar(frac)?)?;
+                return Ok((MicroLoss::Grads(grads), s));
+            }
             let ref_lp = tch::no_grad(|| {
                 completion_logprobs(model, Some(&reference), &groups, self.config.prompt_sharing)
             })?
@@ -1050,22 +1215,15 @@ impl NodeLearner {
             let pol_lp =
                 completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?
                     .f_view([-1, 2])?;
-            let weights =
-                Tensor::f_from_slice(&chunk.iter().map(|p| p.weight).collect::<Vec<_>>())?
-                    .f_to_device(pol_lp.device())?
-                    .f_to_kind(pol_lp.kind())?;
             let (loss, s) = flowtune_loss::dpo_loss(
                 &pol_lp.f_select(1, 0)?,
                 &pol_lp.f_select(1, 1)?,
                 &ref_lp.f_select(1, 0)?,
                 &ref_lp.f_select(1, 1)?,
-                &weights,
+                &weights(&pol_lp)?,
                 self.config.beta,
             )?;
-            Ok((
-                MicroLoss::Graph(loss.f_mul_scalar(chunk.len() as f64 / n as f64)?),
-                s,
-            ))
+            Ok((MicroLoss::Graph(loss.f_mul_scalar(frac)?), s))
         };
         let adapters = [self.node.as_str(), self.reference.as_str()];
         let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
@@ -1100,6 +1258,8 @@ impl NodeLearner {
         }
         let policy = BankDelta::all(bank, &self.node)?;
         let chunks: Vec<&[&TargetRecord]> = kept.chunks(self.config.micro_batch).collect();
+        let recorded =
+            train && self.config.recorded_backward && model.recorded_backward_supported(&policy)?;
         // Each chunk's loss, and its loss and summed NLL as numbers.
         let unit = |c: usize| -> Result<(MicroLoss, (f64, f64))> {
             let chunk = chunks[c];
@@ -1107,8 +1267,17 @@ impl NodeLearner {
                 .iter()
                 .map(|r| (r.prompt.as_slice(), vec![r.completion.as_slice()]))
                 .collect();
-            let lp =
-                completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?;
+            let pass = if recorded {
+                Some(RecordedCompletions::new(model, &policy, &groups)?)
+            } else {
+                None
+            };
+            let lp = match &pass {
+                Some(p) => p.lp.shallow_clone(),
+                None => {
+                    completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?
+                }
+            };
             let w = Tensor::f_from_slice(&chunk.iter().map(|r| r.weight).collect::<Vec<_>>())?
                 .f_to_device(lp.device())?
                 .f_to_kind(lp.kind())?;
@@ -1119,7 +1288,13 @@ impl NodeLearner {
                 .f_div_scalar(n as f64)?;
             let nll = -lp.f_sum(Kind::Double)?.f_double_value(&[])?;
             let value = loss.f_double_value(&[])?;
-            Ok((MicroLoss::Graph(loss), (value, nll)))
+            Ok(match pass {
+                Some(p) => (
+                    MicroLoss::Grads(p.backward(model, &policy, &loss)?),
+                    (value, nll),
+                ),
+                None => (MicroLoss::Graph(loss), (value, nll)),
+            })
         };
         let adapters = [self.node.as_str()];
         let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
@@ -1445,5 +1620,164 @@ impl NodeLearner {
         learner.optimizer.load(&dir.join("optimizer"))?;
         learner.steps = meta.steps;
         Ok(learner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The learner's recorded paths (label micro-batches, completion log-probs) against
+    //! autograd through the same public functions, on the test model (SmolLM2 GGUF) in
+    //! float32, LoRA rank 8 on q/k/v/o/MLP with random non-zero `B`. Tolerance: 1e-4
+    //! relative L2 per factor gradient, 1e-4 absolute on the values (float32 both ways, the
+    //! same arithmetic in other orders; observed values printed).
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use flowtune_lm::loader::{load, LoadOptions};
+    use flowtune_lora::{LoraConfig, Module, Site};
+    use tch::Device;
+
+    fn setup() -> (Model, AdapterBank) {
+        let path = flowtune_lm::locate_test_model().unwrap_or_else(|e| panic!("{e}"));
+        let loaded = load(
+            &path,
+            &LoadOptions {
+                dtype: Kind::Float,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let model = Model::new(&loaded.config, &loaded.weights).unwrap();
+        let mut bank = AdapterBank::new(loaded.config.lora_base_shapes(), Device::Cpu);
+        let modules = [
+            Module::QProj,
+            Module::KProj,
+            Module::VProj,
+            Module::OProj,
+            Module::GateProj,
+            Module::UpProj,
+            Module::DownProj,
+        ];
+        bank.add("node", &LoraConfig::rslora(8, 16.0, &modules), 2)
+            .unwrap();
+        tch::manual_seed(3);
+        bank.modify("node", |a| {
+            let sites: Vec<Site> = a.sites().copied().collect();
+            for s in sites {
+                let w = a.weights_mut(&s).unwrap();
+                w.b.copy_(&(Tensor::randn(w.b.size(), (Kind::Float, Device::Cpu)) * 0.02));
+            }
+        })
+        .unwrap();
+        bank.set_trainable("node").unwrap();
+        (model, bank)
+    }
+
+    fn tokens(seed: u64, n: usize) -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| (100 + (seed * 7919 + i * 104_729) % 40_000) as u32)
+            .collect()
+    }
+
+    /// Autograd's gradients of `loss` for every factor of `node`, in `named_tensors` order.
+    fn autograd_grads(bank: &AdapterBank, loss: &Tensor) -> Vec<Tensor> {
+        let params: Vec<Tensor> = bank
+            .get("node")
+            .unwrap()
+            .named_tensors()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        Tensor::run_backward(&[loss], &params, false, false)
+    }
+
+    fn compare(label: &str, bank: &AdapterBank, want: &[Tensor], got: &LoraGrads) {
+        let named = bank.get("node").unwrap().named_tensors();
+        let mut worst = 0f64;
+        for ((name, p), w) in named.iter().zip(want) {
+            let g = got
+                .get(p)
+                .unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+            let rel = (w - g).norm().double_value(&[]) / w.norm().double_value(&[]).max(1e-30);
+            worst = worst.max(rel);
+            assert!(rel <= 1e-4, "{label}: {name} relative error {rel}");
+        }
+        println!("{label}: worst factor gradient relative error {worst:.3e}");
+    }
+
+    #[test]
+    fn recorded_completions_match_autograd() {
+        let (model, bank) = setup();
+        let delta = BankDelta::all(&bank, "node").unwrap();
+        let (p0, p1) = (tokens(1, 40), tokens(2, 25));
+        let (c0, c1, c2) = (tokens(3, 6), tokens(4, 1), tokens(5, 9));
+        let groups: Vec<(&[u32], Vec<&[u32]>)> = vec![(&p0, vec![&c0, &c1]), (&p1, vec![&c2])];
+        let weights = Tensor::from_slice(&[1.0f32, 0.5, 2.0]);
+        let want_lp =
+            completion_logprobs(&model, Some(&delta), &groups, PromptSharing::Concatenate).unwrap();
+        let want = autograd_grads(&bank, &(&want_lp * &weights).sum(Kind::Float));
+        let rec = RecordedCompletions::new(&model, &delta, &groups).unwrap();
+        let dl = (&rec.lp - &want_lp).abs().max().double_value(&[]);
+        println!("recorded completions: max |Δ log-prob| {dl:.3e}");
+        assert!(dl <= 1e-4, "log-probs differ by {dl}");
+        let loss = (&rec.lp * &weights).sum(Kind::Float);
+        let got = rec.backward(&model, &delta, &loss).unwrap();
+        compare("recorded completions", &bank, &want, &got);
+    }
+
+    #[test]
+    fn recorded_label_batches_match_autograd() {
+        let (model, bank) = setup();
+        let delta = BankDelta::all(&bank, "node").unwrap();
+        let (system, q) = (tokens(6, 30), tokens(7, 8));
+        let prompts: Vec<Vec<u32>> = (0..5)
+            .map(|i| {
+                [
+                    system.clone(),
+                    tokens(10 + i / 2, 20 + 3 * i as usize),
+                    q.clone(),
+                    tokens(20 + i, 4 + i as usize),
+                ]
+                .concat()
+            })
+            .collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let probe = Tensor::randn([5, 2], (Kind::Float, Device::Cpu));
+        let label_loss = |logits: &Tensor| -> Result<(Tensor, ())> {
+            let pair = logits.f_index_select(1, &Tensor::from_slice(&[9i64, 11]))?;
+            Ok((
+                pair.f_log_softmax(-1, Kind::Float)?
+                    .f_mul(&probe)?
+                    .f_sum(Kind::Float)?,
+                (),
+            ))
+        };
+        for batch in [
+            LabelBatch::Whole((0..5).collect()),
+            LabelBatch::Grouped(prefix_groups(&refs)),
+        ] {
+            let logits = match &batch {
+                LabelBatch::Whole(m) => next_token_logits(
+                    &model,
+                    Some(&delta),
+                    &m.iter().map(|&i| refs[i]).collect::<Vec<_>>(),
+                )
+                .unwrap(),
+                LabelBatch::Grouped(g) => grouped_next_token_logits(
+                    &model,
+                    Some(&delta),
+                    &refs,
+                    &g.iter().collect::<Vec<_>>(),
+                )
+                .unwrap(),
+            };
+            let want = autograd_grads(&bank, &label_loss(&logits).unwrap().0);
+            let (got, ()) =
+                recorded_label_grads(&model, &delta, &refs, &batch, label_loss).unwrap();
+            let label = match batch {
+                LabelBatch::Whole(_) => "whole label prompts",
+                LabelBatch::Grouped(_) => "prefix-grouped label prompts",
+            };
+            compare(label, &bank, &want, &got);
+        }
     }
 }

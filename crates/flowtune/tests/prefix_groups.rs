@@ -110,6 +110,7 @@ fn learner_config_round_trips_and_defaults_new_fields() {
         label_sharing: LabelSharing::Unshared,
         micro_batch: 3,
         dpo_dropout: true,
+        recorded_backward: false,
         ..LearnerConfig::default()
     };
     let json = serde_json::to_value(config).unwrap();
@@ -120,8 +121,10 @@ fn learner_config_round_trips_and_defaults_new_fields() {
     let mut old = json;
     old.as_object_mut().unwrap().remove("label_sharing");
     old.as_object_mut().unwrap().remove("dpo_dropout");
+    old.as_object_mut().unwrap().remove("recorded_backward");
     let loaded: LearnerConfig = serde_json::from_value(old).unwrap();
     assert_eq!(loaded.label_sharing, LabelSharing::PrefixGroups);
     assert!(!loaded.dpo_dropout);
+    assert!(loaded.recorded_backward);
     assert_eq!(loaded.micro_batch, 3);
 }

@@ -513,9 +513,11 @@ impl Model {
             let (a, b, scale) = match delta.factors(layer, name)? {
                 SiteFactors::Absent => continue,
                 SiteFactors::Lora { a, b, scale } => (a, b, scale),
-                SiteFactors::Opaque => return Err(Error::ModelInput(format!(
+                SiteFactors::Opaque => {
+                    return Err(Error::ModelInput(format!(
                     "layer {layer} {name}: a delta without LoRA factors has no recorded backward"
-                ))),
+                )))
+                }
             };
             // The forward: h = x Aᵀ, y += scale · h Bᵀ, in the factors' kind.
             let (a_kind, a_plain, b_plain) = (a.kind(), a.detach(), b.detach());

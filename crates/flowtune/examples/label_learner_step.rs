@@ -4,7 +4,9 @@
 //! system + paragraph + question + query + instruction), Yes/No labels, random token ids.
 //! SmolLM2 (the test model) in bf16, LoRA r=8 on q and v, the default learner config
 //! (prefix groups, micro-batch 4; `THREADS` sets `micro_batch_threads`: `serial`, a count, or
-//! `auto`, the default), with the heap policy the binaries use
+//! `auto`, the default; environment: `FLOWTUNE_LEARNER_BACKWARD=autograd` for autograd instead
+//! of the recorded backward, `FLOWTUNE_MICRO_BATCH` for the records per micro-batch), with the
+//! heap policy the binaries use
 //! (`flowtune_lm::heap::retain_freed_memory`). One warm-up step, then `STEPS` timed steps.
 //!
 //! Run: `cargo run --release -p flowtune --example label_learner_step -- [STEPS [EPISODES
@@ -74,8 +76,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &LoraConfig::rslora(8, 16.0, &[Module::QProj, Module::VProj]),
         1,
     )?;
+    // FLOWTUNE_LEARNER_BACKWARD=autograd: label steps through autograd instead of the
+    // recorded backward; FLOWTUNE_MICRO_BATCH=n: records per micro-batch (default 4).
+    let recorded_backward = std::env::var("FLOWTUNE_LEARNER_BACKWARD").as_deref() != Ok("autograd");
+    let micro_batch = match std::env::var("FLOWTUNE_MICRO_BATCH") {
+        Ok(v) => v.parse()?,
+        Err(_) => LearnerConfig::default().micro_batch,
+    };
     let config = LearnerConfig {
         micro_batch_threads,
+        recorded_backward,
+        micro_batch,
         ..LearnerConfig::default()
     };
     let mut learner = NodeLearner::new(&mut bank, "node", config)?;

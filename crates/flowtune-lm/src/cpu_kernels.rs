@@ -2138,6 +2138,15 @@ fn strided_rows(t: &Tensor) -> Option<(usize, usize, usize)> {
     (step >= width).then_some((rows as usize, width as usize, step as usize))
 }
 
+/// How many elements `(rows, width, row stride)` rows ([`strided_rows`]) span, first to last.
+fn strided_extent((rows, width, step): (usize, usize, usize)) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * step + width
+    }
+}
+
 /// The rows of a padded batch back from its packed real tokens: `[rows.len(), w]` where slot
 /// `s` holds row `rows[s]` of `y` (`[N, w]`, contiguous, any element type) or zeros where
 /// `rows[s]` is `None` (a padding slot); libtorch's `zeros` + `index_copy` in one pass, split
@@ -2228,12 +2237,11 @@ unsafe fn silu_mul_rows<E: avx512::VecElem + Sync>(
     us: (usize, usize, usize),
 ) {
     let (rows, width) = (gs.0, gs.1);
-    let extent = |(r, w, step): (usize, usize, usize)| if r == 0 { 0 } else { (r - 1) * step + w };
     // SAFETY: by the caller's contract; each thread writes only its own rows of `out`, and
     // the threads are joined (the end of the parallel region) before `out` is read.
     unsafe {
-        let g = std::slice::from_raw_parts(gate.data_ptr() as *const E, extent(gs));
-        let u = std::slice::from_raw_parts(up.data_ptr() as *const E, extent(us));
+        let g = std::slice::from_raw_parts(gate.data_ptr() as *const E, strided_extent(gs));
+        let u = std::slice::from_raw_parts(up.data_ptr() as *const E, strided_extent(us));
         let dst = OutPtr(out.data_ptr() as *mut E);
         let run = |rows: std::ops::Range<usize>| {
             // Capture the whole `OutPtr` (Send), not its raw-pointer field.
@@ -2305,11 +2313,10 @@ unsafe fn silu_mul_backward_rows<E: avx512::VecElem + Sync>(
     us: (usize, usize, usize),
 ) {
     let (rows, width) = (gs.0, gs.1);
-    let extent = |(r, w, step): (usize, usize, usize)| if r == 0 { 0 } else { (r - 1) * step + w };
     // SAFETY: by the caller's contract.
     unsafe {
-        let g = std::slice::from_raw_parts(gate.data_ptr() as *const E, extent(gs));
-        let u = std::slice::from_raw_parts(up.data_ptr() as *const E, extent(us));
+        let g = std::slice::from_raw_parts(gate.data_ptr() as *const E, strided_extent(gs));
+        let u = std::slice::from_raw_parts(up.data_ptr() as *const E, strided_extent(us));
         let dy = std::slice::from_raw_parts(d.data_ptr() as *const E, rows * width);
         let dst = OutPtr(out.data_ptr() as *mut E);
         let run = |rows: std::ops::Range<usize>| {

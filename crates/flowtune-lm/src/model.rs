@@ -919,6 +919,89 @@ impl Model {
         )
     }
 
+    /// A layer's queries and keys after RoPE and its values, `[B, heads, T, hd]`, from its
+    /// normed input `h` (`[B, T, H]`, or packed `[N, H]` that `unpack` restores to `[B, T, ..]`)
+    /// for a batch `[b, t]` with the step's RoPE tables `[cos, sin]`.
+    #[allow(clippy::too_many_arguments)]
+    fn queries_keys_values(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        delta: Option<&dyn LinearDelta>,
+        unpack: &dyn Fn(Tensor) -> Result<Tensor>,
+        [b, t]: [i64; 2],
+        [cos, sin]: [&Tensor; 2],
+    ) -> Result<[Tensor; 3]> {
+        let (nq, nkv, hd) = self.head_dims();
+        // q and k are the leading columns of the fused output, so RoPE runs on a view of
+        // it (no split, no concatenation).
+        let y = unpack(self.project(
+            li,
+            h,
+            &layer.qkv,
+            &[
+                ("q_proj", nq * hd),
+                ("k_proj", nkv * hd),
+                ("v_proj", nkv * hd),
+            ],
+            self.fused_qkv_names.then_some("qkv_proj"),
+            delta,
+        )?)?;
+        // Splits, not narrows: under autograd a split's backward is one concatenation of
+        // the parts' gradients, where each narrow's fills a zeroed full-width tensor and
+        // the engine then adds the two.
+        let [qk, v] = split2(&y, (nq + nkv) * hd, nkv * hd, -1)?;
+        let qk = qk.f_view([b, t, nq + nkv, hd])?.f_transpose(1, 2)?;
+        let v = v.f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
+        let qk = self.apply_rope(&qk, cos, sin)?;
+        let [q, k] = split2(&qk, nq, nkv, 1)?;
+        Ok([q, k, v])
+    }
+
+    /// A layer's MLP on its normed input `h`: `[gate_up, silu(gate) * up, down(..)]`.
+    fn mlp(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        delta: Option<&dyn LinearDelta>,
+    ) -> Result<[Tensor; 3]> {
+        let inter = self.config.intermediate_size as i64;
+        let gate_up = self.project(
+            li,
+            h,
+            &layer.gate_up,
+            &[("gate_proj", inter), ("up_proj", inter)],
+            self.fused_mlp_names.then_some("gate_up_proj"),
+            delta,
+        )?;
+        let [gate, up] = split2(&gate_up, inter, inter, -1)?;
+        // On the CPU: `silu(gate) * up` in one pass, rounded at the same points.
+        let act = match crate::cpu_kernels::silu_mul(&gate, &up)? {
+            Some(act) => act,
+            None => gate.f_silu()?.f_mul(&up)?,
+        };
+        let d = self.project(
+            li,
+            &act,
+            &layer.down,
+            &[("down_proj", self.config.hidden_size as i64)],
+            None,
+            delta,
+        )?;
+        Ok([gate_up, act, d])
+    }
+
+    /// (query heads, key/value heads, head dimension).
+    fn head_dims(&self) -> (i64, i64, i64) {
+        (
+            self.config.num_attention_heads as i64,
+            self.config.num_key_value_heads() as i64,
+            self.config.head_dim() as i64,
+        )
+    }
+
     /// RMSNorm as HF's `LlamaRMSNorm` (float32 inside): the fused CPU kernel for a few rows
     /// without gradients ([`crate::cpu_kernels::rms_norm`]), libtorch's op otherwise.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -1189,10 +1272,7 @@ impl Model {
             base_mask = Some(base);
         }
 
-        let nq = self.config.num_attention_heads as i64;
-        let nkv = self.config.num_key_value_heads() as i64;
-        let hd = self.config.head_dim() as i64;
-        let inter = self.config.intermediate_size as i64;
+        let (nq, nkv, hd) = self.head_dims();
         // A padded prompt batch: the linears, norms and the MLP run over its real tokens only.
         let packing = (t > 1 && delta.is_none_or(|d| d.row_independent()))
             .then(|| Packing::new(valid, b, t, self.device))
@@ -1224,26 +1304,8 @@ impl Model {
             };
             // q and k are the leading columns of the fused output, so RoPE runs on a view of
             // it (no split, no concatenation).
-            let y = unpack(self.project(
-                li,
-                &h,
-                &layer.qkv,
-                &[
-                    ("q_proj", nq * hd),
-                    ("k_proj", nkv * hd),
-                    ("v_proj", nkv * hd),
-                ],
-                self.fused_qkv_names.then_some("qkv_proj"),
-                delta,
-            )?)?;
-            // Splits, not narrows: under autograd a split's backward is one concatenation of
-            // the parts' gradients, where each narrow's fills a zeroed full-width tensor and
-            // the engine then adds the two.
-            let [qk, v] = split2(&y, (nq + nkv) * hd, nkv * hd, -1)?;
-            let qk = qk.f_view([b, t, nq + nkv, hd])?.f_transpose(1, 2)?;
-            let v = v.f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
-            let qk = self.apply_rope(&qk, &cos, &sin)?;
-            let [q, k] = split2(&qk, nq, nkv, 1)?;
+            let [q, k, v] =
+                self.queries_keys_values(li, layer, &h, delta, &unpack, [b, t], [&cos, &sin])?;
             let (kk, vv) = cache.write_layer(li, start as usize, &k, &v)?;
             let windowed = layer.sliding_window.and_then(|w| window_masks.get(&w));
             // `None` only without padding and window: causal visibility is all there is.
@@ -1309,28 +1371,7 @@ impl Model {
             )?;
             let (sum, h) = self.add_rms_norm(&x, &o, &layer.post_norm)?;
             x = sum;
-            let gu = self.project(
-                li,
-                &h,
-                &layer.gate_up,
-                &[("gate_proj", inter), ("up_proj", inter)],
-                self.fused_mlp_names.then_some("gate_up_proj"),
-                delta,
-            )?;
-            let [gate, up] = split2(&gu, inter, inter, -1)?;
-            // On the CPU: `silu(gate) * up` in one pass, rounded at the same points.
-            let act = match crate::cpu_kernels::silu_mul(&gate, &up)? {
-                Some(act) => act,
-                None => gate.f_silu()?.f_mul(&up)?,
-            };
-            let d = self.project(
-                li,
-                &act,
-                &layer.down,
-                &[("down_proj", self.config.hidden_size as i64)],
-                None,
-                delta,
-            )?;
+            let [_, _, d] = self.mlp(li, layer, &h, delta)?;
             pending = Some(d);
         }
         if let Some(d) = pending {

@@ -355,6 +355,60 @@ fn prefill(
     Ok((logits, cache))
 }
 
+/// An error naming the first group with an empty prompt or an empty completion.
+fn check_completion_groups(groups: &[(&[u32], Vec<&[u32]>)]) -> Result<()> {
+    match groups
+        .iter()
+        .position(|(prompt, comps)| prompt.is_empty() || comps.iter().any(|c| c.is_empty()))
+    {
+        Some(index) => Err(flowtune_lm::Error::InvalidRequest {
+            index,
+            message: "empty prompt or completion".into(),
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// The completions of `(prompt, completions)` groups as rows on top of their prompts' cache
+/// rows: per completion its prompt (`rows`), its ids right-padded with 0 to `tc` (`c_rows`),
+/// and the validity of every slot (`c_valid`, row-major `[completions, tc]`).
+struct CompletionRows {
+    rows: Vec<usize>,
+    c_rows: Vec<Vec<i64>>,
+    c_valid: Vec<bool>,
+}
+
+impl CompletionRows {
+    fn new(groups: &[(&[u32], Vec<&[u32]>)], tc: usize) -> Self {
+        let mut out = Self {
+            rows: Vec::new(),
+            c_rows: Vec::new(),
+            c_valid: Vec::new(),
+        };
+        for (g, (_, comps)) in groups.iter().enumerate() {
+            for c in comps {
+                out.rows.push(g);
+                let mut row: Vec<i64> = c.iter().map(|&x| x as i64).collect();
+                row.resize(tc, 0);
+                out.c_rows.push(row);
+                out.c_valid.extend(std::iter::repeat_n(true, c.len()));
+                out.c_valid.extend(std::iter::repeat_n(false, tc - c.len()));
+            }
+        }
+        out
+    }
+
+    /// The validity of the fed slots: each completion but its last column (the last token
+    /// predicts nothing).
+    fn feed_valid(c_valid: &[bool], tc: usize) -> Vec<bool> {
+        c_valid
+            .chunks(tc)
+            .flat_map(|row| row[..tc - 1].iter().copied())
+            .collect()
+    }
+}
+
 /// `prompts` left-padded with id 0 to their longest: rows, validity (row-major) and length.
 fn left_padded(prompts: &[&[u32]]) -> (Vec<Vec<i64>>, Vec<bool>, usize) {
     let tp = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -382,15 +436,7 @@ pub fn completion_logprobs(
 ) -> Result<Tensor> {
     let _span = tracing::trace_span!("completion_logprobs", groups = groups.len()).entered();
     let device = model.device();
-    for (g, (prompt, comps)) in groups.iter().enumerate() {
-        if prompt.is_empty() || comps.iter().any(|c| c.is_empty()) {
-            return Err(flowtune_lm::Error::InvalidRequest {
-                index: g,
-                message: "empty prompt or completion".into(),
-            }
-            .into());
-        }
-    }
+    check_completion_groups(groups)?;
     match sharing {
         PromptSharing::SharedKv => {
             let tc = groups
@@ -400,20 +446,12 @@ pub fn completion_logprobs(
                 .unwrap_or(0);
             let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
             let (first, mut cache) = prefill(model, delta, &prompts, tc, &LogitsAt::Last)?; // [P, V]
-                                                                                            // Repeat each prompt's cache row once per completion.
-            let mut rows = Vec::new();
-            let mut c_rows = Vec::new();
-            let mut c_valid = Vec::new();
-            for (g, (_, comps)) in groups.iter().enumerate() {
-                for c in comps {
-                    rows.push(g);
-                    let mut row: Vec<i64> = c.iter().map(|&x| x as i64).collect();
-                    row.resize(tc, 0);
-                    c_rows.push(row);
-                    c_valid.extend(std::iter::repeat_n(true, c.len()));
-                    c_valid.extend(std::iter::repeat_n(false, tc - c.len()));
-                }
-            }
+            let CompletionRows {
+                rows,
+                c_rows,
+                c_valid,
+            } = CompletionRows::new(groups, tc);
+            // Repeat each prompt's cache row once per completion.
             cache.select_rows(&rows)?;
             let targets = ids_tensor(&c_rows, device)?;
             let row_index =
@@ -423,10 +461,7 @@ pub fn completion_logprobs(
             let logits = if tc > 1 {
                 // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
                 let feed = targets.f_narrow(1, 0, tc as i64 - 1)?;
-                let feed_valid: Vec<bool> = c_valid
-                    .chunks(tc)
-                    .flat_map(|r| r[..tc - 1].iter().copied())
-                    .collect();
+                let feed_valid = CompletionRows::feed_valid(&c_valid, tc);
                 let rest = model.forward_cached(
                     &feed,
                     Some(&feed_valid),
@@ -758,15 +793,7 @@ struct RecordedCompletions {
 impl RecordedCompletions {
     fn new(model: &Model, delta: &BankDelta<'_>, groups: &[(&[u32], Vec<&[u32]>)]) -> Result<Self> {
         let device = model.device();
-        for (g, (prompt, comps)) in groups.iter().enumerate() {
-            if prompt.is_empty() || comps.is_empty() || comps.iter().any(|c| c.is_empty()) {
-                return Err(flowtune_lm::Error::InvalidRequest {
-                    index: g,
-                    message: "empty prompt or completion".into(),
-                }
-                .into());
-            }
-        }
+        check_completion_groups(groups)?;
         let tc = groups
             .iter()
             .flat_map(|g| g.1.iter().map(|c| c.len()))
@@ -782,19 +809,11 @@ impl RecordedCompletions {
             &LogitsAt::Last,
             delta,
         )?;
-        let mut rows = Vec::new();
-        let mut c_rows = Vec::new();
-        let mut c_valid = Vec::new();
-        for (g, (_, comps)) in groups.iter().enumerate() {
-            for c in comps {
-                rows.push(g);
-                let mut row: Vec<i64> = c.iter().map(|&x| x as i64).collect();
-                row.resize(tc, 0);
-                c_rows.push(row);
-                c_valid.extend(std::iter::repeat_n(true, c.len()));
-                c_valid.extend(std::iter::repeat_n(false, tc - c.len()));
-            }
-        }
+        let CompletionRows {
+            rows,
+            c_rows,
+            c_valid,
+        } = CompletionRows::new(groups, tc);
         cache.select_rows(&rows)?;
         let targets = ids_tensor(&c_rows, device)?;
         let r = rows.len() as i64;
@@ -805,10 +824,7 @@ impl RecordedCompletions {
         let (hidden, rest_leaf, rest_pass) = if tc > 1 {
             // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
             let feed = targets.f_narrow(1, 0, tc as i64 - 1)?;
-            let feed_valid: Vec<bool> = c_valid
-                .chunks(tc)
-                .flat_map(|row| row[..tc - 1].iter().copied())
-                .collect();
+            let feed_valid = CompletionRows::feed_valid(&c_valid, tc);
             let (rest, pass) =
                 model.forward_recorded(&feed, &feed_valid, &mut cache, &LogitsAt::All, delta)?;
             let leaf = rest.f_detach()?.f_set_requires_grad(true)?;
@@ -1188,33 +1204,23 @@ impl NodeLearner {
                         .f_to_kind(like.kind())?,
                 )
             };
-            if recorded {
-                // The reference the same way (so it equals the policy bit for bit while
-                // their adapters are equal), without gradients.
+            // Recorded: the reference the same way as the policy (so they are equal bit for
+            // bit while their adapters are), without gradients.
+            let (ref_lp, pol_lp, pass) = if recorded {
                 let ref_lp = tch::no_grad(|| {
                     RecordedCompletions::new(model, &reference, &groups).map(|c| c.lp)
-                })?
-                .f_view([-1, 2])?;
+                })?;
                 let pol = RecordedCompletions::new(model, &policy, &groups)?;
-                let pol_lp = pol.lp.f_view([-1, 2])?;
-                let (loss, s) = flowtune_loss::dpo_loss(
-                    &pol_lp.f_select(1, 0)?,
-                    &pol_lp.f_select(1, 1)?,
-                    &ref_lp.f_select(1, 0)?,
-                    &ref_lp.f_select(1, 1)?,
-                    &weights(&pol_lp)?,
-                    self.config.beta,
-                )?;
-                let grads = pol.backward(model, &policy, &loss.f_mul_scalar(frac)?)?;
-                return Ok((MicroLoss::Grads(grads), s));
-            }
-            let ref_lp = tch::no_grad(|| {
-                completion_logprobs(model, Some(&reference), &groups, self.config.prompt_sharing)
-            })?
-            .f_view([-1, 2])?;
-            let pol_lp =
-                completion_logprobs(model, Some(&policy), &groups, self.config.prompt_sharing)?
-                    .f_view([-1, 2])?;
+                (ref_lp, pol.lp.shallow_clone(), Some(pol))
+            } else {
+                let sharing = self.config.prompt_sharing;
+                let ref_lp = tch::no_grad(|| {
+                    completion_logprobs(model, Some(&reference), &groups, sharing)
+                })?;
+                let pol_lp = completion_logprobs(model, Some(&policy), &groups, sharing)?;
+                (ref_lp, pol_lp, None)
+            };
+            let (ref_lp, pol_lp) = (ref_lp.f_view([-1, 2])?, pol_lp.f_view([-1, 2])?);
             let (loss, s) = flowtune_loss::dpo_loss(
                 &pol_lp.f_select(1, 0)?,
                 &pol_lp.f_select(1, 1)?,
@@ -1223,10 +1229,15 @@ impl NodeLearner {
                 &weights(&pol_lp)?,
                 self.config.beta,
             )?;
-            Ok((MicroLoss::Graph(loss.f_mul_scalar(frac)?), s))
+            let loss = loss.f_mul_scalar(frac)?;
+            Ok(match pass {
+                Some(pol) => (MicroLoss::Grads(pol.backward(model, &policy, &loss)?), s),
+                None => (MicroLoss::Graph(loss), s),
+            })
         };
         let adapters = [self.node.as_str(), self.reference.as_str()];
-        let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
+        let costs: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        let per_chunk = self.micro_batches(model, bank, &adapters, &costs, train, &unit)?;
         let mut agg = DpoStats::default();
         for (chunk, s) in chunks.iter().zip(per_chunk) {
             let frac = chunk.len() as f64 / n as f64;
@@ -1297,7 +1308,8 @@ impl NodeLearner {
             })
         };
         let adapters = [self.node.as_str()];
-        let per_chunk = self.micro_batches(model, bank, &adapters, chunks.len(), train, &unit)?;
+        let costs: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        let per_chunk = self.micro_batches(model, bank, &adapters, &costs, train, &unit)?;
         let mut agg = NllStats::default();
         let mut total_nll = 0.0;
         for (chunk, (loss, nll)) in chunks.iter().zip(per_chunk) {
@@ -1408,7 +1420,28 @@ impl NodeLearner {
             Ok((MicroLoss::Graph(loss), s))
         };
         let adapters = [self.node.as_str()];
-        let per_unit = self.micro_batches(model, bank, &adapters, units.len(), train, &unit)?;
+        // Tokens each micro-batch runs, to schedule the costliest first.
+        let costs: Vec<usize> = units
+            .iter()
+            .map(|(si, _, batch)| {
+                let prompts = &sets[*si].1;
+                match batch {
+                    LabelBatch::Whole(members) => members.iter().map(|&m| prompts[m].len()).sum(),
+                    LabelBatch::Grouped(groups) => groups
+                        .iter()
+                        .map(|g| {
+                            let rest: usize = g
+                                .members
+                                .iter()
+                                .map(|&m| prompts[m].len().saturating_sub(g.prefix_len))
+                                .sum();
+                            g.prefix_len + rest
+                        })
+                        .sum(),
+                }
+            })
+            .collect();
+        let per_unit = self.micro_batches(model, bank, &adapters, &costs, train, &unit)?;
         let mut agg = LabelStats::default();
         for ((_, chunk, _), s) in units.iter().zip(per_unit) {
             let frac = chunk.len() as f64 / n as f64;
@@ -1463,7 +1496,8 @@ impl NodeLearner {
         }
     }
 
-    /// Runs micro-batches `0..count` through `unit` (each: its loss, scaled to its share of
+    /// Runs micro-batches `0..costs.len()` (with these relative costs, for scheduling)
+    /// through `unit` (each: its loss, scaled to its share of
     /// the step, and its statistics) and, when training, backpropagates every loss into the
     /// trainable adapter's gradients; returns the statistics in micro-batch order. Side by
     /// side where [`MicroBatchThreads`] says so (training only).
@@ -1472,10 +1506,11 @@ impl NodeLearner {
         model: &Model,
         bank: &AdapterBank,
         adapters: &[&str],
-        count: usize,
+        costs: &[usize],
         train: bool,
         unit: &(dyn Fn(usize) -> Result<(MicroLoss, S)> + '_),
     ) -> Result<Vec<S>> {
+        let count = costs.len();
         let threads = if train {
             self.threads_for(model, bank, adapters, count)
         } else {
@@ -1501,6 +1536,11 @@ impl NodeLearner {
             return Ok(out);
         }
         let shared = SideBySide { unit, params };
+        // Costliest first, so that the threads finish close together; the results do not
+        // depend on the order (they are summed in micro-batch order below).
+        let mut order: Vec<usize> = (0..count).collect();
+        order.sort_by_key(|&u| std::cmp::Reverse(costs[u]));
+        let order = &order;
         let next = std::sync::atomic::AtomicUsize::new(0);
         let intra = tch::get_num_threads();
         let results: Vec<Result<Finished<S>>> = std::thread::scope(|scope| {
@@ -1512,10 +1552,10 @@ impl NodeLearner {
                         tch::set_num_threads(1);
                         let mut done = Vec::new();
                         loop {
-                            let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if u >= count {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&u) = order.get(i) else {
                                 return Ok(done);
-                            }
+                            };
                             let (loss, s) = (shared.unit)(u)?;
                             let grads = match loss {
                                 MicroLoss::Graph(loss) => {

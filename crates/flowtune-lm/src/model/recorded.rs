@@ -67,6 +67,9 @@ pub struct RecordedPass {
     spans: Vec<(i64, i64, i64, i64)>,
     /// The packed rows whose hidden states the pass returned.
     hidden_rows: Tensor,
+    /// The pass returned no hidden states, so its last layer ran up to its keys and values
+    /// only (its record holds nothing past the queries).
+    keys_only_top: bool,
 }
 
 impl std::fmt::Debug for RecordedPass {
@@ -214,18 +217,12 @@ struct Sites<'a> {
     o: Vec<(&'a str, i64, i64)>,
     gate_up: Vec<(&'a str, i64, i64)>,
     down: Vec<(&'a str, i64, i64)>,
-    qkv_parts: [(&'a str, i64); 3],
-    gate_up_parts: [(&'a str, i64); 2],
 }
 
 impl Model {
     fn sites(&self) -> Sites<'static> {
         let c = &self.config;
-        let (nq, nkv, hd) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads() as i64,
-            c.head_dim() as i64,
-        );
+        let (nq, nkv, hd) = self.head_dims();
         let inter = c.intermediate_size as i64;
         let hidden = c.hidden_size as i64;
         let qkv_parts = [
@@ -242,8 +239,6 @@ impl Model {
                 self.fused_mlp_names.then_some("gate_up_proj"),
             ),
             down: site_columns(&[("down_proj", hidden)], None),
-            qkv_parts,
-            gate_up_parts,
         }
     }
 
@@ -353,37 +348,45 @@ impl Model {
         }
 
         let c = &self.config;
-        let (nq, nkv, hd) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads() as i64,
-            c.head_dim() as i64,
-        );
-        let inter = c.intermediate_size as i64;
-        let sites = self.sites();
+        let (nq, nkv, hd) = self.head_dims();
         let delta = InPlaceLora(delta);
         let packing = Packing::always(valid, b, t, self.device)?;
         let mut x = Tensor::f_embedding(&self.embed, &packing.pack(ids)?, -1, false, false)?;
         let mut pending: Option<Tensor> = None;
         let mut layers = Vec::with_capacity(self.layers.len());
+        let keys_only_top = matches!(at, LogitsAt::None);
         for (li, layer) in self.layers.iter().enumerate() {
             let (x_in, h1) = match pending.take() {
                 Some(d) => self.add_rms_norm(&x, &d, &layer.input_norm)?,
                 None => (x.shallow_clone(), self.rms_norm(&x, &layer.input_norm)?),
             };
-            let y = packing.unpack(&self.project(
+            let [q, k, v] = self.queries_keys_values(
                 li,
+                layer,
                 &h1,
-                &layer.qkv,
-                &sites.qkv_parts,
-                self.fused_qkv_names.then_some("qkv_proj"),
                 Some(&delta),
-            )?)?;
-            let [qk, v] = split2(&y, (nq + nkv) * hd, nkv * hd, -1)?;
-            let qk = qk.f_view([b, t, nq + nkv, hd])?.f_transpose(1, 2)?;
-            let v = v.f_view([b, t, nkv, hd])?.f_transpose(1, 2)?;
-            let qk = self.apply_rope(&qk, &cos, &sin)?;
-            let [q, k] = split2(&qk, nq, nkv, 1)?;
+                &|y| packing.unpack(&y),
+                [b, t],
+                [&cos, &sin],
+            )?;
             let (keys, values) = cache.write_layer(li, start as usize, &k, &v)?;
+            if keys_only_top && li + 1 == self.layers.len() {
+                // Nothing reads the last layer's output: only its keys and values matter.
+                let none = Tensor::new;
+                layers.push(LayerRecord {
+                    x_in,
+                    h1,
+                    q,
+                    keys,
+                    values,
+                    attn: none(),
+                    x_mid: none(),
+                    h2: none(),
+                    gate_up: none(),
+                    act: none(),
+                });
+                break;
+            }
             let attn = match crate::cpu_kernels::attention(
                 &q,
                 &keys,
@@ -405,27 +408,7 @@ impl Model {
                 Some(&delta),
             )?;
             let (x_mid, h2) = self.add_rms_norm(&x_in, &o, &layer.post_norm)?;
-            let gate_up = self.project(
-                li,
-                &h2,
-                &layer.gate_up,
-                &sites.gate_up_parts,
-                self.fused_mlp_names.then_some("gate_up_proj"),
-                Some(&delta),
-            )?;
-            let [gate, up] = split2(&gate_up, inter, inter, -1)?;
-            let act = match crate::cpu_kernels::silu_mul(&gate, &up)? {
-                Some(act) => act,
-                None => gate.f_silu()?.f_mul(&up)?,
-            };
-            let d = self.project(
-                li,
-                &act,
-                &layer.down,
-                &[("down_proj", c.hidden_size as i64)],
-                None,
-                Some(&delta),
-            )?;
+            let [gate_up, act, d] = self.mlp(li, layer, &h2, Some(&delta))?;
             pending = Some(d);
             x = x_mid.shallow_clone();
             layers.push(LayerRecord {
@@ -489,6 +472,7 @@ impl Model {
                 start,
                 spans,
                 hidden_rows,
+                keys_only_top,
             },
         ))
     }
@@ -726,11 +710,7 @@ impl RecordedPass {
             ));
         }
         let c = &model.config;
-        let (nq, nkv, hd) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads() as i64,
-            c.head_dim() as i64,
-        );
+        let (nq, nkv, hd) = model.head_dims();
         let rot = c.rotary_dim() as i64;
         let inter = c.intermediate_size as i64;
         let kind = model.kind;
@@ -744,57 +724,63 @@ impl RecordedPass {
         }
         let mut earlier = (Vec::new(), Vec::new());
         for (li, (rec, layer)) in self.layers.iter().zip(&model.layers).enumerate().rev() {
-            // MLP: x_out = x_mid + down(silu(gate) · up), gate/up from post_norm(x_mid).
-            let d_down = dx.f_to_kind(kind)?;
-            let d_act = model.linear_backward(
-                li,
-                &layer.down,
-                &rec.act,
-                &d_down,
-                &sites.down,
-                delta,
-                grads,
-            )?;
-            let [gate, up] = split2(&rec.gate_up, inter, inter, -1)?;
-            let d_gate_up = match crate::cpu_kernels::silu_mul_backward(&gate, &up, &d_act)? {
-                Some(g) => g,
-                None => {
-                    let (gf, uf, df) = (
-                        gate.f_to_kind(Kind::Float)?,
-                        up.f_to_kind(Kind::Float)?,
-                        d_act.f_to_kind(Kind::Float)?,
-                    );
-                    let s = gf.f_sigmoid()?;
-                    let slope = gf
-                        .f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?
-                        .f_add_scalar(1.0)?;
-                    let dg = df.f_mul(&uf)?.f_mul(&s)?.f_mul(&slope)?;
-                    let du = df.f_mul(&gf)?.f_mul(&s)?;
-                    Tensor::f_cat(&[dg, du], -1)?.f_to_kind(kind)?
-                }
-            };
-            let d_h2 = model.linear_backward(
-                li,
-                &layer.gate_up,
-                &rec.h2,
-                &d_gate_up,
-                &sites.gate_up,
-                delta,
-                grads,
-            )?;
-            model.rms_norm_backward_add(&rec.x_mid, &layer.post_norm, &d_h2, &dx)?;
+            // A last layer that ran to its keys and values only gets no gradient but theirs.
+            let (dq, mut dk, mut dv) = if self.keys_only_top && li + 1 == self.layers.len() {
+                let dk = Tensor::f_zeros(rec.keys.size().as_slice(), (Kind::Float, model.device))?;
+                (rec.q.f_zeros_like()?, dk.f_zeros_like()?, dk)
+            } else {
+                // MLP: x_out = x_mid + down(silu(gate) · up), gate/up from post_norm(x_mid).
+                let d_down = dx.f_to_kind(kind)?;
+                let d_act = model.linear_backward(
+                    li,
+                    &layer.down,
+                    &rec.act,
+                    &d_down,
+                    &sites.down,
+                    delta,
+                    grads,
+                )?;
+                let [gate, up] = split2(&rec.gate_up, inter, inter, -1)?;
+                let d_gate_up = match crate::cpu_kernels::silu_mul_backward(&gate, &up, &d_act)? {
+                    Some(g) => g,
+                    None => {
+                        let (gf, uf, df) = (
+                            gate.f_to_kind(Kind::Float)?,
+                            up.f_to_kind(Kind::Float)?,
+                            d_act.f_to_kind(Kind::Float)?,
+                        );
+                        let s = gf.f_sigmoid()?;
+                        let slope = gf
+                            .f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?
+                            .f_add_scalar(1.0)?;
+                        let dg = df.f_mul(&uf)?.f_mul(&s)?.f_mul(&slope)?;
+                        let du = df.f_mul(&gf)?.f_mul(&s)?;
+                        Tensor::f_cat(&[dg, du], -1)?.f_to_kind(kind)?
+                    }
+                };
+                let d_h2 = model.linear_backward(
+                    li,
+                    &layer.gate_up,
+                    &rec.h2,
+                    &d_gate_up,
+                    &sites.gate_up,
+                    delta,
+                    grads,
+                )?;
+                model.rms_norm_backward_add(&rec.x_mid, &layer.post_norm, &d_h2, &dx)?;
 
-            // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)), q/k/v from
-            // input_norm(x_in).
-            let d_o = dx.f_to_kind(kind)?;
-            let d_attn =
-                model.linear_backward(li, &layer.o, &rec.attn, &d_o, &sites.o, delta, grads)?;
-            let d_attn = self
-                .packing
-                .unpack(&d_attn)?
-                .f_view([b, t, nq, hd])?
-                .f_transpose(1, 2)?;
-            let (dq, mut dk, mut dv) = self.attention_backward(rec, &d_attn, nkv)?;
+                // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)), q/k/v from
+                // input_norm(x_in).
+                let d_o = dx.f_to_kind(kind)?;
+                let d_attn =
+                    model.linear_backward(li, &layer.o, &rec.attn, &d_o, &sites.o, delta, grads)?;
+                let d_attn = self
+                    .packing
+                    .unpack(&d_attn)?
+                    .f_view([b, t, nq, hd])?
+                    .f_transpose(1, 2)?;
+                self.attention_backward(rec, &d_attn, nkv)?
+            };
             if let Some(kv) = d_kv {
                 let (gk, gv) = (&kv.keys[li], &kv.values[li]);
                 let slots = gk.size().get(2).copied().unwrap_or(0);

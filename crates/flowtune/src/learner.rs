@@ -399,6 +399,12 @@ impl CompletionRows {
         out
     }
 
+    /// `rows` as an int64 index tensor on `device` (each completion's prompt row).
+    fn index(rows: &[usize], device: tch::Device) -> Result<Tensor> {
+        let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        Ok(Tensor::f_from_slice(&rows)?.f_to_device(device)?)
+    }
+
     /// The validity of the fed slots: each completion but its last column (the last token
     /// predicts nothing).
     fn feed_valid(c_valid: &[bool], tc: usize) -> Vec<bool> {
@@ -454,10 +460,9 @@ pub fn completion_logprobs(
             // Repeat each prompt's cache row once per completion.
             cache.select_rows(&rows)?;
             let targets = ids_tensor(&c_rows, device)?;
-            let row_index =
-                Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?
-                    .f_to_device(device)?;
-            let first = first.f_index_select(0, &row_index)?.f_unsqueeze(1)?; // [R, 1, V]
+            let first = first
+                .f_index_select(0, &CompletionRows::index(&rows, device)?)?
+                .f_unsqueeze(1)?; // [R, 1, V]
             let logits = if tc > 1 {
                 // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
                 let feed = targets.f_narrow(1, 0, tc as i64 - 1)?;
@@ -817,10 +822,10 @@ impl RecordedCompletions {
         cache.select_rows(&rows)?;
         let targets = ids_tensor(&c_rows, device)?;
         let r = rows.len() as i64;
-        let row_index = Tensor::f_from_slice(&rows.iter().map(|&x| x as i64).collect::<Vec<_>>())?
-            .f_to_device(device)?;
         let first_leaf = first.f_detach()?.f_set_requires_grad(true)?;
-        let first = first_leaf.f_index_select(0, &row_index)?.f_unsqueeze(1)?; // [R, 1, H]
+        let first = first_leaf
+            .f_index_select(0, &CompletionRows::index(&rows, device)?)?
+            .f_unsqueeze(1)?; // [R, 1, H]
         let (hidden, rest_leaf, rest_pass) = if tc > 1 {
             // Only the first tc-1 completion tokens are fed: the last one predicts nothing.
             let feed = targets.f_narrow(1, 0, tc as i64 - 1)?;

@@ -371,20 +371,28 @@ fn check_completion_groups(groups: &[(&[u32], Vec<&[u32]>)]) -> Result<()> {
 }
 
 /// The completions of `(prompt, completions)` groups as rows on top of their prompts' cache
-/// rows: per completion its prompt (`rows`), its ids right-padded with 0 to `tc` (`c_rows`),
-/// and the validity of every slot (`c_valid`, row-major `[completions, tc]`).
+/// rows: per completion its prompt (`rows`), its ids right-padded with 0 to the longest
+/// completion's length `tc` (`c_rows`), and the validity of every slot (`c_valid`, row-major
+/// `[completions, tc]`).
 struct CompletionRows {
     rows: Vec<usize>,
     c_rows: Vec<Vec<i64>>,
     c_valid: Vec<bool>,
+    tc: usize,
 }
 
 impl CompletionRows {
-    fn new(groups: &[(&[u32], Vec<&[u32]>)], tc: usize) -> Self {
+    fn new(groups: &[(&[u32], Vec<&[u32]>)]) -> Self {
+        let tc = groups
+            .iter()
+            .flat_map(|g| g.1.iter().map(|c| c.len()))
+            .max()
+            .unwrap_or(0);
         let mut out = Self {
             rows: Vec::new(),
             c_rows: Vec::new(),
             c_valid: Vec::new(),
+            tc,
         };
         for (g, (_, comps)) in groups.iter().enumerate() {
             for c in comps {
@@ -445,19 +453,15 @@ pub fn completion_logprobs(
     check_completion_groups(groups)?;
     match sharing {
         PromptSharing::SharedKv => {
-            let tc = groups
-                .iter()
-                .flat_map(|g| g.1.iter().map(|c| c.len()))
-                .max()
-                .unwrap_or(0);
-            let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
-            let (first, mut cache) = prefill(model, delta, &prompts, tc, &LogitsAt::Last)?; // [P, V]
             let CompletionRows {
                 rows,
                 c_rows,
                 c_valid,
-            } = CompletionRows::new(groups, tc);
-            // Repeat each prompt's cache row once per completion.
+                tc,
+            } = CompletionRows::new(groups);
+            let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
+            let (first, mut cache) = prefill(model, delta, &prompts, tc, &LogitsAt::Last)?; // [P, V]
+                                                                                            // Repeat each prompt's cache row once per completion.
             cache.select_rows(&rows)?;
             let targets = ids_tensor(&c_rows, device)?;
             let first = first
@@ -799,11 +803,12 @@ impl RecordedCompletions {
     fn new(model: &Model, delta: &BankDelta<'_>, groups: &[(&[u32], Vec<&[u32]>)]) -> Result<Self> {
         let device = model.device();
         check_completion_groups(groups)?;
-        let tc = groups
-            .iter()
-            .flat_map(|g| g.1.iter().map(|c| c.len()))
-            .max()
-            .unwrap_or(0);
+        let CompletionRows {
+            rows,
+            c_rows,
+            c_valid,
+            tc,
+        } = CompletionRows::new(groups);
         let prompts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
         let (p_rows, p_valid, tp) = left_padded(&prompts);
         let mut cache = model.new_cache(prompts.len(), tp + tc)?;
@@ -814,11 +819,6 @@ impl RecordedCompletions {
             &LogitsAt::Last,
             delta,
         )?;
-        let CompletionRows {
-            rows,
-            c_rows,
-            c_valid,
-        } = CompletionRows::new(groups, tc);
         cache.select_rows(&rows)?;
         let targets = ids_tensor(&c_rows, device)?;
         let r = rows.len() as i64;

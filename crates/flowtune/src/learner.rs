@@ -99,6 +99,9 @@ pub enum LearnerError {
     /// A thread running micro-batches side by side ([`MicroBatchThreads`]) failed.
     #[error("micro-batch thread: {0}")]
     MicroBatchThread(String),
+    /// The recorded backward found no gradient where the loss must have one.
+    #[error("no gradient of {0}")]
+    MissingGradient(&'static str),
     /// From libtorch.
     #[error("torch error: {0}")]
     Torch(#[from] tch::TchError),
@@ -397,11 +400,7 @@ impl CompletionRows {
         for (g, (_, comps)) in groups.iter().enumerate() {
             for c in comps {
                 out.rows.push(g);
-                let mut row: Vec<i64> = c.iter().map(|&x| x as i64).collect();
-                row.resize(tc, 0);
-                out.c_rows.push(row);
-                out.c_valid.extend(std::iter::repeat_n(true, c.len()));
-                out.c_valid.extend(std::iter::repeat_n(false, tc - c.len()));
+                right_padded(c, tc, &mut out.c_rows, &mut out.c_valid);
             }
         }
         out
@@ -421,6 +420,16 @@ impl CompletionRows {
             .flat_map(|row| row[..tc - 1].iter().copied())
             .collect()
     }
+}
+
+/// Appends `tokens` right-padded with id 0 to `t` columns to `rows`, and its slots' validity
+/// to `valid`.
+fn right_padded(tokens: &[u32], t: usize, rows: &mut Vec<Vec<i64>>, valid: &mut Vec<bool>) {
+    let mut row: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+    row.resize(t, 0);
+    rows.push(row);
+    valid.extend(std::iter::repeat_n(true, tokens.len()));
+    valid.extend(std::iter::repeat_n(false, t.saturating_sub(tokens.len())));
 }
 
 /// `prompts` left-padded with id 0 to their longest: rows, validity (row-major) and length.
@@ -687,12 +696,7 @@ impl<'p> GroupedRows<'p> {
             for &m in &group.members {
                 let rest = &prompts[m][group.prefix_len..];
                 plan.rows.push(g);
-                let mut row: Vec<i64> = rest.iter().map(|&x| x as i64).collect();
-                row.resize(ts, 0);
-                plan.s_rows.push(row);
-                plan.s_valid.extend(std::iter::repeat_n(true, rest.len()));
-                plan.s_valid
-                    .extend(std::iter::repeat_n(false, ts - rest.len()));
+                right_padded(rest, ts, &mut plan.s_rows, &mut plan.s_valid);
                 plan.last.push(rest.len() - 1);
             }
         }
@@ -729,9 +733,7 @@ fn recorded_label_grads<S>(
         let (l, s) = loss(&logits)?;
         let d_hidden = Tensor::f_run_backward(&[l], &[&leaf], false, false)?
             .pop()
-            .ok_or_else(|| {
-                LearnerError::MicroBatchThread("no gradient of the hidden states".into())
-            })?;
+            .ok_or(LearnerError::MissingGradient("the hidden states"))?;
         Ok((d_hidden, s))
     };
     let s = match batch {
@@ -877,9 +879,9 @@ impl RecordedCompletions {
         };
         let prompts = self.prompt_pass_rows();
         let kv = kv.map(|kv| kv.fold_rows(&self.rows, prompts)).transpose()?;
-        let d_first = d.first().ok_or_else(|| {
-            LearnerError::MicroBatchThread("no gradient of the prompts' hidden states".into())
-        })?;
+        let d_first = d
+            .first()
+            .ok_or(LearnerError::MissingGradient("the prompts' hidden states"))?;
         self.prompt_pass
             .backward(model, delta, Some(d_first), kv.as_ref(), &mut grads)?;
         Ok(grads)

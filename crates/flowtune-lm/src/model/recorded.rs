@@ -95,6 +95,14 @@ impl KvGrads {
     /// The gradients of the cache before [`KvCache::select_rows`]`(rows)` over a cache of
     /// `batch` rows: row `i` of these adds into row `rows[i]`.
     pub fn fold_rows(&self, rows: &[usize], batch: usize) -> Result<Self> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(Error::ModelInput(format!(
+                "row {bad} out of range for batch {batch}"
+            )));
+        }
+        let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let device = self.keys.first().map_or(Device::Cpu, Tensor::device);
+        let index = Tensor::f_from_slice(&index)?.f_to(device)?;
         let fold = |t: &Tensor| -> Result<Tensor> {
             let size = t.size();
             if size.first().copied() != Some(rows.len() as i64) {
@@ -104,13 +112,6 @@ impl KvGrads {
                     rows.len()
                 )));
             }
-            if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
-                return Err(Error::ModelInput(format!(
-                    "row {bad} out of range for batch {batch}"
-                )));
-            }
-            let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let index = Tensor::f_from_slice(&index)?.f_to(t.device())?;
             let mut shape = size;
             shape[0] = batch as i64;
             Ok(Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?

@@ -23,7 +23,8 @@ pub use recorded::{KvGrads, LoraGrads, RecordedPass};
 pub trait LinearDelta {
     /// The delta for module `module` (PEFT name: `q_proj`, `gate_up_proj`, ...)
     /// of layer `layer` given its input `x` `[B, T, in]` (or `[N, in]`, the real tokens of a
-    /// padded batch, when [`Self::row_independent`]), or `None` when no adapter touches that
+    /// padded batch, when [`Self::row_independent`] or from [`Self::for_packed_tokens`]), or
+    /// `None` when no adapter touches that
     /// site.
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
 
@@ -46,6 +47,14 @@ pub trait LinearDelta {
     /// instead of `[B, T, in]`. The default `false` keeps the batch layout.
     fn row_independent(&self) -> bool {
         false
+    }
+
+    /// This delta for the real tokens of a padded batch passed packed as `[N, in]`, token `i`
+    /// coming from batch row `token_rows[i]`: for deltas that differ by row (rows with
+    /// different adapters), so the model may still run its linears over the real tokens only.
+    /// The default `None` keeps the batch layout; row-independent deltas need no such form.
+    fn for_packed_tokens(&self, _token_rows: &[usize]) -> Option<Box<dyn LinearDelta + '_>> {
+        None
     }
 
     /// The factors behind the delta of `module` of `layer`, for the hand-written backward
@@ -103,6 +112,20 @@ impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
         self.selection.is_uniform()
     }
 
+    fn for_packed_tokens(&self, token_rows: &[usize]) -> Option<Box<dyn LinearDelta + '_>> {
+        let flowtune_lora::AdapterSelection::PerRow(rows) = self.selection else {
+            return None;
+        };
+        let per_token = token_rows
+            .iter()
+            .map(|&r| rows.get(r).copied())
+            .collect::<Option<Vec<_>>>()?;
+        Some(Box::new(TokenAdapters {
+            bank: self.bank,
+            selection: flowtune_lora::AdapterSelection::PerRow(per_token),
+        }))
+    }
+
     fn factors(&self, layer: usize, module: &str) -> Result<SiteFactors> {
         Ok(match self.uniform_site(layer, module)? {
             None => SiteFactors::Opaque,
@@ -113,6 +136,19 @@ impl LinearDelta for flowtune_lora::SelectedAdapters<'_> {
                 scale,
             },
         })
+    }
+}
+
+/// A bank's adapters selected token by token: [`LinearDelta::for_packed_tokens`] of a batch
+/// whose rows use different adapters.
+struct TokenAdapters<'a> {
+    bank: &'a flowtune_lora::AdapterBank,
+    selection: flowtune_lora::AdapterSelection,
+}
+
+impl LinearDelta for TokenAdapters<'_> {
+    fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.bank.select(&self.selection).delta(layer, module, x)?)
     }
 }
 
@@ -1273,11 +1309,28 @@ impl Model {
         }
 
         let (nq, nkv, hd) = self.head_dims();
-        // A padded prompt batch: the linears, norms and the MLP run over its real tokens only.
-        let packing = (t > 1 && delta.is_none_or(|d| d.row_independent()))
+        // A padded prompt batch: the linears, norms and the MLP run over its real tokens only;
+        // a delta that differs by row then applies token by token.
+        let mut packing = (t > 1)
             .then(|| Packing::new(valid, b, t, self.device))
             .transpose()?
             .flatten();
+        let token_delta = match (&packing, delta) {
+            (Some(_), Some(d)) if !d.row_independent() => {
+                let token_rows: Vec<usize> = valid
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(slot, &v)| v.then_some(slot / t as usize))
+                    .collect();
+                let packed = d.for_packed_tokens(&token_rows);
+                if packed.is_none() {
+                    packing = None;
+                }
+                packed
+            }
+            _ => None,
+        };
+        let delta = token_delta.as_deref().or(delta);
         let pack = |x: &Tensor| -> Result<Tensor> {
             match &packing {
                 Some(p) => p.pack(x),

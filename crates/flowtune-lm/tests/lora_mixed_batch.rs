@@ -3,6 +3,9 @@
 //! the logits of separate single-row passes — after the prefill (rows of ≥ 16 positions: the
 //! gathered per-row path) and after one decode step through the KV cache (1 position: the
 //! grouped path). Tolerance: max |Δlogit| <= 2e-3 (f32; padding changes reduction shapes).
+//! Each assignment runs twice: through a wrapper delta that keeps the batch layout, and through
+//! the bank's own `SelectedAdapters`, whose `for_packed_tokens` lets the prefill run its linears
+//! over the real tokens only, each token with its row's adapter.
 //! Cases: 6 random assignments from proptest (the model run is the expensive part).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +29,27 @@ impl LinearDelta for BankDelta<'_> {
     }
 }
 
+/// The bank's own delta, recording the token rows the model asked a packed form for.
+struct PackedSpy<'a> {
+    inner: flowtune_lora::SelectedAdapters<'a>,
+    token_rows: std::cell::RefCell<Vec<Vec<usize>>>,
+}
+
+impl LinearDelta for PackedSpy<'_> {
+    fn delta(&self, layer: usize, module: &str, x: &Tensor) -> flowtune_lm::Result<Option<Tensor>> {
+        LinearDelta::delta(&self.inner, layer, module, x)
+    }
+
+    fn row_independent(&self) -> bool {
+        self.inner.row_independent()
+    }
+
+    fn for_packed_tokens(&self, token_rows: &[usize]) -> Option<Box<dyn LinearDelta + '_>> {
+        self.token_rows.borrow_mut().push(token_rows.to_vec());
+        self.inner.for_packed_tokens(token_rows)
+    }
+}
+
 /// Prefill `rows` (left padded) then decode `next[i]` per row; returns (prefill, decode) last logits.
 fn run(
     model: &Model,
@@ -33,6 +57,15 @@ fn run(
     rows: &[&Vec<i64>],
     next: &[i64],
     sel: &AdapterSelection,
+) -> (Tensor, Tensor) {
+    run_with(model, rows, next, &BankDelta(bank.select(sel)))
+}
+
+fn run_with(
+    model: &Model,
+    rows: &[&Vec<i64>],
+    next: &[i64],
+    delta: &dyn LinearDelta,
 ) -> (Tensor, Tensor) {
     let t = rows.iter().map(|r| r.len()).max().unwrap();
     let mut flat = vec![];
@@ -43,7 +76,6 @@ fn run(
         valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, r.len())));
     }
     let b = rows.len() as i64;
-    let delta = BankDelta(bank.select(sel));
     let mut cache = model.new_cache(rows.len(), t + 1).unwrap();
     tch::no_grad(|| {
         let pre = model
@@ -52,7 +84,7 @@ fn run(
                 Some(&valid),
                 &mut cache,
                 &LogitsAt::Last,
-                Some(&delta),
+                Some(delta),
             )
             .unwrap();
         let dec = model
@@ -61,7 +93,7 @@ fn run(
                 None,
                 &mut cache,
                 &LogitsAt::Last,
-                Some(&delta),
+                Some(delta),
             )
             .unwrap();
         (pre, dec)
@@ -173,21 +205,43 @@ fn mixed_adapter_batch_equals_single_passes_on_the_real_model() {
             let rows: Vec<&Vec<i64>> = assignment.iter().map(|(p, _)| &prompts[*p]).collect();
             let nx: Vec<i64> = assignment.iter().map(|(p, _)| next[*p]).collect();
             let sel = AdapterSelection::PerRow(assignment.iter().map(|(_, a)| ids[*a]).collect());
-            let (pre, dec) = run(&model, &bank, &rows, &nx, &sel);
-            for (j, (p, a)) in assignment.iter().enumerate() {
-                let (sp, sd) = &singles[*p][*a];
-                let dp = (pre.get(j as i64) - sp.squeeze_dim(0))
-                    .abs()
-                    .max()
-                    .double_value(&[]);
-                let dd = (dec.get(j as i64) - sd.squeeze_dim(0))
-                    .abs()
-                    .max()
-                    .double_value(&[]);
-                prop_assert!(
-                    dp <= TOL && dd <= TOL,
-                    "row {j} prompt {p} adapter {a}: prefill {dp}, decode {dd}"
-                );
+            let batch_layout = run(&model, &bank, &rows, &nx, &sel);
+            let spy = PackedSpy {
+                inner: bank.select(&sel),
+                token_rows: Default::default(),
+            };
+            let packed = run_with(&model, &rows, &nx, &spy);
+            // Where padding is at least 1/32 of the prefill's slots (the model's packing
+            // threshold), the model asks for the packed form once, with each real token's row
+            // (left padding: row j's tokens, in order).
+            let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+            let slots = lens.len() * lens.iter().max().unwrap();
+            let real: usize = lens.iter().sum();
+            let asked = spy.token_rows.into_inner();
+            if (slots - real) * 32 >= slots {
+                let expected: Vec<usize> = lens
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(j, &l)| std::iter::repeat_n(j, l))
+                    .collect();
+                prop_assert_eq!(asked, vec![expected]);
+            }
+            for (layout, (pre, dec)) in [("batch", batch_layout), ("packed", packed)] {
+                for (j, (p, a)) in assignment.iter().enumerate() {
+                    let (sp, sd) = &singles[*p][*a];
+                    let dp = (pre.get(j as i64) - sp.squeeze_dim(0))
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    let dd = (dec.get(j as i64) - sd.squeeze_dim(0))
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    prop_assert!(
+                        dp <= TOL && dd <= TOL,
+                        "{layout}: row {j} prompt {p} adapter {a}: prefill {dp}, decode {dd}"
+                    );
+                }
             }
             Ok(())
         })

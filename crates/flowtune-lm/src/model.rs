@@ -152,6 +152,18 @@ impl LinearDelta for TokenAdapters<'_> {
     }
 }
 
+/// The positions a prompt pass reads the last layer's output at ([`Model::forward_cached`]).
+struct LastLayerReads<'d> {
+    /// Their rows in the layer's token layout (packed tokens, or flat `[B * T]` slots), in the
+    /// logits' row order; empty when nothing is read.
+    index: Tensor,
+    /// Per `[B * T]` slot, whether the attention must produce its output (the others come out
+    /// zero from the CPU kernel).
+    queries: Vec<bool>,
+    /// The delta for those rows, where the pass's delta differs by row.
+    delta: Option<Box<dyn LinearDelta + 'd>>,
+}
+
 /// Which positions to compute logits at.
 #[derive(Debug, Clone)]
 pub enum LogitsAt {
@@ -1330,6 +1342,7 @@ impl Model {
             }
             _ => None,
         };
+        let last = self.last_layer_reads(at, valid, (b, t), packing.as_ref(), delta)?;
         let delta = token_delta.as_deref().or(delta);
         let pack = |x: &Tensor| -> Result<Tensor> {
             match &packing {
@@ -1346,7 +1359,10 @@ impl Model {
         let mut x = Tensor::f_embedding(&self.embed, &pack(ids)?, -1, false, false)?;
         // The previous layer's MLP output, added to `x` together with the next RMSNorm.
         let mut pending: Option<Tensor> = None;
+        let layers = self.layers.len();
         for (li, layer) in self.layers.iter().enumerate() {
+            // The last layer's output is read at `last`'s positions only (when it is `Some`).
+            let reads = last.as_ref().filter(|_| li + 1 == layers);
             let h = match pending.take() {
                 Some(d) => {
                     let (sum, h) = self.add_rms_norm(&x, &d, &layer.input_norm)?;
@@ -1360,11 +1376,17 @@ impl Model {
             let [q, k, v] =
                 self.queries_keys_values(li, layer, &h, delta, &unpack, [b, t], [&cos, &sin])?;
             let (kk, vv) = cache.write_layer(li, start as usize, &k, &v)?;
+            if reads.is_some_and(|r| r.index.numel() == 0) {
+                // Nothing reads this layer's output: its keys and values are all it gives.
+                cache.commit(t as usize);
+                return self.pick_logits(&x, &LogitsAt::None);
+            }
             let windowed = layer.sliding_window.and_then(|w| window_masks.get(&w));
             // `None` only without padding and window: causal visibility is all there is.
             let mask = windowed.or(base_mask.as_ref());
             let prompt_kernel = if t > 1 && self.device == Device::Cpu {
-                crate::cpu_kernels::attention(&q, &kk, &vv, mask, Some(valid), start as usize)?
+                let queries = reads.map_or(valid, |r| r.queries.as_slice());
+                crate::cpu_kernels::attention(&q, &kk, &vv, mask, Some(queries), start as usize)?
             } else {
                 None
             };
@@ -1413,7 +1435,18 @@ impl Model {
                     nkv != nq,
                 )?
             };
-            let attn = pack(&attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?)?;
+            let mut attn = pack(&attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?)?;
+            let mut delta = delta;
+            if let Some(r) = reads {
+                // From here on, the read positions only, in the logits' row order.
+                let pick = |y: &Tensor| -> Result<Tensor> {
+                    let width = y.size().last().copied().unwrap_or(0);
+                    Ok(y.f_reshape([-1, width])?.f_index_select(0, &r.index)?)
+                };
+                attn = pick(&attn)?;
+                x = pick(&x)?;
+                delta = r.delta.as_deref().or(delta);
+            }
             let o = self.project(
                 li,
                 &attn,
@@ -1430,9 +1463,78 @@ impl Model {
         if let Some(d) = pending {
             x = x.f_add(&d)?;
         }
-        let x = unpack(x)?;
         cache.commit(t as usize);
+        if last.is_some() {
+            // `x` holds the read positions' hidden states, `[R, H]` in row order.
+            return self.pick_logits(&x, &LogitsAt::All);
+        }
+        let x = unpack(x)?;
         self.pick_logits(&x, at)
+    }
+
+    /// Where the logits of a prompt pass (`t > 1`) read the last layer's output at a few
+    /// positions (`Last`, `PerRow`, or none at all), which those are: only they need that
+    /// layer's attention output, output projection and MLP, while every position's keys and
+    /// values are still written. `None` (every position runs) for `All`, single-token steps,
+    /// a read position that is padding or out of range (left to [`Self::pick_logits`] to
+    /// report), and a delta that differs by row and has no per-token form.
+    fn last_layer_reads<'d>(
+        &self,
+        at: &LogitsAt,
+        valid: &[bool],
+        (b, t): (i64, i64),
+        packing: Option<&Packing>,
+        delta: Option<&'d dyn LinearDelta>,
+    ) -> Result<Option<LastLayerReads<'d>>> {
+        let (b, t) = (b as usize, t as usize);
+        let slots: Vec<usize> = match at {
+            _ if t < 2 => return Ok(None),
+            LogitsAt::All => return Ok(None),
+            LogitsAt::None => Vec::new(),
+            LogitsAt::Last => (0..b).map(|r| r * t + t - 1).collect(),
+            LogitsAt::PerRow(cols) => {
+                if cols.len() != b || cols.iter().any(|&c| c >= t) {
+                    return Ok(None);
+                }
+                cols.iter().enumerate().map(|(r, &c)| r * t + c).collect()
+            }
+        };
+        if slots
+            .iter()
+            .any(|&s| !valid.get(s).copied().unwrap_or(false))
+        {
+            return Ok(None);
+        }
+        let index: Vec<i64> = match packing {
+            Some(p) => match slots
+                .iter()
+                .map(|&s| p.slot_rows.get(s).copied().flatten().map(i64::from))
+                .collect::<Option<Vec<i64>>>()
+            {
+                Some(index) => index,
+                None => return Ok(None),
+            },
+            None => slots.iter().map(|&s| s as i64).collect(),
+        };
+        let delta = match delta {
+            Some(d) if !d.row_independent() => {
+                let rows: Vec<usize> = slots.iter().map(|&s| s / t).collect();
+                match d.for_packed_tokens(&rows) {
+                    Some(per_read) => Some(per_read),
+                    None => return Ok(None),
+                }
+            }
+            _ => None,
+        };
+        let mut queries = vec![false; b * t];
+        for &s in &slots {
+            queries[s] = true;
+        }
+        Ok(Some(LastLayerReads {
+            index: Tensor::f_from_slice(&index)?.f_to(self.device)?,
+            queries,
+            delta,
+        }))
     }
 
     /// Full forward without a cache (training and reference checks): `ids`

@@ -75,13 +75,21 @@ fn tiny_architectures_match_transformers_full_forward() {
 
 /// Prefill 10 slots then decode one token at a time with the KV cache: every
 /// step's logits equal the full forward's (same golden values).
-#[test]
-fn tiny_architectures_incremental_decode_matches_transformers() {
-    let golden = read_golden(&golden_dir().path().join("tiny_golden.safetensors"));
-    for arch in ARCHS {
-        let model = load_arch(arch, Kind::Float);
-        let ids = &golden[&format!("{arch}.ids")];
-        let mask = &golden[&format!("{arch}.mask")];
+/// One architecture's golden batch: ids and mask `[B, full T]`, the columns compared (`t`) and
+/// the logits wanted there.
+struct Case {
+    ids: Tensor,
+    mask: Tensor,
+    b: i64,
+    t: i64,
+    want: Tensor,
+    mask_host: Vec<i64>,
+}
+
+impl Case {
+    fn new(model: &Model, golden: &std::collections::HashMap<String, Tensor>, arch: &str) -> Self {
+        let ids = golden[&format!("{arch}.ids")].shallow_clone();
+        let mask = golden[&format!("{arch}.mask")].shallow_clone();
         let (b, mut t) = (ids.size()[0], ids.size()[1]);
         let mut want = golden[&format!("{arch}.logits")].shallow_clone();
         if arch == "phi3" {
@@ -93,22 +101,41 @@ fn tiny_architectures_incremental_decode_matches_transformers() {
                 tch::no_grad(|| model.forward(&ids.narrow(1, 0, t), &mask.narrow(1, 0, t), None))
                     .unwrap();
         }
-        let want = &want;
         let mask_host: Vec<i64> = Vec::try_from(mask.flatten(0, -1)).unwrap();
-        let valid_at = |c0: i64, n: i64| -> Vec<bool> {
-            let full_t = ids.size()[1];
-            (0..b)
-                .flat_map(|r| (c0..c0 + n).map(move |c| (r, c)))
-                .map(|(r, c)| mask_host[(r * full_t + c) as usize] != 0)
-                .collect()
-        };
+        Self {
+            ids,
+            mask,
+            b,
+            t,
+            want,
+            mask_host,
+        }
+    }
+
+    /// Which of columns `c0..c0 + n` hold real tokens, row-major.
+    fn valid_at(&self, c0: i64, n: i64) -> Vec<bool> {
+        let full_t = self.ids.size()[1];
+        (0..self.b)
+            .flat_map(|r| (c0..c0 + n).map(move |c| (r, c)))
+            .map(|(r, c)| self.mask_host[(r * full_t + c) as usize] != 0)
+            .collect()
+    }
+}
+
+#[test]
+fn tiny_architectures_incremental_decode_matches_transformers() {
+    let golden = read_golden(&golden_dir().path().join("tiny_golden.safetensors"));
+    for arch in ARCHS {
+        let model = load_arch(arch, Kind::Float);
+        let case = Case::new(&model, &golden, arch);
+        let (ids, mask, want) = (&case.ids, &case.mask, &case.want);
         // Start with a small capacity so the cache has to grow.
-        let mut cache = model.new_cache(b as usize, 4).unwrap();
+        let mut cache = model.new_cache(case.b as usize, 4).unwrap();
         let prefill = 10;
         let first = tch::no_grad(|| {
             model.forward_cached(
                 &ids.narrow(1, 0, prefill),
-                Some(&valid_at(0, prefill)),
+                Some(&case.valid_at(0, prefill)),
                 &mut cache,
                 &LogitsAt::All,
                 None,
@@ -120,11 +147,11 @@ fn tiny_architectures_incremental_decode_matches_transformers() {
             &want.narrow(1, 0, prefill),
             &mask.narrow(1, 0, prefill),
         );
-        for c in prefill..t {
+        for c in prefill..case.t {
             let step = tch::no_grad(|| {
                 model.forward_cached(
                     &ids.narrow(1, c, 1),
-                    Some(&valid_at(c, 1)),
+                    Some(&case.valid_at(c, 1)),
                     &mut cache,
                     &LogitsAt::Last,
                     None,
@@ -142,6 +169,83 @@ fn tiny_architectures_incremental_decode_matches_transformers() {
         assert!(
             worst <= TOL,
             "{arch}: incremental decode max |Δlogit| {worst} > {TOL}"
+        );
+    }
+}
+
+/// Prompt passes that read their logits at a few positions run the last layer's attention
+/// output, output projection and MLP there only, and a pass that reads none stops that layer
+/// after its keys and values. Checked against transformers' logits (phi3: the own-forward
+/// stand-in above), tolerance 1e-4 as above: a `None` pass over the first 6 columns, then a
+/// `PerRow` pass over the rest reading each row's last real token, and a whole-prompt `Last`
+/// pass (the last column, on rows where it is real).
+#[test]
+fn tiny_architectures_prompt_read_positions_match_transformers() {
+    let golden = read_golden(&golden_dir().path().join("tiny_golden.safetensors"));
+    for arch in ARCHS {
+        let model = load_arch(arch, Kind::Float);
+        let case = Case::new(&model, &golden, arch);
+        let (ids, want, t) = (&case.ids, &case.want, case.t);
+        let head = 6;
+        let rest = case.valid_at(head, t - head);
+        let last: Vec<usize> = (0..case.b as usize)
+            .map(|r| {
+                let row = &rest[r * (t - head) as usize..][..(t - head) as usize];
+                row.iter()
+                    .rposition(|&v| v)
+                    .expect("a real token after the head")
+            })
+            .collect();
+        let mut cache = model.new_cache(case.b as usize, t as usize).unwrap();
+        let picked = tch::no_grad(|| {
+            let none = model.forward_cached(
+                &ids.narrow(1, 0, head),
+                Some(&case.valid_at(0, head)),
+                &mut cache,
+                &LogitsAt::None,
+                None,
+            )?;
+            assert_eq!(none.numel(), 0);
+            model.forward_cached(
+                &ids.narrow(1, head, t - head),
+                Some(&rest),
+                &mut cache,
+                &LogitsAt::PerRow(last.clone()),
+                None,
+            )
+        })
+        .unwrap();
+        let mut cache = model.new_cache(case.b as usize, t as usize).unwrap();
+        let at_end = tch::no_grad(|| {
+            model.forward_cached(
+                &ids.narrow(1, 0, t),
+                Some(&case.valid_at(0, t)),
+                &mut cache,
+                &LogitsAt::Last,
+                None,
+            )
+        })
+        .unwrap();
+        let mut worst: f64 = 0.0;
+        for (r, &c) in last.iter().enumerate() {
+            let r = r as i64;
+            let d = (picked.get(r) - want.get(r).get(head + c as i64))
+                .abs()
+                .max()
+                .double_value(&[]);
+            worst = worst.max(d);
+            if case.mask_host[(r * case.ids.size()[1] + t - 1) as usize] != 0 {
+                let d = (at_end.get(r) - want.get(r).get(t - 1))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                worst = worst.max(d);
+            }
+        }
+        println!("{arch}: read-position max |Δlogit| = {worst:.3e}");
+        assert!(
+            worst <= TOL,
+            "{arch}: read positions max |Δlogit| {worst} > {TOL}"
         );
     }
 }

@@ -5,7 +5,8 @@
 //! grouped path). Tolerance: max |Δlogit| <= 2e-3 (f32; padding changes reduction shapes).
 //! Each assignment runs twice: through a wrapper delta that keeps the batch layout, and through
 //! the bank's own `SelectedAdapters`, whose `for_packed_tokens` lets the prefill run its linears
-//! over the real tokens only, each token with its row's adapter.
+//! over the real tokens only, each token with its row's adapter, and its last layer's output
+//! projection and MLP at the read positions only.
 //! Cases: 6 random assignments from proptest (the model run is the expensive part).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -212,20 +213,23 @@ fn mixed_adapter_batch_equals_single_passes_on_the_real_model() {
             };
             let packed = run_with(&model, &rows, &nx, &spy);
             // Where padding is at least 1/32 of the prefill's slots (the model's packing
-            // threshold), the model asks for the packed form once, with each real token's row
-            // (left padding: row j's tokens, in order).
+            // threshold), the model asks for the packed form with each real token's row (left
+            // padding: row j's tokens, in order). Then, for the last layer, it asks for the
+            // positions its logits read: each row's last token, one per row.
             let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
             let slots = lens.len() * lens.iter().max().unwrap();
             let real: usize = lens.iter().sum();
-            let asked = spy.token_rows.into_inner();
+            let mut want_asks = Vec::new();
             if (slots - real) * 32 >= slots {
-                let expected: Vec<usize> = lens
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(j, &l)| std::iter::repeat_n(j, l))
-                    .collect();
-                prop_assert_eq!(asked, vec![expected]);
+                want_asks.push(
+                    lens.iter()
+                        .enumerate()
+                        .flat_map(|(j, &l)| std::iter::repeat_n(j, l))
+                        .collect::<Vec<usize>>(),
+                );
             }
+            want_asks.push((0..lens.len()).collect());
+            prop_assert_eq!(spy.token_rows.into_inner(), want_asks);
             for (layout, (pre, dec)) in [("batch", batch_layout), ("packed", packed)] {
                 for (j, (p, a)) in assignment.iter().enumerate() {
                     let (sp, sd) = &singles[*p][*a];

@@ -602,9 +602,10 @@ pub fn prefix_groups(prompts: &[&[u32]]) -> Vec<PrefixGroup> {
 }
 
 /// The micro-batch plan of prefix-grouped label prompts: [`prefix_groups`] split into pieces
-/// of at most `mb` members, shortest prefixes first (less padding), at most `mb` pieces per
-/// micro-batch. Prompts with nothing to share (one token, `prefix_len` 0) come back apart, to
-/// run whole.
+/// of at most `mb` members, in the order of their prefixes' tokens, at most `mb` pieces per
+/// micro-batch: pieces whose prefixes start alike (one question before its paragraphs) share
+/// micro-batches, where the recorded path runs that start once. Prompts with nothing to share
+/// (one token, `prefix_len` 0) come back apart, to run whole.
 fn grouped_label_batches(prompts: &[&[u32]], mb: usize) -> (Vec<usize>, Vec<Vec<PrefixGroup>>) {
     let mut pieces: Vec<PrefixGroup> = prefix_groups(prompts)
         .into_iter()
@@ -618,7 +619,12 @@ fn grouped_label_batches(prompts: &[&[u32]], mb: usize) -> (Vec<usize>, Vec<Vec<
                 .collect::<Vec<_>>()
         })
         .collect();
-    pieces.sort_by_key(|g| g.prefix_len);
+    let head = |g: &PrefixGroup| -> &[u32] {
+        g.members
+            .first()
+            .map_or(&[][..], |&m| &prompts[m][..g.prefix_len])
+    };
+    pieces.sort_by(|a, b| head(a).cmp(head(b)));
     let (bare, grouped): (Vec<PrefixGroup>, Vec<PrefixGroup>) =
         pieces.into_iter().partition(|g| g.prefix_len == 0);
     let bare = bare.into_iter().flat_map(|g| g.members).collect();
@@ -755,6 +761,55 @@ fn recorded_label_grads<S>(
         LabelBatch::Grouped(groups) => {
             let groups: Vec<&PrefixGroup> = groups.iter().collect();
             let plan = GroupedRows::new(prompts, &groups)?;
+            // Group prefixes that start alike (one question before its paragraphs' groups) run
+            // that start once more: heads, then each group's rest, then the members' own tokens.
+            let heads = prefix_groups(&plan.prefixes);
+            if heads.iter().any(|h| h.members.len() > 1) && heads.iter().all(|h| h.prefix_len > 0) {
+                let head_groups: Vec<&PrefixGroup> = heads.iter().collect();
+                let outer = GroupedRows::new(&plan.prefixes, &head_groups)?;
+                // The cache row of each group after its rest ran: groups in head order.
+                let mut row_of_group = vec![0; plan.prefixes.len()];
+                for (row, &g) in heads.iter().flat_map(|h| &h.members).enumerate() {
+                    row_of_group[g] = row;
+                }
+                let member_rows: Vec<usize> = plan.rows.iter().map(|&g| row_of_group[g]).collect();
+                let (rows, valid, th) = left_padded(&outer.prefixes);
+                let mut cache = model.new_cache(outer.prefixes.len(), th + outer.ts + plan.ts)?;
+                let (_, head) = model.forward_recorded(
+                    &ids_tensor(&rows, device)?,
+                    &valid,
+                    &mut cache,
+                    &LogitsAt::None,
+                    delta,
+                )?;
+                cache.select_rows(&outer.rows)?;
+                let (_, group_rest) = model.forward_recorded(
+                    &ids_tensor(&outer.s_rows, device)?,
+                    &outer.s_valid,
+                    &mut cache,
+                    &LogitsAt::None,
+                    delta,
+                )?;
+                cache.select_rows(&member_rows)?;
+                let (hidden, rest) = model.forward_recorded(
+                    &ids_tensor(&plan.s_rows, device)?,
+                    &plan.s_valid,
+                    &mut cache,
+                    &LogitsAt::PerRow(plan.last.clone()),
+                    delta,
+                )?;
+                let (d_hidden, s) = backward(hidden)?;
+                let kv = rest.backward(model, delta, Some(&d_hidden), None, &mut grads)?;
+                let kv = kv
+                    .map(|kv| kv.fold_rows(&member_rows, outer.rows.len()))
+                    .transpose()?;
+                let kv = group_rest.backward(model, delta, None, kv.as_ref(), &mut grads)?;
+                let kv = kv
+                    .map(|kv| kv.fold_rows(&outer.rows, outer.prefixes.len()))
+                    .transpose()?;
+                head.backward(model, delta, None, kv.as_ref(), &mut grads)?;
+                return Ok((grads, s));
+            }
             let (rows, valid, tp) = left_padded(&plan.prefixes);
             let mut cache = model.new_cache(plan.prefixes.len(), tp + plan.ts)?;
             let (_, prefix) = model.forward_recorded(
@@ -1771,12 +1826,14 @@ mod tests {
         compare("recorded completions", &bank, &want, &got);
     }
 
+    /// Paragraph-first label prompts (`[system][paragraph][question][query]`, paragraphs
+    /// shared by pairs) and question-first ones (`[system][question][paragraph][query]`: two
+    /// questions, two paragraphs each, two queries per paragraph), whose groups' prefixes share
+    /// their questions, so the recorded path runs heads, group rests and members nested.
     #[test]
     fn recorded_label_batches_match_autograd() {
-        let (model, bank) = setup();
-        let delta = BankDelta::all(&bank, "node").unwrap();
         let (system, q) = (tokens(6, 30), tokens(7, 8));
-        let prompts: Vec<Vec<u32>> = (0..5)
+        let paragraph_first: Vec<Vec<u32>> = (0..5)
             .map(|i| {
                 [
                     system.clone(),
@@ -1787,8 +1844,36 @@ mod tests {
                 .concat()
             })
             .collect();
+        let question_first: Vec<Vec<u32>> = (0..8u64)
+            .map(|i| {
+                [
+                    system.clone(),
+                    tokens(30 + i / 4, 40 + (i / 4) as usize),
+                    tokens(40 + i / 2, 100 + 2 * (i / 2) as usize),
+                    tokens(50 + i, 3 + (i % 3) as usize),
+                ]
+                .concat()
+            })
+            .collect();
+        let refs: Vec<&[u32]> = question_first.iter().map(Vec::as_slice).collect();
+        let groups = prefix_groups(&refs);
+        assert_eq!(groups.len(), 4, "one group per paragraph: {groups:?}");
+        let plan = GroupedRows::new(&refs, &groups.iter().collect::<Vec<_>>()).unwrap();
+        let heads = prefix_groups(&plan.prefixes);
+        assert!(
+            heads.len() == 2 && heads.iter().all(|h| h.members.len() == 2),
+            "one head per question: {heads:?}"
+        );
+        label_batches_match_autograd(&paragraph_first, "paragraph-first");
+        label_batches_match_autograd(&question_first, "question-first");
+    }
+
+    fn label_batches_match_autograd(prompts: &[Vec<u32>], name: &str) {
+        let (model, bank) = setup();
+        let delta = BankDelta::all(&bank, "node").unwrap();
         let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let probe = Tensor::randn([5, 2], (Kind::Float, Device::Cpu));
+        let n = refs.len();
+        let probe = Tensor::randn([n as i64, 2], (Kind::Float, Device::Cpu));
         let label_loss = |logits: &Tensor| -> Result<(Tensor, ())> {
             let pair = logits.f_index_select(1, &Tensor::from_slice(&[9i64, 11]))?;
             Ok((
@@ -1799,7 +1884,7 @@ mod tests {
             ))
         };
         for batch in [
-            LabelBatch::Whole((0..5).collect()),
+            LabelBatch::Whole((0..n).collect()),
             LabelBatch::Grouped(prefix_groups(&refs)),
         ] {
             let logits = match &batch {
@@ -1821,10 +1906,10 @@ mod tests {
             let (got, ()) =
                 recorded_label_grads(&model, &delta, &refs, &batch, label_loss).unwrap();
             let label = match batch {
-                LabelBatch::Whole(_) => "whole label prompts",
-                LabelBatch::Grouped(_) => "prefix-grouped label prompts",
+                LabelBatch::Whole(_) => format!("{name}: whole label prompts"),
+                LabelBatch::Grouped(_) => format!("{name}: prefix-grouped label prompts"),
             };
-            compare(label, &bank, &want, &got);
+            compare(&label, &bank, &want, &got);
         }
     }
 }

@@ -761,6 +761,12 @@ fn recorded_label_grads<S>(
         LabelBatch::Grouped(groups) => {
             let groups: Vec<&PrefixGroup> = groups.iter().collect();
             let plan = GroupedRows::new(prompts, &groups)?;
+            let members = Stage {
+                select: &plan.rows,
+                rows: &plan.s_rows,
+                valid: &plan.s_valid,
+                at: LogitsAt::PerRow(plan.last.clone()),
+            };
             // Group prefixes that start alike (one question before its paragraphs' groups) run
             // that start once more: heads, then each group's rest, then the members' own tokens.
             let heads = prefix_groups(&plan.prefixes);
@@ -773,70 +779,101 @@ fn recorded_label_grads<S>(
                     row_of_group[g] = row;
                 }
                 let member_rows: Vec<usize> = plan.rows.iter().map(|&g| row_of_group[g]).collect();
-                let (rows, valid, th) = left_padded(&outer.prefixes);
-                let mut cache = model.new_cache(outer.prefixes.len(), th + outer.ts + plan.ts)?;
-                let (_, head) = model.forward_recorded(
-                    &ids_tensor(&rows, device)?,
-                    &valid,
-                    &mut cache,
-                    &LogitsAt::None,
+                let group_rests = Stage {
+                    select: &outer.rows,
+                    rows: &outer.s_rows,
+                    valid: &outer.s_valid,
+                    at: LogitsAt::None,
+                };
+                let members = Stage {
+                    select: &member_rows,
+                    ..members
+                };
+                chained_passes(
+                    model,
                     delta,
-                )?;
-                cache.select_rows(&outer.rows)?;
-                let (_, group_rest) = model.forward_recorded(
-                    &ids_tensor(&outer.s_rows, device)?,
-                    &outer.s_valid,
-                    &mut cache,
-                    &LogitsAt::None,
+                    &outer.prefixes,
+                    &[group_rests, members],
+                    &mut grads,
+                    backward,
+                )?
+            } else {
+                chained_passes(
+                    model,
                     delta,
-                )?;
-                cache.select_rows(&member_rows)?;
-                let (hidden, rest) = model.forward_recorded(
-                    &ids_tensor(&plan.s_rows, device)?,
-                    &plan.s_valid,
-                    &mut cache,
-                    &LogitsAt::PerRow(plan.last.clone()),
-                    delta,
-                )?;
-                let (d_hidden, s) = backward(hidden)?;
-                let kv = rest.backward(model, delta, Some(&d_hidden), None, &mut grads)?;
-                let kv = kv
-                    .map(|kv| kv.fold_rows(&member_rows, outer.rows.len()))
-                    .transpose()?;
-                let kv = group_rest.backward(model, delta, None, kv.as_ref(), &mut grads)?;
-                let kv = kv
-                    .map(|kv| kv.fold_rows(&outer.rows, outer.prefixes.len()))
-                    .transpose()?;
-                head.backward(model, delta, None, kv.as_ref(), &mut grads)?;
-                return Ok((grads, s));
+                    &plan.prefixes,
+                    &[members],
+                    &mut grads,
+                    backward,
+                )?
             }
-            let (rows, valid, tp) = left_padded(&plan.prefixes);
-            let mut cache = model.new_cache(plan.prefixes.len(), tp + plan.ts)?;
-            let (_, prefix) = model.forward_recorded(
-                &ids_tensor(&rows, device)?,
-                &valid,
-                &mut cache,
-                &LogitsAt::None,
-                delta,
-            )?;
-            cache.select_rows(&plan.rows)?;
-            let (hidden, rest) = model.forward_recorded(
-                &ids_tensor(&plan.s_rows, device)?,
-                &plan.s_valid,
-                &mut cache,
-                &LogitsAt::PerRow(plan.last.clone()),
-                delta,
-            )?;
-            let (d_hidden, s) = backward(hidden)?;
-            let kv = rest.backward(model, delta, Some(&d_hidden), None, &mut grads)?;
-            let kv = kv
-                .map(|kv| kv.fold_rows(&plan.rows, plan.prefixes.len()))
-                .transpose()?;
-            prefix.backward(model, delta, None, kv.as_ref(), &mut grads)?;
-            s
         }
     };
     Ok((grads, s))
+}
+
+/// A recorded pass that continues a chain over one KV cache: its row `i` goes on from cache row
+/// `select[i]` of the pass before.
+struct Stage<'a> {
+    select: &'a [usize],
+    rows: &'a [Vec<i64>],
+    valid: &'a [bool],
+    at: LogitsAt,
+}
+
+/// Runs `first` (left-padded, reading nothing) and then `stages` through the recorded forward on
+/// one KV cache, hands the last stage's hidden states to `backward` (which returns their
+/// gradient and the micro-batch's stats), and backpropagates through the passes in reverse,
+/// folding the key/value gradients back across each stage's row selection; the LoRA factor
+/// gradients land in `grads`.
+fn chained_passes<S>(
+    model: &Model,
+    delta: &BankDelta<'_>,
+    first: &[&[u32]],
+    stages: &[Stage<'_>],
+    grads: &mut LoraGrads,
+    backward: impl FnOnce(Tensor) -> Result<(Tensor, S)>,
+) -> Result<S> {
+    let device = model.device();
+    let (rows, valid, t0) = left_padded(first);
+    let columns: usize = stages
+        .iter()
+        .map(|st| st.rows.first().map_or(0, Vec::len))
+        .sum();
+    let mut cache = model.new_cache(first.len(), t0 + columns)?;
+    let (mut hidden, pass) = model.forward_recorded(
+        &ids_tensor(&rows, device)?,
+        &valid,
+        &mut cache,
+        &LogitsAt::None,
+        delta,
+    )?;
+    // Each pass with the selection before it and the cache rows it selected from.
+    let mut passes = vec![(pass, None)];
+    for st in stages {
+        let before = cache.batch();
+        cache.select_rows(st.select)?;
+        let (h, pass) = model.forward_recorded(
+            &ids_tensor(st.rows, device)?,
+            st.valid,
+            &mut cache,
+            &st.at,
+            delta,
+        )?;
+        hidden = h;
+        passes.push((pass, Some((st.select, before))));
+    }
+    let (d_hidden, s) = backward(hidden)?;
+    let mut d_hidden = Some(d_hidden);
+    let mut kv = None;
+    for (pass, selected) in passes.into_iter().rev() {
+        let read = pass.backward(model, delta, d_hidden.take().as_ref(), kv.as_ref(), grads)?;
+        kv = match selected {
+            Some((select, before)) => read.map(|g| g.fold_rows(select, before)).transpose()?,
+            None => read,
+        };
+    }
+    Ok(s)
 }
 
 /// Completion log-probs through the model's recorded forward ([`Model::forward_recorded`]),

@@ -24,8 +24,7 @@ pub trait LinearDelta {
     /// The delta for module `module` (PEFT name: `q_proj`, `gate_up_proj`, ...)
     /// of layer `layer` given its input `x` `[B, T, in]` (or `[N, in]`, the real tokens of a
     /// padded batch, when [`Self::row_independent`] or from [`Self::for_packed_tokens`]), or
-    /// `None` when no adapter touches that
-    /// site.
+    /// `None` when no adapter touches that site.
     fn delta(&self, layer: usize, module: &str, x: &Tensor) -> Result<Option<Tensor>>;
 
     /// Adds the delta of `module` of `layer` for input `x` in place into `y` (that site's base

@@ -731,7 +731,6 @@ fn recorded_label_grads<S>(
     batch: &LabelBatch,
     loss: impl FnOnce(&Tensor) -> Result<(Tensor, S)>,
 ) -> Result<(LoraGrads, S)> {
-    let device = model.device();
     let mut grads = LoraGrads::new();
     let backward = |hidden: Tensor| -> Result<(Tensor, S)> {
         let leaf = hidden.f_detach()?.f_set_requires_grad(true)?;
@@ -745,18 +744,14 @@ fn recorded_label_grads<S>(
     let s = match batch {
         LabelBatch::Whole(members) => {
             let chunk: Vec<&[u32]> = members.iter().map(|&m| prompts[m]).collect();
-            let (rows, valid, tp) = left_padded(&chunk);
-            let mut cache = model.new_cache(chunk.len(), tp)?;
-            let (hidden, pass) = model.forward_recorded(
-                &ids_tensor(&rows, device)?,
-                &valid,
-                &mut cache,
-                &LogitsAt::Last,
+            chained_passes(
+                model,
                 delta,
-            )?;
-            let (d_hidden, s) = backward(hidden)?;
-            pass.backward(model, delta, Some(&d_hidden), None, &mut grads)?;
-            s
+                (&chunk, LogitsAt::Last),
+                &[],
+                &mut grads,
+                backward,
+            )?
         }
         LabelBatch::Grouped(groups) => {
             let groups: Vec<&PrefixGroup> = groups.iter().collect();
@@ -792,7 +787,7 @@ fn recorded_label_grads<S>(
                 chained_passes(
                     model,
                     delta,
-                    &outer.prefixes,
+                    (&outer.prefixes, LogitsAt::None),
                     &[group_rests, members],
                     &mut grads,
                     backward,
@@ -801,7 +796,7 @@ fn recorded_label_grads<S>(
                 chained_passes(
                     model,
                     delta,
-                    &plan.prefixes,
+                    (&plan.prefixes, LogitsAt::None),
                     &[members],
                     &mut grads,
                     backward,
@@ -821,15 +816,15 @@ struct Stage<'a> {
     at: LogitsAt,
 }
 
-/// Runs `first` (left-padded, reading nothing) and then `stages` through the recorded forward on
-/// one KV cache, hands the last stage's hidden states to `backward` (which returns their
-/// gradient and the micro-batch's stats), and backpropagates through the passes in reverse,
-/// folding the key/value gradients back across each stage's row selection; the LoRA factor
-/// gradients land in `grads`.
+/// Runs the prompts `first.0` (left-padded, hidden states at `first.1`) and then `stages`
+/// through the recorded forward on one KV cache, hands the last pass's hidden states to
+/// `backward` (which returns their gradient and the micro-batch's stats), and backpropagates
+/// through the passes in reverse, folding the key/value gradients back across each stage's row
+/// selection; the LoRA factor gradients land in `grads`.
 fn chained_passes<S>(
     model: &Model,
     delta: &BankDelta<'_>,
-    first: &[&[u32]],
+    (first, first_at): (&[&[u32]], LogitsAt),
     stages: &[Stage<'_>],
     grads: &mut LoraGrads,
     backward: impl FnOnce(Tensor) -> Result<(Tensor, S)>,
@@ -845,7 +840,7 @@ fn chained_passes<S>(
         &ids_tensor(&rows, device)?,
         &valid,
         &mut cache,
-        &LogitsAt::None,
+        &first_at,
         delta,
     )?;
     // Each pass with the selection before it and the cache rows it selected from.

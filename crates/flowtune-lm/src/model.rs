@@ -517,10 +517,11 @@ fn eager_attention(
     } else {
         q.shallow_clone()
     };
-    let raw = q
-        .f_reshape([b, nkv, group * t, hd])?
-        .f_matmul(&k.f_transpose(-1, -2)?)?
-        .f_view([b, nkv, group, t, l])?;
+    let raw = reduced_matmul(
+        &q.f_reshape([b, nkv, group * t, hd])?,
+        &k.f_transpose(-1, -2)?,
+    )?
+    .f_view([b, nkv, group, t, l])?;
     let widen = |raw: &Tensor| -> Result<Tensor> {
         let wide = raw.f_to_kind(Kind::Float)?;
         Ok(if pow2 {
@@ -559,7 +560,27 @@ fn eager_attention(
         .f_softmax(-1, Kind::Float)?
         .f_to_kind(v.kind())?
         .f_view([b, nkv, group * t, l])?;
-    Ok(probs.f_matmul(v)?.f_view([b, nq, t, hd])?)
+    Ok(reduced_matmul(&probs, v)?.f_view([b, nq, t, hd])?)
+}
+
+/// `a @ b` for CPU products in bf16: where the CPU's bf16 GEMM is slower than its float32 one
+/// ([`crate::cpu_kernels::Bf16Gemm::ViaF32`]: no AVX-512 BF16 or AMX, where libtorch's bf16
+/// products take its scalar fallback), the operands are widened to float32, multiplied there
+/// and the product rounded to bf16 once. bf16 × bf16 products are exact in float32 and libtorch
+/// accumulates bf16 products in float32 too, so the two differ only by summation order.
+/// Elsewhere (and in every other kind or device) it is `a.matmul(b)`.
+pub(crate) fn reduced_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.kind() == Kind::BFloat16
+        && b.kind() == Kind::BFloat16
+        && a.device() == Device::Cpu
+        && crate::cpu_kernels::bf16_gemm() == crate::cpu_kernels::Bf16Gemm::ViaF32
+    {
+        return Ok(a
+            .f_to_kind(Kind::Float)?
+            .f_matmul(&b.f_to_kind(Kind::Float)?)?
+            .f_to_kind(Kind::BFloat16)?);
+    }
+    Ok(a.f_matmul(b)?)
 }
 
 /// The PEFT sites of a (possibly fused) linear's output as `(name, first column, width)`:

@@ -25,7 +25,10 @@
 use tch::{Device, Kind, Tensor};
 
 use super::SiteFactors;
-use super::{eager_attention, site_columns, split2, Linear, LinearDelta, LogitsAt, Model, Packing};
+use super::{
+    eager_attention, reduced_matmul, site_columns, split2, Linear, LinearDelta, LogitsAt, Model,
+    Packing,
+};
 use crate::kv::KvCache;
 use crate::{Error, Result};
 
@@ -610,9 +613,7 @@ fn attention_backward(
         q.shallow_clone()
     };
     let qg = qs.f_reshape([b, nkv, group * t, hd])?;
-    let raw = qg
-        .f_matmul(&k.f_transpose(-1, -2)?)?
-        .f_view([b, nkv, group, t, l])?;
+    let raw = reduced_matmul(&qg, &k.f_transpose(-1, -2)?)?.f_view([b, nkv, group, t, l])?;
     let mut scores = raw.f_to_kind(Kind::Float)?;
     if !pow2 {
         scores = scores.f_mul_scalar(scale)?;
@@ -620,12 +621,8 @@ fn attention_backward(
     let p = scores.f_add(bias)?.f_softmax(-1, Kind::Float)?;
     let pk = p.f_to_kind(kind)?.f_view([b, nkv, group * t, l])?;
     let dog = d_out.f_reshape([b, nkv, group * t, hd])?;
-    let dv = pk
-        .f_transpose(-1, -2)?
-        .f_matmul(&dog)?
-        .f_to_kind(Kind::Float)?;
-    let dp = dog
-        .f_matmul(&v.f_transpose(-1, -2)?)?
+    let dv = reduced_matmul(&pk.f_transpose(-1, -2)?, &dog)?.f_to_kind(Kind::Float)?;
+    let dp = reduced_matmul(&dog, &v.f_transpose(-1, -2)?)?
         .f_to_kind(Kind::Float)?
         .f_view([b, nkv, group, t, l])?;
     let mut ds = Tensor::f_internal_softmax_backward_data(&dp, &p, -1, Kind::Float)?;
@@ -633,14 +630,11 @@ fn attention_backward(
         ds = ds.f_mul_scalar(scale)?;
     }
     let ds = ds.f_to_kind(kind)?.f_view([b, nkv, group * t, l])?;
-    let mut dq = ds.f_matmul(k)?;
+    let mut dq = reduced_matmul(&ds, k)?;
     if pow2 {
         dq = dq.f_mul_scalar(scale)?;
     }
-    let dk = ds
-        .f_transpose(-1, -2)?
-        .f_matmul(&qg)?
-        .f_to_kind(Kind::Float)?;
+    let dk = reduced_matmul(&ds.f_transpose(-1, -2)?, &qg)?.f_to_kind(Kind::Float)?;
     Ok((dq.f_view([b, nq, t, hd])?, dk, dv))
 }
 

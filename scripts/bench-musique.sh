@@ -2,7 +2,8 @@
 # The MuSiQue Answerable flow, flowtune vs a straightforward transformers + PEFT version
 # (tests/reference/musique_flow.py), on the same CPU in one run, on the same records.
 #
-#   scripts/bench-musique.sh [EVAL_N [TRAIN_N]]      (defaults: 3 eval episodes, 2 train episodes)
+#   scripts/bench-musique.sh [EVAL_N [TRAIN_N]]      (defaults: 3 eval episodes, 2 train episodes;
+#                                                     TRAIN_N 0 skips training on both sides)
 #
 # Environment: MODEL (GGUF; default the SmolLM2 test model), DEV, TRAIN (JSONL), PROMPTS (default
 # prompts/musique, passed to both sides), DTYPE (bf16),
@@ -46,18 +47,24 @@ echo "flowtune eval ($n_eval episodes)..." >&2
 t1=$(now); ft eval --data "$dev" --limit "$n_eval" --out "$tmp/ft-eval" >"$tmp/ft-eval.log" 2>&1
 t2=$(now)
 echo "  eval wall $(secs "$t1" "$t2")s (process, load included)" >&2
-echo "flowtune train ($n_train episodes)..." >&2
-t3=$(now); ft train --data "$train" --limit "$n_train" --out "$tmp/ft-train" >"$tmp/ft-train.log" 2>&1
-t4=$(now)
-echo "  train wall $(secs "$t3" "$t4")s" >&2
+t3=$(now); t4=$t3
+if [ "$n_train" -gt 0 ]; then
+  echo "flowtune train ($n_train episodes)..." >&2
+  ft train --data "$train" --limit "$n_train" --out "$tmp/ft-train" >"$tmp/ft-train.log" 2>&1
+  t4=$(now)
+  echo "  train wall $(secs "$t3" "$t4")s" >&2
+fi
 echo "python eval ($n_eval episodes)..." >&2
 "$py" tests/reference/musique_flow.py --model "$model" --data "$dev" --limit "$n_eval" --dtype "$dtype" \
   --prompts "$prompts" --threads "$threads" >"$tmp/py-eval.jsonl" 2>"$tmp/py-eval.log"
 echo "  $(tail -1 "$tmp/py-eval.jsonl")" >&2
-echo "python train ($n_train episodes)..." >&2
-"$py" tests/reference/musique_flow.py --model "$model" --data "$train" --limit "$n_train" --dtype "$dtype" \
-  --prompts "$prompts" --threads "$threads" --train >"$tmp/py-train.jsonl" 2>"$tmp/py-train.log"
-echo "  $(tail -1 "$tmp/py-train.jsonl")" >&2
+: >"$tmp/py-train.jsonl"
+if [ "$n_train" -gt 0 ]; then
+  echo "python train ($n_train episodes)..." >&2
+  "$py" tests/reference/musique_flow.py --model "$model" --data "$train" --limit "$n_train" --dtype "$dtype" \
+    --prompts "$prompts" --threads "$threads" --train >"$tmp/py-train.jsonl" 2>"$tmp/py-train.log"
+  echo "  $(tail -1 "$tmp/py-train.jsonl")" >&2
+fi
 
 "$py" - "$tmp" "$n_eval" "$n_train" "$t1" "$t2" "$t3" "$t4" <<'PY'
 import json, sys
@@ -70,12 +77,15 @@ def lines(path):
 eval_summary = json.load(open(f"{tmp}/ft-eval/summary.json"))
 load = (t2 - t1) - eval_summary["wall_seconds"]
 ft_eval = eval_summary["wall_seconds"] / max(n_eval, 1)
-summary = json.load(open(f"{tmp}/ft-train/summary.json"))
-ft_train = summary["wall_seconds"] / max(n_train, 1)
-ft_train_metrics = lines(f"{tmp}/ft-train/metrics.jsonl")
+if n_train > 0:
+    summary = json.load(open(f"{tmp}/ft-train/summary.json"))
+    ft_train = summary["wall_seconds"] / n_train
+    ft_train_metrics = lines(f"{tmp}/ft-train/metrics.jsonl")
+else:
+    summary, ft_train, ft_train_metrics = {"wall_seconds": 0.0}, None, []
 ft_eval_metrics = json.load(open(f"{tmp}/ft-eval/metrics.json"))
 py_eval, py_train = lines(f"{tmp}/py-eval.jsonl"), lines(f"{tmp}/py-train.jsonl")
-pe, pt = py_eval[-1], py_train[-1]
+pe, pt = py_eval[-1], (py_train[-1] if py_train else None)
 
 print(f"flowtune: eval wall {t2 - t1:.1f}s, of which {load:.1f}s start-up and load; train wall {t4 - t3:.1f}s "
       f"(summary.json wall_seconds {summary['wall_seconds']:.1f}s)")
@@ -96,8 +106,10 @@ print(f"answer_f1 / support_f1: flowtune eval {ft_eval_metrics['answer_f1']:.3f}
       f"python eval {pe['answer_f1']:.3f} / {pe['support_f1']:.3f}")
 print()
 print(f"{'seconds per episode':22s} {'flowtune':>9s} {'python':>9s} {'python/flowtune':>16s}")
-for name, a, b in (("eval", ft_eval, pe["mean_seconds_per_episode"]),
-                   ("train", ft_train, pt["mean_seconds_per_episode"])):
+rows = [("eval", ft_eval, pe["mean_seconds_per_episode"])]
+if pt is not None:
+    rows.append(("train", ft_train, pt["mean_seconds_per_episode"]))
+for name, a, b in rows:
     print(f"{name + ' (N=' + str(n_eval if name == 'eval' else n_train) + ')':22s} {a:9.2f} {b:9.2f} {b / a:15.2f}x")
 PY
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

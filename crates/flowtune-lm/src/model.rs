@@ -392,6 +392,10 @@ pub struct Model {
     rope_scale: f64,
     device: Device,
     kind: Kind,
+    /// bf16 on the CPU where its bf16 GEMM is the slow one
+    /// ([`crate::cpu_kernels::Bf16Gemm::ViaF32`], decided when the model is built): attention's
+    /// bf16 products go through float32 ([`reduced_matmul`]).
+    bf16_products_via_f32: bool,
     fused_qkv_names: bool,
     fused_mlp_names: bool,
 }
@@ -496,8 +500,8 @@ fn eager_attention(
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
-    start: i64,
-    nkv: i64,
+    (start, nkv): (i64, i64),
+    via_f32: bool,
 ) -> Result<Tensor> {
     if let Some(out) = crate::cpu_kernels::attention(q, k, v, mask, None, start as usize)? {
         return Ok(out);
@@ -520,6 +524,7 @@ fn eager_attention(
     let raw = reduced_matmul(
         &q.f_reshape([b, nkv, group * t, hd])?,
         &k.f_transpose(-1, -2)?,
+        via_f32,
     )?
     .f_view([b, nkv, group, t, l])?;
     let widen = |raw: &Tensor| -> Result<Tensor> {
@@ -560,21 +565,17 @@ fn eager_attention(
         .f_softmax(-1, Kind::Float)?
         .f_to_kind(v.kind())?
         .f_view([b, nkv, group * t, l])?;
-    Ok(reduced_matmul(&probs, v)?.f_view([b, nq, t, hd])?)
+    Ok(reduced_matmul(&probs, v, via_f32)?.f_view([b, nq, t, hd])?)
 }
 
-/// `a @ b` for CPU products in bf16: where the CPU's bf16 GEMM is slower than its float32 one
-/// ([`crate::cpu_kernels::Bf16Gemm::ViaF32`]: no AVX-512 BF16 or AMX, where libtorch's bf16
-/// products take its scalar fallback), the operands are widened to float32, multiplied there
-/// and the product rounded to bf16 once. bf16 × bf16 products are exact in float32 and libtorch
-/// accumulates bf16 products in float32 too, so the two differ only by summation order.
-/// Elsewhere (and in every other kind or device) it is `a.matmul(b)`.
-pub(crate) fn reduced_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.kind() == Kind::BFloat16
-        && b.kind() == Kind::BFloat16
-        && a.device() == Device::Cpu
-        && crate::cpu_kernels::bf16_gemm() == crate::cpu_kernels::Bf16Gemm::ViaF32
-    {
+/// `a @ b`; for bf16 operands with `via_f32` (the model's `bf16_products_via_f32`: a CPU whose
+/// bf16 GEMM is slower than its float32 one, [`crate::cpu_kernels::Bf16Gemm::ViaF32`], where
+/// libtorch's bf16 products take its scalar fallback) the operands are widened to float32,
+/// multiplied there and the product rounded to bf16 once. bf16 × bf16 products are exact in
+/// float32 and libtorch accumulates bf16 products in float32 too, so the two differ only by
+/// summation order.
+pub(crate) fn reduced_matmul(a: &Tensor, b: &Tensor, via_f32: bool) -> Result<Tensor> {
+    if via_f32 && a.kind() == Kind::BFloat16 && b.kind() == Kind::BFloat16 {
         return Ok(a
             .f_to_kind(Kind::Float)?
             .f_matmul(&b.f_to_kind(Kind::Float)?)?
@@ -719,10 +720,10 @@ impl Model {
         // where the CPU's float32 GEMM beats its bf16 one (see `cpu_kernels::Bf16Gemm`).
         let linear_params =
             config.num_hidden_layers as i64 * (qkv_out * h + h * nq * hd + 3 * inter * h) + v * h;
-        let wide = kind == Kind::BFloat16
+        let bf16_products_via_f32 = kind == Kind::BFloat16
             && device == Device::Cpu
-            && linear_params.saturating_mul(4) <= WIDE_MAX_BYTES
             && crate::cpu_kernels::bf16_gemm() == crate::cpu_kernels::Bf16Gemm::ViaF32;
+        let wide = bf16_products_via_f32 && linear_params.saturating_mul(4) <= WIDE_MAX_BYTES;
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let qkv = if contains(&format!("{p}.self_attn.qkv_proj.weight")) {
@@ -911,6 +912,7 @@ impl Model {
             rope_scale: scale,
             device,
             kind,
+            bf16_products_via_f32,
             fused_qkv_names,
             fused_mlp_names,
         })
@@ -1416,7 +1418,7 @@ impl Model {
                 || (eager_cpu_training
                     && (q.requires_grad() || kk.requires_grad() || vv.requires_grad()))
             {
-                eager_attention(&q, &kk, &vv, mask, start, nkv)?
+                eager_attention(&q, &kk, &vv, mask, (start, nkv), self.bf16_products_via_f32)?
             } else if windowed.is_none() && use_causal_flag {
                 Tensor::f_scaled_dot_product_attention::<Tensor>(
                     &q,
@@ -1722,7 +1724,9 @@ mod tests {
                             x.zero_grad();
                         }
                         let out = if ours {
-                            eager_attention(&q, &k, &v, mask, start, nkv)?
+                            let via_f32 = crate::cpu_kernels::bf16_gemm()
+                                == crate::cpu_kernels::Bf16Gemm::ViaF32;
+                            eager_attention(&q, &k, &v, mask, (start, nkv), via_f32)?
                         } else {
                             plain(&q, &k, &v, &reference_mask)?
                         };

@@ -400,7 +400,14 @@ impl Model {
                 start as usize,
             )? {
                 Some(a) => a,
-                None => eager_attention(&q, &keys, &values, Some(&mask), start, nkv)?,
+                None => eager_attention(
+                    &q,
+                    &keys,
+                    &values,
+                    Some(&mask),
+                    (start, nkv),
+                    self.bf16_products_via_f32,
+                )?,
             };
             let attn = packing.pack(&attn.f_transpose(1, 2)?.f_reshape([b, t, nq * hd])?)?;
             let o = self.project(
@@ -590,14 +597,15 @@ fn rope_backward(d: &Tensor, cos: &Tensor, sin: &Tensor, rot: i64, hd: i64) -> R
 /// The backward of attention as the forward computes it (bf16: scores from bf16 products,
 /// soft-max in float32, probabilities rounded to bf16): `(dq [B, nq, T, hd]` in `q`'s kind,
 /// `dk`, `dv [B, nkv, L, hd]` float32`)` for the output gradient `d_out` `[B, nq, T, hd]`,
-/// recomputing the probabilities from `q`, `k` and the additive `bias` `[B, 1, 1, T, L]`.
+/// recomputing the probabilities from `q`, `k` and the additive `bias` `[B, 1, 1, T, L]`;
+/// bf16 products through float32 with `via_f32` ([`reduced_matmul`]).
 fn attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
     d_out: &Tensor,
-    nkv: i64,
+    (nkv, via_f32): (i64, bool),
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let size = q.size();
     let (b, nq, t, hd) = (size[0], size[1], size[2], size[3]);
@@ -613,7 +621,8 @@ fn attention_backward(
         q.shallow_clone()
     };
     let qg = qs.f_reshape([b, nkv, group * t, hd])?;
-    let raw = reduced_matmul(&qg, &k.f_transpose(-1, -2)?)?.f_view([b, nkv, group, t, l])?;
+    let raw =
+        reduced_matmul(&qg, &k.f_transpose(-1, -2)?, via_f32)?.f_view([b, nkv, group, t, l])?;
     let mut scores = raw.f_to_kind(Kind::Float)?;
     if !pow2 {
         scores = scores.f_mul_scalar(scale)?;
@@ -621,8 +630,8 @@ fn attention_backward(
     let p = scores.f_add(bias)?.f_softmax(-1, Kind::Float)?;
     let pk = p.f_to_kind(kind)?.f_view([b, nkv, group * t, l])?;
     let dog = d_out.f_reshape([b, nkv, group * t, hd])?;
-    let dv = reduced_matmul(&pk.f_transpose(-1, -2)?, &dog)?.f_to_kind(Kind::Float)?;
-    let dp = reduced_matmul(&dog, &v.f_transpose(-1, -2)?)?
+    let dv = reduced_matmul(&pk.f_transpose(-1, -2)?, &dog, via_f32)?.f_to_kind(Kind::Float)?;
+    let dp = reduced_matmul(&dog, &v.f_transpose(-1, -2)?, via_f32)?
         .f_to_kind(Kind::Float)?
         .f_view([b, nkv, group, t, l])?;
     let mut ds = Tensor::f_internal_softmax_backward_data(&dp, &p, -1, Kind::Float)?;
@@ -630,11 +639,11 @@ fn attention_backward(
         ds = ds.f_mul_scalar(scale)?;
     }
     let ds = ds.f_to_kind(kind)?.f_view([b, nkv, group * t, l])?;
-    let mut dq = reduced_matmul(&ds, k)?;
+    let mut dq = reduced_matmul(&ds, k, via_f32)?;
     if pow2 {
         dq = dq.f_mul_scalar(scale)?;
     }
-    let dk = reduced_matmul(&ds.f_transpose(-1, -2)?, &qg)?.f_to_kind(Kind::Float)?;
+    let dk = reduced_matmul(&ds.f_transpose(-1, -2)?, &qg, via_f32)?.f_to_kind(Kind::Float)?;
     Ok((dq.f_view([b, nq, t, hd])?, dk, dv))
 }
 
@@ -646,7 +655,7 @@ impl RecordedPass {
         &self,
         rec: &LayerRecord,
         d_attn: &Tensor,
-        nkv: i64,
+        (nkv, via_f32): (i64, bool),
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let dq = rec.q.f_zeros_like()?;
         let kv_shape = rec.keys.size();
@@ -669,7 +678,7 @@ impl RecordedPass {
                 &row(&rec.values, k0, nk)?,
                 &bias,
                 &row(d_attn, q0, nq_cols)?,
-                nkv,
+                (nkv, via_f32),
             )?;
             row(&dq, q0, nq_cols)?.f_copy_(&gq)?;
             row(&dk, k0, nk)?.f_copy_(&gk)?;
@@ -774,7 +783,7 @@ impl RecordedPass {
                     .unpack(&d_attn)?
                     .f_view([b, t, nq, hd])?
                     .f_transpose(1, 2)?;
-                self.attention_backward(rec, &d_attn, nkv)?
+                self.attention_backward(rec, &d_attn, (nkv, model.bf16_products_via_f32))?
             };
             if let Some(kv) = d_kv {
                 let (gk, gv) = (&kv.keys[li], &kv.values[li]);
